@@ -1,0 +1,187 @@
+"""Layers shared by every MobileNet block: channel rounding, the depthwise conv, conv + BN + ReLU6."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+# ((top, bottom), (left, right)) or 'SAME' / 'VALID', as lax.conv_general_dilated takes them.
+Padding = str | Sequence[tuple[int, int]]
+
+# Keras' MobileNet pads stride-2 depthwise convs by one pixel at the bottom and right only
+# (ZeroPadding2D(((0, 1), (0, 1))) + 'valid'); weights carry over only with the same padding.
+KERAS_V1_STRIDE2_PADDING = ((0, 1), (0, 1))
+
+DEPTHWISE_IMPLEMENTATIONS = ("auto", "grouped", "shifted")
+
+# Keras' initialisers for the conv kernels (glorot_uniform) and the classifier.
+default_kernel_init = nn.initializers.glorot_uniform()
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Rounds a channel count to the nearest multiple of `divisor`, never below 90% of `value`.
+
+    Same rule as Keras' and timm's `_make_divisible`, so widths (alpha) match their models.
+    """
+    if min_value is None:
+        min_value = divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:  # rounding down must not remove more than 10%
+        rounded += divisor
+    return rounded
+
+
+def resolve_depthwise_implementation(implementation: str) -> str:
+    """Picks the depthwise formulation: 'auto' means shifted on CPU, grouped elsewhere."""
+    if implementation not in DEPTHWISE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"depthwise implementation must be one of {DEPTHWISE_IMPLEMENTATIONS}, "
+            f"got {implementation!r}"
+        )
+    if implementation == "auto":
+        # XLA's grouped convolution is slow on CPU (its backward pass especially);
+        # GPUs and TPUs have fast kernels for it, and exporters recognise it.
+        return "shifted" if jax.default_backend() == "cpu" else "grouped"
+    return implementation
+
+
+def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel: int, stride: int):
+    """Turns 'SAME'/'VALID' into explicit ((top, bottom), (left, right)) pads, as lax does."""
+    if not isinstance(padding, str):
+        return tuple(tuple(p) for p in padding)
+    if padding.upper() == "VALID":
+        return ((0, 0), (0, 0))
+    if padding.upper() != "SAME":
+        raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+    pads = []
+    for size in in_hw:
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        pads.append((total // 2, total - total // 2))  # TF/lax put the odd pixel at the end
+    return tuple(pads)
+
+
+def shifted_depthwise_conv(x, kernel, strides: int, padding):
+    """Depthwise conv as kh*kw shifted multiply-adds.
+
+    Args:
+      x: [N, H, W, C] input.
+      kernel: [kh, kw, 1, C * multiplier], the layout of a grouped `nn.Conv` kernel.
+      strides: spatial stride (same for both axes).
+      padding: explicit ((top, bottom), (left, right)).
+    """
+    kh, kw, _, out_channels = kernel.shape
+    multiplier = out_channels // x.shape[-1]
+    if multiplier > 1:
+        # Grouped-conv channel order: output channel c * multiplier + m reads input channel c.
+        x = jnp.repeat(x, multiplier, axis=-1)
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    out_h = (x.shape[1] - kh) // strides + 1
+    out_w = (x.shape[2] - kw) // strides + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(
+                x,
+                (0, i, j, 0),
+                (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1,
+                 x.shape[3]),
+                (1, strides, strides, 1),
+            )
+            term = tap * kernel[i, j, 0]
+            y = term if y is None else y + term
+    return y
+
+
+class DepthwiseConv2D(nn.Module):
+    """Depthwise convolution with one parameter tree and two formulations (grouped / shifted)."""
+
+    kernel_size: int = 3
+    strides: int = 1
+    padding: Padding = "SAME"
+    depth_multiplier: int = 1
+    implementation: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        out_channels = channels * self.depth_multiplier
+        k = self.kernel_size
+        # Same shape as nn.Conv(feature_group_count=channels) so checkpoints are interchangeable.
+        kernel = self.param("kernel", self.kernel_init, (k, k, 1, out_channels), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        padding = _explicit_padding(self.padding, x.shape[1:3], k, self.strides)
+        if resolve_depthwise_implementation(self.implementation) == "shifted":
+            return shifted_depthwise_conv(x, kernel, self.strides, padding)
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(self.strides, self.strides),
+            padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=channels,
+        )
+
+
+class ConvBN(nn.Module):
+    """Conv (regular or depthwise, no bias) + BatchNorm + optional ReLU6: the MobileNet unit.
+
+    The children carry Keras' layer names (`conv_name`, `bn_name`), so every leaf layer of a
+    mnres model is named as in `keras.applications`.
+    """
+
+    features: int | None  # None for a depthwise conv (channels * depth_multiplier)
+    conv_name: str
+    bn_name: str
+    kernel_size: int = 1
+    strides: int = 1
+    padding: Padding = "SAME"
+    depthwise: bool = False
+    depth_multiplier: int = 1
+    activation: bool = True  # ReLU6; False for MobileNetV2's linear projection
+    frozen: bool = False  # a frozen layer's BatchNorm always uses (and keeps) its running stats
+    norm: Any = nn.BatchNorm  # partial(nn.BatchNorm, use_running_average=..., ...) from the model
+    depthwise_implementation: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.depthwise:
+            x = DepthwiseConv2D(
+                kernel_size=self.kernel_size,
+                strides=self.strides,
+                padding=self.padding,
+                depth_multiplier=self.depth_multiplier,
+                implementation=self.depthwise_implementation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=self.conv_name,
+            )(x)
+        else:
+            x = nn.Conv(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                strides=self.strides,
+                padding=self.padding,
+                use_bias=False,
+                kernel_init=default_kernel_init,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=self.conv_name,
+            )(x)
+        frozen = {"use_running_average": True} if self.frozen else {}
+        x = self.norm(name=self.bn_name, **frozen)(x)
+        return relu6(x) if self.activation else x
+
+
+def relu6(x):
+    return jnp.clip(x, 0, 6)

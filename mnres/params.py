@@ -1,0 +1,119 @@
+"""Parameter accounting in Keras' convention, freeze masks, and a Keras-like summary table.
+
+Keras counts BatchNorm moving mean/variance as non-trainable parameters, and so do we:
+total = params + batch_stats; non-trainable = batch_stats + frozen params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    trainable: int
+    non_trainable: int
+    params: int  # the `params` collection (trainable and frozen)
+    batch_stats: int  # BatchNorm moving statistics
+
+
+def layer_name(path: Sequence[str]) -> str:
+    """The Keras layer name of a variable: its innermost module (path ends with 'kernel' etc.)."""
+    return path[-2]
+
+
+def trainable_mask(model, params):
+    """A pytree like `params`: True where the optimizer may update, False for frozen layers."""
+    frozen = set(model.frozen_layers)
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: layer_name(k) not in frozen for k in flat})
+
+
+def abstract_variables(model, input_shape: Sequence[int] = (1, 224, 224, 3)):
+    """Variable shapes via `jax.eval_shape`: nothing is allocated, full-size models are instant."""
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False)
+    )
+
+
+def _size(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def count_params(model, input_shape: Sequence[int] = (1, 224, 224, 3), variables=None):
+    """Total / trainable / non-trainable counts as Keras' `model.summary()` prints them."""
+    variables = variables if variables is not None else abstract_variables(model, input_shape)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    mask = trainable_mask(model, params)
+    trainable = sum(
+        int(x.size) for x, keep in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep
+    )
+    n_params, n_stats = _size(params), _size(batch_stats)
+    return ParamCounts(
+        total=n_params + n_stats,
+        trainable=trainable,
+        non_trainable=n_params + n_stats - trainable,
+        params=n_params,
+        batch_stats=n_stats,
+    )
+
+
+def _layer_rows(model, input_shape):
+    """(name, type, output shape, params incl. BN stats, frozen) per weighted layer, in order."""
+
+    def run():
+        x = jnp.zeros(input_shape, jnp.float32)
+        variables = model.init(jax.random.key(0), x, train=False)
+        _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                               mutable=["intermediates"])
+        return variables, state["intermediates"]
+
+    variables, intermediates = jax.eval_shape(run)
+    # Flax stores each module's outputs as a tuple (one entry per call) under '__call__'.
+    shapes = {
+        layer_name(k): v[0].shape
+        for k, v in traverse_util.flatten_dict(intermediates).items()
+        if k[-1] == "__call__" and len(k) > 1
+    }
+    sizes, kinds = {}, {}
+    for collection in ("params", "batch_stats"):
+        for k, v in traverse_util.flatten_dict(variables.get(collection, {})).items():
+            name = layer_name(k)
+            sizes[name] = sizes.get(name, 0) + int(v.size)
+            if k[-1] == "kernel":
+                kinds[name] = "Dense" if v.ndim == 2 else "Conv2D"
+                if v.ndim == 4 and v.shape[2] == 1 and ("dw" in name or "depthwise" in name):
+                    kinds[name] = "DepthwiseConv2D"
+            elif k[-1] in ("scale", "mean"):
+                kinds[name] = "BatchNorm"
+    frozen = set(model.frozen_layers)
+    return [
+        (name, kinds[name], shapes.get(name), sizes[name], name in frozen)
+        for name in model.layer_names()
+    ], variables
+
+
+def summary(model, input_shape: Sequence[int] = (1, 224, 224, 3)) -> str:
+    """A Keras-like summary: one row per weighted layer, then the three count lines."""
+    rows, variables = _layer_rows(model, input_shape)
+    counts = count_params(model, input_shape, variables)
+    header = f"{'Layer':<28}{'Type':<18}{'Output shape':<24}{'Params':>12}"
+    lines = [f"Model: {type(model).__name__}", header, "-" * len(header)]
+    for name, kind, shape, size, frozen in rows:
+        shape_text = str(tuple(shape)) if shape is not None else "?"
+        lines.append(f"{name:<28}{kind:<18}{shape_text:<24}{size:>12,}" + ("  frozen" if frozen
+                                                                            else ""))
+    lines += [
+        "-" * len(header),
+        f"Total params: {counts.total:,}",
+        f"Trainable params: {counts.trainable:,}",
+        f"Non-trainable params: {counts.non_trainable:,}",
+    ]
+    return "\n".join(lines)
