@@ -1,4 +1,7 @@
-"""Command line: `python -m mnres summary MODEL [--alpha A] [--classes N] [--no-top] [--image-size S]`."""
+"""The `python -m mnres` command line.
+
+python -m mnres summary MODEL [--alpha A] [--classes N] [--no-top] [--image-size S]
+"""
 
 from __future__ import annotations
 

@@ -91,8 +91,11 @@ class InvertedResidual(nn.Module):
 
         def names(layer, bn_suffix="_BN"):
             conv = prefix + layer
-            return dict(conv_name=conv, bn_name=conv + bn_suffix,
-                        frozen=conv + bn_suffix in self.frozen_layers)
+            return dict(
+                conv_name=conv,
+                bn_name=conv + bn_suffix,
+                frozen=conv + bn_suffix in self.frozen_layers,
+            )
 
         if self.expansion != 1:
             x = ConvBN(x.shape[-1] * self.expansion, name="expand", **names("expand"), **unit)(x)

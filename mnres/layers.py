@@ -1,4 +1,4 @@
-"""Layers shared by every MobileNet block: channel rounding, the depthwise conv, conv + BN + ReLU6."""
+"""Layers of every MobileNet block: channel rounding, the depthwise conv, conv + BN + ReLU6."""
 
 from __future__ import annotations
 
@@ -89,8 +89,12 @@ def shifted_depthwise_conv(x, kernel, strides: int, padding):
             tap = jax.lax.slice(
                 x,
                 (0, i, j, 0),
-                (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1,
-                 x.shape[3]),
+                (
+                    x.shape[0],
+                    i + (out_h - 1) * strides + 1,
+                    j + (out_w - 1) * strides + 1,
+                    x.shape[3],
+                ),
                 (1, strides, strides, 1),
             )
             term = tap * kernel[i, j, 0]

@@ -177,17 +177,34 @@ class MobileNetV1(_MobileNet):
         x = self._check_input(x)
         fields = self._unit_fields(train)
         frozen = fields.pop("frozen_layers")
-        x = ConvBN(self._filters(32), "conv1", "conv1_bn", kernel_size=3, strides=2,
-                   frozen="conv1_bn" in frozen, name="stem", **fields)(x)
+        x = ConvBN(
+            self._filters(32),
+            "conv1",
+            "conv1_bn",
+            kernel_size=3,
+            strides=2,
+            frozen="conv1_bn" in frozen,
+            name="stem",
+            **fields,
+        )(x)
         residual = self._residual_blocks()
         for block_id, (filters, stride) in enumerate(MOBILENET_V1_BLOCKS[: self.num_blocks], 1):
             if block_id == self.num_blocks and not self.final_pointwise:
                 # The seed network ends halfway through a block: depthwise + BN + ReLU6 only.
                 dw = f"conv_dw_{block_id}"
-                x = ConvBN(None, dw, f"{dw}_bn", kernel_size=3, strides=stride,
-                           padding="SAME" if stride == 1 else KERAS_V1_STRIDE2_PADDING,
-                           depthwise=True, depth_multiplier=self.depth_multiplier,
-                           frozen=f"{dw}_bn" in frozen, name=f"block_{block_id}", **fields)(x)
+                x = ConvBN(
+                    None,
+                    dw,
+                    f"{dw}_bn",
+                    kernel_size=3,
+                    strides=stride,
+                    padding="SAME" if stride == 1 else KERAS_V1_STRIDE2_PADDING,
+                    depthwise=True,
+                    depth_multiplier=self.depth_multiplier,
+                    frozen=f"{dw}_bn" in frozen,
+                    name=f"block_{block_id}",
+                    **fields,
+                )(x)
                 continue
             x = DepthwiseSeparable(
                 self._filters(filters),
@@ -230,8 +247,16 @@ class MobileNetV2(_MobileNet):
         x = self._check_input(x)
         fields = self._unit_fields(train)
         frozen = fields.pop("frozen_layers")
-        x = ConvBN(make_divisible(32 * self.alpha, 8), "Conv1", "bn_Conv1", kernel_size=3,
-                   strides=2, frozen="bn_Conv1" in frozen, name="stem", **fields)(x)
+        x = ConvBN(
+            make_divisible(32 * self.alpha, 8),
+            "Conv1",
+            "bn_Conv1",
+            kernel_size=3,
+            strides=2,
+            frozen="bn_Conv1" in frozen,
+            name="stem",
+            **fields,
+        )(x)
         for block_id, features, expansion, stride in self._blocks():
             x = InvertedResidual(
                 features,
@@ -244,8 +269,9 @@ class MobileNetV2(_MobileNet):
             )(x)
         # Keras keeps the head at 1280 channels for narrow models and widens it for alpha > 1.
         head = make_divisible(1280 * self.alpha, 8) if self.alpha > 1.0 else 1280
-        x = ConvBN(head, "Conv_1", "Conv_1_bn", frozen="Conv_1_bn" in frozen, name="head",
-                   **fields)(x)
+        x = ConvBN(
+            head, "Conv_1", "Conv_1_bn", frozen="Conv_1_bn" in frozen, name="head", **fields
+        )(x)
         return self._head(x, train)
 
 

@@ -53,7 +53,9 @@ def count_params(model, input_shape: Sequence[int] = (1, 224, 224, 3), variables
     batch_stats = variables.get("batch_stats", {})
     mask = trainable_mask(model, params)
     trainable = sum(
-        int(x.size) for x, keep in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep
+        int(x.size)
+        for x, keep in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True)
+        if keep
     )
     n_params, n_stats = _size(params), _size(batch_stats)
     return ParamCounts(
@@ -71,8 +73,9 @@ def _layer_rows(model, input_shape):
     def run():
         x = jnp.zeros(input_shape, jnp.float32)
         variables = model.init(jax.random.key(0), x, train=False)
-        _, state = model.apply(variables, x, train=False, capture_intermediates=True,
-                               mutable=["intermediates"])
+        _, state = model.apply(
+            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
         return variables, state["intermediates"]
 
     variables, intermediates = jax.eval_shape(run)
@@ -108,8 +111,9 @@ def summary(model, input_shape: Sequence[int] = (1, 224, 224, 3)) -> str:
     lines = [f"Model: {type(model).__name__}", header, "-" * len(header)]
     for name, kind, shape, size, frozen in rows:
         shape_text = str(tuple(shape)) if shape is not None else "?"
-        lines.append(f"{name:<28}{kind:<18}{shape_text:<24}{size:>12,}" + ("  frozen" if frozen
-                                                                            else ""))
+        lines.append(
+            f"{name:<28}{kind:<18}{shape_text:<24}{size:>12,}" + ("  frozen" if frozen else "")
+        )
     lines += [
         "-" * len(header),
         f"Total params: {counts.total:,}",

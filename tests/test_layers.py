@@ -1,0 +1,171 @@
+"""make_divisible, the two depthwise formulations, and the conv + BN + ReLU6 unit."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from mnres import layers
+from mnres.layers import ConvBN, DepthwiseConv2D, make_divisible
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (32 * 0.35, 16),  # rounds to 8, but 8 < 90% of 11.2: one divisor more
+        (16 * 0.35, 8),  # below the minimum
+        (24 * 0.75, 24),  # 18 -> 16 is < 90%: up to 24
+        (32 * 0.75, 24),
+        (1280 * 1.3, 1664),
+        (1280 * 1.4, 1792),
+        (96 * 0.5, 48),
+        (20, 24),  # ties round up (int(v + 4) // 8 * 8)
+        (19.9, 24),  # 16 would lose more than 10%
+        (17, 16),
+        (3, 8),
+        (12, 16),
+    ],
+)
+def test_make_divisible_matches_keras(value, expected):
+    assert make_divisible(value, 8) == expected
+
+
+def test_make_divisible_min_value_and_divisor():
+    assert make_divisible(4.4, 4) == 4
+    assert make_divisible(10, 4) == 12
+    assert make_divisible(5, 8, min_value=16) == 16
+    for v in np.linspace(1, 2000, 500):
+        r = make_divisible(v, 8)
+        assert r % 8 == 0 and r >= 0.9 * v
+
+
+def _naive_depthwise(x, kernel, stride, padding):
+    """Loops over output pixels: an implementation too simple to be wrong."""
+    kh, kw, _, out_c = kernel.shape
+    mult = out_c // x.shape[-1]
+    x = np.pad(np.repeat(x, mult, axis=-1), ((0, 0), *padding, (0, 0)))
+    oh, ow = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    y = np.zeros((x.shape[0], oh, ow, out_c), np.float64)
+    for i in range(oh):
+        for j in range(ow):
+            patch = x[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
+            y[:, i, j, :] = (patch * kernel[:, :, 0, :]).sum(axis=(1, 2))
+    return y
+
+
+CASES = [
+    # (size, stride, padding, multiplier)
+    (8, 1, "SAME", 1),
+    (9, 2, "SAME", 1),
+    (8, 2, "SAME", 1),
+    (9, 2, layers.KERAS_V1_STRIDE2_PADDING, 1),
+    (10, 2, layers.KERAS_V1_STRIDE2_PADDING, 2),
+    (7, 1, "VALID", 3),
+]
+
+
+@pytest.mark.parametrize("implementation", ["grouped", "shifted"])
+@pytest.mark.parametrize("size, stride, padding, multiplier", CASES)
+def test_depthwise_matches_naive_reference(implementation, size, stride, padding, multiplier):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
+    conv = DepthwiseConv2D(
+        strides=stride, padding=padding, depth_multiplier=multiplier, implementation=implementation
+    )
+    variables = conv.init(jax.random.key(1), x)
+    kernel = variables["params"]["kernel"]
+    assert kernel.shape == (3, 3, 1, 4 * multiplier)
+    got = conv.apply(variables, x)
+    pads = layers._explicit_padding(padding, (size, size), 3, stride)
+    want = _naive_depthwise(np.asarray(x, np.float64), np.asarray(kernel), stride, pads)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, stride, padding, multiplier", CASES)
+def test_depthwise_formulations_share_parameters_and_gradients(size, stride, padding, multiplier):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
+    make = functools.partial(
+        DepthwiseConv2D, strides=stride, padding=padding, depth_multiplier=multiplier
+    )
+    variables = make(implementation="grouped").init(jax.random.key(1), x)
+
+    def loss(params, impl):
+        y = make(implementation=impl).apply({"params": params}, x)
+        return jnp.sum(jnp.sin(y))
+
+    grads = {impl: jax.grad(loss)(variables["params"], impl) for impl in ("grouped", "shifted")}
+    chex.assert_trees_all_close(grads["grouped"], grads["shifted"], atol=1e-4)
+
+
+def _conv_ops(fn, *args):
+    """feature_group_count of every convolution in the jaxpr of fn(*args), sub-jaxprs included."""
+    text = str(jax.make_jaxpr(fn)(*args))
+    return [
+        int(s.split("feature_group_count=")[1].split()[0].rstrip(",]"))
+        for s in text.split("conv_general_dilated")[1:]
+    ]
+
+
+def test_shifted_formulation_has_no_grouped_convolution():
+    # Guards the CPU fast path: the shifted formulation must not fall back to XLA's grouped
+    # convolution, in the forward or the backward pass.
+    x = jnp.ones((1, 8, 8, 4))
+    conv = DepthwiseConv2D(implementation="shifted")
+    variables = conv.init(jax.random.key(0), x)
+    grad = jax.grad(lambda v: conv.apply(v, x).sum())
+    assert _conv_ops(grad, variables) == []
+    grouped = DepthwiseConv2D(implementation="grouped")
+    assert 4 in _conv_ops(jax.grad(lambda v: grouped.apply(v, x).sum()), variables)
+
+
+def test_auto_picks_shifted_on_cpu_and_rejects_unknown():
+    assert jax.default_backend() == "cpu"
+    assert layers.resolve_depthwise_implementation("auto") == "shifted"
+    assert layers.resolve_depthwise_implementation("grouped") == "grouped"
+    with pytest.raises(ValueError, match="grouped"):
+        layers.resolve_depthwise_implementation("winograd")
+
+
+def test_bad_padding_string_is_rejected():
+    with pytest.raises(ValueError, match="padding"):
+        DepthwiseConv2D(padding="CIRCULAR").init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
+
+
+def _unit(frozen=False, train=True, dtype=None):
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=dtype
+    )
+    return ConvBN(8, "conv", "conv_bn", kernel_size=3, norm=norm, frozen=frozen, dtype=dtype)
+
+
+def test_convbn_is_conv_bn_relu6_without_bias():
+    x = 10 * jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    unit = _unit(train=False)
+    variables = unit.init(jax.random.key(1), x)
+    assert set(variables["params"]) == {"conv", "conv_bn"}
+    assert set(variables["params"]["conv"]) == {"kernel"}  # no conv bias
+    y = unit.apply(variables, x)
+    assert float(y.min()) >= 0 and float(y.max()) <= 6 and float(y.max()) == 6.0
+
+
+def test_frozen_unit_keeps_running_statistics_in_training():
+    x = 3 + jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    variables = _unit().init(jax.random.key(1), x)
+    for frozen, should_change in ((False, True), (True, False)):
+        _, updates = _unit(frozen=frozen).apply(variables, x, mutable=["batch_stats"])
+        changed = not np.array_equal(
+            updates["batch_stats"]["conv_bn"]["mean"], variables["batch_stats"]["conv_bn"]["mean"]
+        )
+        assert changed == should_change
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    x = jnp.ones((2, 6, 6, 3))
+    unit = _unit(dtype=jnp.bfloat16)
+    variables = unit.init(jax.random.key(1), x)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+    y, _ = unit.apply(variables, x, mutable=["batch_stats"])
+    assert y.dtype == jnp.bfloat16
