@@ -1,0 +1,348 @@
+"""Cell- and patient-level metrics for binary classifiers (numpy only).
+
+Conventions, shared by every function here:
+
+- The positive class is 1 = parasitized; ``probs`` is P(parasitized), a 1-D array in [0, 1].
+- A cell is called parasitized iff ``probs >= threshold`` (the ``roc_curve`` convention, so every
+  ROC point is an operating threshold).
+- Confusion matrices are ``[[tn, fp], [fn, tp]]``: rows are the true label 0/1, columns the
+  predicted label 0/1 (scikit-learn's layout).
+- A rate whose denominator is zero is 0.0, as scikit-learn's ``zero_division=0``: precision with
+  no positive predictions, recall (sensitivity) with no positive labels, specificity with no
+  negative labels, F1 with no positives at all. MCC is 0.0 when any marginal is empty (as
+  scikit-learn). ROC AUC is ``None`` (JSON null) when one class is absent. Counts sit next to
+  every rate so a reader can tell a 0.0 from an undefined one.
+- Inputs are checked: empty input, mismatched lengths, labels other than 0/1 and probabilities
+  outside [0, 1] (or NaN) raise ``ValueError``.
+- Every returned value is a plain Python int/float/list/dict, ready for ``json.dump``.
+"""
+
+import numpy as np
+
+
+def _check(labels, probs):
+    """Returns (labels int64 [N], probs float64 [N]) or raises ValueError."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    if labels.ndim != 1 or probs.ndim != 1:
+        raise ValueError(
+            f"labels and probs must be 1-D (probs = P(parasitized), e.g. softmax[:, 1]); "
+            f"got shapes {labels.shape} and {probs.shape}"
+        )
+    if labels.shape[0] != probs.shape[0]:
+        raise ValueError(
+            f"labels and probs differ in length: {labels.shape[0]} != {probs.shape[0]}"
+        )
+    if labels.shape[0] == 0:
+        raise ValueError("metrics of an empty set are undefined: got 0 examples")
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError(f"labels must be 0 or 1; got values {np.unique(labels)[:10].tolist()}")
+    if not np.all(np.isfinite(probs)) or probs.min() < 0.0 or probs.max() > 1.0:
+        raise ValueError(
+            f"probs must be probabilities in [0, 1]; got range [{np.nanmin(probs)}, "
+            f"{np.nanmax(probs)}] with {int(np.sum(~np.isfinite(probs)))} non-finite values"
+        )
+    return labels.astype(np.int64), probs
+
+
+def _check_slides(labels, probs, slide_ids):
+    labels, probs = _check(labels, probs)
+    # tfds hands strings over as bytes.
+    slide_ids = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in slide_ids])
+    if slide_ids.shape != labels.shape:
+        raise ValueError(f"slide_ids shape {slide_ids.shape} != labels shape {labels.shape}")
+    return labels, probs, slide_ids
+
+
+def _ratio(num, den):
+    return float(num / den) if den else 0.0
+
+
+def _confusion(labels, predicted):
+    tp = int(np.sum((labels == 1) & (predicted == 1)))
+    fp = int(np.sum((labels == 0) & (predicted == 1)))
+    fn = int(np.sum((labels == 1) & (predicted == 0)))
+    tn = int(np.sum((labels == 0) & (predicted == 0)))
+    return tn, fp, fn, tp
+
+
+def _auc(labels, scores):
+    """Mann-Whitney AUC with midranks for tied scores; None if one class is absent."""
+    n_pos = int(np.sum(labels == 1))
+    n_neg = labels.shape[0] - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Ranks 1..N of the sorted unique values; tied scores share their mean rank.
+    ends = np.cumsum(counts)
+    midranks = ends - (counts - 1) / 2.0
+    rank_sum = float(np.sum(midranks[inverse][labels == 1]))
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def binary_metrics(labels, probs, threshold=0.5):
+    """Cell-level metrics of P(parasitized) scores at one decision threshold.
+
+    Args:
+      labels: int [N], 1 = parasitized.
+      probs: float [N], P(parasitized) in [0, 1].
+      threshold: a cell is called parasitized iff ``probs >= threshold``.
+
+    Returns:
+      dict with n, n_parasitized, n_uninfected, accuracy, balanced_accuracy, precision, recall,
+      sensitivity (== recall), specificity, f1, mcc, auc (None if one class is absent),
+      confusion_matrix ``[[tn, fp], [fn, tp]]`` and threshold. See the module docstring for the
+      values of undefined rates.
+    """
+    labels, probs = _check(labels, probs)
+    tn, fp, fn, tp = _confusion(labels, (probs >= threshold).astype(np.int64))
+    n = tn + fp + fn + tp
+    recall = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    # Python ints: the product of four counts overflows int64 beyond ~55k examples per class.
+    mcc_den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    mcc = float((tp * tn - fp * fn) / np.sqrt(float(mcc_den))) if mcc_den else 0.0
+    return {
+        "n": n,
+        "n_parasitized": tp + fn,
+        "n_uninfected": tn + fp,
+        "accuracy": (tp + tn) / n,
+        "balanced_accuracy": (recall + specificity) / 2.0,
+        "precision": _ratio(tp, tp + fp),
+        "recall": recall,
+        "sensitivity": recall,
+        "specificity": specificity,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "mcc": mcc,
+        "auc": _auc(labels, probs),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "threshold": float(threshold),
+    }
+
+
+def roc_curve(labels, probs):
+    """The full ROC curve (no points dropped).
+
+    Args:
+      labels: int [N], 1 = parasitized.
+      probs: float [N], P(parasitized).
+
+    Returns:
+      (fpr, tpr, thresholds), float arrays of equal length: the point i is the operating point of
+      ``probs >= thresholds[i]``. thresholds decrease; thresholds[0] is +inf (the point (0, 0)),
+      as scikit-learn >= 1.3. With one class absent the rate of the absent class (fpr without
+      negatives, tpr without positives) is NaN, as scikit-learn.
+    """
+    labels, probs = _check(labels, probs)
+    order = np.argsort(-probs, kind="stable")
+    scores, sorted_labels = probs[order], labels[order]
+    # The last index of each run of equal scores: all tied examples switch together.
+    last = np.r_[np.nonzero(np.diff(scores))[0], scores.shape[0] - 1]
+    tps = np.cumsum(sorted_labels)[last]
+    fps = (last + 1) - tps
+    tps, fps = np.r_[0, tps].astype(np.float64), np.r_[0, fps].astype(np.float64)
+    thresholds = np.r_[np.inf, scores[last]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fpr = fps / fps[-1] if fps[-1] else np.full_like(fps, np.nan)
+        tpr = tps / tps[-1] if tps[-1] else np.full_like(tps, np.nan)
+    return fpr, tpr, thresholds
+
+
+def slide_table(labels, probs, slide_ids, threshold=0.5):
+    """Per-slide (= per-patient) summary, sorted by slide id.
+
+    Cells with an unknown slide id ('') are left out.
+
+    Returns:
+      list of dicts: slide_id, n_cells, n_parasitized_true, true_fraction,
+      n_parasitized_predicted, predicted_fraction, accuracy (of the cells of the slide) and
+      infected (the truth: the slide has at least one parasitized cell).
+    """
+    labels, probs, slide_ids = _check_slides(labels, probs, slide_ids)
+    predicted = (probs >= threshold).astype(np.int64)
+    rows = []
+    for slide in np.unique(slide_ids):
+        if slide == "":
+            continue
+        mask = slide_ids == slide
+        n_cells = int(mask.sum())
+        n_true = int(labels[mask].sum())
+        n_pred = int(predicted[mask].sum())
+        rows.append(
+            {
+                "slide_id": str(slide),
+                "n_cells": n_cells,
+                "n_parasitized_true": n_true,
+                "true_fraction": n_true / n_cells,
+                "n_parasitized_predicted": n_pred,
+                "predicted_fraction": n_pred / n_cells,
+                "accuracy": float(np.mean(labels[mask] == predicted[mask])),
+                "infected": n_true > 0,
+            }
+        )
+    return rows
+
+
+def _known_slides(labels, probs, slide_ids, threshold):
+    rows = slide_table(labels, probs, slide_ids, threshold)
+    if not rows:
+        raise ValueError("patient-level metrics need slide ids; every slide id is unknown ('')")
+    infected = np.array([r["infected"] for r in rows], dtype=np.int64)
+    fractions = np.array([r["predicted_fraction"] for r in rows], dtype=np.float64)
+    return rows, infected, fractions
+
+
+def _balanced_score(infected, called):
+    """Balanced accuracy of decisions; the mean of the defined rates if a class is absent."""
+    rates = []
+    if np.any(infected == 1):
+        rates.append(np.mean(called[infected == 1] == 1))
+    if np.any(infected == 0):
+        rates.append(np.mean(called[infected == 0] == 0))
+    return float(np.mean(rates))
+
+
+def choose_fraction_threshold(labels, probs, slide_ids, threshold=0.5):
+    """Chooses t for the patient rule "infected iff fraction of cells called parasitized > t".
+
+    Run it on the validation split, then apply ``patient_metrics(..., fraction_threshold=t)`` to
+    the test split. t lives in [0, 1), so a slide with no cell called parasitized is always
+    uninfected and one with every cell called parasitized is always infected. The decisions only
+    change where t crosses an observed fraction, so [0, 1) splits into intervals of equal
+    decisions; t is the midpoint of the widest run of adjacent intervals that maximises the
+    balanced accuracy of the patient decisions (the mean of the defined rates if all validation
+    patients share a class). Equal widths go to the lowest run, which favours sensitivity.
+
+    Returns:
+      t, a float in [0, 1).
+    """
+    _, infected, fractions = _known_slides(labels, probs, slide_ids, threshold)
+    edges = np.unique(np.r_[0.0, fractions[(fractions > 0.0) & (fractions < 1.0)], 1.0])
+    # Interval i is [edges[i], edges[i + 1]); any t in it makes the same decisions as edges[i].
+    scores = np.array(
+        [_balanced_score(infected, (fractions > t).astype(np.int64)) for t in edges[:-1]]
+    )
+    best = np.isclose(scores, scores.max(), rtol=0.0, atol=1e-12)
+    runs, start = [], None
+    for i, is_best in enumerate(np.r_[best, False]):
+        if is_best and start is None:
+            start = i
+        elif not is_best and start is not None:
+            runs.append((edges[i] - edges[start], -edges[start], edges[start], edges[i]))
+            start = None
+    _, _, low, high = max(runs)
+    return float((low + high) / 2.0)
+
+
+def patient_metrics(labels, probs, slide_ids, fraction_threshold, threshold=0.5):
+    """Patient-level metrics: each slide is one patient, called infected iff its fraction of cells
+    called parasitized (at ``threshold``) exceeds ``fraction_threshold``.
+
+    Cells with an unknown slide id ('') are left out; raises ValueError if no slide id is known.
+
+    Returns:
+      dict with n_patients, n_infected, n_uninfected, accuracy, balanced_accuracy, sensitivity,
+      specificity, confusion_matrix ``[[tn, fp], [fn, tp]]`` of patients, auc (of the predicted
+      fraction as a score for infection; None if one class is absent), fraction_threshold,
+      threshold, per_slide_accuracy {min, median, max} of cell accuracy within a slide, slides
+      (``slide_table`` rows plus predicted_infected and correct) and errors (misclassified slide
+      ids).
+    """
+    rows, infected, fractions = _known_slides(labels, probs, slide_ids, threshold)
+    called = (fractions > fraction_threshold).astype(np.int64)
+    tn, fp, fn, tp = _confusion(infected, called)
+    sensitivity = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    for row, c in zip(rows, called, strict=True):
+        row["predicted_infected"] = bool(c)
+        row["correct"] = bool(c) == row["infected"]
+    slide_accuracy = np.array([r["accuracy"] for r in rows])
+    return {
+        "n_patients": len(rows),
+        "n_infected": tp + fn,
+        "n_uninfected": tn + fp,
+        "accuracy": (tp + tn) / len(rows),
+        "balanced_accuracy": (sensitivity + specificity) / 2.0,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "auc": _auc(infected, fractions),
+        "fraction_threshold": float(fraction_threshold),
+        "threshold": float(threshold),
+        "per_slide_accuracy": {
+            "min": float(slide_accuracy.min()),
+            "median": float(np.median(slide_accuracy)),
+            "max": float(slide_accuracy.max()),
+        },
+        "slides": rows,
+        "errors": [r["slide_id"] for r in rows if not r["correct"]],
+    }
+
+
+def calibration_bins(labels, probs, n_bins=15):
+    """Top-label reliability bins (Guo et al. 2017): confidence = max(p, 1 - p) of the called class.
+
+    Bins are equal-width on [0, 1], bin b holding confidences in (b / n_bins, (b + 1) / n_bins];
+    for two classes only the upper half can be occupied.
+
+    Returns:
+      dict of lists, one entry per bin: lower, upper, count, confidence (mean, None if empty),
+      accuracy (of the called class, None if empty).
+    """
+    labels, probs = _check(labels, probs)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    confidence = np.maximum(probs, 1.0 - probs)
+    correct = (probs >= 0.5).astype(np.int64) == labels
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Right-closed bins: index b holds (edges[b], edges[b + 1]].
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    out = {"lower": [], "upper": [], "count": [], "confidence": [], "accuracy": []}
+    for b in range(n_bins):
+        mask = index == b
+        count = int(mask.sum())
+        out["lower"].append(float(edges[b]))
+        out["upper"].append(float(edges[b + 1]))
+        out["count"].append(count)
+        out["confidence"].append(float(confidence[mask].mean()) if count else None)
+        out["accuracy"].append(float(correct[mask].mean()) if count else None)
+    return out
+
+
+def expected_calibration_error(labels, probs, n_bins=15):
+    """Top-label ECE (Guo et al. 2017): sum over bins of |bin| / N * |accuracy - confidence|."""
+    bins = calibration_bins(labels, probs, n_bins)
+    n = sum(bins["count"])
+    return float(
+        sum(
+            count / n * abs(acc - conf)
+            for count, acc, conf in zip(
+                bins["count"], bins["accuracy"], bins["confidence"], strict=True
+            )
+            if count
+        )
+    )
+
+
+def sensitivity_at_specificity(labels, probs, specificity):
+    """The most sensitive operating point whose specificity is at least ``specificity``.
+
+    Returns:
+      dict: threshold (call parasitized iff ``probs >= threshold``), sensitivity and specificity
+      achieved on these labels, and target_specificity. If even calling nothing parasitized is
+      the answer, threshold is the next float above max(probs). threshold, sensitivity and
+      specificity are None if one class is absent.
+    """
+    labels, probs = _check(labels, probs)
+    if not 0.0 <= specificity <= 1.0:
+        raise ValueError(f"specificity must be in [0, 1], got {specificity}")
+    out = {"threshold": None, "sensitivity": None, "specificity": None}
+    out["target_specificity"] = float(specificity)
+    if np.all(labels == 1) or np.all(labels == 0):
+        return out
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    # tpr never decreases along the curve, so the last admissible point is the most sensitive.
+    i = int(np.nonzero(1.0 - fpr >= specificity - 1e-12)[0][-1])
+    threshold = thresholds[i] if np.isfinite(thresholds[i]) else np.nextafter(probs.max(), np.inf)
+    out.update(threshold=float(threshold), sensitivity=float(tpr[i]), specificity=float(1 - fpr[i]))
+    return out

@@ -1,0 +1,307 @@
+"""report.json / report.md and the plots of a run (metrics are computed in mnres.metrics).
+
+Plots use matplotlib's object API (``Figure``, rendered by the Agg canvas): no pyplot state, no
+window, safe on headless machines and in threads.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mnres import metrics
+
+# File names in the workdir; report.md links every PNG present when it is written.
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+METRICS_JSONL = "metrics.jsonl"
+HISTORY_PNG = "history.png"
+CONFUSION_MATRIX_PNG = "confusion_matrix.png"
+ROC_PNG = "roc.png"
+RELIABILITY_PNG = "reliability.png"
+
+_CELL_ROWS = [
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("precision", "Precision"),
+    ("recall", "Recall (sensitivity)"),
+    ("specificity", "Specificity"),
+    ("f1", "F1"),
+    ("mcc", "MCC"),
+    ("auc", "ROC AUC"),
+    ("ece", "ECE"),
+    ("loss", "Loss"),
+    ("n", "Cells"),
+]
+_PATIENT_ROWS = [
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("auc", "ROC AUC (fraction as score)"),
+    ("n_patients", "Patients"),
+    ("n_infected", "Infected patients"),
+    ("fraction_threshold", "Fraction threshold (from validation)"),
+]
+
+
+def _to_json(value):
+    """Plain JSON types: numpy scalars/arrays, tuples, ConfigDicts; non-finite floats -> None."""
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_to_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _fmt(value):
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _metric_table(sections, rows):
+    """A metric x split table over the sections present (e.g. validation, test)."""
+    names = [name for name in sections if sections[name]]
+    body = [
+        [label] + [sections[name].get(key) for name in names]
+        for key, label in rows
+        if any(key in sections[name] for name in names)
+    ]
+    return _table(["Metric"] + names, body)
+
+
+def _confusion_table(cm, unit):
+    (tn, fp), (fn, tp) = cm
+    return _table(
+        [f"{unit}: true / predicted", "uninfected", "parasitized"],
+        [["uninfected", tn, fp], ["parasitized", fn, tp]],
+    )
+
+
+def _markdown(report, pngs):
+    lines = ["# Report", ""]
+    config = report.get("config") or {}
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and model.get("name"):
+        lines += [
+            f"Model: `{model['name']}`" + (f", alpha {model['alpha']}" if "alpha" in model else ""),
+            "",
+        ]
+    test = report.get("test") or {}
+    cells = {"validation": report.get("validation"), "test": test}
+    if any(cells.values()):
+        threshold = test.get("threshold", (report.get("validation") or {}).get("threshold"))
+        lines += ["## Cell level", ""]
+        if threshold is not None:
+            lines += [f"A cell is called parasitized iff P(parasitized) >= {threshold}.", ""]
+        lines += _metric_table(cells, _CELL_ROWS) + [""]
+        if test.get("confusion_matrix"):
+            lines += ["Test confusion matrix (cells):", ""]
+            lines += _confusion_table(test["confusion_matrix"], "cells") + [""]
+    patients = {"validation": report.get("validation_patient"), "test": report.get("test_patient")}
+    if any(patients.values()):
+        test_patient = patients["test"] or {}
+        lines += ["## Patient level", ""]
+        lines += [
+            "Each slide is one patient, infected iff it holds a parasitized cell; a patient is "
+            "called infected iff the fraction of its cells called parasitized exceeds the "
+            "fraction threshold, chosen on the validation split.",
+            "",
+        ]
+        lines += _metric_table(patients, _PATIENT_ROWS) + [""]
+        if test_patient.get("confusion_matrix"):
+            lines += _confusion_table(test_patient["confusion_matrix"], "patients") + [""]
+        if test_patient.get("per_slide_accuracy"):
+            acc = test_patient["per_slide_accuracy"]
+            lines += [
+                f"Per-slide cell accuracy (test): min {_fmt(acc['min'])}, median "
+                f"{_fmt(acc['median'])}, max {_fmt(acc['max'])}.",
+                "",
+            ]
+        if test_patient.get("errors") is not None:
+            errors = ", ".join(f"`{e}`" for e in test_patient["errors"]) or "none"
+            lines += [f"Misclassified patients (test): {errors}.", ""]
+        if test_patient.get("slides"):
+            lines += ["### Test slides", ""]
+            lines += _table(
+                ["Slide", "Cells", "True fraction", "Predicted fraction", "Accuracy", "Infected",
+                 "Called infected"],
+                [
+                    [s["slide_id"], s["n_cells"], s["true_fraction"], s["predicted_fraction"],
+                     s["accuracy"], s["infected"], s.get("predicted_infected")]
+                    for s in test_patient["slides"]
+                ],
+            )  # fmt: skip
+            lines += [""]
+    for section in ("data", "training", "timing"):
+        # Flat key/value sections only; nested ones stay in report.json.
+        items = report.get(section)
+        if isinstance(items, dict) and items:
+            rows = [
+                [k, f"{v:g}" if isinstance(v, float) else v]
+                for k, v in items.items()
+                if not isinstance(v, dict | list)
+            ]
+            lines += [f"## {section.capitalize()}", ""] + _table(["", "value"], rows) + [""]
+    if pngs:
+        lines += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})\n" for p in pngs] + [""]
+    return "\n".join(lines)
+
+
+def write_report(workdir, report):
+    """Writes ``report.json`` (the dict, as plain JSON) and a readable ``report.md`` to workdir.
+
+    Args:
+      workdir: the run directory; created if missing.
+      report: nested dict, e.g. {'test': metrics.binary_metrics(...), 'test_patient':
+        metrics.patient_metrics(...), 'validation': ..., 'validation_patient': ..., 'config':
+        ..., 'timing': {...}}; every key is optional. Numpy values and ConfigDicts are
+        converted; non-finite floats become null. report.md links the PNGs already in workdir,
+        so write the plots first.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    report = _to_json(report)
+    with open(os.path.join(workdir, REPORT_JSON), "w") as f:
+        json.dump(report, f, indent=2, allow_nan=False)
+        f.write("\n")
+    pngs = sorted(p for p in os.listdir(workdir) if p.endswith(".png"))
+    with open(os.path.join(workdir, REPORT_MD), "w") as f:
+        f.write(_markdown(report, pngs))
+
+
+def read_history(workdir):
+    """Rows of ``metrics.jsonl`` in workdir, one dict per line.
+
+    A run resumed from a checkpoint logs its repeated epochs again: the last row of an epoch
+    wins. A torn last line (a run killed while writing) is skipped; a bad line elsewhere raises.
+    """
+    with open(os.path.join(workdir, METRICS_JSONL)) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        if "epoch" in row:
+            rows = [r for r in rows if r.get("epoch") != row["epoch"]]
+        rows.append(row)
+    return rows
+
+
+def _save(fig, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def plot_history(history, path):
+    """Accuracy and loss against epoch, train and validation (the paper's Fig. 2)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, quantity, title in zip(
+        fig.subplots(1, 2), ("accuracy", "loss"), ("Accuracy", "Loss"), strict=True
+    ):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            points = [
+                (row["epoch"], row[f"{split}_{quantity}"])
+                for row in history
+                if row.get(f"{split}_{quantity}") is not None and "epoch" in row
+            ]
+            if points:
+                epochs, values = zip(*points, strict=True)
+                label = "train" if split == "train" else "validation"
+                ax.plot(epochs, values, style, markersize=3, label=label)
+        ax.set(title=title, xlabel="epoch", ylabel=quantity)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion_matrix(cm, path, class_names=("uninfected", "parasitized")):
+    """Counts and row percentages (the share of each true class), the paper's Fig. 3."""
+    cm = np.asarray(cm, dtype=np.int64)
+    row_sums = cm.sum(axis=1, keepdims=True)
+    shares = np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0)
+    fig = Figure(figsize=(4.5, 4), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, label="share of true class")
+    for (i, j), count in np.ndenumerate(cm):
+        color = "white" if shares[i, j] > 0.5 else "black"
+        ax.text(j, i, f"{count}\n{shares[i, j]:.1%}", ha="center", va="center", color=color)
+    ticks = range(len(class_names))
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="Confusion matrix")
+    ax.set_xticklabels(class_names)
+    ax.set_yticklabels(class_names)
+    _save(fig, path)
+
+
+def plot_roc(labels, probs, path, threshold=0.5):
+    """The ROC curve with its AUC in the legend and the operating point at ``threshold``."""
+    fpr, tpr, _ = metrics.roc_curve(labels, probs)
+    at = metrics.binary_metrics(labels, probs, threshold)
+    auc = at["auc"]
+    fig = Figure(figsize=(4.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="chance")
+    if auc is not None:
+        ax.plot(fpr, tpr, label=f"ROC (AUC = {auc:.4f})")
+        ax.plot(1 - at["specificity"], at["sensitivity"], "o", color="C3",
+                label=f"threshold {threshold}")  # fmt: skip
+    else:
+        ax.text(0.5, 0.5, "ROC undefined: one class absent", ha="center", va="center")
+    ax.set(
+        xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)", title="ROC, parasitized vs uninfected",
+    )  # fmt: skip
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def plot_reliability(labels, probs, path, n_bins=15):
+    """Reliability diagram: accuracy against confidence per bin, counts below, ECE in the title."""
+    bins = metrics.calibration_bins(labels, probs, n_bins)
+    ece = metrics.expected_calibration_error(labels, probs, n_bins)
+    lower, upper = np.array(bins["lower"]), np.array(bins["upper"])
+    occupied = np.array(bins["count"]) > 0
+    fig = Figure(figsize=(4.5, 5.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    width = upper - lower
+    accuracy = np.array([a if a is not None else 0.0 for a in bins["accuracy"]])
+    top.bar(lower[occupied], accuracy[occupied], width[occupied], align="edge",
+            edgecolor="black", label="accuracy")  # fmt: skip
+    top.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    top.set(ylim=(0, 1), ylabel="accuracy", title=f"Reliability (ECE = {ece:.4f})")
+    top.legend(loc="upper left")
+    bottom.bar(lower, bins["count"], width, align="edge", color="gray", edgecolor="black")
+    bottom.set(xlabel="confidence of the called class", ylabel="cells", yscale="symlog")
+    # Two classes: confidence is at least 0.5, so the lower bins are always empty.
+    bottom.set_xlim(lower[occupied].min() if occupied.any() else 0.0, 1.0)
+    _save(fig, path)
