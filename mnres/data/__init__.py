@@ -1,0 +1,22 @@
+"""Malaria cell images: three sources, slide-level splits with a manifest, batches, augmentation.
+
+Labels: 1 = parasitized (the positive class), 0 = uninfected, for every source (TFDS
+`malaria` uses 0 = parasitized; it is mapped).
+"""
+
+from mnres.data.config import default_config
+from mnres.data.pipeline import eval_batches, prefetch, steps_per_epoch, train_batches
+from mnres.data.sources import load_dataset
+from mnres.data.splits import Dataset, Split, write_manifest
+
+__all__ = [
+    "Dataset",
+    "Split",
+    "default_config",
+    "eval_batches",
+    "load_dataset",
+    "prefetch",
+    "steps_per_epoch",
+    "train_batches",
+    "write_manifest",
+]

@@ -1,0 +1,196 @@
+"""Train/validation/test splits by slide (patient) or by image, and the split manifest."""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from mnres.data.config import SPLIT_NAMES
+
+CLASS_NAMES = ("uninfected", "parasitized")  # index = label: 1 = parasitized (positive).
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Decoded examples of one split, in a fixed order."""
+
+    images: np.ndarray  # uint8 [N, S, S, 3], resized to config.image_size, decoded once.
+    labels: np.ndarray  # int32 [N], 1 = parasitized, 0 = uninfected.
+    slide_ids: np.ndarray  # str [N], '' where unknown (tfds).
+    names: np.ndarray  # str [N], stable example ids (relative file path, 'tfds:train:123').
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """The three splits and the manifest that proves which examples they hold."""
+
+    train: Split
+    validation: Split
+    test: Split
+    manifest: dict  # JSON-able; see `build_manifest`.
+
+
+def names_sha256(names) -> str:
+    """sha256 of the ordered example ids, one per line."""
+    return hashlib.sha256("\n".join(str(n) for n in names).encode("utf-8")).hexdigest()
+
+
+def split_by_image(labels, fractions, seed: int) -> list[np.ndarray]:
+    """Per-class shuffled cut by `fractions`; returns sorted index arrays (train, val, test)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0x1A6E])
+    parts = [[] for _ in fractions]
+    for label in (0, 1):
+        idx = np.flatnonzero(labels == label)
+        idx = idx[rng.permutation(len(idx))]
+        bounds = np.cumsum([0, *_counts(len(idx), fractions)])
+        for k in range(len(fractions)):
+            parts[k].append(idx[bounds[k] : bounds[k + 1]])
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
+def _counts(n: int, fractions) -> list[int]:
+    """Largest-remainder rounding of n * fractions; each non-empty split gets >= 1 if n allows."""
+    exact = np.asarray(fractions, np.float64) * n
+    counts = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[k] += 1
+    for k in np.flatnonzero((np.asarray(fractions) > 0) & (counts == 0)):
+        donor = int(np.argmax(counts))
+        if counts[donor] > 1:
+            counts[donor] -= 1
+            counts[k] += 1
+    return counts.tolist()
+
+
+def split_by_slide(labels, slide_ids, fractions, seed: int) -> list[np.ndarray]:
+    """Assigns whole slides to splits; returns sorted index arrays (train, val, test).
+
+    Slides are stratified: slides with at least one parasitized cell (infected patients) and
+    uninfected-only slides are placed separately. Within a stratum, slides are taken in a
+    random order (from `seed`) and each goes to the split that most lacks cells of the
+    classes it holds, relative to `fractions`; of `_TRIALS` such orders the one whose
+    per-class counts come closest to `fractions` wins. No slide is in two splits. A cell
+    without a slide id is its own group.
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray([s if s else f"\0{i}" for i, s in enumerate(slide_ids)])
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    per_class = np.stack(
+        [np.bincount(inverse[labels == c], minlength=len(uniq)) for c in (0, 1)], -1
+    ).astype(np.float64)  # [slides, 2]
+    infected = per_class[:, 1] > 0
+    rng = np.random.default_rng([seed, 0x511DE])
+    fractions = np.asarray(fractions, np.float64)
+    split_of_group = np.full(len(uniq), -1)
+    for stratum in (True, False):
+        members = np.flatnonzero(infected == stratum)
+        best = None
+        for _ in range(_TRIALS):
+            order = members[rng.permutation(len(members))]
+            assignment, error = _place_slides(per_class[order], fractions)
+            if best is None or error < best[0] - 1e-12:
+                best = (error, order, assignment)
+        split_of_group[best[1]] = best[2]
+    example_split = split_of_group[inverse]
+    return [np.flatnonzero(example_split == k) for k in range(len(fractions))]
+
+
+_TRIALS = 64
+
+
+def _place_slides(per_class, fractions):
+    """Greedy placement of slides (rows: cells per class) in the given order."""
+    totals = np.maximum(per_class.sum(0), 1)
+    target = fractions[:, None] * per_class.sum(0) / totals  # [splits, 2], as shares.
+    filled = np.zeros_like(target)
+    assignment = np.zeros(len(per_class), np.int64)
+    for i, cells in enumerate(per_class / totals):
+        score = ((target - filled) * cells).sum(-1)
+        # Ties break towards the earlier split (train); empty splits (fraction 0) never win.
+        k = int(np.argmax(np.where(fractions > 0, score, -np.inf)))
+        assignment[i] = k
+        filled[k] += cells
+    return assignment, float(np.abs(filled - target).sum())
+
+
+def check_classes(splits: dict, fractions, how: str) -> None:
+    """Raises ValueError if a split that should hold examples lacks a class."""
+    for name, fraction in zip(SPLIT_NAMES, fractions, strict=True):
+        split = splits[name]
+        if fraction <= 0 and len(split) == 0:
+            continue
+        missing = [CLASS_NAMES[c] for c in (0, 1) if not np.any(split.labels == c)]
+        if missing:
+            by_slide = "slide" in how
+            raise ValueError(
+                f"The {name} split ({how}) has no {' or '.join(missing)} cells: there are too "
+                f"few {'slides' if by_slide else 'cells'} for these split fractions. Use more "
+                "data, larger fractions for the small splits"
+                f"{', or --config.data.split_by=image' if by_slide else ''}."
+            )
+
+
+def build_manifest(
+    splits: dict,
+    *,
+    source: str,
+    seed: int,
+    image_size: int,
+    split_by: str,
+    skipped: list,
+    extra: dict | None = None,
+) -> dict:
+    """JSON-able description of a dataset split.
+
+    Per split: counts per class, sorted slide ids, and the sha256 of the ordered example ids
+    (equal hashes = the same examples in the same order). Also the files skipped as unreadable,
+    and which slides (if any) appear in more than one split.
+    """
+    manifest = {
+        "source": source,
+        "seed": int(seed),
+        "image_size": int(image_size),
+        "split_by": split_by,
+        "label_convention": "1 = parasitized (positive class), 0 = uninfected; TFDS malaria "
+        "uses 0 = parasitized and is mapped to 1.",
+        "splits": {},
+    }
+    slides_of = {}
+    for name in SPLIT_NAMES:
+        split = splits[name]
+        labels = np.asarray(split.labels)
+        slides = sorted({str(s) for s in split.slide_ids if s})
+        slides_of[name] = set(slides)
+        manifest["splits"][name] = {
+            "num_examples": int(len(labels)),
+            "counts": {c: int(np.sum(labels == i)) for i, c in enumerate(CLASS_NAMES)},
+            "num_slides": len(slides),
+            "slide_ids": slides,
+            "names_sha256": names_sha256(split.names),
+        }
+    shared = set()
+    for i, a in enumerate(SPLIT_NAMES):
+        for b in SPLIT_NAMES[i + 1 :]:
+            shared |= slides_of[a] & slides_of[b]
+    manifest["slides_in_several_splits"] = sorted(shared)
+    manifest["num_skipped"] = len(skipped)
+    manifest["skipped"] = [dict(s) for s in skipped]
+    manifest.update(extra or {})
+    return manifest
+
+
+def write_manifest(dataset: Dataset, path) -> None:
+    """Writes `dataset.manifest` as JSON to `path` (a file, or a dir: split_manifest.json)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "split_manifest.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dataset.manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
