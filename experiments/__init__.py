@@ -1,0 +1,1 @@
+"""Experiments on mnres: `python -m experiments.malaria --config=experiments/configs/NAME.py`."""

@@ -1,0 +1,82 @@
+"""Trains and evaluates a malaria cell classifier; writes everything to the workdir.
+
+  python -m experiments.malaria                                  # default.py, TFDS `malaria`
+  python -m experiments.malaria --config=experiments/configs/smoke.py --workdir=/tmp/smoke
+  python -m experiments.malaria --config=experiments/configs/default.py \
+      --config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/folder
+
+Any config field can be overridden with `--config.FIELD=VALUE`. Re-running with the same
+workdir resumes from its latest checkpoint.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mnres import train
+
+_CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_CONFIGS, "default.py"), "Config file, FILE.py[:ARG].", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Output folder; default: runs/<config file name>.")
+FLAGS = flags.FLAGS
+
+# Tests only: exit hard (like SIGKILL, no clean-up) right after this training step.
+_KILL_AT_STEP = "MNRES_TEST_KILL_AT_STEP"
+
+
+def _kill_hook():
+    kill_at = os.environ.get(_KILL_AT_STEP)
+    if not kill_at:
+        return None
+
+    def after_step(step: int) -> None:
+        if step == int(kill_at):
+            logging.flush()
+            os._exit(137)
+
+    return after_step
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Drops orbax's INFO lines (a dozen per checkpoint); its warnings and errors stay."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
+    config = FLAGS.config
+    # experiments/configs/paper.py:keras_bn -> paper_keras_bn
+    path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0] + (f"_{arg}" if arg else "")
+    workdir = FLAGS.workdir or os.path.join("runs", name)
+    train.initialize_distributed(config)  # before anything touches a device
+    logging.info("Config %s, workdir %s", name, os.path.abspath(workdir))
+    try:
+        report = train.train_and_evaluate(config, workdir, after_step=_kill_hook())
+    except (FloatingPointError, RuntimeError, ImportError, FileNotFoundError, ValueError) as e:
+        if logging.vlog_is_on(1):  # -v 1 shows the traceback
+            raise
+        sys.exit(f"error: {e}")
+    patients, auc = report["test_patient"], report["test"]["auc"]
+    logging.info(
+        "Test: cell accuracy %.4f, AUC %s%s. Report: %s",
+        report["test"]["accuracy"],
+        "n/a" if auc is None else f"{auc:.4f}",
+        f", patient accuracy {patients['accuracy']:.4f} ({patients['n_patients']} patients)"
+        if patients
+        else "",
+        os.path.join(os.path.abspath(workdir), "report.md"),
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

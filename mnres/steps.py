@@ -1,0 +1,217 @@
+"""The train state, the mesh and shardings, and the compiled train and eval steps.
+
+One code path for every machine: a 1-D `('data',)` mesh over all devices (of all processes),
+the batch sharded along it, the state replicated, `jax.jit` with donated state buffers; no
+pmap. BatchNorm statistics are means over the global batch because the model sees the whole,
+sharded batch. Each process feeds only its own slice of the global batch
+(`jax.make_array_from_process_local_data`). The loop that drives them is `mnres.train`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mnres import data, models
+from mnres.data.augment import augment, preprocess
+from mnres.optim import cross_entropy
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes; a checkpoint is `state.to_dict()`."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: the number of steps taken
+    rng: jax.Array  # uint32 key data; step k uses fold_in(rng, k)
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state,
+            "step": self.step,
+            "rng": self.rng,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(**{k: d[k] for k in ("params", "batch_stats", "opt_state", "step", "rng")})
+
+
+def create_model(model_config, num_classes: int = 2):
+    """The mnres model described by `config.model` (every field but `name`/`pretrained`)."""
+    fields = dict(model_config)
+    name = fields.pop("name")
+    fields.pop("pretrained", None)
+    if "bn_momentum" not in fields:
+        raise ValueError(
+            "config.model.bn_momentum is not set. It is a choice, not a default: Keras' 0.999 "
+            "needs thousands of steps before its running statistics are usable (short runs then "
+            "validate at chance), 0.99 suits a few hundred steps per epoch."
+        )
+    dtype = fields.pop("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={dtype!r}; use one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] != jnp.float32:
+        fields["dtype"] = DTYPES[dtype]  # compute dtype; parameters and BatchNorm stay float32
+    return models.create_model(name, num_classes=num_classes, **fields)
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh named 'data' over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def check_batch_size(batch_size: int, what: str = "config.batch_size") -> None:
+    """Raises unless the global batch splits evenly over devices (and processes)."""
+    n = jax.device_count()
+    if batch_size < 1 or batch_size % n:
+        raise ValueError(
+            f"{what}={batch_size} must be a positive multiple of the {n} devices "
+            f"(jax.device_count()) so that every device gets the same number of examples; "
+            f"e.g. --{what}={max(n, (batch_size // n) * n or n)}."
+        )
+
+
+def shard_batch(local_batch: dict, mesh) -> dict:
+    """This process's slice of a global batch -> global arrays sharded over 'data'."""
+    sharding = NamedSharding(mesh, P("data"))
+    n = jax.process_count()
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
+        for k, v in local_batch.items()
+    }
+
+
+def init_state(model, tx, image_size: int, seed: int, mesh) -> TrainState:
+    """Initialises parameters, optimizer state and rng, replicated over `mesh`."""
+
+    def init():
+        init_rng, train_rng = jax.random.split(jax.random.key(seed))
+        x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        variables = model.init(init_rng, x, train=False)
+        params = variables["params"]
+        return TrainState(
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(train_rng),
+        )
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
+
+
+def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoothing):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    aug_rng, dropout_rng = jax.random.split(rng)
+    images = augment(batch["image"], aug_rng, data_config)
+    labels = batch["label"]
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        (logits, _), updates = model.apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng}
+        )
+        loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        step=state.step + 1,
+    )
+    count = labels.shape[0]
+    metrics = {
+        "loss_sum": loss * count,
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+        "count": jnp.asarray(count, jnp.int32),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return new_state, metrics
+
+
+def make_train_step(model, tx, data_config, mesh, *, label_smoothing: float = 0.0):
+    """`train_step(state, batch) -> (state, metrics)`, compiled once; donates `state`.
+
+    Augmentation and dropout use `fold_in(state.rng, state.step)`, so a step's randomness
+    depends only on the seed and the step number and a resumed run repeats it exactly.
+    """
+    step = functools.partial(
+        _train_step, model=model, tx=tx, data_config=data_config, label_smoothing=label_smoothing
+    )
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(
+        step,
+        in_shardings=(replicated, sharded),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def _eval_step(state: TrainState, batch, *, model):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits, _ = model.apply(variables, preprocess(batch["image"]), train=False)
+    return {
+        "prob": jax.nn.softmax(logits)[:, 1],
+        "loss": cross_entropy(logits, batch["label"]),
+        "label": batch["label"],
+        "mask": batch["mask"],
+    }
+
+
+def make_eval_step(model, mesh):
+    """`eval_step(state, batch) -> per-example outputs`, gathered (replicated) on every host."""
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(
+        functools.partial(_eval_step, model=model),
+        in_shardings=(replicated, sharded),
+        out_shardings=replicated,
+    )
+
+
+def evaluate(eval_step, state: TrainState, split, batch_size: int, mesh) -> dict:
+    """Positive-class probabilities and losses for every example of `split`, exactly once.
+
+    Returns:
+      {'labels': int32 [N], 'probs': float32 [N], 'loss': mean cross-entropy,
+       'accuracy': at threshold 0.5}; arrays in the split's order.
+    """
+    outputs = [
+        eval_step(state, shard_batch(batch, mesh))
+        for batch in data.eval_batches(split, batch_size, jax.process_index(), jax.process_count())
+    ]
+    host = jax.device_get(outputs)  # one transfer after all batches are queued
+    if not host:
+        raise ValueError("cannot evaluate an empty split")
+    mask = np.concatenate([o["mask"] for o in host])
+    labels = np.concatenate([o["label"] for o in host])[mask]
+    probs = np.concatenate([o["prob"] for o in host])[mask].astype(np.float32)
+    loss = np.concatenate([o["loss"] for o in host])[mask]
+    if len(labels) != len(split) or not np.array_equal(labels, split.labels):
+        raise AssertionError(
+            f"evaluation saw {len(labels)} examples of a split of {len(split)}; "
+            "eval batches must cover every example exactly once"
+        )
+    return {
+        "labels": labels,
+        "probs": probs,
+        "loss": float(np.mean(loss, dtype=np.float64)),
+        "accuracy": float(np.mean((probs >= 0.5) == (labels == 1))),
+    }

@@ -1,0 +1,84 @@
+"""Orbax checkpoints of the train state: round trip, latest vs best, leftovers of a kill."""
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from mnres import checkpoint, optim, steps
+from mnres import params as params_lib
+from mnres.steps import TrainState
+
+
+@pytest.fixture(scope="module")
+def state_and_mesh():
+    config = ml_collections.ConfigDict(
+        dict(name="mobilenet_v1", alpha=0.25, num_blocks=1, bn_momentum=0.9)
+    )
+    model = steps.create_model(config)
+    shapes = params_lib.abstract_variables(model, (1, 32, 32, 3))
+    tx, _ = optim.create_optimizer(optim.default_config(), model, shapes["params"], 10, 1)
+    mesh = steps.make_mesh()
+    state = steps.init_state(model, tx, 32, 0, mesh)
+    # One optimizer update, so the round trip covers non-zero Adam moments and counts too.
+    updates, opt_state = jax.jit(tx.update)(state.params, state.opt_state, state.params)
+    state = state.replace(
+        params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1
+    )
+    return state, mesh
+
+
+def _equal(a, b):
+    return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b))
+
+
+def test_round_trip_restores_values_structure_and_sharding(tmp_path, state_and_mesh):
+    state, _ = state_and_mesh
+    with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+        assert ckpts.latest_step() is None
+        ckpts.save(1, state.to_dict())
+        ckpts.wait()
+    with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+        assert ckpts.latest_step() == 1
+        restored = TrainState.from_dict(ckpts.restore(state.to_dict()))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert _equal(jax.device_get(restored), jax.device_get(state))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.sharding == b.sharding and a.dtype == b.dtype
+    with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+        as_saved = ckpts.restore(None)  # no target: what export/predict read
+    assert _equal(jax.device_get(as_saved["params"]), jax.device_get(state.params))
+
+
+def test_latest_keeps_k_and_best_keeps_the_best_one(tmp_path, state_and_mesh):
+    state, _ = state_and_mesh
+    with checkpoint.Checkpoints(str(tmp_path), keep=2, async_save=False) as ckpts:
+        ckpts.save(10, state.to_dict(), best=True)
+        ckpts.save(20, state.to_dict())
+        ckpts.save(30, state.to_dict(), best=True)
+        ckpts.save(30, state.to_dict(), best=True)  # again after a resume: skipped
+        ckpts.save(35, state.to_dict(), latest=False, best=True)
+        assert ckpts.latest.all_steps() == [20, 30]
+        assert ckpts.best.all_steps() == [35]
+        assert ckpts.best_step() == 35
+
+
+def test_a_save_interrupted_by_a_kill_is_ignored(tmp_path, state_and_mesh):
+    state, _ = state_and_mesh
+    with checkpoint.Checkpoints(str(tmp_path), async_save=False) as ckpts:
+        ckpts.save(5, state.to_dict())
+    # What a process killed mid-save leaves: orbax's temporary folder for the next step.
+    leftover = tmp_path / "latest" / "10.orbax-checkpoint-tmp-1234"
+    leftover.mkdir()
+    (leftover / "partial").write_text("x")
+    with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+        assert ckpts.latest_step() == 5
+        restored = ckpts.restore(state.to_dict())
+    assert _equal(jax.device_get(restored["params"]), jax.device_get(state.params))
+
+
+def test_restore_without_checkpoint_says_where(tmp_path, state_and_mesh):
+    state, _ = state_and_mesh
+    with checkpoint.Checkpoints(str(tmp_path)) as ckpts, pytest.raises(FileNotFoundError):
+        ckpts.restore(state.to_dict(), best=True)

@@ -1,0 +1,185 @@
+"""The optimizer chain, the train state and the compiled train/eval steps (one CPU device)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from mnres import data, optim, steps
+from mnres import params as params_lib
+from mnres.data.splits import Split
+
+SIZE = 32
+BATCH = 8
+
+
+def _model(**fields):
+    config = ml_collections.ConfigDict(
+        dict(name="mobilenet_v1", alpha=0.25, num_blocks=1, bn_momentum=0.9, **fields)
+    )
+    return steps.create_model(config)
+
+
+def _setup(model, **optimizer_fields):
+    config = optim.default_config()
+    config.update(optimizer_fields)
+    shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
+    tx, schedule = optim.create_optimizer(config, model, shapes["params"], 10, 2)
+    mesh = steps.make_mesh()
+    state = steps.init_state(model, tx, SIZE, 0, mesh)
+    return state, tx, schedule, mesh
+
+
+def _batch(seed=0, n=BATCH):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+        "label": rng.integers(0, 2, n).astype(np.int32),
+    }
+
+
+def _data_config():
+    return data.default_config()
+
+
+def test_schedule_warms_up_then_decays_to_the_end_value():
+    config = optim.default_config()
+    config.learning_rate, config.warmup_epochs, config.end_learning_rate_factor = 1e-2, 1, 0.1
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, num_epochs=5)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1e-2)
+    assert float(schedule(30)) < 1e-2
+    assert float(schedule(50)) == pytest.approx(1e-3)
+
+
+def test_weight_decay_only_on_kernels():
+    model = _model()
+    shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
+    flat = traverse_util.flatten_dict(optim.decay_mask(shapes["params"]))
+    assert flat[("stem", "conv1", "kernel")] and flat[("conv_preds", "kernel")]
+    assert not flat[("stem", "conv1_bn", "scale")] and not flat[("stem", "conv1_bn", "bias")]
+    assert not flat[("conv_preds", "bias")]
+
+
+def test_bn_momentum_must_be_chosen():
+    config = ml_collections.ConfigDict(dict(name="mobilenet_v2", alpha=0.35))
+    with pytest.raises(ValueError, match="bn_momentum"):
+        steps.create_model(config)
+
+
+def test_batch_size_must_divide_over_devices(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    steps.check_batch_size(64)
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        steps.check_batch_size(76)
+
+
+def test_frozen_parameters_and_their_batchnorm_do_not_change():
+    model = _model(freeze_through="conv_dw_1_bn")
+    state, tx, _, mesh = _setup(model, learning_rate=1e-1, warmup_epochs=0.0)
+    before = jax.device_get((state.params, state.batch_stats))
+    train_step = steps.make_train_step(model, tx, _data_config(), mesh)
+    for k in range(3):
+        state, metrics = train_step(state, steps.shard_batch(_batch(k), mesh))
+    after = jax.device_get((state.params, state.batch_stats))
+    frozen = set(model.frozen_layers)
+    assert frozen == {"conv1", "conv1_bn", "conv_dw_1", "conv_dw_1_bn"}
+    for collection in range(2):
+        flat_before = traverse_util.flatten_dict(before[collection])
+        flat_after = traverse_util.flatten_dict(after[collection])
+        for path, value in flat_before.items():
+            same = np.array_equal(value, flat_after[path])
+            assert same == (params_lib.layer_name(path) in frozen), path
+    assert int(state.step) == 3 and np.isfinite(float(metrics["loss_sum"]))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "rmsprop"])
+def test_each_optimizer_descends_and_skips_frozen_layers(name):
+    # The chain alone on 0.5 * |params|^2 (gradient = params): compiles in a blink.
+    model = _model(freeze_through="conv1_bn")
+    shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
+    config = optim.default_config()
+    config.name, config.learning_rate, config.warmup_epochs = name, 1e-2, 0.0
+    tx, _ = optim.create_optimizer(config, model, shapes["params"], 10, 1)
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes["params"])
+    state = tx.init(params)
+
+    @jax.jit
+    def update(params, state):
+        updates, state = tx.update(params, state, params)
+        return optax.apply_updates(params, updates), state
+
+    start = params
+    for _ in range(5):
+        params, state = update(params, state)
+    flat_start = traverse_util.flatten_dict(start)
+    for path, value in traverse_util.flatten_dict(params).items():
+        if params_lib.layer_name(path) in model.frozen_layers:
+            assert np.array_equal(value, flat_start[path]), path
+        else:
+            assert float(jnp.sum(value**2)) < float(jnp.sum(flat_start[path] ** 2)), path
+
+
+def test_unknown_optimizer_is_named():
+    config = optim.default_config()
+    config.name = "lamb"
+    with pytest.raises(ValueError, match="adamw, sgd, rmsprop"):
+        optim.create_optimizer(config, _model(), {}, 10, 1)
+
+
+@pytest.fixture(scope="module")
+def with_dropout():
+    model = _model(dropout=0.2)
+    state, tx, _, mesh = _setup(model)
+    return model, state, tx, mesh
+
+
+def test_train_step_is_a_function_of_state_and_batch(with_dropout):
+    model, state, tx, mesh = with_dropout
+    train_step = steps.make_train_step(model, tx, _data_config(), mesh, label_smoothing=0.1)
+    batch = _batch()
+    # The step donates its input state: give it copies, keep the fixture's.
+    a, ma = train_step(jax.tree.map(jnp.copy, state), steps.shard_batch(batch, mesh))
+    b, mb = train_step(jax.tree.map(jnp.copy, state), steps.shard_batch(batch, mesh))
+    assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), a.params, b.params))
+    assert float(ma["loss_sum"]) == float(mb["loss_sum"])
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = _model(dtype="bfloat16")
+    state, tx, _, mesh = _setup(model)
+    train_step = steps.make_train_step(model, tx, _data_config(), mesh)
+    state, metrics = train_step(state, steps.shard_batch(_batch(), mesh))
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats))} == {
+        jnp.dtype("float32")
+    }
+    assert np.isfinite(float(metrics["loss_sum"]))
+
+
+def test_label_smoothing_moves_the_target_off_one_hot():
+    logits = jnp.array([[10.0, -10.0]])
+    plain = optim.cross_entropy(logits, jnp.array([0]))
+    smoothed = optim.cross_entropy(logits, jnp.array([0]), label_smoothing=0.2)
+    assert float(plain[0]) < 1e-6 and float(smoothed[0]) > 1.0
+
+
+def test_evaluation_counts_every_example_once_in_order(with_dropout):
+    model, state, _, mesh = with_dropout
+    n = 37  # two full batches of 16 and a padded one of 5
+    rng = np.random.default_rng(1)
+    split = Split(
+        images=rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+        labels=rng.integers(0, 2, n).astype(np.int32),
+        slide_ids=np.array([""] * n),
+        names=np.array([f"x{i}" for i in range(n)]),
+    )
+    result = steps.evaluate(steps.make_eval_step(model, mesh), state, split, 16, mesh)
+    assert result["labels"].tolist() == split.labels.tolist()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits, _ = model.apply(variables, split.images / 127.5 - 1.0, train=False)
+    expected = jax.nn.softmax(logits)[:, 1]
+    np.testing.assert_allclose(result["probs"], expected, atol=1e-5)
+    assert result["accuracy"] == pytest.approx(np.mean((expected >= 0.5) == split.labels))
