@@ -305,3 +305,48 @@ def plot_reliability(labels, probs, path, n_bins=15):
     # Two classes: confidence is at least 0.5, so the lower bins are always empty.
     bottom.set_xlim(lower[occupied].min() if occupied.any() else 0.0, 1.0)
     _save(fig, path)
+
+
+def plot_slide_fractions(slides, path, title="Per-slide fraction of cells called parasitized"):
+    """Predicted against true fraction of parasitized crops per slide, one point per patient.
+
+    The fractions are of the curated crops of a slide, not clinical parasitemia. Points are
+    coloured by the patient's truth and sized by the number of crops; a black ring marks a
+    patient whose infected/uninfected call (``predicted_infected``, when present) is wrong.
+
+    Args:
+      slides: ``metrics.slide_table`` or ``metrics.patient_metrics(...)['slides']`` rows
+        (slide_id, n_cells, true_fraction, predicted_fraction, infected[, predicted_infected]).
+      path: the PNG to write.
+      title: the figure title; the mean absolute fraction error is appended.
+    """
+    true = np.array([s["true_fraction"] for s in slides], dtype=np.float64)
+    predicted = np.array([s["predicted_fraction"] for s in slides], dtype=np.float64)
+    infected = np.array([bool(s["infected"]) for s in slides])
+    sizes = 12 + 4 * np.sqrt([s["n_cells"] for s in slides])
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="predicted = true")
+    for is_infected, color, label in ((True, "C3", "infected"), (False, "C0", "uninfected")):
+        mask = infected == is_infected
+        if mask.any():
+            ax.scatter(true[mask], predicted[mask], s=sizes[mask], color=color, alpha=0.6,
+                       edgecolor="none", label=f"{label} patients ({int(mask.sum())})")  # fmt: skip
+    called = [s.get("predicted_infected") for s in slides]
+    if slides and all(c is not None for c in called):
+        wrong = np.array(called, dtype=bool) != infected
+        if wrong.any():
+            ax.scatter(true[wrong], predicted[wrong], s=sizes[wrong] * 2.5, facecolor="none",
+                       edgecolor="black", linewidth=1.2,
+                       label=f"wrong patient call ({int(wrong.sum())})")  # fmt: skip
+    error = float(np.mean(np.abs(predicted - true))) if slides else math.nan
+    ax.set(
+        xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="true fraction of parasitized crops",
+        ylabel="fraction of crops called parasitized",
+        title=f"{title}\nmean |predicted - true| = {error:.3f}",
+    )  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

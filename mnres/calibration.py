@@ -1,0 +1,290 @@
+"""Temperature scaling and operating points, fitted on validation, stored beside the model.
+
+Temperature scaling (Guo et al. 2017) divides the logits by one scalar T > 0 fitted to minimise
+the validation negative log-likelihood: the ranking of cells (and so accuracy, ROC and AUC)
+is unchanged, only the probabilities move. The NLL of ``logits / T`` is convex in 1 / T (a
+log-sum-exp of a linear function), so a bounded golden-section search on 1 / T finds the
+optimum without tuning; when validation is perfectly separated the NLL keeps falling as T
+shrinks and the search stops at the lower bound.
+
+The operating points are the most sensitive thresholds whose validation specificity is at
+least 95% and 98% (``metrics.sensitivity_at_specificity``). They are stored on the scale of
+the *uncalibrated* P(parasitized), the probability the model and every export output, so a
+consumer calls a cell parasitized iff ``prob >= threshold`` with no temperature involved.
+Temperature scaling is monotone, so the same cells are called either way.
+
+`calibrate_run(workdir, dataset)` writes ``calibration.json``::
+
+  {"temperature": T, "threshold_at_spec_95": t95, "threshold_at_spec_98": t98,
+   "threshold_scale": "...", "validation": {...}, "test": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from mnres import metrics
+
+CALIBRATION_JSON = "calibration.json"
+RELIABILITY_UNCALIBRATED_PNG = "reliability_uncalibrated.png"
+RELIABILITY_CALIBRATED_PNG = "reliability_calibrated.png"
+SPECIFICITIES = (0.95, 0.98)
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+THRESHOLD_SCALE = (
+    "uncalibrated P(parasitized), as the model and its exports output it: call a cell "
+    "parasitized iff prob >= threshold"
+)
+
+
+def _as_logits(logits) -> np.ndarray:
+    """float64 [N, C]; a 1-D input is read as the binary log-odds z1 - z0, i.e. [0, z]."""
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim == 1:
+        logits = np.stack([np.zeros_like(logits), logits], -1)
+    if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+        raise ValueError(
+            f"logits must be [N, classes] with N >= 1 and classes >= 2 (or [N] log-odds); "
+            f"got shape {logits.shape}"
+        )
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("logits must be finite")
+    return logits
+
+
+def _check_labels(labels, logits) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels shape {labels.shape} != ({logits.shape[0]},)")
+    if not np.all((labels >= 0) & (labels < logits.shape[1])):
+        raise ValueError(f"labels must be class indices in [0, {logits.shape[1]})")
+    return labels.astype(np.int64)
+
+
+def log_odds(logits) -> np.ndarray:
+    """Binary logits [N, 2] -> log-odds of parasitized, z1 - z0 (float64 [N])."""
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or logits.shape[1] != 2:
+        raise ValueError(f"log_odds needs binary logits [N, 2], got shape {logits.shape}")
+    return logits[:, 1] - logits[:, 0]
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def negative_log_likelihood(logits, labels, temperature: float = 1.0) -> float:
+    """Mean cross-entropy of softmax(logits / temperature) (natural log)."""
+    logits = _as_logits(logits)
+    labels = _check_labels(labels, logits)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p = _log_softmax(logits / temperature)
+    return float(-np.mean(log_p[np.arange(len(labels)), labels]))
+
+
+def fit_temperature(logits, labels, bounds=TEMPERATURE_BOUNDS, tol: float = 1e-7) -> float:
+    """The temperature T in `bounds` that minimises the NLL of ``softmax(logits / T)``.
+
+    Args:
+      logits: float [N, C] validation logits, or [N] binary log-odds (z1 - z0).
+      labels: int [N] class indices (1 = parasitized).
+      bounds: (lowest, highest) temperature searched.
+      tol: stop when the bracket on 1 / T is narrower than this (relative).
+
+    Returns:
+      T as a Python float; 1.0 means the model was already calibrated on this set.
+    """
+    logits = _as_logits(logits)
+    labels = _check_labels(labels, logits)
+    low, high = bounds
+    if not 0 < low < high:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    picked = logits[np.arange(len(labels)), labels]
+
+    def nll(beta):  # beta = 1 / T; convex in beta
+        z = beta * logits
+        top = z.max(-1)
+        return float(np.mean(top + np.log(np.exp(z - top[:, None]).sum(-1)) - beta * picked))
+
+    a, b = 1.0 / high, 1.0 / low
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > tol * max(1.0, abs(a)):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    # The ends of the search interval are candidates too (a separated set wants T -> 0).
+    candidates = [(nll(x), x) for x in (1.0 / high, (a + b) / 2.0, 1.0 / low)]
+    return float(1.0 / min(candidates)[1])
+
+
+def calibrated_probs(logits, temperature: float) -> np.ndarray:
+    """P(parasitized) = softmax(logits / T)[:, 1] (float64 [N]); [N] input is read as log-odds."""
+    logits = _as_logits(logits)
+    if logits.shape[1] != 2:
+        raise ValueError("calibrated_probs gives P(parasitized) of binary logits [N, 2]")
+    return np.exp(_log_softmax(logits / temperature)[:, 1])
+
+
+def calibrate_probs(probs, temperature: float) -> np.ndarray:
+    """Temperature-scales probabilities when only they are known (exports output softmax).
+
+    p -> sigmoid(logit(p) / T). Float32 probabilities saturate at 0 and 1 beyond |log-odds|
+    ~ 17, so they are clipped to [1e-7, 1 - 1e-7] first; the logits are exact where available.
+    """
+    p = np.clip(np.asarray(probs, np.float64), 1e-7, 1.0 - 1e-7)
+    return 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) / temperature))
+
+
+def operating_points(labels, probs, specificities=SPECIFICITIES) -> dict:
+    """``{spec_95: metrics.sensitivity_at_specificity(...), ...}`` keyed by percent."""
+    return {
+        f"spec_{round(100 * s)}": metrics.sensitivity_at_specificity(labels, probs, s)
+        for s in specificities
+    }
+
+
+def calibrate(val_logits, val_labels, test_logits=None, test_labels=None, n_bins: int = 15):
+    """Fits T and the operating points on validation; measures both on test if given.
+
+    Args:
+      val_logits, test_logits: binary logits [N, 2].
+      val_labels, test_labels: int [N], 1 = parasitized.
+      n_bins: ECE bins.
+
+    Returns:
+      The calibration.json record: temperature, threshold_at_spec_95/98 (uncalibrated
+      P(parasitized) scale; None if validation lacks a class), threshold_scale, and per split
+      nll/ece before and after scaling and, on test, the sensitivity and specificity reached
+      with the validation thresholds.
+    """
+    temperature = fit_temperature(val_logits, val_labels)
+    record = {"temperature": temperature}
+    val_probs = calibrated_probs(val_logits, 1.0)
+    points = operating_points(val_labels, val_probs)
+    for key, point in points.items():
+        record[f"threshold_at_{key}"] = point["threshold"]
+    record["threshold_scale"] = THRESHOLD_SCALE
+    splits = {"validation": (val_logits, val_labels)}
+    if test_logits is not None:
+        splits["test"] = (test_logits, test_labels)
+    for name, (logits, labels) in splits.items():
+        before, after = calibrated_probs(logits, 1.0), calibrated_probs(logits, temperature)
+        entry = {
+            "n": int(len(labels)),
+            "nll_before": negative_log_likelihood(logits, labels, 1.0),
+            "nll_after": negative_log_likelihood(logits, labels, temperature),
+            "ece_before": metrics.expected_calibration_error(labels, before, n_bins),
+            "ece_after": metrics.expected_calibration_error(labels, after, n_bins),
+        }
+        for key, point in points.items():
+            if name == "validation" or point["threshold"] is None:
+                entry[f"at_{key}"] = point
+                continue
+            at = metrics.binary_metrics(labels, before, point["threshold"])
+            entry[f"at_{key}"] = {
+                "threshold": point["threshold"],
+                "sensitivity": at["sensitivity"],
+                "specificity": at["specificity"],
+                "target_specificity": point["target_specificity"],
+            }
+        record[name] = entry
+    return record
+
+
+def write_calibration(workdir: str, record: dict) -> str:
+    """Writes ``calibration.json`` to workdir; returns its path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CALIBRATION_JSON)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, allow_nan=False)
+        f.write("\n")
+    return path
+
+
+def read_calibration(workdir: str) -> dict | None:
+    """The run's calibration record, or None if it was never calibrated."""
+    path = os.path.join(workdir, CALIBRATION_JSON)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_logits(classifier, images, batch_size: int = 256) -> np.ndarray:
+    """Logits float32 [N, C] of uint8 crops [N, S, S, 3] under a restored run's model.
+
+    Args:
+      classifier: `mnres.export.load_run(workdir)`.
+      images: uint8 crops at the model's image size.
+      batch_size: crops per compiled call; the last batch is padded, so one shape compiles.
+    """
+    import jax
+
+    from mnres.data.augment import preprocess
+
+    model, variables = classifier.model, classifier.variables
+    forward = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False)[0])
+    images = np.asarray(images)
+    if len(images) == 0:
+        raise ValueError("no images to classify")
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        pad = batch_size - len(batch) if len(images) > batch_size else 0
+        padded = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+        out.append(np.asarray(forward(variables, padded))[: len(batch)])
+    return np.concatenate(out).astype(np.float32)
+
+
+def calibrate_run(workdir: str, dataset, *, which: str = "best", plots: bool = True) -> dict:
+    """Calibrates a finished training run on its validation split; writes calibration.json.
+
+    Args:
+      workdir: the run folder (config.json and checkpoints/).
+      dataset: the `mnres.data.Dataset` the run trained on (validation must hold both classes
+        for the operating points).
+      which: the checkpoint to calibrate, 'best' (what the report evaluated) or 'latest'.
+      plots: also write reliability diagrams of the test split before and after scaling.
+
+    Returns:
+      The record written, plus (not written) 'arrays': the logits and labels of both splits,
+      for callers that aggregate several runs.
+    """
+    from mnres import export, report
+
+    classifier = export.load_run(workdir, which=which)
+    val_logits = run_logits(classifier, dataset.validation.images)
+    test_logits = run_logits(classifier, dataset.test.images)
+    record = calibrate(val_logits, dataset.validation.labels, test_logits, dataset.test.labels)
+    record["checkpoint"] = classifier.metadata.get("checkpoint")
+    record["step"] = classifier.metadata.get("step")
+    write_calibration(workdir, record)
+    if plots:
+        labels = dataset.test.labels
+        report.plot_reliability(
+            labels, calibrated_probs(test_logits, 1.0),
+            os.path.join(workdir, RELIABILITY_UNCALIBRATED_PNG),
+        )  # fmt: skip
+        report.plot_reliability(
+            labels, calibrated_probs(test_logits, record["temperature"]),
+            os.path.join(workdir, RELIABILITY_CALIBRATED_PNG),
+        )  # fmt: skip
+    record["arrays"] = {
+        "validation_logits": val_logits,
+        "validation_labels": np.asarray(dataset.validation.labels),
+        "test_logits": test_logits,
+        "test_labels": np.asarray(dataset.test.labels),
+    }
+    return record

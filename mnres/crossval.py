@@ -1,0 +1,467 @@
+"""Patient-level k-fold cross-validation (Rajaraman et al. 2018) that resumes fold by fold.
+
+Every cell of the data set (all of `config.data`'s source, split fractions ignored) is given
+to one of k folds by slide: infected and uninfected patients are placed separately (the
+stratification of `mnres.data.splits.split_by_slide`, which also balances cells per class),
+so every fold holds both kinds of patients and no patient is in two folds. Fold k is the
+test split of run k; the other folds are cut by slide into train and validation (validation
+is `split_fractions[1] / (split_fractions[0] + split_fractions[1])` of them). The same
+protocol with `split_by='image'` assigns cells independently: a patient's cells then sit in
+train and test at once, and the gap between the two results is the leakage an image-level
+split hides.
+
+Layout of `workdir`::
+
+  fold_0/ ... fold_{k-1}/   one training run each (mnres.train), plus fold_spec.json,
+                            calibration.json, test_outputs.npz and fold.json (written last)
+  image_level/fold_*/       the image-level comparison, same files
+  crossval.json, crossval.md, reliability_*.png, slide_fractions.png
+
+A fold whose fold.json exists is done and skipped, so a run interrupted after fold 3 goes on
+with fold 4; a fold interrupted mid-training resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from mnres import calibration, data, metrics, report
+from mnres.data.splits import (
+    Dataset,
+    Split,
+    build_manifest,
+    check_classes,
+    split_by_image,
+    split_by_slide,
+)
+
+FOLD_SPEC_JSON = "fold_spec.json"
+FOLD_JSON = "fold.json"
+TEST_OUTPUTS_NPZ = "test_outputs.npz"
+CROSSVAL_JSON = "crossval.json"
+CROSSVAL_MD = "crossval.md"
+SLIDE_FRACTIONS_PNG = "slide_fractions.png"
+IMAGE_LEVEL_DIR = "image_level"
+CELL_METRICS = ("accuracy", "sensitivity", "specificity", "f1", "auc", "mcc")
+PATIENT_METRICS = ("accuracy", "sensitivity", "specificity")
+_PNGS = (
+    calibration.RELIABILITY_UNCALIBRATED_PNG,
+    calibration.RELIABILITY_CALIBRATED_PNG,
+    SLIDE_FRACTIONS_PNG,
+)
+
+
+def load_pool(data_config, seed: int) -> tuple[Split, dict]:
+    """Every cell of `data_config`'s source as one split, and that load's manifest."""
+    pool_config = data_config.copy_and_resolve_references()
+    with pool_config.unlocked():
+        pool_config.split_fractions = (1.0, 0.0, 0.0)
+        if pool_config.get("test_dir"):
+            logging.warning(
+                "Cross-validation ignores config.data.test_dir=%s.", data_config.test_dir
+            )
+            pool_config.test_dir = None
+    ds = data.load_dataset(pool_config, seed)
+    return ds.train, ds.manifest
+
+
+def assign_folds(labels, slide_ids, num_folds: int, seed: int, split_by: str = "slide"):
+    """Fold index (int64 [N]) of every cell: by slide, stratified by patient, or by image."""
+    if num_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
+    fractions = [1.0 / num_folds] * num_folds
+    if split_by == "slide":
+        if not all(slide_ids):
+            raise ValueError(
+                "Patient-level folds need a slide id for every cell; this source has none "
+                "(TFDS malaria). Use the folder source (--config.data.source=folder "
+                "--config.data.dir=PATH/cell_images), or image-level folds only "
+                "(experiments.crossval --nopatient_level)."
+            )
+        parts = split_by_slide(labels, slide_ids, fractions, seed)
+    elif split_by == "image":
+        parts = split_by_image(labels, fractions, seed)
+    else:
+        raise ValueError(f"split_by must be 'slide' or 'image', got {split_by!r}")
+    folds = np.full(len(labels), -1, np.int64)
+    for k, idx in enumerate(parts):
+        folds[idx] = k
+    empty = [k for k in range(num_folds) if not np.any(folds == k)]
+    if empty:
+        raise ValueError(
+            f"folds {empty} are empty: {len(set(slide_ids))} slides are too few for "
+            f"{num_folds} folds; use fewer folds"
+        )
+    return folds
+
+
+def _take(split: Split, idx) -> Split:
+    return Split(split.images[idx], split.labels[idx], split.slide_ids[idx], split.names[idx])
+
+
+def fold_dataset(pool: Split, folds, fold: int, spec: dict, pool_manifest=None) -> Dataset:
+    """Run `fold`'s splits: test = that fold; the others cut into train and validation.
+
+    Args:
+      pool: every cell (`load_pool`).
+      folds: `assign_folds` of the pool.
+      fold: which fold is the test split.
+      spec: {num_folds, split_by, validation_fraction, seed, source, image_size}.
+      pool_manifest: the pool's manifest, for its list of skipped files.
+    """
+    test_idx = np.flatnonzero(folds == fold)
+    rest_idx = np.flatnonzero(folds != fold)
+    rest = _take(pool, rest_idx)
+    fractions = (1.0 - spec["validation_fraction"], spec["validation_fraction"])
+    if spec["split_by"] == "slide":
+        train_part, val_part = split_by_slide(rest.labels, rest.slide_ids, fractions, spec["seed"])
+    else:
+        train_part, val_part = split_by_image(rest.labels, fractions, spec["seed"])
+    splits = {
+        "train": _take(rest, train_part),
+        "validation": _take(rest, val_part),
+        "test": _take(pool, test_idx),
+    }
+    how = f"cross-validation fold {fold} of {spec['num_folds']}, split by {spec['split_by']}"
+    check_classes(splits, (1.0, 1.0, 1.0), how)
+    manifest = build_manifest(
+        splits,
+        source=spec["source"],
+        seed=spec["seed"],
+        image_size=spec["image_size"],
+        split_by=spec["split_by"],
+        skipped=(pool_manifest or {}).get("skipped", []),
+        extra={"crossval": dict(spec, fold=fold)},
+    )
+    return Dataset(**splits, manifest=manifest)
+
+
+def _spec(config, num_folds: int, split_by: str) -> dict:
+    train_fraction, val_fraction, _ = tuple(config.data.split_fractions)
+    return {
+        "num_folds": int(num_folds),
+        "split_by": split_by,
+        "validation_fraction": float(val_fraction / (train_fraction + val_fraction)),
+        "seed": int(config.seed),
+        "source": config.data.source,
+        "image_size": int(config.data.image_size),
+    }
+
+
+def dataset_for_run(workdir: str, config) -> Dataset:
+    """The splits a run trained on: its cross-validation fold if it is one, else config.data's."""
+    path = os.path.join(workdir, FOLD_SPEC_JSON)
+    if not os.path.isfile(path):
+        return data.load_dataset(config.data, config.seed)
+    with open(path) as f:
+        spec = json.load(f)
+    pool, manifest = load_pool(config.data, spec["seed"])
+    folds = assign_folds(pool.labels, pool.slide_ids, spec["num_folds"], spec["seed"],
+                         spec["split_by"])  # fmt: skip
+    return fold_dataset(pool, folds, spec["fold"], spec, manifest)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(report._to_json(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
+    """Trains (or resumes) one fold, calibrates it and writes its fold.json summary."""
+    from mnres import train
+
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, FOLD_SPEC_JSON), dict(spec, fold=fold))
+    start = time.perf_counter()
+    result = train.train_and_evaluate(config, workdir, dataset=ds)
+    train_seconds = time.perf_counter() - start
+    record = calibration.calibrate_run(workdir, ds)
+    arrays = record.pop("arrays")
+    np.savez_compressed(
+        os.path.join(workdir, TEST_OUTPUTS_NPZ),
+        logits=arrays["test_logits"],
+        labels=arrays["test_labels"],
+        slide_ids=np.asarray(ds.test.slide_ids, str),
+        names=np.asarray(ds.test.names, str),
+    )
+    patient = result.get("test_patient")
+    summary = {
+        "fold": fold,
+        "spec": spec,
+        "num_train": len(ds.train),
+        "num_validation": len(ds.validation),
+        "num_test": len(ds.test),
+        "test_slides": sorted({str(s) for s in ds.test.slide_ids if s}),
+        "test": {k: result["test"][k] for k in CELL_METRICS},
+        "test_patient": (
+            {k: patient[k] for k in (*PATIENT_METRICS, "fraction_threshold", "n_patients")}
+            if patient
+            else None
+        ),
+        "slides": patient["slides"] if patient else None,
+        "calibration": {
+            "temperature": record["temperature"],
+            "ece_before": record["test"]["ece_before"],
+            "ece_after": record["test"]["ece_after"],
+            **{
+                f"sensitivity_at_{key}": record["test"][f"at_{key}"]["sensitivity"]
+                for key in ("spec_95", "spec_98")
+            },
+            **{
+                f"specificity_at_{key}": record["test"][f"at_{key}"]["specificity"]
+                for key in ("spec_95", "spec_98")
+            },
+        },
+        "wall_time_s": train_seconds,
+        "evaluated_step": result["training"]["evaluated_step"],
+    }
+    # Written last: its presence means the fold is complete.
+    _write_json(os.path.join(workdir, FOLD_JSON), summary)
+    return summary
+
+
+def summarize(values) -> dict:
+    """{mean, std (sample, ddof=1; 0 for one value), n, values}; None entries are left out."""
+    kept = [float(v) for v in values if v is not None]
+    if not kept:
+        return {"mean": None, "std": None, "n": 0, "values": list(values)}
+    std = float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0
+    return {"mean": float(np.mean(kept)), "std": std, "n": len(kept), "values": list(values)}
+
+
+def aggregate(summaries: list[dict]) -> dict:
+    """Mean +/- std over folds of the cell, patient and calibration metrics of each fold."""
+    out = {"cell": {}, "patient": {}, "calibration": {}}
+    for key in CELL_METRICS:
+        out["cell"][key] = summarize([s["test"][key] for s in summaries])
+    if all(s.get("test_patient") for s in summaries):
+        for key in PATIENT_METRICS:
+            out["patient"][key] = summarize([s["test_patient"][key] for s in summaries])
+    for key in summaries[0]["calibration"]:
+        out["calibration"][key] = summarize([s["calibration"][key] for s in summaries])
+    out["wall_time_s"] = float(sum(s["wall_time_s"] for s in summaries))
+    return out
+
+
+def _pooled(workdir: str, summaries: list[dict], by_slide: bool) -> dict:
+    """Out-of-fold results: every cell scored by the run that did not train on it.
+
+    Patients are pooled only for folds by slide: by image, a slide is spread over the folds.
+    """
+    probs, calibrated, labels = [], [], []
+    for s in summaries:
+        fold_dir = os.path.join(workdir, f"fold_{s['fold']}")
+        outputs = np.load(os.path.join(fold_dir, TEST_OUTPUTS_NPZ))
+        probs.append(calibration.calibrated_probs(outputs["logits"], 1.0))
+        calibrated.append(
+            calibration.calibrated_probs(outputs["logits"], s["calibration"]["temperature"])
+        )
+        labels.append(outputs["labels"])
+    probs, calibrated, labels = map(np.concatenate, (probs, calibrated, labels))
+    pooled = {
+        "cell": metrics.binary_metrics(labels, probs),
+        "ece_before": metrics.expected_calibration_error(labels, probs),
+        "ece_after": metrics.expected_calibration_error(labels, calibrated),
+        "arrays": (labels, probs, calibrated),
+    }
+    if by_slide and all(s.get("slides") for s in summaries):
+        slides = [row for s in summaries for row in s["slides"]]
+        infected = np.array([r["infected"] for r in slides], np.int64)
+        called = np.array([r["predicted_infected"] for r in slides], np.int64)
+        pooled["patient"] = {
+            "n_patients": len(slides),
+            "n_infected": int(infected.sum()),
+            "sensitivity": float(np.mean(called[infected == 1])) if infected.any() else None,
+            "specificity": float(np.mean(1 - called[infected == 0]))
+            if (infected == 0).any()
+            else None,
+            "errors": [r["slide_id"] for r in slides if not r["correct"]],
+        }
+        pooled["slides"] = slides
+    return pooled
+
+
+def _run_folds(config, workdir, num_folds, folds_to_run, split_by) -> list[dict]:
+    """Runs the missing folds among `folds_to_run`; returns the summaries of every done fold."""
+    spec = _spec(config, num_folds, split_by)
+    done = {}
+    pool = assignment = manifest = None
+    for fold in range(num_folds):
+        fold_dir = os.path.join(workdir, f"fold_{fold}")
+        marker = os.path.join(fold_dir, FOLD_JSON)
+        if os.path.isfile(marker):
+            summary = _read_json(marker)
+            if summary["spec"] != spec:
+                raise ValueError(
+                    f"{fold_dir} was run with {summary['spec']}, not {spec}: use a new workdir "
+                    "for another fold count, split or seed"
+                )
+            done[fold] = summary
+            logging.info("Fold %d/%d (%s) is done; skipping it.", fold, num_folds, split_by)
+            continue
+        if fold not in folds_to_run:
+            continue
+        if pool is None:
+            pool, manifest = load_pool(config.data, config.seed)
+            assignment = assign_folds(pool.labels, pool.slide_ids, num_folds, config.seed,
+                                      split_by)  # fmt: skip
+        ds = fold_dataset(pool, assignment, fold, spec, manifest)
+        logging.info(
+            "Fold %d/%d (%s): %d train / %d validation / %d test cells.",
+            fold, num_folds, split_by, len(ds.train), len(ds.validation), len(ds.test),
+        )  # fmt: skip
+        done[fold] = run_fold(config, fold_dir, ds, spec, fold)
+    return [done[k] for k in sorted(done)]
+
+
+def run_crossval(
+    config,
+    workdir: str,
+    *,
+    num_folds: int = 5,
+    folds=None,
+    patient_level: bool = True,
+    compare_image_level: bool = True,
+) -> dict:
+    """Runs (or resumes) patient-level k-fold cross-validation; writes crossval.json/.md.
+
+    Args:
+      config: the experiment ConfigDict (as `mnres.train.train_and_evaluate` takes it).
+      workdir: the cross-validation folder; one subfolder per fold.
+      num_folds: k.
+      folds: the fold indices to run in this call (None: all); finished folds are skipped
+        whatever this says, so calling again with None completes the rest.
+      patient_level: run the folds split by slide (False: image-level only, for sources
+        without slide ids such as TFDS malaria).
+      compare_image_level: also run the same folds split by image (in image_level/).
+
+    Returns:
+      The crossval.json dict: per-fold summaries and mean/std ('folds', 'aggregate',
+      'pooled', and the same under 'image_level'); 'complete' is False while folds are missing.
+    """
+    folds_to_run = set(range(num_folds) if folds is None else folds)
+    bad = sorted(f for f in folds_to_run if not 0 <= f < num_folds)
+    if bad:
+        raise ValueError(f"folds {bad} are not in 0..{num_folds - 1}")
+    if not (patient_level or compare_image_level):
+        raise ValueError("nothing to run: enable patient-level or image-level folds")
+    os.makedirs(workdir, exist_ok=True)
+    result = {"num_folds": num_folds, "config": config.to_dict()}
+    runs = [("slide", workdir)] if patient_level else []
+    if compare_image_level:
+        runs.append(("image", os.path.join(workdir, IMAGE_LEVEL_DIR)))
+    for split_by, run_dir in runs:
+        summaries = _run_folds(config, run_dir, num_folds, folds_to_run, split_by)
+        section = {"folds": summaries, "complete": len(summaries) == num_folds}
+        if summaries:
+            section["aggregate"] = aggregate(summaries)
+            pooled = _pooled(run_dir, summaries, split_by == "slide")
+            labels, probs, calibrated = pooled.pop("arrays")
+            section["pooled"] = pooled
+            if run_dir == runs[0][1]:  # the plots show the main comparison's folds
+                report.plot_reliability(labels, probs, os.path.join(
+                    workdir, calibration.RELIABILITY_UNCALIBRATED_PNG))  # fmt: skip
+                report.plot_reliability(labels, calibrated, os.path.join(
+                    workdir, calibration.RELIABILITY_CALIBRATED_PNG))  # fmt: skip
+                if pooled.get("slides"):
+                    report.plot_slide_fractions(
+                        pooled["slides"], os.path.join(workdir, SLIDE_FRACTIONS_PNG),
+                        title=f"Test slides of {len(summaries)} folds (each slide tested once)",
+                    )  # fmt: skip
+        result["patient_level" if split_by == "slide" else "image_level"] = section
+    _write_json(os.path.join(workdir, CROSSVAL_JSON), result)
+    pngs = [p for p in _PNGS if os.path.isfile(os.path.join(workdir, p))]
+    with open(os.path.join(workdir, CROSSVAL_MD), "w") as f:
+        f.write(markdown(result, pngs))
+    return result
+
+
+def _pm(entry) -> str:
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    return f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+
+
+def _value(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def markdown(result: dict, pngs=()) -> str:
+    """crossval.md: per-fold and mean ± std tables, the image-level split beside them."""
+    by_patient = "patient_level" in result
+    primary = result.get("patient_level") or result.get("image_level") or {}
+    secondary = (result.get("image_level") or {}) if by_patient else {}
+    folds = primary.get("folds") or []
+    k = result["num_folds"]
+    lines = [f"# {k}-fold cross-validation", ""]
+    if not primary.get("complete"):
+        lines += [f"**Incomplete**: {len(folds)} of {k} folds done; run again to finish.", ""]
+    if not folds:
+        return "\n".join(lines)
+    agg = primary["aggregate"]
+    image_agg = secondary.get("aggregate")
+    how = (
+        "Folds by slide, stratified by infected/uninfected patient: no patient's cells are in "
+        "two of train, validation and test."
+        if by_patient
+        else "Folds by image: a patient's cells can be in train and test (leakage)."
+    )
+    lines += [
+        how + " Test cells, threshold 0.5; mean ± sample std over folds."
+        + (" The image-level column splits cells independently (patients leak)."
+           if image_agg else ""),
+        "",
+    ]  # fmt: skip
+    main = "by patient" if by_patient else "by image"
+    header = ["Metric"] + [f"fold {s['fold']}" for s in folds] + [f"mean ± std ({main})"]
+    header += ["mean ± std (by image)"] if image_agg else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [(f"{key}", "cell", key, "test") for key in CELL_METRICS]
+    if agg["patient"]:
+        rows += [(f"patient {key}", "patient", key, "test_patient") for key in PATIENT_METRICS]
+    rows += [
+        ("temperature", "calibration", "temperature", "calibration"),
+        ("ECE before scaling", "calibration", "ece_before", "calibration"),
+        ("ECE after scaling", "calibration", "ece_after", "calibration"),
+        ("sensitivity at val. spec. 95%", "calibration", "sensitivity_at_spec_95", "calibration"),
+        ("specificity reached (95%)", "calibration", "specificity_at_spec_95", "calibration"),
+        ("sensitivity at val. spec. 98%", "calibration", "sensitivity_at_spec_98", "calibration"),
+        ("specificity reached (98%)", "calibration", "specificity_at_spec_98", "calibration"),
+    ]
+    for label, group, key, field in rows:
+        cells = [_value((s.get(field) or {}).get(key)) for s in folds]
+        row = [label, *cells, _pm(agg[group].get(key))]
+        if image_agg:
+            row.append(_pm(image_agg[group].get(key)))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [""]
+    pooled = primary.get("pooled") or {}
+    if pooled.get("patient"):
+        p = pooled["patient"]
+        errors = ", ".join(f"`{e}`" for e in p["errors"]) or "none"
+        lines += [
+            f"Patients of the test folds (each tested once): {p['n_patients']} "
+            f"({p['n_infected']} infected); sensitivity {_value(p['sensitivity'])}, "
+            f"specificity {_value(p['specificity'])}. Misclassified: {errors}.",
+            "",
+        ]
+    lines += [
+        f"Wall time (training and evaluation): {agg['wall_time_s'] / 60:.1f} min for "
+        f"{len(folds)} fold(s)"
+        + (f", plus {image_agg['wall_time_s'] / 60:.1f} min image-level." if image_agg else "."),
+        "",
+    ]
+    for png in pngs:
+        lines += [f"![{os.path.splitext(png)[0]}]({png})", ""]
+    return "\n".join(lines)
