@@ -17,6 +17,9 @@ from PIL import Image
 from mnres import data
 from mnres.data import decode, sources
 
+# Tests that mock TFDS' download also skip the check that the download host answers.
+NO_NETWORK_PROBE = mock.patch.object(sources, "_check_download_possible")
+
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 
 
@@ -201,7 +204,7 @@ def test_tfds_source_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     config = data.default_config()
     config.source, config.image_size = "tfds", 16
-    with tfds.testing.mock_data(num_examples=10):
+    with tfds.testing.mock_data(num_examples=10), NO_NETWORK_PROBE:
         dataset = data.load_dataset(config, seed=0)
     for split in (dataset.train, dataset.validation, dataset.test):
         assert split.images.shape[1:] == (16, 16, 3) and split.images.dtype == np.uint8
@@ -232,7 +235,7 @@ def test_tfds_label_mapping_and_slices_with_mocked_data_source():
     config = data.default_config()
     config.source, config.image_size = "tfds", 16
     config.split_fractions = (0.6, 0.2, 0.2)
-    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source), NO_NETWORK_PROBE:
         dataset = data.load_dataset(config, seed=0)
     assert [len(dataset.train), len(dataset.validation), len(dataset.test)] == [18, 6, 6]
     assert dataset.manifest["tfds_splits"]["validation"] == "train[18:24]"
@@ -248,16 +251,16 @@ def test_tfds_offline_error_names_the_alternatives(tmp_path, tensorflow_installe
     tfds = pytest.importorskip("tensorflow_datasets")
     config = data.default_config()
     config.source, config.tfds_data_dir = "tfds", str(tmp_path)
-    offline = mock.patch.object(
-        tfds.download.DownloadManager,
-        "download_and_extract",
-        side_effect=ConnectionError("no internet"),
-    )
+    # Offline, the run must fail at once, not after minutes of TFDS download retries.
+    download = mock.patch.object(tfds.download.DownloadManager, "download_and_extract")
+    offline = mock.patch("socket.create_connection", side_effect=OSError("no internet"))
     has_tf = mock.patch.object(sources, "_tensorflow_installed", return_value=tensorflow_installed)
-    with offline, has_tf, pytest.raises(RuntimeError) as error:
+    with download as downloaded, offline, has_tf, pytest.raises(RuntimeError) as error:
         data.load_dataset(config, seed=0)
+    assert not downloaded.called
     text = str(error.value)
-    assert "no internet" in text and "pip install 'mnres[tfds]'" in text
+    assert ("no internet" in text) == tensorflow_installed
+    assert "pip install 'mnres[tfds]'" in text
     assert "--config.data.source=folder --config.data.dir=PATH/cell_images" in text
     assert "experiments/configs/smoke.py" in text
     assert ("TensorFlow is not installed" in text) == (not tensorflow_installed)
@@ -280,8 +283,11 @@ def test_real_tfds_builder_prepared_offline_from_real_crops(tmp_path):
     config.source, config.image_size = "tfds", 24
     config.tfds_data_dir = str(tmp_path / "tfds")
     config.split_fractions = (0.6, 0.2, 0.2)
-    with mock.patch.object(
-        tfds.download.DownloadManager, "download_and_extract", return_value=str(extracted)
+    with (
+        NO_NETWORK_PROBE,
+        mock.patch.object(
+            tfds.download.DownloadManager, "download_and_extract", return_value=str(extracted)
+        ),
     ):
         dataset = data.load_dataset(config, seed=0)
     seen = 0

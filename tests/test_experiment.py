@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import jax.numpy as jnp
 import numpy as np
@@ -290,7 +291,9 @@ def test_mock_tfds_end_to_end(tmp_path):
     config.data.source = "tfds"
     config.data.tfds_data_dir = str(tmp_path / "tfds")
     config.num_epochs = 1
-    with tfds.testing.mock_data(num_examples=120):
+    # The mocked download also skips the check that the download host answers.
+    probe = mock.patch("mnres.data.sources._check_download_possible")
+    with tfds.testing.mock_data(num_examples=120), probe:
         report = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert report["test_patient"] is None  # TFDS has no slide ids
     assert report["test"]["n"] == report["data"]["num_test"] > 0

@@ -232,6 +232,24 @@ def _tensorflow_installed() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
+def _check_download_possible(builder) -> None:
+    """Fails in seconds, not after minutes of download retries, without TF or a network."""
+    if not _tensorflow_installed():
+        raise ImportError("tensorflow is not installed")
+    import socket
+    import sys
+    import urllib.parse
+
+    url = getattr(sys.modules.get(type(builder).__module__), "_URL", None)
+    host = urllib.parse.urlparse(url).hostname if isinstance(url, str) else None
+    if host is None:  # the builder changed: let TFDS try
+        return
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(f"cannot reach {host} ({e}): no network?") from e
+
+
 def tfds_split_specs(config, num_train: int) -> dict:
     """TFDS slice string per split: `config.tfds_splits`, or cut from `split_fractions`.
 
@@ -255,6 +273,7 @@ def _load_tfds(config, seed: int) -> Dataset:
     builder = tfds.builder("malaria", data_dir=config.tfds_data_dir, file_format="array_record")
     if not builder.is_prepared():
         try:
+            _check_download_possible(builder)
             builder.download_and_prepare(file_format="array_record")
         except Exception as e:  # noqa: BLE001 - any failure here gets the same advice.
             need_tf = (
