@@ -1,0 +1,372 @@
+r"""Training and inference speed of mnres models, optionally against PyTorch and Keras peers.
+
+  python -m experiments.benchmark --models=mobilenet_v2 --alpha=1.0 --image_sizes=128 \
+      --batch_sizes=64 --peers --json=benchmark.json
+
+For every model x image size x batch size it measures compile time (the first training step),
+steady-state training images/s (median of `--repeats` runs of `--steps` steps after warm-up),
+evaluation images/s, batch-1 latency (median and p90), peak host memory, and the analytic
+multiply-adds per image. mnres runs once per `--depthwise` formulation; with `--peers` the same
+architecture and workload run in PyTorch (eager, channels_last) and Keras on TensorFlow, where
+installed (`pip install 'mnres[bench]'`). Every run is its own subprocess, one after the other,
+with its threads pinned to the cores; the table ends with the ratios mnres / peer.
+
+Timings are only worth something on an otherwise idle machine: each row records how many cores
+other processes kept busy just before it started, and the table warns when that was > 0.25.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments.peers import workload
+from mnres import models
+from mnres import params as params_lib
+
+_MODELS = flags.DEFINE_list("models", ["mobilenet_v2"], f"Any of {', '.join(models.MODELS)}.")
+_ALPHA = flags.DEFINE_float("alpha", 1.0, "Width multiplier (the seed network 'paper' is 1.0).")
+_IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["128"], "Image sides in pixels.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["64"], "Training and evaluation batch sizes.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed repeat.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after the first (compiling) one.")
+_LATENCY_CALLS = flags.DEFINE_integer("latency_calls", 50, "Timed batch-1 predictions.")
+_DEPTHWISE = flags.DEFINE_list(
+    "depthwise",
+    ["shifted", "grouped"],
+    "mnres depthwise formulations to run (auto/grouped/shifted).",
+)
+_PARTS = flags.DEFINE_list(
+    "parts", ["train", "eval", "latency"], "What to measure; batch-1 latency only once per size."
+)
+_PEERS = flags.DEFINE_bool("peers", False, "Also run PyTorch and Keras-TensorFlow, if installed.")
+_THREADS = flags.DEFINE_integer("threads", 0, "Threads (and cores) per run; 0: every core.")
+_AUGMENT = flags.DEFINE_bool("augment", False, "mnres: keep the training augmentation in-step.")
+_OVERRIDES = flags.DEFINE_string(
+    "model_overrides", "{}", 'mnres only, JSON create_model fields, e.g. {"num_blocks": 2}.'
+)
+_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds before a run is abandoned.")
+_JSON = flags.DEFINE_string("json", None, "Write every result here as JSON.")
+
+WORKERS = {
+    "mnres": "experiments.peers.mnres_worker",
+    "pytorch": "experiments.peers.torch_worker",
+    "keras": "experiments.peers.keras_worker",
+}
+PEER_PACKAGES = {"pytorch": ("torch",), "keras": ("keras", "tensorflow")}
+PEER_MODELS = ("mobilenet_v1", "mobilenet_v2")
+
+# The issue's figures on a 2-core machine (MobileNetV2 alpha 1.0, 2 classes): training at 128 px
+# and batch 64, batch-1 latency at 128 px. A peer more than 15% off them means the machine or
+# the peer's setup differs, and no ratio against it can be trusted until that is explained.
+REFERENCE = {
+    ("pytorch", "mobilenet_v2", 1.0, 128): {"train_images_per_s": 64.0, "latency_ms_median": 5.0},
+    ("keras", "mobilenet_v2", 1.0, 128): {"train_images_per_s": 27.0, "latency_ms_median": 10.2},
+}
+REFERENCE_BATCH_SIZE = 64
+REFERENCE_TOLERANCE = 0.15
+BUSY_CORES_WARNING = 0.25
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                yield item
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                yield item.jaxpr
+
+
+def _count_multiply_adds(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval
+            out_features = kernel.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+            # Each output element is a dot product over kh * kw * (input channels / groups).
+            per_output = math.prod(kernel.shape) // out_features
+            total += math.prod(eqn.outvars[0].aval.shape) * per_output
+        elif eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs.shape[d] for d in contracting
+            )
+        for sub in _sub_jaxprs(eqn):
+            total += _count_multiply_adds(sub)
+    return total
+
+
+def multiply_adds(model, image_size: int) -> int:
+    """Multiply-adds of one image's forward pass: convolutions and dense layers, as papers count.
+
+    Traced (nothing is computed) with the grouped depthwise formulation, so that every
+    depthwise conv is one convolution whose cost is its output size x kh x kw.
+    MobileNetV2 alpha 1.0 gives 300.8 M at 224 px with 1000 classes (the paper's 300 M) and
+    97.8 M at 128 px with 2 classes.
+    """
+    if hasattr(model, "depthwise_implementation"):
+        model = model.clone(depthwise_implementation="grouped")
+    shape = (1, image_size, image_size, 3)
+    variables = params_lib.abstract_variables(model, shape)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+        variables, jax.ShapeDtypeStruct(shape, jnp.float32)
+    )
+    return _count_multiply_adds(jaxpr.jaxpr)
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores' worth of CPU time other processes used over `seconds` (/proc/stat)."""
+    try:
+
+        def sample():
+            with open("/proc/stat") as f:
+                # user nice system idle iowait irq softirq steal (guest time is in user).
+                fields = [int(v) for v in f.readline().split()[1:9]]
+            idle = fields[3] + fields[4]
+            return sum(fields) - idle, sum(fields)
+
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+        return (busy1 - busy0) / max(1, total1 - total0) * os.cpu_count()
+    except OSError:
+        return float("nan")  # not Linux
+
+
+def _pinned(threads: int):
+    """A preexec_fn that pins a child to `threads` of this process's cores, if fewer."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads >= len(allowed):
+        return None
+    return lambda: os.sched_setaffinity(0, allowed[:threads])
+
+
+def run_worker(framework: str, spec: dict, timeout: float) -> dict:
+    """Runs one worker subprocess; returns its result, or {'error': ...} when it failed."""
+    spec = workload.resolve(spec)
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    busy = busy_cores()
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", WORKERS[framework], json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            preexec_fn=_pinned(spec["threads"]),
+        )
+    except subprocess.TimeoutExpired:
+        return {"framework": framework, "spec": spec, "error": f"timed out after {timeout} s"}
+    wall_s = time.perf_counter() - start
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith(workload.RESULT_PREFIX):
+            result = json.loads(line[len(workload.RESULT_PREFIX) :])
+            return {**result, "busy_cores_before": busy, "wall_s": wall_s}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"framework": framework, "spec": spec, "error": f"exit {proc.returncode}: {tail}"}
+
+
+def _available(framework: str) -> str | None:
+    """None when the peer can run here, else why not."""
+    missing = [p for p in PEER_PACKAGES[framework] if importlib.util.find_spec(p) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+def _label(result: dict) -> str:
+    if result["framework"] == "mnres":
+        return f"mnres/{result['spec']['depthwise']}"
+    return result["framework"]
+
+
+def _cell(result: dict, key: str, fmt: str) -> str:
+    value = result.get(key)
+    return "-" if value is None else format(value, fmt)
+
+
+COLUMNS = (
+    ("run", 15, None),
+    ("model", 14, None),
+    ("px", 4, None),
+    ("batch", 5, None),
+    ("compile s", 9, ("compile_s", ".1f")),
+    ("train img/s", 11, ("train_images_per_s", ".1f")),
+    ("eval img/s", 10, ("eval_images_per_s", ".1f")),
+    ("b1 med ms", 9, ("latency_ms_median", ".2f")),
+    ("b1 p90 ms", 9, ("latency_ms_p90", ".2f")),
+    ("peak MB", 7, ("peak_rss_mb", ".0f")),
+    ("MMACs/img", 9, ("mmacs_per_image", ".1f")),
+    ("busy", 4, ("busy_cores_before", ".1f")),
+)
+
+
+def format_table(results: list[dict]) -> str:
+    """The results as a fixed-width table, then ratios, reference checks and warnings."""
+    lines = [" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)]
+    for r in results:
+        spec = r["spec"]
+        fixed = [_label(r), spec["model"], spec["image_size"], spec["batch_size"]]
+        if "error" in r:
+            lines.append(
+                " ".join(f"{v!s:>{w}}" for v, (_, w, _) in zip(fixed, COLUMNS, strict=False))
+                + f"  skipped: {r['error']}"
+            )
+            continue
+        cells = [str(v) for v in fixed] + [_cell(r, *how) for _, _, how in COLUMNS[4:]]
+        lines.append(" ".join(f"{c:>{w}}" for c, (_, w, _) in zip(cells, COLUMNS, strict=True)))
+    lines += [""] + ratio_lines(results) + reference_lines(results) + warning_lines(results)
+    return "\n".join(lines)
+
+
+def _key(r: dict):
+    s = r["spec"]
+    return (s["model"], s["image_size"], s["batch_size"])
+
+
+def ratio_lines(results: list[dict]) -> list[str]:
+    """mnres / peer for every mnres run and every peer run of the same configuration."""
+    ok = [r for r in results if "error" not in r]
+    lines = []
+    for ours in (r for r in ok if r["framework"] == "mnres"):
+        for peer in (r for r in ok if r["framework"] != "mnres" and _key(r) == _key(ours)):
+            parts = []
+            for key, name in (("train_images_per_s", "train"), ("eval_images_per_s", "eval")):
+                if ours.get(key) and peer.get(key):
+                    parts.append(f"{name} {ours[key] / peer[key]:.2f}x")
+            if ours.get("latency_ms_median") and peer.get("latency_ms_median"):
+                ratio = peer["latency_ms_median"] / ours["latency_ms_median"]
+                parts.append(f"batch-1 {ratio:.2f}x")
+            if parts:
+                model, size, batch = _key(ours)
+                lines.append(
+                    f"{_label(ours)} / {peer['framework']} ({model}, {size} px, batch {batch}): "
+                    + ", ".join(parts)
+                    + "  (speed ratios: > 1 means mnres is faster)"
+                )
+    return lines
+
+
+def reference_lines(results: list[dict]) -> list[str]:
+    """Each peer figure that the issue also measured, with its deviation from it."""
+    lines = []
+    for r in results:
+        if "error" in r:
+            continue
+        s = r["spec"]
+        reference = REFERENCE.get((r["framework"], s["model"], s["alpha"], s["image_size"]), {})
+        for key, expected in reference.items():
+            if r.get(key) is None:
+                continue
+            if key == "train_images_per_s" and s["batch_size"] != REFERENCE_BATCH_SIZE:
+                continue
+            off = r[key] / expected - 1
+            flag = "ok" if abs(off) <= REFERENCE_TOLERANCE else "OFF: find out why first"
+            lines.append(
+                f"reference {r['framework']} {key}: {r[key]:.1f} measured, {expected} expected "
+                f"({off:+.0%}) {flag}"
+            )
+    return lines
+
+
+def warning_lines(results: list[dict]) -> list[str]:
+    busy = [r for r in results if r.get("busy_cores_before", 0) > BUSY_CORES_WARNING]
+    if not busy:
+        return []
+    worst = max(r["busy_cores_before"] for r in busy)
+    return [
+        f"WARNING: other processes kept up to {worst:.1f} cores busy before {len(busy)} of the "
+        f"runs; these timings are not trustworthy (multi-threaded PyTorch collapses worst)."
+    ]
+
+
+def plan(
+    models_: list[str],
+    image_sizes: list[int],
+    batch_sizes: list[int],
+    depthwise: list[str],
+    peers: bool,
+    base: dict,
+) -> list[tuple[str, dict | tuple[dict, str]]]:
+    """(framework, spec) for every run, (framework, (spec, why not)) for a skipped one.
+
+    Batch-1 latency does not depend on the batch size: only the first batch size measures it.
+    """
+    runs = []
+    for model in models_:
+        for size in image_sizes:
+            for i, batch in enumerate(batch_sizes):
+                parts = [p for p in base["parts"] if p != "latency" or i == 0]
+                spec = {**base, "model": model, "image_size": size, "batch_size": batch}
+                spec["parts"] = parts
+                if not parts:
+                    continue
+                runs += [("mnres", {**spec, "depthwise": d}) for d in depthwise]
+                if not peers:
+                    continue
+                for framework in ("pytorch", "keras"):
+                    why = _available(framework)
+                    if why is None and model not in PEER_MODELS:
+                        why = f"no {framework} peer for {model}"
+                    elif why is None and base.get("overrides"):
+                        why = f"no {framework} peer for a {model} with --model_overrides"
+                    runs.append((framework, spec if why is None else (spec, why)))
+    return runs
+
+
+def main(argv):
+    del argv
+    sizes = [int(s) for s in _IMAGE_SIZES.value]
+    batches = [int(b) for b in _BATCH_SIZES.value]
+    overrides = json.loads(_OVERRIDES.value)
+    base = {
+        "alpha": _ALPHA.value,
+        "repeats": _REPEATS.value,
+        "steps": _STEPS.value,
+        "warmup": _WARMUP.value,
+        "latency_calls": _LATENCY_CALLS.value,
+        "threads": _THREADS.value,
+        "augment": _AUGMENT.value,
+        "overrides": overrides,
+        "parts": _PARTS.value,
+    }
+    macs = {
+        (name, size): multiply_adds(
+            models.create_model(name, alpha=_ALPHA.value, num_classes=2, **overrides), size
+        )
+        for name in _MODELS.value
+        for size in sizes
+    }
+    results = []
+    for framework, spec in plan(
+        _MODELS.value, sizes, batches, _DEPTHWISE.value, _PEERS.value, base
+    ):
+        if isinstance(spec, tuple):
+            spec, why = spec
+            result = {"framework": framework, "spec": workload.resolve(spec), "error": why}
+        else:
+            print(f"running {framework} {json.dumps(spec)}", file=sys.stderr, flush=True)
+            result = run_worker(framework, spec, _TIMEOUT.value)
+        result["mmacs_per_image"] = macs[(spec["model"], spec["image_size"])] / 1e6
+        results.append(result)
+    print(format_table(results))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"cores": workload.cores(), "results": results}, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
