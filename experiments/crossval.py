@@ -11,13 +11,13 @@ TFDS malaria, which has no slide ids). The summary is WORKDIR/crossval.md (and .
 reliability diagrams before and after temperature scaling and the per-slide scatter plot.
 """
 
-import logging as std_logging
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import experiments
 from mnres import crossval
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -32,17 +32,10 @@ flags.DEFINE_bool("image_level", True, "Also run the folds split by image, for c
 FLAGS = flags.FLAGS
 
 
-class _OrbaxInfoFilter(std_logging.Filter):
-    """Drops orbax's INFO lines (a dozen per checkpoint); its warnings and errors stay."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
+    experiments.quiet_orbax_info_logs()
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"crossval_{name}")
     folds = None if FLAGS.folds is None else [int(f) for f in FLAGS.folds]

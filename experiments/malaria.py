@@ -9,13 +9,13 @@ Any config field can be overridden with `--config.FIELD=VALUE`. Re-running with 
 workdir resumes from its latest checkpoint.
 """
 
-import logging as std_logging
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import experiments
 from mnres import train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -42,17 +42,10 @@ def _kill_hook():
     return after_step
 
 
-class _OrbaxInfoFilter(std_logging.Filter):
-    """Drops orbax's INFO lines (a dozen per checkpoint); its warnings and errors stay."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
+    experiments.quiet_orbax_info_logs()
     config = FLAGS.config
     # experiments/configs/paper.py:keras_bn -> paper_keras_bn
     path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
