@@ -9,12 +9,12 @@ its Grad-CAM heat for "parasitized". Use it to check that the model looks at the
 not at the background or the cell's edge.
 """
 
-import logging as std_logging
 import os
 import sys
 
 from absl import app, flags, logging
 
+import experiments
 from mnres import crossval, export, gradcam
 
 flags.DEFINE_string("workdir", None, "A training run folder (config.json, checkpoints/).")
@@ -32,17 +32,10 @@ flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
 
-class _OrbaxInfoFilter(std_logging.Filter):
-    """Drops orbax's INFO lines (a dozen per checkpoint); its warnings and errors stay."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
+    experiments.quiet_orbax_info_logs()
     out = FLAGS.out or os.path.join(FLAGS.workdir, gradcam.GRADCAM_PNG)
     try:
         classifier = export.load_run(FLAGS.workdir, which=FLAGS.checkpoint)

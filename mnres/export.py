@@ -1,0 +1,444 @@
+"""Export a trained classifier for phones and servers: StableHLO, TFLite and ONNX.
+
+Every exported model is one function, uint8 RGB crops of any size -> class probabilities:
+
+- input  uint8 [B, H, W, 3], any H and W (TFLite: B = 1; int8 TFLite: H = W = S, see
+  `export_tflite`);
+- inside the graph the crop is resized the way training decoded it (`resize_like_training`),
+  scaled by x / 127.5 - 1 and classified;
+- output float32 [B, num_classes] softmax probabilities; class 1 = parasitized.
+
+So a phone app feeds camera crops directly. Export always uses the grouped-convolution
+depthwise formulation (TFLite then emits DEPTHWISE_CONV_2D) and float32 compute, whatever the
+training used: the parameters are the same in every formulation. Each exported file gets a
+sidecar `FILE.json` (image size, classes, source run) that `mnres.predict` reads.
+
+StableHLO is `jax.export`. TFLite goes through `jax2tf` (StableHLO inside a TF function) and
+the TFLite converter, and runs with `ai-edge-litert`; ONNX (optional) goes through `jax2onnx`
+and runs with `onnxruntime`. Each is imported only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mnres import checkpoint, steps
+
+CLASS_NAMES = ("uninfected", "parasitized")  # label 1 = parasitized, as in mnres.data
+TFLITE_INPUT_SHAPE = "(1, h, w, 3)"
+STABLEHLO_INPUT_SHAPE = "(b, h, w, 3)"
+# The StableHLO artifact runs on any of these (lowering needs none of the hardware).
+STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """A model with its variables and input size: what every export starts from."""
+
+    model: Any  # an mnres flax module
+    variables: dict  # {'params', 'batch_stats'}
+    image_size: int
+    metadata: dict = dataclasses.field(default_factory=dict)  # source run, step, model
+    config: Any = None  # the run's resolved config, when loaded from a run
+
+    def for_export(self) -> Classifier:
+        """The same weights with grouped depthwise convs and float32 compute."""
+        model = self.model.clone(depthwise_implementation="grouped", dtype=None)
+        return dataclasses.replace(self, model=model)
+
+
+def load_run(workdir: str, *, which: str = "best") -> Classifier:
+    """Restores a training run: its model from `config.json`, weights from its checkpoints.
+
+    Args:
+      workdir: the run's folder (holding `config.json` and `checkpoints/`).
+      which: 'best' (best validation accuracy; falls back to the latest) or 'latest'.
+
+    Raises:
+      ValueError: not a run folder, no checkpoint, or a checkpoint that does not fit the
+        model its config describes.
+    """
+    config_path = os.path.join(workdir, "config.json")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isfile(config_path) or not os.path.isdir(checkpoint_dir):
+        raise ValueError(
+            f"{workdir} is not a training run: expected config.json and checkpoints/ in it "
+            "(the workdir of `python -m experiments.malaria`)"
+        )
+    if which not in ("best", "latest"):
+        raise ValueError(f"checkpoint {which!r}: use 'best' or 'latest'")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model = steps.create_model(config.model)
+    size = int(config.data.image_size)
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    ckpts = checkpoint.Checkpoints(checkpoint_dir, async_save=False)
+    try:
+        best = which == "best" and ckpts.best_step() is not None
+        step = ckpts.best_step() if best else ckpts.latest_step()
+        # No target: the saved tree as it is, then checked against the model below.
+        state = None if step is None else ckpts.restore(None, best=best)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot restore the checkpoint in {checkpoint_dir}: {e}") from e
+    finally:
+        ckpts.close()
+    if state is None:
+        raise ValueError(f"no checkpoint in {checkpoint_dir}")
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    _check_fits(variables, dict(expected), f"the checkpoint at step {step} in {checkpoint_dir}",
+                config.model.name)  # fmt: skip
+    metadata = {
+        "run": os.path.abspath(workdir),
+        "checkpoint": "best" if best else "latest",
+        "step": int(step),
+        "model": config.model.to_dict(),
+    }
+    return Classifier(model, variables, size, metadata, config)
+
+
+def _check_fits(variables: dict, expected: dict, what: str, model_name: str) -> None:
+    """Raises ValueError naming the first parameter whose presence or shape differs."""
+    got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree.leaves_with_path(variables)}
+    want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(expected)}
+    for key in sorted(set(got) | set(want)):
+        if got.get(key) != want.get(key):
+            raise ValueError(
+                f"{what} does not fit {model_name} as config.json describes it: {key} is "
+                f"{got.get(key, 'missing')} there, {want.get(key, 'missing')} in the model"
+            )
+
+
+def resize_like_training(images, image_size: int) -> jnp.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, S, S, 3] in [0, 255], as `mnres.data` decodes crops.
+
+    Training decodes with Pillow's `ImageOps.pad`: the longer side becomes S (bilinear,
+    antialiased), the aspect ratio is kept, and the crop is centred on a black S x S square.
+    Here the same sizes and offsets (Pillow's rounding) drive `jax.image.scale_and_translate`,
+    whose samples outside the crop are exactly 0 (black). Pillow rounds to uint8 (also between
+    its two passes), this stays in float: within a level or two of the decode. Rounding here
+    would make the exports flip levels where their float arithmetic differs from XLA's by an
+    ulp. H and W may be symbolic (shape-polymorphic export); an S x S input passes through.
+    """
+    h, w = images.shape[1], images.shape[2]
+    if isinstance(h, int) and isinstance(w, int) and h == w == image_size:
+        return images.astype(jnp.float32)  # keeps the fixed-size graphs free of resize ops
+    s = float(image_size)
+    hf = jnp.asarray(h, jnp.float32)
+    wf = jnp.asarray(w, jnp.float32)
+    wide = wf > hf
+    new_h = jnp.where(wide, jnp.round(hf / wf * s), s)
+    new_w = jnp.where(wide, s, jnp.round(wf / hf * s))
+    scale = jnp.stack([new_h / hf, new_w / wf])
+    translation = jnp.stack([jnp.round((s - new_h) * 0.5), jnp.round((s - new_w) * 0.5)])
+    # Bilinear weights are non-negative and sum to one: the result stays in [0, 255].
+    return jax.image.scale_and_translate(
+        images.astype(jnp.float32),
+        (images.shape[0], image_size, image_size, 3),
+        (1, 2),
+        scale,
+        translation,
+        method="linear",
+        antialias=True,
+    )
+
+
+def serving_function(classifier: Classifier):
+    """The exported function: uint8 crops [B, H, W, 3] -> probabilities float32 [B, C]."""
+    classifier = classifier.for_export()
+    model, variables, size = classifier.model, classifier.variables, classifier.image_size
+
+    def serve(images):
+        x = resize_like_training(images, size) / 127.5 - 1.0
+        logits, _ = model.apply(variables, x, train=False)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return serve
+
+
+def metadata_path(path: str) -> str:
+    return path + ".json"
+
+
+def _write_metadata(path: str, classifier: Classifier, **extra) -> None:
+    meta = {
+        "image_size": classifier.image_size,
+        "class_names": list(CLASS_NAMES),
+        "input": "uint8 RGB [batch, height, width, 3], any height and width",
+        "output": "float32 softmax probabilities [batch, classes]; class 1 = parasitized",
+        **classifier.metadata,
+        **extra,
+    }
+    with open(metadata_path(path), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_metadata(path: str) -> dict:
+    """The sidecar of an exported file; {} when there is none."""
+    try:
+        with open(metadata_path(path)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def export_stablehlo(classifier: Classifier, path: str, *, platforms=STABLEHLO_PLATFORMS) -> str:
+    """Serializes the serving function with `jax.export` (batch, height, width symbolic).
+
+    Load it with `load_stablehlo`: no mnres or flax code is needed to run it.
+    """
+    serve = serving_function(classifier)
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(STABLEHLO_INPUT_SHAPE), jnp.uint8)
+    exported = jax.export.export(jax.jit(serve), platforms=platforms)(spec)
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+    _write_metadata(path, classifier, format="stablehlo", platforms=list(platforms))
+    return path
+
+
+def load_stablehlo(path: str):
+    """A function uint8 [B, H, W, 3] -> numpy probabilities, from a serialized export."""
+    with open(path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    call = jax.jit(exported.call)
+    return lambda images: np.asarray(call(jnp.asarray(images, jnp.uint8)))
+
+
+def export_tflite(
+    classifier: Classifier,
+    path: str,
+    *,
+    quantize: str | None = None,
+    per_channel: bool = True,
+    representative_images=None,
+    any_size: bool | None = None,
+) -> str:
+    """Converts the serving function to TFLite (batch 1).
+
+    Args:
+      classifier: the model to export.
+      path: the .tflite file to write.
+      quantize: None (float32) or 'int8': post-training quantization of weights and
+        activations (float fallback where an op has no int8 kernel); input stays uint8 and
+        output float32 probabilities.
+      per_channel: int8 weights with one scale per output channel (TFLite's default) or,
+        with False, one per tensor (smaller, usually less accurate).
+      representative_images: uint8 [N, H, W, 3] training crops that calibrate the int8
+        activation ranges (a few hundred is plenty); required for 'int8'.
+      any_size: input [1, H, W, 3] of any H, W (resized in the graph) or, with False,
+        [1, S, S, 3] (the app resizes as `mnres.data` does). Default: any size for float32,
+        S x S for int8, whose calibration freezes the resize to the calibration crops' size
+        (measured with TF 2.21: any other size then fails to run).
+    """
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}; use None (float32) or 'int8'")
+    if quantize and (representative_images is None or len(representative_images) == 0):
+        raise ValueError("int8 quantization needs representative_images (training crops)")
+    any_size = not quantize if any_size is None else any_size
+    if quantize and any_size:
+        raise ValueError(
+            "an int8 TFLite model takes S x S crops only: its calibration freezes the in-graph "
+            "resize to one input size"
+        )
+    size = classifier.image_size
+    serve = jax2tf.convert(
+        serving_function(classifier),
+        polymorphic_shapes=[TFLITE_INPUT_SHAPE if any_size else None],
+        with_gradient=False,
+    )
+    # Batch 1: a symbolic batch keeps BatchNorm from folding into the convolutions.
+    hw = [None, None] if any_size else [size, size]
+    signature = [tf.TensorSpec([1, *hw, 3], tf.uint8, name="images")]
+    function = tf.function(serve, input_signature=signature, autograph=False)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [function.get_concrete_function()], function
+    )
+    if quantize == "int8":
+        images = [_to_size(image, size) for image in representative_images]
+
+        def representative_dataset():
+            for image in images:
+                yield [image[None]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        # The converter has no public switch for per-tensor weights.
+        converter._experimental_disable_per_channel = not per_channel
+    with warnings.catch_warnings():
+        # The uint8 input is cast to float inside the graph: it needs no input statistics.
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
+        model_bytes = converter.convert()
+    with open(path, "wb") as f:
+        f.write(model_bytes)
+    _write_metadata(
+        path,
+        classifier,
+        format="tflite",
+        quantization=quantize or "float32",
+        per_channel=bool(quantize and per_channel),
+        calibration_images=0 if not quantize else len(representative_images),
+        input="uint8 RGB [1, height, width, 3], any height and width"
+        if any_size
+        else f"uint8 RGB [1, {size}, {size}, 3]; resize other crops as the training decode",
+    )
+    return path
+
+
+def _to_size(image, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [S, S, 3] by the training decode's rule (Pillow `ImageOps.pad`)."""
+    from mnres.data import decode
+
+    image = np.asarray(image, np.uint8)
+    return image if image.shape[:2] == (size, size) else decode.decode_image(image, size)
+
+
+class TFLiteModel:
+    """Runs a .tflite export with ai-edge-litert, one crop at a time (its batch is 1)."""
+
+    def __init__(self, path: str, num_threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+        self._input = self.interpreter.get_input_details()[0]["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        signature = self.interpreter.get_input_details()[0]["shape_signature"]
+        # None: any crop size; else the model's S (crops of another size are resized here).
+        self.input_size = None if signature[1] < 0 else int(signature[1])
+        self._shape = None
+
+    def op_names(self) -> list[str]:
+        """Builtin op names of the graph (e.g. 'DEPTHWISE_CONV_2D')."""
+        # LiteRT's Python interpreter lists ops only through this private method.
+        return [op["op_name"] for op in self.interpreter._get_ops_details()]
+
+    def predict_one(self, image) -> np.ndarray:
+        """uint8 [H, W, 3] -> probabilities [C]."""
+        image = np.asarray(image, np.uint8)
+        if self.input_size is not None:
+            image = _to_size(image, self.input_size)
+        image = image[None]
+        if image.shape != self._shape:  # re-plans the graph for a new crop size
+            self.interpreter.resize_tensor_input(self._input, image.shape)
+            self.interpreter.allocate_tensors()
+            self._shape = image.shape
+        self.interpreter.set_tensor(self._input, image)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._output)[0].copy()
+
+    def __call__(self, images) -> np.ndarray:
+        """uint8 [B, H, W, 3] (or a list of [H, W, 3] crops) -> probabilities [B, C]."""
+        return np.stack([self.predict_one(image) for image in images])
+
+
+def load_tflite(path: str, num_threads: int | None = None) -> TFLiteModel:
+    return TFLiteModel(path, num_threads)
+
+
+def export_onnx(classifier: Classifier, path: str) -> str:
+    """Converts the serving function to ONNX with `jax2onnx` (batch, height, width dynamic).
+
+    Optional: jax2onnx (0.17) pins orbax-checkpoint < 0.11.37, so it is not in mnres' extras.
+    """
+    import onnx
+    from jax2onnx import to_onnx
+
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(STABLEHLO_INPUT_SHAPE), jnp.uint8)
+    proto = to_onnx(serving_function(classifier), [spec], model_name="mnres")
+    # One self-contained file (jax2onnx's own file mode moves large weights to FILE.data).
+    onnx.save_model(proto, path)
+    _write_metadata(path, classifier, format="onnx")
+    return path
+
+
+def load_onnx(path: str):
+    """A function uint8 [B, H, W, 3] -> probabilities, run by onnxruntime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {name: np.asarray(images, np.uint8)})[0]
+
+
+FORMATS = ("stablehlo", "tflite", "int8", "onnx")
+DEFAULT_FORMATS = ("stablehlo", "tflite", "int8")
+FILE_NAMES = {
+    "stablehlo": "model.stablehlo",
+    "tflite": "model_float32.tflite",
+    "int8": "model_int8.tflite",
+    "onnx": "model.onnx",
+}
+
+
+_NEEDS = {"tflite": ("tensorflow",), "int8": ("tensorflow",), "onnx": ("jax2onnx", "onnxruntime")}
+
+
+def calibration_images(train, count: int = 256, seed: int = 0) -> np.ndarray:
+    """`count` random crops of a training split (uint8 [count, S, S, 3])."""
+    rng = np.random.default_rng(seed)
+    return train.images[rng.permutation(len(train))[:count]]
+
+
+def export_run(
+    classifier: Classifier,
+    out_dir: str,
+    formats=DEFAULT_FORMATS,
+    *,
+    per_channel: bool = True,
+    representative_images=None,
+) -> dict:
+    """Writes the chosen formats to `out_dir` (`FILE_NAMES`); returns {format: path}.
+
+    int8 calibrates on `representative_images`, by default 256 crops of the run's training
+    split (`calibration_images`).
+    """
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown format(s) {', '.join(sorted(unknown))}; use {FORMATS}")
+    for fmt in formats:
+        missing = [m for m in _NEEDS.get(fmt, ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(
+                f"{fmt} export needs {' and '.join(missing)}: pip install {' '.join(missing)}"
+            )
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for fmt in formats:
+        path = os.path.join(out_dir, FILE_NAMES[fmt])
+        if fmt == "stablehlo":
+            paths[fmt] = export_stablehlo(classifier, path)
+        elif fmt == "tflite":
+            paths[fmt] = export_tflite(classifier, path)
+        elif fmt == "onnx":
+            paths[fmt] = export_onnx(classifier, path)
+        else:
+            if representative_images is None:
+                if classifier.config is None:
+                    raise ValueError("int8 needs representative_images or a run's config")
+                from mnres import data
+
+                config = classifier.config
+                train = data.load_dataset(config.data, config.seed).train
+                representative_images = calibration_images(train)
+            paths[fmt] = export_tflite(
+                classifier,
+                path,
+                quantize="int8",
+                per_channel=per_channel,
+                representative_images=representative_images,
+            )
+    return paths

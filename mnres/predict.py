@@ -1,0 +1,254 @@
+"""Classify cell crops with a training run or an exported model; summarise them per slide.
+
+  predictor = load_predictor("runs/default")          # or model.tflite / model.stablehlo
+  rows = predict_files(predictor, find_images(["cells/", "more/*.png"]))
+  print(format_table(rows, slide_summary(rows)))
+
+Crops are decoded as training decodes them (`mnres.data.decode.decode_image`: RGB, longer
+side to the model's size, centred on black) when the model's size is known, so a checkpoint
+and its exports see the same pixels. An unreadable file becomes a row with an `error`, never a
+crash.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mnres import export
+from mnres.data import decode
+from mnres.data.sources import IMAGE_SUFFIXES, slide_id
+
+STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
+
+
+@dataclass
+class Predictor:
+    """A model as a function uint8 crops -> parasitized probability."""
+
+    name: str  # where it came from, for messages
+    kind: str  # 'checkpoint', 'stablehlo', 'tflite' or 'onnx'
+    image_size: int | None  # crops are decoded to S x S; None: at their own size
+    run: Any  # uint8 [B, S, S, 3] (or a list of crops) -> probabilities [B, C]
+    batch_size: int = 64
+
+    def parasitized(self, images) -> np.ndarray:
+        """Probabilities of class 1 (parasitized), float [B]."""
+        return np.asarray(self.run(images))[:, 1]
+
+
+def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64) -> Predictor:
+    """A training run folder, a .tflite or .onnx file or a StableHLO export (.stablehlo/.bin).
+
+    Raises:
+      ValueError: one clear line when the path is none of these or its model does not load.
+    """
+    if os.path.isdir(path):
+        return from_classifier(export.load_run(path, which=checkpoint), path, batch_size)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"no model at {path}: give a training run folder, a .tflite or .onnx file or a "
+            f"{'/'.join(STABLEHLO_SUFFIXES)} StableHLO export"
+        )
+    size = export.read_metadata(path).get("image_size")
+    try:
+        if path.endswith(".tflite"):
+            model = export.load_tflite(path)
+            # An S x S model resizes other crops itself; any-size models resize in the graph.
+            return Predictor(path, "tflite", size or model.input_size, model, 1)
+        if path.endswith(STABLEHLO_SUFFIXES):
+            return Predictor(path, "stablehlo", size, export.load_stablehlo(path), batch_size)
+        if path.endswith(".onnx"):
+            return Predictor(path, "onnx", size, export.load_onnx(path), batch_size)
+    except ImportError as e:
+        raise ValueError(f"running {path} needs {e.name}: pip install {e.name}") from e
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line, not a trace
+        raise ValueError(f"cannot load {path} as a model: {type(e).__name__}: {e}") from e
+    raise ValueError(
+        f"{path}: unknown model format; expected a .tflite or .onnx file, a "
+        f"{'/'.join(STABLEHLO_SUFFIXES)} StableHLO export or a training run folder"
+    )
+
+
+def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Predictor:
+    """The model run in JAX through the same serving function that is exported."""
+    import jax
+
+    serve = jax.jit(export.serving_function(classifier))
+    run = lambda images: np.asarray(serve(np.asarray(images, np.uint8)))
+    return Predictor(name, "checkpoint", classifier.image_size, run, batch_size)
+
+
+def find_images(inputs) -> list[str]:
+    """Image files from paths, folders (searched recursively) and glob patterns, in order.
+
+    A named file is kept whatever its suffix, and so is a path or pattern that matches
+    nothing: `predict_files` reports each as unreadable and predicts the rest. Folders and
+    globs contribute files with image suffixes.
+    """
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for dirpath, dirnames, files in os.walk(item):
+                dirnames.sort()
+                found += [
+                    os.path.join(dirpath, f)
+                    for f in sorted(files)
+                    if f.lower().endswith(IMAGE_SUFFIXES)
+                ]
+        elif os.path.isfile(item):
+            found.append(item)
+        else:
+            matches = [m for m in sorted(glob.glob(item, recursive=True)) if os.path.isfile(m)]
+            found += [m for m in matches if m.lower().endswith(IMAGE_SUFFIXES)] or [item]
+    return list(dict.fromkeys(found))  # each file once, first position kept
+
+
+def _read(path: str, size: int | None) -> np.ndarray:
+    if size is not None:
+        return decode.decode_image(path, size)
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(decode.to_rgb(image), np.uint8)
+
+
+def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> list[dict]:
+    """One row per file: file, slide_id, label, prob_parasitized, error (None when read).
+
+    Args:
+      predictor: from `load_predictor`.
+      paths: image files.
+      threshold: a cell is called parasitized when its probability is >= threshold.
+    """
+    rows = [
+        {"file": p, "slide_id": slide_id(p), "label": None, "prob_parasitized": None,
+         "error": None}
+        for p in paths
+    ]  # fmt: skip
+    # Same-size crops batch together (all of them when the predictor has a fixed size).
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush():
+        if pending:
+            probs = predictor.parasitized([image for _, image in pending])
+            for (i, _), p in zip(pending, probs, strict=True):
+                rows[i]["prob_parasitized"] = float(p)
+                rows[i]["label"] = export.CLASS_NAMES[int(p >= threshold)]
+            pending.clear()
+
+    for i, row in enumerate(rows):
+        try:
+            image = _read(row["file"], predictor.image_size)
+        except FileNotFoundError:
+            row["error"] = "no such file (or no image matches the pattern)"
+            continue
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
+            row["error"] = f"unreadable image ({type(e).__name__}: {e})"
+            continue
+        if pending and (image.shape != pending[0][1].shape or len(pending) >= predictor.batch_size):
+            flush()
+        pending.append((i, image))
+    flush()
+    return rows
+
+
+def slide_summary(rows, *, threshold: float = 0.5) -> list[dict]:
+    """Per slide id (rows whose file name carries one): cells, parasitized count and fraction.
+
+    Whether a patient is infected is a call on that fraction; the training report's
+    `test_patient` section gives the fraction threshold chosen on validation.
+    """
+    by_slide: dict[str, list[float]] = {}
+    for row in rows:
+        if row["slide_id"] and row["error"] is None:
+            by_slide.setdefault(row["slide_id"], []).append(row["prob_parasitized"])
+    summary = []
+    for slide, probs in sorted(by_slide.items()):
+        probs = np.asarray(probs)
+        called = int(np.sum(probs >= threshold))
+        summary.append(
+            {
+                "slide_id": slide,
+                "cells": len(probs),
+                "parasitized": called,
+                "fraction_parasitized": called / len(probs),
+                "mean_prob_parasitized": float(probs.mean()),
+            }
+        )
+    return summary
+
+
+def format_table(rows, summary=()) -> str:
+    """Plain-text tables of the rows and, when there is one, the per-slide summary."""
+    width = max([len("file")] + [len(r["file"]) for r in rows])
+    lines = [f"{'file':<{width}}  {'slide':<10} {'label':<12} {'p(parasitized)':>14}"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['file']:<{width}}  {r['slide_id'] or '-':<10} error: {r['error']}")
+        else:
+            lines.append(
+                f"{r['file']:<{width}}  {r['slide_id'] or '-':<10} {r['label']:<12} "
+                f"{r['prob_parasitized']:>14.4f}"
+            )
+    if summary:
+        lines += ["", f"{'slide':<10} {'cells':>6} {'parasitized':>12} {'fraction':>9} "
+                      f"{'mean p':>7}"]  # fmt: skip
+        for s in summary:
+            lines.append(
+                f"{s['slide_id']:<10} {s['cells']:>6} {s['parasitized']:>12} "
+                f"{s['fraction_parasitized']:>9.3f} {s['mean_prob_parasitized']:>7.3f}"
+            )
+    errors = sum(r["error"] is not None for r in rows)
+    lines += ["", f"{len(rows) - errors} image(s) predicted, {errors} unreadable"]
+    return "\n".join(lines)
+
+
+def probabilities(predictor: Predictor, images) -> np.ndarray:
+    """Parasitized probabilities of uint8 crops [N, H, W, 3], in predictor-sized batches."""
+    n, step = len(images), predictor.batch_size
+    return np.concatenate(
+        [predictor.parasitized(images[i : i + step]) for i in range(0, n, step)] or [[]]
+    )
+
+
+def latency_ms(predictor: Predictor, image, runs: int = 50) -> float:
+    """Median wall time of one batch-1 prediction (after two warm-up calls), in ms."""
+    batch = np.asarray(image, np.uint8)[None]
+    for _ in range(2):
+        predictor.run(batch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predictor.run(batch)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def compare(predictors: dict, images, labels, *, threshold: float = 0.5) -> list[dict]:
+    """Accuracy, largest probability gap to the first predictor, and batch-1 latency of each.
+
+    Args:
+      predictors: {name: Predictor}; the first is the reference (the JAX model).
+      images: uint8 [N, S, S, 3] crops the models never trained on.
+      labels: int [N], 1 = parasitized.
+    """
+    labels = np.asarray(labels)
+    rows, reference = [], None
+    for name, predictor in predictors.items():
+        probs = probabilities(predictor, images)
+        reference = probs if reference is None else reference
+        rows.append(
+            {
+                "model": name,
+                "accuracy": float(np.mean((probs >= threshold) == (labels == 1))),
+                "max_abs_diff": float(np.max(np.abs(probs - reference), initial=0.0)),
+                "latency_ms": latency_ms(predictor, images[0]),
+            }
+        )
+    return rows

@@ -1,0 +1,249 @@
+"""Export: StableHLO and TFLite (float32, int8) from a saved run, parity with JAX, the resize.
+
+A tiny MobileNetV2 (alpha 0.35, 32 px) with random weights, saved through mnres.checkpoint as
+a training run would save it; nothing is trained. TFLite tests need tensorflow and
+ai-edge-litert (the test extra); they are skipped without them.
+"""
+
+import collections
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import default, smoke
+from mnres import checkpoint, export, models, steps, train
+from mnres.data import decode, synthetic
+
+IMAGE_SIZE = 32
+HAS_TFLITE = all(
+    __import__("importlib").util.find_spec(m) is not None for m in ("tensorflow", "ai_edge_litert")
+)
+needs_tflite = pytest.mark.skipif(not HAS_TFLITE, reason="needs tensorflow and ai-edge-litert")
+
+
+def run_config(**model):
+    """The default experiment config, shrunk: a 32 px model on a few synthetic cells."""
+    config = default.get_config()
+    config.model.name = "mobilenet_v2"
+    config.model.alpha = 0.35
+    for key, value in model.items():
+        setattr(config.model, key, value)
+    config.data.source = "synthetic"
+    config.data.synthetic_size = 120
+    config.data.num_slides = 6
+    config.data.image_size = IMAGE_SIZE
+    return config
+
+
+def make_run(workdir, seed: int = 0, **model) -> str:
+    """A training workdir (config.json + checkpoints/) holding random weights.
+
+    The BatchNorm statistics are those of a batch of synthetic cells: with the initial
+    ones the activations vanish through the depth and every crop gets the same answer.
+    """
+    config = run_config(**model)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    net = steps.create_model(config.model).clone(bn_momentum=0.0, dtype=None)
+    cells = synthetic.draw_cells(64, IMAGE_SIZE, 3, seed)[0]
+
+    @jax.jit
+    def init(x):
+        variables = net.init(jax.random.key(seed), x[:1], train=False)
+        _, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
+        return variables["params"], updates["batch_stats"]
+
+    params, batch_stats = init(cells / 127.5 - 1.0)
+    state = {
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": {},
+        "step": jnp.asarray(7, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(0)),
+    }
+    with checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False) as c:
+        c.save(7, state, best=True)
+    return str(workdir)
+
+
+# Crops of three sizes (square as trained, tall, wide), four of each: one compile per size.
+CROP_SHAPES = ((IMAGE_SIZE, IMAGE_SIZE), (45, 27), (21, 40))
+
+
+def crops(seed: int = 0) -> list[np.ndarray]:
+    """Four uint8 [N, H, W, 3] batches of synthetic cells per shape in `CROP_SHAPES`."""
+    images = synthetic.draw_cells(4 * len(CROP_SHAPES), 48, 3, seed)[0]
+    batches = []
+    for i, (h, w) in enumerate(CROP_SHAPES):
+        batch = images[4 * i : 4 * i + 4]
+        batches.append(np.stack([decode.decode_image(b, 48)[:h, :w] for b in batch]))
+    return batches
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def classifier(run):
+    return export.load_run(run)
+
+
+@pytest.fixture(scope="module")
+def reference(classifier):
+    """The JAX serving function's probabilities for `crops()`, [12, 2]."""
+    serve = jax.jit(export.serving_function(classifier))
+    return np.concatenate([np.asarray(serve(batch)) for batch in crops()])
+
+
+def test_load_run_restores_the_saved_weights(run, classifier):
+    assert classifier.image_size == IMAGE_SIZE
+    assert classifier.metadata["step"] == 7 and classifier.metadata["checkpoint"] == "best"
+    mean = classifier.variables["batch_stats"]["stem"]["bn_Conv1"]["mean"]
+    assert np.abs(np.asarray(mean)).max() > 0  # the saved statistics, not a fresh init
+    assert classifier.for_export().model.depthwise_implementation == "grouped"
+
+
+def test_load_run_rejects_other_folders_and_incompatible_checkpoints(run, tmp_path):
+    with pytest.raises(ValueError, match="not a training run"):
+        export.load_run(str(tmp_path))
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    os.symlink(os.path.join(run, "checkpoints"), wrong / "checkpoints")
+    config = json.loads(Path(run, "config.json").read_text())
+    config["model"]["alpha"] = 0.5
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not fit mobilenet_v2"):
+        export.load_run(str(wrong))
+
+
+def test_resize_like_training_matches_the_training_decode():
+    resize = jax.jit(export.resize_like_training, static_argnums=1)
+    rng = np.random.default_rng(0)
+    more = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in ((50, 37), (37, 50), (20, 20))]
+    for crop in [b[0] for b in crops(1)] + more + [np.full((40, 40, 3), 200, np.uint8)]:
+        ours = np.asarray(resize(crop[None], IMAGE_SIZE))[0]
+        pillow = decode.decode_image(crop, IMAGE_SIZE).astype(np.float32)
+        # Pillow rounds to uint8 between its two passes: a level or two apart at most.
+        assert np.abs(ours - pillow).max() <= 3, crop.shape
+        assert np.abs(ours - pillow).mean() < 0.5, crop.shape
+        h, w = crop.shape[:2]
+        if h != w:  # the padding is exactly the black of the decode's background
+            border = (slice(None), slice(0, 2)) if h > w else (slice(0, 2), slice(None))
+            assert (ours[border] == 0).all() and (pillow[border] == 0).all()
+
+
+def test_stablehlo_runs_without_the_model_code_and_matches_jax(classifier, reference, tmp_path):
+    path = export.export_stablehlo(classifier, str(tmp_path / "model.stablehlo"))
+    assert export.read_metadata(path)["image_size"] == IMAGE_SIZE
+    np.savez(tmp_path / "crops.npz", *crops())
+    # A fresh interpreter that imports neither mnres nor flax: only jax and numpy.
+    script = textwrap.dedent(f"""
+        import sys, jax, numpy as np
+        exported = jax.export.deserialize(bytearray(open({path!r}, "rb").read()))
+        batches = np.load({str(tmp_path / "crops.npz")!r})
+        probs = [np.asarray(exported.call(batches[k])) for k in sorted(batches)]
+        assert not any(m.split(".")[0] in ("mnres", "flax") for m in sys.modules)
+        np.save({str(tmp_path / "probs.npy")!r}, np.concatenate(probs))
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
+    probs = np.load(tmp_path / "probs.npy")
+    np.testing.assert_allclose(probs, reference, atol=1e-4)
+    assert np.ptp(probs[:, 1]) > 0.1  # the crops get different answers
+
+
+@needs_tflite
+def test_tflite_float_takes_any_size_and_matches_jax(classifier, reference, tmp_path):
+    path = export.export_tflite(classifier, str(tmp_path / "model.tflite"))
+    model = export.load_tflite(path)
+    assert model.input_size is None
+    ops = collections.Counter(model.op_names())
+    assert ops["DEPTHWISE_CONV_2D"] == 17 and ops["CONV_2D"] == 35  # V2: 17 blocks, 35 convs
+    probs = np.concatenate([model(batch) for batch in crops()])
+    np.testing.assert_allclose(probs, reference, atol=1e-4)
+
+
+@needs_tflite
+def test_tflite_int8_per_channel_and_per_tensor(classifier, reference, tmp_path):
+    calibration = synthetic.draw_cells(64, IMAGE_SIZE, 4, 1)[0]
+    sizes, outputs = {}, {}
+    for per_channel in (True, False):
+        path = export.export_tflite(
+            classifier,
+            str(tmp_path / f"int8_{per_channel}.tflite"),
+            quantize="int8",
+            per_channel=per_channel,
+            representative_images=calibration,
+        )
+        sizes[per_channel] = os.path.getsize(path)
+        model = export.load_tflite(path)
+        assert model.input_size == IMAGE_SIZE  # S x S; other crops are resized before it
+        assert "DEPTHWISE_CONV_2D" in model.op_names()
+        outputs[per_channel] = np.concatenate([model(batch) for batch in crops()])
+    assert export.read_metadata(path)["quantization"] == "int8"
+    assert sizes[False] < sizes[True]
+    float_probs = reference[:, 1]
+    agree = np.mean((outputs[True][:, 1] >= 0.5) == (float_probs >= 0.5))
+    assert agree >= 0.75, (outputs[True][:, 1], float_probs)
+
+
+@needs_tflite
+def test_int8_needs_calibration_and_a_fixed_size(classifier, tmp_path):
+    with pytest.raises(ValueError, match="representative_images"):
+        export.export_tflite(classifier, str(tmp_path / "m.tflite"), quantize="int8")
+    with pytest.raises(ValueError, match="S x S"):
+        export.export_tflite(
+            classifier,
+            str(tmp_path / "m.tflite"),
+            quantize="int8",
+            representative_images=np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
+            any_size=True,
+        )
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("jax2onnx", "onnxruntime")),
+    reason="needs jax2onnx and onnxruntime (optional: jax2onnx pins an older orbax)",
+)
+def test_onnx_takes_any_size_and_matches_jax(classifier, reference, tmp_path):
+    run = export.load_onnx(export.export_onnx(classifier, str(tmp_path / "model.onnx")))
+    probs = np.concatenate([run(batch) for batch in crops()])
+    np.testing.assert_allclose(probs, reference, atol=1e-4)
+
+
+def test_export_uses_grouped_depthwise_whatever_the_training_used(classifier):
+    trained = classifier.model.clone(depthwise_implementation="shifted", dtype=jnp.bfloat16)
+    model = dataclasses.replace(classifier, model=trained).for_export().model
+    assert model.depthwise_implementation == "grouped" and model.dtype is None
+    assert isinstance(model, models.MobileNetV2)
+
+
+@needs_tflite
+def test_smoke_run_exports_to_every_format(tmp_path):
+    """The smoke config, shortened to one small epoch, trained and exported by the command."""
+    from mnres.__main__ import main
+
+    config = smoke.get_config()
+    config.data.synthetic_size = 200
+    config.num_epochs = 1
+    config.progress_bar = False
+    workdir = str(tmp_path / "smoke")
+    train.train_and_evaluate(config, workdir)
+    out = tmp_path / "export"
+    assert main(["export", workdir, "--out", str(out), "--calibration-images", "32"]) == 0
+    for name in (export.FILE_NAMES[f] for f in export.DEFAULT_FORMATS):
+        assert (out / name).stat().st_size > 10_000
+        assert json.loads((out / (name + ".json")).read_text())["step"] > 0

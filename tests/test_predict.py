@@ -1,0 +1,124 @@
+"""predict: files, folders, globs -> checkpoint or exported model -> labels, slide summary."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_export import HAS_TFLITE, make_run, needs_tflite
+
+from mnres import export, predict
+from mnres.__main__ import main
+from mnres.data import synthetic
+
+SLIDES = ("C100P61", "C39P4")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    """NIH-named cells of two slides and assorted sizes, a corrupt PNG and a non-image."""
+    folder = tmp_path_factory.mktemp("cells")
+    (folder / "more").mkdir()
+    images = synthetic.draw_cells(6, 48, 2, 3)[0]
+    sizes = ((48, 48), (40, 30), (48, 48), (30, 44), (48, 48), (48, 48))
+    for i, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+        name = f"{SLIDES[i % 2]}ThinF_IMG_20150918_1441{i:02d}_cell_{i}.png"
+        Image.fromarray(image[:h, :w]).save(folder / ("more" if i >= 4 else "") / name)
+    (folder / "C39P4ThinF_IMG_broken_cell_9.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_find_images_takes_files_folders_and_globs(cells):
+    found = predict.find_images([str(cells)])
+    assert len(found) == 7 and not any(f.endswith(".txt") for f in found)
+    assert sum("more" in f for f in found) == 2  # folders are searched recursively
+    by_glob = predict.find_images([str(cells / "C100*.png"), str(cells / "**" / "*.png")])
+    assert len(by_glob) == 7 and "C100P61" in os.path.basename(by_glob[0])  # order, no repeats
+    assert predict.find_images([str(cells / "notes.txt")]) == [str(cells / "notes.txt")]
+    # Reported per file by predict_files, never a reason to stop.
+    assert predict.find_images([str(cells / "*.jpg"), "gone.png"]) == [
+        str(cells / "*.jpg"),
+        "gone.png",
+    ]
+
+
+def test_checkpoint_and_exports_predict_the_same(run, cells, tmp_path):
+    paths = predict.find_images([str(cells)])
+    models = {"checkpoint": run}
+    classifier = export.load_run(run)
+    models["stablehlo"] = export.export_stablehlo(classifier, str(tmp_path / "m.stablehlo"))
+    if HAS_TFLITE:
+        models["tflite"] = export.export_tflite(classifier, str(tmp_path / "m.tflite"))
+    results = {}
+    for name, path in models.items():
+        rows = predict.predict_files(predict.load_predictor(path), paths)
+        errors = [r for r in rows if r["error"]]
+        assert len(errors) == 1 and "broken" in errors[0]["file"]
+        assert "unreadable image" in errors[0]["error"]
+        results[name] = np.array([r["prob_parasitized"] for r in rows if not r["error"]])
+        assert all(r["label"] in export.CLASS_NAMES for r in rows if not r["error"])
+    for name, probs in results.items():
+        np.testing.assert_allclose(probs, results["checkpoint"], atol=1e-4, err_msg=name)
+    assert np.ptp(results["checkpoint"]) > 0.05
+
+    summary = predict.slide_summary(rows)
+    assert [s["slide_id"] for s in summary] == sorted(SLIDES)
+    assert [s["cells"] for s in summary] == [3, 3]  # the broken file counts nowhere
+    table = predict.format_table(rows, summary)
+    assert "6 image(s) predicted, 1 unreadable" in table and "C39P4" in table
+
+
+@needs_tflite
+def test_int8_model_predicts_any_crop(run, cells, tmp_path):
+    classifier = export.load_run(run)
+    calibration = synthetic.draw_cells(32, classifier.image_size, 2, 0)[0]
+    path = export.export_tflite(
+        classifier, str(tmp_path / "int8.tflite"), quantize="int8",
+        representative_images=calibration,
+    )  # fmt: skip
+    predictor = predict.load_predictor(path)
+    assert predictor.image_size == classifier.image_size
+    rows = predict.predict_files(predictor, predict.find_images([str(cells)]))
+    assert sum(r["error"] is None for r in rows) == 6
+
+
+def test_predict_command_prints_json_and_tables(run, cells, capsys):
+    assert main(["predict", run, str(cells), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["images"]) == 7 and len(out["slides"]) == 2
+    assert sum(r["error"] is not None for r in out["images"]) == 1
+    assert main(["predict", run, str(cells / "more" / "*.png"), str(cells / "gone.png")]) == 0
+    text = capsys.readouterr().out
+    assert "p(parasitized)" in text and "2 image(s) predicted, 1 unreadable" in text
+    assert "gone.png" in text and "no such file" in text
+    assert main(["predict", run, str(cells / "gone.png")]) == 1  # nothing predicted
+
+
+def test_predict_command_fails_with_one_line(run, cells, tmp_path, capsys):
+    def error(*argv):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", *argv, str(cells)])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "no model at" in error(str(tmp_path / "missing.tflite"))
+    assert "not a training run" in error(str(tmp_path))
+    (tmp_path / "model.pt").write_bytes(b"torch")
+    assert "unknown model format" in error(str(tmp_path / "model.pt"))
+    (tmp_path / "bad.stablehlo").write_bytes(b"not a stablehlo module")
+    assert "cannot load" in error(str(tmp_path / "bad.stablehlo"))
+    # A checkpoint of another width than its config says.
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    os.symlink(os.path.join(run, "checkpoints"), wrong / "checkpoints")
+    config = json.loads(open(os.path.join(run, "config.json")).read())
+    config["model"]["alpha"] = 1.0
+    (wrong / "config.json").write_text(json.dumps(config))
+    assert "does not fit" in error(str(wrong))
