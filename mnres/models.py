@@ -90,7 +90,6 @@ class _MobileNet(nn.Module):
     def _unit_fields(self, train: bool) -> dict[str, Any]:
         return dict(
             norm=self._norm(train),
-            frozen_layers=self.frozen_layers,
             depthwise_implementation=self.depthwise_implementation,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -176,7 +175,7 @@ class MobileNetV1(_MobileNet):
             raise ValueError(f"num_blocks must be in 1..{len(MOBILENET_V1_BLOCKS)}")
         x = self._check_input(x)
         fields = self._unit_fields(train)
-        frozen = fields.pop("frozen_layers")
+        frozen = self.frozen_layers
         x = ConvBN(
             self._filters(32),
             "conv1",
@@ -246,7 +245,7 @@ class MobileNetV2(_MobileNet):
     def __call__(self, x, train: bool = False):
         x = self._check_input(x)
         fields = self._unit_fields(train)
-        frozen = fields.pop("frozen_layers")
+        frozen = self.frozen_layers
         x = ConvBN(
             make_divisible(32 * self.alpha, 8),
             "Conv1",
