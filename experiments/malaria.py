@@ -59,6 +59,7 @@ def main(argv):
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
         sys.exit(f"error: {e}")
+    train.shutdown_distributed(config)
     patients, auc = report["test_patient"], report["test"]["auc"]
     logging.info(
         "Test: cell accuracy %.4f, AUC %s%s. Report: %s",

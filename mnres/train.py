@@ -50,6 +50,18 @@ def initialize_distributed(config) -> None:
     )
 
 
+def shutdown_distributed(config) -> None:
+    """Leaves a run started by `initialize_distributed`; call it when the work is done.
+
+    Every process then meets at JAX's shutdown barrier while all are still alive. Left to the
+    interpreter's exit, a process can reach that barrier late (its exit first joins the
+    threads still running) and the others abort after the barrier's timeout.
+    """
+    dist = config.get("distributed")
+    if dist and dist.get("enabled"):
+        jax.distributed.shutdown()
+
+
 def _is_chief() -> bool:
     return jax.process_index() == 0
 
