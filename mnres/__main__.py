@@ -3,6 +3,7 @@
 python -m mnres summary MODEL [--alpha A] [--classes N] [--no-top] [--image-size S]
 python -m mnres export RUN [--out DIR] [--formats stablehlo,tflite,int8,onnx] [--evaluate]
 python -m mnres predict MODEL IMAGE|FOLDER|GLOB... [--json] [--checkpoint best|latest]
+    [--threshold P | --operating-point spec95|spec98]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import sys
 
-from mnres import models, params
+from mnres import calibration, models, params
 
 
 def _summary(args) -> int:
@@ -66,14 +67,17 @@ def _export(args) -> int:
 def _predict(args) -> int:
     from mnres import predict
 
+    threshold = args.threshold
+    if args.operating_point:
+        threshold = predict.operating_threshold(args.model, args.operating_point)
     predictor = predict.load_predictor(args.model, checkpoint=args.checkpoint)
-    rows = predict.predict_files(
-        predictor, predict.find_images(args.inputs), threshold=args.threshold
-    )
-    slides = predict.slide_summary(rows, threshold=args.threshold)
+    rows = predict.predict_files(predictor, predict.find_images(args.inputs), threshold=threshold)
+    slides = predict.slide_summary(rows, threshold=threshold)
     if args.json:
-        print(json.dumps({"model": args.model, "images": rows, "slides": slides}, indent=2))
+        out = {"model": args.model, "threshold": threshold, "images": rows, "slides": slides}
+        print(json.dumps(out, indent=2))
     else:
+        print(f"parasitized iff p >= {threshold:.4g}\n")
         print(predict.format_table(rows, slides))
     return 0 if any(r["error"] is None for r in rows) else 1
 
@@ -107,7 +111,14 @@ def main(argv=None) -> int:
     pred.add_argument("model", help="training workdir, .tflite, .stablehlo or .onnx file")
     pred.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     pred.add_argument("--checkpoint", choices=("best", "latest"), default="best")
-    pred.add_argument("--threshold", type=float, default=0.5, help="parasitized when p >= this")
+    cut = pred.add_mutually_exclusive_group()
+    cut.add_argument("--threshold", type=float, default=0.5, help="parasitized when p >= this")
+    cut.add_argument(
+        "--operating-point",
+        choices=calibration.OPERATING_POINTS,
+        help="the threshold that gave 95%%/98%% specificity on the run's validation split "
+        "(its calibration.json)",
+    )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
     args = parser.parse_args(argv)
     try:

@@ -13,7 +13,7 @@ the *uncalibrated* P(parasitized), the probability the model and every export ou
 consumer calls a cell parasitized iff ``prob >= threshold`` with no temperature involved.
 Temperature scaling is monotone, so the same cells are called either way.
 
-`calibrate_run(workdir, dataset)` writes ``calibration.json``::
+Every training run with a validation split writes ``calibration.json`` beside its checkpoints::
 
   {"temperature": T, "threshold_at_spec_95": t95, "threshold_at_spec_98": t98,
    "threshold_scale": "...", "validation": {...}, "test": {...}}
@@ -33,6 +33,7 @@ CALIBRATION_JSON = "calibration.json"
 RELIABILITY_UNCALIBRATED_PNG = "reliability_uncalibrated.png"
 RELIABILITY_CALIBRATED_PNG = "reliability_calibrated.png"
 SPECIFICITIES = (0.95, 0.98)
+OPERATING_POINTS = ("spec95", "spec98")  # the names predict takes for them
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 THRESHOLD_SCALE = (
     "uncalibrated P(parasitized), as the model and its exports output it: call a cell "
@@ -248,43 +249,24 @@ def run_logits(classifier, images, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def calibrate_run(workdir: str, dataset, *, which: str = "best", plots: bool = True) -> dict:
-    """Calibrates a finished training run on its validation split; writes calibration.json.
+def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) -> str:
+    """Writes a run's ``calibration.json`` and reliability diagrams of its test split.
 
     Args:
-      workdir: the run folder (config.json and checkpoints/).
-      dataset: the `mnres.data.Dataset` the run trained on (validation must hold both classes
-        for the operating points).
-      which: the checkpoint to calibrate, 'best' (what the report evaluated) or 'latest'.
-      plots: also write reliability diagrams of the test split before and after scaling.
+      workdir: the run folder.
+      record: from `calibrate`.
+      test_labels, test_logits: the test split's labels and logits [N, 2] (or log-odds [N]).
 
     Returns:
-      The record written, plus (not written) 'arrays': the logits and labels of both splits,
-      for callers that aggregate several runs.
+      The path of calibration.json.
     """
-    from mnres import export, report
+    from mnres import report
 
-    classifier = export.load_run(workdir, which=which)
-    val_logits = run_logits(classifier, dataset.validation.images)
-    test_logits = run_logits(classifier, dataset.test.images)
-    record = calibrate(val_logits, dataset.validation.labels, test_logits, dataset.test.labels)
-    record["checkpoint"] = classifier.metadata.get("checkpoint")
-    record["step"] = classifier.metadata.get("step")
-    write_calibration(workdir, record)
-    if plots:
-        labels = dataset.test.labels
-        report.plot_reliability(
-            labels, calibrated_probs(test_logits, 1.0),
-            os.path.join(workdir, RELIABILITY_UNCALIBRATED_PNG),
-        )  # fmt: skip
-        report.plot_reliability(
-            labels, calibrated_probs(test_logits, record["temperature"]),
-            os.path.join(workdir, RELIABILITY_CALIBRATED_PNG),
-        )  # fmt: skip
-    record["arrays"] = {
-        "validation_logits": val_logits,
-        "validation_labels": np.asarray(dataset.validation.labels),
-        "test_logits": test_logits,
-        "test_labels": np.asarray(dataset.test.labels),
-    }
-    return record
+    path = write_calibration(workdir, record)
+    for temperature, name in (
+        (1.0, RELIABILITY_UNCALIBRATED_PNG),
+        (record["temperature"], RELIABILITY_CALIBRATED_PNG),
+    ):
+        probs = calibrated_probs(test_logits, temperature)
+        report.plot_reliability(test_labels, probs, os.path.join(workdir, name))
+    return path

@@ -30,7 +30,7 @@ import time
 import numpy as np
 from absl import logging
 
-from mnres import calibration, data, metrics, report
+from mnres import calibration, data, metrics, report, train
 from mnres.data.splits import (
     Dataset,
     Split,
@@ -42,7 +42,6 @@ from mnres.data.splits import (
 
 FOLD_SPEC_JSON = "fold_spec.json"
 FOLD_JSON = "fold.json"
-TEST_OUTPUTS_NPZ = "test_outputs.npz"
 CROSSVAL_JSON = "crossval.json"
 CROSSVAL_MD = "crossval.md"
 SLIDE_FRACTIONS_PNG = "slide_fractions.png"
@@ -178,23 +177,12 @@ def _read_json(path: str):
 
 
 def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
-    """Trains (or resumes) one fold, calibrates it and writes its fold.json summary."""
-    from mnres import train
-
+    """Trains (or resumes) one fold (it calibrates itself) and writes its fold.json summary."""
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, FOLD_SPEC_JSON), dict(spec, fold=fold))
     start = time.perf_counter()
     result = train.train_and_evaluate(config, workdir, dataset=ds)
     train_seconds = time.perf_counter() - start
-    record = calibration.calibrate_run(workdir, ds)
-    arrays = record.pop("arrays")
-    np.savez_compressed(
-        os.path.join(workdir, TEST_OUTPUTS_NPZ),
-        logits=arrays["test_logits"],
-        labels=arrays["test_labels"],
-        slide_ids=np.asarray(ds.test.slide_ids, str),
-        names=np.asarray(ds.test.names, str),
-    )
     patient = result.get("test_patient")
     summary = {
         "fold": fold,
@@ -210,19 +198,7 @@ def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
             else None
         ),
         "slides": patient["slides"] if patient else None,
-        "calibration": {
-            "temperature": record["temperature"],
-            "ece_before": record["test"]["ece_before"],
-            "ece_after": record["test"]["ece_after"],
-            **{
-                f"sensitivity_at_{key}": record["test"][f"at_{key}"]["sensitivity"]
-                for key in ("spec_95", "spec_98")
-            },
-            **{
-                f"specificity_at_{key}": record["test"][f"at_{key}"]["specificity"]
-                for key in ("spec_95", "spec_98")
-            },
-        },
+        "calibration": result["calibration"],
         "wall_time_s": train_seconds,
         "evaluated_step": result["training"]["evaluated_step"],
     }
@@ -262,10 +238,10 @@ def _pooled(workdir: str, summaries: list[dict], by_slide: bool) -> dict:
     probs, calibrated, labels = [], [], []
     for s in summaries:
         fold_dir = os.path.join(workdir, f"fold_{s['fold']}")
-        outputs = np.load(os.path.join(fold_dir, TEST_OUTPUTS_NPZ))
-        probs.append(calibration.calibrated_probs(outputs["logits"], 1.0))
+        outputs = np.load(os.path.join(fold_dir, train.TEST_OUTPUTS_NPZ))
+        probs.append(calibration.calibrated_probs(outputs["log_odds"], 1.0))
         calibrated.append(
-            calibration.calibrated_probs(outputs["logits"], s["calibration"]["temperature"])
+            calibration.calibrated_probs(outputs["log_odds"], s["calibration"]["temperature"])
         )
         labels.append(outputs["labels"])
     probs, calibrated, labels = map(np.concatenate, (probs, calibrated, labels))

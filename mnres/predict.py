@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mnres import export
+from mnres import calibration, export
 from mnres.data import decode
 from mnres.data.sources import IMAGE_SUFFIXES, slide_id
 
@@ -83,6 +83,40 @@ def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Pred
     serve = jax.jit(export.serving_function(classifier))
     run = lambda images: np.asarray(serve(np.asarray(images, np.uint8)))
     return Predictor(name, "checkpoint", classifier.image_size, run, batch_size)
+
+
+def operating_threshold(model_path: str, point: str) -> float:
+    """The threshold on P(parasitized) that gave `point` ('spec95': 95% specificity) on the
+    validation split of the model's training run, from its calibration.json.
+
+    The run folder holds calibration.json; an exported file is looked up beside it and one
+    folder up (`export` writes to RUN/export/).
+
+    Raises:
+      ValueError: no calibration.json, or the run's validation split could not give the point.
+    """
+    if point not in calibration.OPERATING_POINTS:
+        raise ValueError(
+            f"unknown operating point {point!r}; one of {', '.join(calibration.OPERATING_POINTS)}"
+        )
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path) or "."
+    for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
+        record = calibration.read_calibration(candidate)
+        if record is not None:
+            break
+    else:
+        raise ValueError(
+            f"no {calibration.CALIBRATION_JSON} for {model_path} (looked in {folder} and the "
+            "folder above): operating points come from a training run with a validation split; "
+            "copy its calibration.json beside the model or give --threshold"
+        )
+    threshold = record.get(f"threshold_at_spec_{point[4:]}")
+    if threshold is None:
+        raise ValueError(
+            f"{os.path.join(candidate, calibration.CALIBRATION_JSON)} has no {point} threshold "
+            "(its validation split lacked a class); give --threshold"
+        )
+    return float(threshold)
 
 
 def find_images(inputs) -> list[str]:

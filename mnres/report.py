@@ -156,6 +156,27 @@ def _markdown(report, pngs):
                 ],
             )  # fmt: skip
             lines += [""]
+    calibrated = report.get("calibration")
+    if calibrated:
+        lines += [
+            "## Calibration and operating points",
+            "",
+            f"Temperature {_fmt(calibrated['temperature'])} (fitted on validation); test ECE "
+            f"{_fmt(calibrated['ece_before'])} before scaling, {_fmt(calibrated['ece_after'])} "
+            "after. Thresholds on P(parasitized) chosen for 95% and 98% validation "
+            "specificity, and what they reach on test (`calibration.json`; "
+            "`python -m mnres predict RUN ... --operating-point spec95`):",
+            "",
+        ]
+        lines += _table(
+            ["Operating point", "Threshold", "Test sensitivity", "Test specificity"],
+            [
+                [f"spec {p}%", calibrated[f"threshold_at_spec_{p}"],
+                 calibrated[f"sensitivity_at_spec_{p}"], calibrated[f"specificity_at_spec_{p}"]]
+                for p in (95, 98)
+            ],
+        )  # fmt: skip
+        lines += [""]
     for section in ("data", "training", "timing"):
         # Flat key/value sections only; nested ones stay in report.json.
         items = report.get(section)

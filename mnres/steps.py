@@ -170,6 +170,9 @@ def _eval_step(state: TrainState, batch, *, model):
     logits, _ = model.apply(variables, preprocess(batch["image"]), train=False)
     return {
         "prob": jax.nn.softmax(logits)[:, 1],
+        # Binary log-odds log p1/p0: exact where the float32 probability saturates, so that
+        # temperature scaling can be fitted on them.
+        "log_odds": logits[:, 1] - logits[:, 0],
         "loss": cross_entropy(logits, batch["label"]),
         "label": batch["label"],
         "mask": batch["mask"],
@@ -190,7 +193,8 @@ def evaluate(eval_step, state: TrainState, split, batch_size: int, mesh) -> dict
     """Positive-class probabilities and losses for every example of `split`, exactly once.
 
     Returns:
-      {'labels': int32 [N], 'probs': float32 [N], 'loss': mean cross-entropy,
+      {'labels': int32 [N], 'probs': float32 [N] P(parasitized), 'log_odds': float32 [N]
+       log P(parasitized)/P(uninfected), 'loss': mean cross-entropy,
        'accuracy': at threshold 0.5}; arrays in the split's order.
     """
     outputs = [
@@ -203,6 +207,7 @@ def evaluate(eval_step, state: TrainState, split, batch_size: int, mesh) -> dict
     mask = np.concatenate([o["mask"] for o in host])
     labels = np.concatenate([o["label"] for o in host])[mask]
     probs = np.concatenate([o["prob"] for o in host])[mask].astype(np.float32)
+    log_odds = np.concatenate([o["log_odds"] for o in host])[mask].astype(np.float32)
     loss = np.concatenate([o["loss"] for o in host])[mask]
     if len(labels) != len(split) or not np.array_equal(labels, split.labels):
         raise AssertionError(
@@ -212,6 +217,7 @@ def evaluate(eval_step, state: TrainState, split, batch_size: int, mesh) -> dict
     return {
         "labels": labels,
         "probs": probs,
+        "log_odds": log_odds,
         "loss": float(np.mean(loss, dtype=np.float64)),
         "accuracy": float(np.mean((probs >= 0.5) == (labels == 1))),
     }

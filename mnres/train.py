@@ -2,10 +2,13 @@
 
 What it writes to `workdir`: `config.json` (the resolved config), `manifest.json` (the split
 manifest), `metrics.jsonl` (one row per epoch), `checkpoints/{latest,best}/`, and at the end
-`report.json`, `report.md`, `predictions_test.csv` and the plots (`history.png`,
-`confusion_matrix.png`, `roc.png`). Re-running with the same workdir resumes from the latest
-checkpoint; because the data order and every random draw are functions of (seed, step), a run
-killed at any moment and resumed ends with the same metrics as one that was never stopped.
+`report.json`, `report.md`, `predictions_test.csv`, `test_outputs.npz` (test log-odds, labels,
+slide ids, names), the plots (`history.png`, `confusion_matrix.png`, `roc.png`) and, with a
+validation split, `calibration.json` (temperature, thresholds for 95%/98% specificity; see
+`mnres.calibration`) with its reliability diagrams. Re-running with the same workdir resumes
+from the latest checkpoint; because the data order and every random draw are functions of
+(seed, step), a run killed at any moment and resumed ends with the same metrics as one that
+was never stopped.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
-from mnres import checkpoint, data, metrics, optim, report, steps
+from mnres import calibration, checkpoint, data, metrics, optim, report, steps
 from mnres import params as params_lib
 from mnres.steps import TrainState
 
+TEST_OUTPUTS_NPZ = "test_outputs.npz"
 TIMING_FIELDS = ("images_per_sec", "data_wait_fraction", "epoch_time_s", "eval_time_s")
 
 
@@ -336,8 +341,35 @@ def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train
         )
     else:
         result["test_patient"] = None  # slide ids unknown (tfds) or no validation split
+    # Temperature and operating points fitted on validation, stored with the model for predict.
+    calibrated = None
+    if val:
+        calibrated = calibration.calibrate(
+            val["log_odds"], val["labels"], test["log_odds"], test["labels"]
+        )
+        calibrated.update(checkpoint=source, step=evaluated_step)
+        # On test: ECE before and after scaling; what the validation thresholds reach.
+        result["calibration"] = {
+            "temperature": calibrated["temperature"],
+            "ece_before": calibrated["test"]["ece_before"],
+            "ece_after": calibrated["test"]["ece_after"],
+            **{
+                f"{key}_at_{point}": calibrated["test"][f"at_{point}"][key]
+                for point in ("spec_95", "spec_98")
+                for key in ("threshold", "sensitivity", "specificity")
+            },
+        }
     if _is_chief():
         _write_predictions(os.path.join(workdir, "predictions_test.csv"), ds.test, test["probs"])
+        np.savez_compressed(
+            os.path.join(workdir, TEST_OUTPUTS_NPZ),
+            log_odds=test["log_odds"],
+            labels=test["labels"],
+            slide_ids=np.asarray(ds.test.slide_ids, str),
+            names=np.asarray(ds.test.names, str),
+        )
+        if calibrated:
+            calibration.write_run_calibration(workdir, calibrated, test["labels"], test["log_odds"])
         path = lambda name: os.path.join(workdir, name)
         report.plot_history(history, path(report.HISTORY_PNG))
         report.plot_confusion_matrix(

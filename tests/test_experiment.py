@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import smoke
-from mnres import checkpoint, optim, train
+from mnres import calibration, checkpoint, metrics, optim, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = "experiments/configs/smoke.py"
@@ -39,6 +39,10 @@ OUTPUTS = (
     "predictions_test.csv",
     "history.png",
     "confusion_matrix.png",
+    "calibration.json",
+    "test_outputs.npz",
+    "reliability_uncalibrated.png",
+    "reliability_calibrated.png",
     "roc.png",
 )
 
@@ -149,6 +153,29 @@ def test_short_run_writes_every_output(short_run):
     assert report["data"]["num_validation"] % 128 and report["data"]["num_test"] % 128
     lines = (short_run / "predictions_test.csv").read_text().splitlines()
     assert len(lines) - 1 == report["data"]["num_test"]
+
+
+def test_short_run_stores_its_calibration_and_operating_points(short_run):
+    report = json.loads((short_run / "report.json").read_text())
+    record = calibration.read_calibration(str(short_run))
+    assert record["step"] == report["training"]["evaluated_step"] and record["temperature"] > 0
+    outputs = np.load(short_run / "test_outputs.npz")
+    assert outputs["labels"].tolist() == [
+        int(line.split(",")[2])
+        for line in (short_run / "predictions_test.csv").read_text().splitlines()[1:]
+    ]
+    probs = calibration.calibrated_probs(outputs["log_odds"], 1.0)
+    assert metrics.binary_metrics(outputs["labels"], probs)["auc"] == pytest.approx(
+        report["test"]["auc"], abs=1e-6
+    )
+    for point in ("spec_95", "spec_98"):
+        # The validation threshold applied to the stored test outputs gives the reported result.
+        threshold = record[f"threshold_at_{point}"]
+        at = metrics.binary_metrics(outputs["labels"], probs, threshold)
+        assert report["calibration"][f"threshold_at_{point}"] == threshold
+        assert at["sensitivity"] == pytest.approx(report["calibration"][f"sensitivity_at_{point}"])
+        assert at["specificity"] == pytest.approx(report["calibration"][f"specificity_at_{point}"])
+    assert "Calibration and operating points" in (short_run / "report.md").read_text()
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, short_run, compilation_cache):

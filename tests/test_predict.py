@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from test_export import HAS_TFLITE, make_run, needs_tflite
 
-from mnres import export, predict
+from mnres import calibration, export, predict
 from mnres.__main__ import main
 from mnres.data import synthetic
 
@@ -122,3 +122,35 @@ def test_predict_command_fails_with_one_line(run, cells, tmp_path, capsys):
     config["model"]["alpha"] = 1.0
     (wrong / "config.json").write_text(json.dumps(config))
     assert "does not fit" in error(str(wrong))
+
+
+def test_operating_point_takes_the_threshold_of_the_runs_calibration(run, cells, tmp_path, capsys):
+    def predict_json(model, *options):
+        assert main(["predict", model, str(cells), "--json", *options]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain = predict_json(run)
+    probs = sorted(r["prob_parasitized"] for r in plain["images"] if r["error"] is None)
+    cut = (probs[2] + probs[3]) / 2  # between two crops: the threshold decides their labels
+    calibrated = tmp_path / "calibrated"
+    calibrated.mkdir()
+    for name in ("checkpoints", "config.json"):
+        os.symlink(os.path.join(run, name), calibrated / name)
+    calibration.write_calibration(
+        str(calibrated),
+        {"temperature": 1.0, "threshold_at_spec_95": cut, "threshold_at_spec_98": None},
+    )
+    out = predict_json(str(calibrated), "--operating-point", "spec95")
+    assert out["threshold"] == cut
+    called = [r["label"] == "parasitized" for r in out["images"] if r["error"] is None]
+    assert called == [r["prob_parasitized"] >= cut for r in out["images"] if r["error"] is None]
+    assert sum(called) == 3
+
+    def error(model, point):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", model, str(cells), "--operating-point", point])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "lacked a class" in error(str(calibrated), "spec98")
+    assert "no calibration.json" in error(run, "spec95")
