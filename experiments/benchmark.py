@@ -52,6 +52,12 @@ _PARTS = flags.DEFINE_list(
 _PEERS = flags.DEFINE_bool("peers", False, "Also run PyTorch and Keras-TensorFlow, if installed.")
 _THREADS = flags.DEFINE_integer("threads", 0, "Threads (and cores) per run; 0: every core.")
 _AUGMENT = flags.DEFINE_bool("augment", False, "mnres: keep the training augmentation in-step.")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "keep_freed_memory",
+    True,
+    "mnres: keep freed host memory for reuse, as training does (mnres.host_memory); "
+    "--nokeep_freed_memory measures glibc's default.",
+)
 _OVERRIDES = flags.DEFINE_string(
     "model_overrides", "{}", 'mnres only, JSON create_model fields, e.g. {"num_blocks": 2}.'
 )
@@ -188,7 +194,8 @@ def _available(framework: str) -> str | None:
 
 def _label(result: dict) -> str:
     if result["framework"] == "mnres":
-        return f"mnres/{result['spec']['depthwise']}"
+        spec = result["spec"]
+        return f"mnres/{spec['depthwise']}" + ("" if spec["keep_freed_memory"] else "/free")
     return result["framework"]
 
 
@@ -339,6 +346,7 @@ def main(argv):
         "latency_calls": _LATENCY_CALLS.value,
         "threads": _THREADS.value,
         "augment": _AUGMENT.value,
+        "keep_freed_memory": _KEEP_FREED_MEMORY.value,
         "overrides": overrides,
         "parts": _PARTS.value,
     }

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import experiments
-from mnres import crossval
+from mnres import crossval, host_memory
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 config_flags.DEFINE_config_file(
@@ -36,6 +36,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     experiments.quiet_orbax_info_logs()
+    host_memory.keep_freed_memory()  # before JAX starts: XLA's CPU steps stop page-faulting
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"crossval_{name}")
     folds = None if FLAGS.folds is None else [int(f) for f in FLAGS.folds]

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import experiments
-from mnres import train
+from mnres import host_memory, train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 config_flags.DEFINE_config_file(
@@ -46,6 +46,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     experiments.quiet_orbax_info_logs()
+    host_memory.keep_freed_memory()  # before JAX starts: XLA's CPU steps stop page-faulting
     config = FLAGS.config
     # experiments/configs/paper.py:keras_bn -> paper_keras_bn
     path, _, arg = flags.FLAGS["config"].config_filename.partition(":")

@@ -12,7 +12,7 @@ import numpy as np
 
 from experiments.configs import default
 from experiments.peers import workload
-from mnres import layers, optim, steps
+from mnres import host_memory, layers, optim, steps
 from mnres import params as params_lib
 from mnres.data.augment import preprocess
 
@@ -22,6 +22,8 @@ NO_AUGMENTATION = dict(
 
 
 def build(spec: dict):
+    # Before the first computation, as experiments.malaria does (see mnres.host_memory).
+    kept = spec["keep_freed_memory"] and host_memory.keep_freed_memory()
     config = default.get_config()
     model_config = ml_collections.ConfigDict(
         dict(
@@ -69,6 +71,7 @@ def build(spec: dict):
         "version": f"jax {jax.__version__}",
         "platform": jax.devices()[0].platform,
         "depthwise_resolved": layers.resolve_depthwise_implementation(spec["depthwise"]),
+        "keep_freed_memory": kept,
     }
     return info, (
         train,

@@ -35,6 +35,7 @@ DEFAULT_SPEC = {
     "threads": 0,  # 0: one per core available to this process
     "depthwise": "auto",  # mnres only
     "augment": False,  # mnres only: the training augmentation inside the step
+    "keep_freed_memory": True,  # mnres only: mnres.host_memory.keep_freed_memory(), as training
     "overrides": {},  # mnres only: more `create_model` fields (peers refuse a non-empty one)
     "parts": ["train", "eval", "latency"],  # what to measure
     "seed": 0,
