@@ -36,7 +36,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     experiments.quiet_orbax_info_logs()
-    host_memory.keep_freed_memory()  # before JAX starts: XLA's CPU steps stop page-faulting
+    if FLAGS.config.get("keep_freed_memory", True):
+        host_memory.keep_freed_memory()  # before JAX starts its threads
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", f"crossval_{name}")
     folds = None if FLAGS.folds is None else [int(f) for f in FLAGS.folds]

@@ -46,7 +46,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     experiments.quiet_orbax_info_logs()
-    host_memory.keep_freed_memory()  # before JAX starts: XLA's CPU steps stop page-faulting
+    if FLAGS.config.get("keep_freed_memory", True):
+        host_memory.keep_freed_memory()  # before JAX starts its threads
     config = FLAGS.config
     # experiments/configs/paper.py:keras_bn -> paper_keras_bn
     path, _, arg = flags.FLAGS["config"].config_filename.partition(":")

@@ -56,6 +56,10 @@ def get_config(arg=None):
     config.eval_batch_size = 256
     config.num_epochs = 20
 
+    # CPU: glibc keeps freed memory for reuse (mnres.host_memory), so XLA's steps stop
+    # page-faulting their buffers in: ~1.9x faster training here, for a higher peak memory.
+    config.keep_freed_memory = True
+
     config.log_every_steps = 50  # how often losses are fetched to the host and checked for NaN
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 2
