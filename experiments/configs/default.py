@@ -3,7 +3,7 @@
 A narrow V2 at 64 px: a cell crop keeps its parasites, and 20 epochs fit a laptop CPU. Measured
 on the NIH development slides split by slide (folder source, seed 0; README "Results"): 92.3%
 cell accuracy and 16/16 correct patient decisions on 16 unseen test patients (96.4% on the
-validation slides), 42.5 minutes on a busy 2-core CPU. The recipe is not tuned yet.
+validation slides), 14.2 minutes on a 2-core CPU. The recipe is not tuned yet.
 
   python -m experiments.malaria                        # this config, TFDS `malaria`
   python -m experiments.malaria --config=experiments/configs/default.py \
