@@ -33,7 +33,9 @@ CALIBRATION_JSON = "calibration.json"
 RELIABILITY_UNCALIBRATED_PNG = "reliability_uncalibrated.png"
 RELIABILITY_CALIBRATED_PNG = "reliability_calibrated.png"
 SPECIFICITIES = (0.95, 0.98)
-OPERATING_POINTS = ("spec95", "spec98")  # the names predict takes for them
+# Record keys of the points ('spec_95') and the names `predict --operating-point` takes ('spec95').
+POINT_KEYS = tuple(f"spec_{round(100 * s)}" for s in SPECIFICITIES)
+OPERATING_POINTS = tuple(key.replace("_", "") for key in POINT_KEYS)
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 THRESHOLD_SCALE = (
     "uncalibrated P(parasitized), as the model and its exports output it: call a cell "
@@ -154,6 +156,30 @@ def operating_points(labels, probs, specificities=SPECIFICITIES) -> dict:
         f"spec_{round(100 * s)}": metrics.sensitivity_at_specificity(labels, probs, s)
         for s in specificities
     }
+
+
+def threshold_for(record: dict, operating_point: str) -> float | None:
+    """The stored threshold of an operating point ('spec95', 'spec98') of a calibration record;
+    None when the validation split could not give it (one class absent)."""
+    if operating_point not in OPERATING_POINTS:
+        raise ValueError(
+            f"unknown operating point {operating_point!r}; one of {', '.join(OPERATING_POINTS)}"
+        )
+    return record.get(f"threshold_at_{POINT_KEYS[OPERATING_POINTS.index(operating_point)]}")
+
+
+def report_summary(record: dict) -> dict:
+    """The flat test-split figures of a record, as reports and cross-validation tables show them:
+    temperature, ECE before/after, and per point threshold, sensitivity, specificity."""
+    summary = {
+        "temperature": record["temperature"],
+        "ece_before": record["test"]["ece_before"],
+        "ece_after": record["test"]["ece_after"],
+    }
+    for point in POINT_KEYS:
+        for key in ("threshold", "sensitivity", "specificity"):
+            summary[f"{key}_at_{point}"] = record["test"][f"at_{point}"][key]
+    return summary
 
 
 def calibrate(val_logits, val_labels, test_logits=None, test_labels=None, n_bins: int = 15):

@@ -89,31 +89,31 @@ def operating_threshold(model_path: str, point: str) -> float:
     """The threshold on P(parasitized) that gave `point` ('spec95': 95% specificity) on the
     validation split of the model's training run, from its calibration.json.
 
-    The run folder holds calibration.json; an exported file is looked up beside it and one
-    folder up (`export` writes to RUN/export/).
+    A run folder holds calibration.json; for an exported file it is looked up beside the file
+    and one folder up (`export` writes to RUN/export/).
 
     Raises:
       ValueError: no calibration.json, or the run's validation split could not give the point.
     """
-    if point not in calibration.OPERATING_POINTS:
-        raise ValueError(
-            f"unknown operating point {point!r}; one of {', '.join(calibration.OPERATING_POINTS)}"
-        )
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path) or "."
-    for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
-        record = calibration.read_calibration(candidate)
+    if os.path.isdir(model_path):
+        folders = [model_path]
+    else:
+        folder = os.path.dirname(os.path.abspath(model_path))
+        folders = [folder, os.path.dirname(folder)]
+    for folder in folders:
+        record = calibration.read_calibration(folder)
         if record is not None:
             break
     else:
         raise ValueError(
-            f"no {calibration.CALIBRATION_JSON} for {model_path} (looked in {folder} and the "
-            "folder above): operating points come from a training run with a validation split; "
-            "copy its calibration.json beside the model or give --threshold"
+            f"no {calibration.CALIBRATION_JSON} for {model_path} (looked in "
+            f"{' and '.join(folders)}): operating points come from a training run with a "
+            "validation split; copy its calibration.json beside the model or give --threshold"
         )
-    threshold = record.get(f"threshold_at_spec_{point[4:]}")
+    threshold = calibration.threshold_for(record, point)
     if threshold is None:
         raise ValueError(
-            f"{os.path.join(candidate, calibration.CALIBRATION_JSON)} has no {point} threshold "
+            f"{os.path.join(folder, calibration.CALIBRATION_JSON)} has no {point} threshold "
             "(its validation split lacked a class); give --threshold"
         )
     return float(threshold)

@@ -348,17 +348,7 @@ def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train
             val["log_odds"], val["labels"], test["log_odds"], test["labels"]
         )
         calibrated.update(checkpoint=source, step=evaluated_step)
-        # On test: ECE before and after scaling; what the validation thresholds reach.
-        result["calibration"] = {
-            "temperature": calibrated["temperature"],
-            "ece_before": calibrated["test"]["ece_before"],
-            "ece_after": calibrated["test"]["ece_after"],
-            **{
-                f"{key}_at_{point}": calibrated["test"][f"at_{point}"][key]
-                for point in ("spec_95", "spec_98")
-                for key in ("threshold", "sensitivity", "specificity")
-            },
-        }
+        result["calibration"] = calibration.report_summary(calibrated)
     if _is_chief():
         _write_predictions(os.path.join(workdir, "predictions_test.csv"), ds.test, test["probs"])
         np.savez_compressed(

@@ -101,13 +101,16 @@ def test_predict_command_prints_json_and_tables(run, cells, capsys):
     assert main(["predict", run, str(cells / "gone.png")]) == 1  # nothing predicted
 
 
-def test_predict_command_fails_with_one_line(run, cells, tmp_path, capsys):
-    def error(*argv):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["predict", *argv, str(cells)])
-        assert exit_info.value.code == 2
-        return capsys.readouterr().err.strip().splitlines()[-1]
+def _predict_error(capsys, *argv) -> str:
+    """The last line `predict ARGV` writes when it exits with a usage error (code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
+
+def test_predict_command_fails_with_one_line(run, cells, tmp_path, capsys):
+    error = lambda model: _predict_error(capsys, model, str(cells))
     assert "no model at" in error(str(tmp_path / "missing.tflite"))
     assert "not a training run" in error(str(tmp_path))
     (tmp_path / "model.pt").write_bytes(b"torch")
@@ -146,11 +149,25 @@ def test_operating_point_takes_the_threshold_of_the_runs_calibration(run, cells,
     assert called == [r["prob_parasitized"] >= cut for r in out["images"] if r["error"] is None]
     assert sum(called) == 3
 
-    def error(model, point):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["predict", model, str(cells), "--operating-point", point])
-        assert exit_info.value.code == 2
-        return capsys.readouterr().err.strip().splitlines()[-1]
-
+    error = lambda model, point: _predict_error(
+        capsys, model, str(cells), "--operating-point", point
+    )
     assert "lacked a class" in error(str(calibrated), "spec98")
     assert "no calibration.json" in error(run, "spec95")
+
+
+def test_operating_threshold_of_an_export_comes_from_its_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "model_int8.tflite").write_bytes(b"")
+    calibration.write_calibration(
+        str(run), {"temperature": 1.0, "threshold_at_spec_95": 0.3, "threshold_at_spec_98": 0.7}
+    )
+    exported = str(run / "export" / "model_int8.tflite")
+    assert predict.operating_threshold(exported, "spec98") == 0.7
+    # A run folder reads its own calibration only, never a parent's.
+    (run / "nested_run").mkdir()
+    with pytest.raises(ValueError, match="no calibration.json"):
+        predict.operating_threshold(str(run / "nested_run"), "spec95")
+    with pytest.raises(ValueError, match="unknown operating point"):
+        predict.operating_threshold(exported, "spec90")
