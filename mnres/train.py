@@ -417,7 +417,10 @@ def train_and_evaluate(
     ckpts = checkpoint.Checkpoints(
         os.path.join(workdir, "checkpoints"),
         keep=config.get("keep_checkpoints", 2),
-        async_save=config.get("async_checkpointing", True),
+        # Several processes save synchronously: an asynchronous save's barrier, waited for in a
+        # background thread, deadlocked against the next step's collectives (seen with two CPU
+        # processes on gloo: one main thread at orbax's barrier, the other in an all-gather).
+        async_save=config.get("async_checkpointing", True) and jax.process_count() == 1,
     )
     try:
         start = ckpts.latest_step()
