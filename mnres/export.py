@@ -51,6 +51,11 @@ class Classifier:
     metadata: dict = dataclasses.field(default_factory=dict)  # source run, step, model
     config: Any = None  # the run's resolved config, when loaded from a run
 
+    @property
+    def test_time_augmentation(self) -> bool:
+        """Whether the run was evaluated averaging the 8 symmetries of each crop."""
+        return bool(self.config is not None and self.config.get("test_time_augmentation"))
+
     def for_export(self) -> Classifier:
         """The same weights with grouped depthwise convs and float32 compute."""
         model = self.model.clone(depthwise_implementation="grouped", dtype=None)
@@ -96,7 +101,9 @@ def load_run(workdir: str, *, which: str = "best") -> Classifier:
         ckpts.close()
     if state is None:
         raise ValueError(f"no checkpoint in {checkpoint_dir}")
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    # A run that kept a moving average of its weights was evaluated with it (TrainState).
+    params = state.get("ema_params") or state["params"]
+    variables = {"params": params, "batch_stats": state.get("batch_stats") or {}}
     _check_fits(variables, dict(expected), f"the checkpoint at step {step} in {checkpoint_dir}",
                 config.model.name)  # fmt: skip
     metadata = {
@@ -158,10 +165,11 @@ def serving_function(classifier: Classifier):
     """The exported function: uint8 crops [B, H, W, 3] -> probabilities float32 [B, C]."""
     classifier = classifier.for_export()
     model, variables, size = classifier.model, classifier.variables, classifier.image_size
+    tta = classifier.test_time_augmentation  # the exported model answers as the run evaluated
 
     def serve(images):
         x = resize_like_training(images, size) / 127.5 - 1.0
-        logits, _ = model.apply(variables, x, train=False)
+        logits = steps.classify(model, variables, x, tta=tta)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     return serve

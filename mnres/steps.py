@@ -21,7 +21,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mnres import data, models
-from mnres.data.augment import augment, preprocess
+from mnres.data.augment import augment, dihedral_views, preprocess
 from mnres.optim import cross_entropy
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -36,19 +36,26 @@ class TrainState:
     opt_state: Any
     step: jax.Array  # int32 scalar: the number of steps taken
     rng: jax.Array  # uint32 key data; step k uses fold_in(rng, k)
+    # Exponential moving average of `params` (config.ema_decay); {} when it is not kept.
+    ema_params: Any = flax.struct.field(default_factory=dict)
+
+    @property
+    def eval_params(self):
+        """The weights to evaluate and export: the moving average when one is kept."""
+        return self.ema_params or self.params
 
     def to_dict(self) -> dict:
-        return {
-            "params": self.params,
-            "batch_stats": self.batch_stats,
-            "opt_state": self.opt_state,
-            "step": self.step,
-            "rng": self.rng,
-        }
+        d = {name: getattr(self, name) for name in _STATE_FIELDS}
+        if not self.ema_params:  # without an average, checkpoints keep their original layout
+            del d["ema_params"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
-        return cls(**{k: d[k] for k in ("params", "batch_stats", "opt_state", "step", "rng")})
+        return cls(**{k: d.get(k, {}) if k == "ema_params" else d[k] for k in _STATE_FIELDS})
+
+
+_STATE_FIELDS = ("params", "batch_stats", "opt_state", "step", "rng", "ema_params")
 
 
 def create_model(model_config, num_classes: int = 2):
@@ -96,8 +103,11 @@ def shard_batch(local_batch: dict, mesh) -> dict:
     }
 
 
-def init_state(model, tx, image_size: int, seed: int, mesh) -> TrainState:
-    """Initialises parameters, optimizer state and rng, replicated over `mesh`."""
+def init_state(model, tx, image_size: int, seed: int, mesh, *, ema: bool = False) -> TrainState:
+    """Initialises parameters, optimizer state and rng, replicated over `mesh`.
+
+    `ema`: also keep a moving average of the parameters (starting from them).
+    """
 
     def init():
         init_rng, train_rng = jax.random.split(jax.random.key(seed))
@@ -110,12 +120,13 @@ def init_state(model, tx, image_size: int, seed: int, mesh) -> TrainState:
             opt_state=tx.init(params),
             step=jnp.zeros((), jnp.int32),
             rng=jax.random.key_data(train_rng),
+            ema_params=jax.tree.map(jnp.copy, params) if ema else {},
         )
 
     return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
 
 
-def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoothing):
+def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoothing, ema_decay):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
     images = augment(batch["image"], aug_rng, data_config)
@@ -131,11 +142,20 @@ def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoot
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params:
+        # The decay ramps up as in tf.train.ExponentialMovingAverage(num_updates): early on the
+        # average follows the fast-moving weights instead of remembering the random start.
+        t = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+        ema_params = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)
     new_state = state.replace(
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
         step=state.step + 1,
+        ema_params=ema_params,
     )
     count = labels.shape[0]
     metrics = {
@@ -147,14 +167,24 @@ def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoot
     return new_state, metrics
 
 
-def make_train_step(model, tx, data_config, mesh, *, label_smoothing: float = 0.0):
+def make_train_step(
+    model, tx, data_config, mesh, *, label_smoothing: float = 0.0, ema_decay: float = 0.999
+):
     """`train_step(state, batch) -> (state, metrics)`, compiled once; donates `state`.
+
+    A state made with `init_state(..., ema=True)` also updates its weights' moving average
+    with `ema_decay`; other states ignore it.
 
     Augmentation and dropout use `fold_in(state.rng, state.step)`, so a step's randomness
     depends only on the seed and the step number and a resumed run repeats it exactly.
     """
     step = functools.partial(
-        _train_step, model=model, tx=tx, data_config=data_config, label_smoothing=label_smoothing
+        _train_step,
+        model=model,
+        tx=tx,
+        data_config=data_config,
+        label_smoothing=label_smoothing,
+        ema_decay=ema_decay,
     )
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(
@@ -165,9 +195,23 @@ def make_train_step(model, tx, data_config, mesh, *, label_smoothing: float = 0.
     )
 
 
-def _eval_step(state: TrainState, batch, *, model):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits, _ = model.apply(variables, preprocess(batch["image"]), train=False)
+def classify(model, variables, images, *, tta: bool = False) -> jnp.ndarray:
+    """Logits [B, C] of preprocessed images [B, S, S, 3] in inference mode.
+
+    With `tta` (test-time augmentation) the logits are averaged over the 8 symmetries of the
+    square (`dihedral_views`): cells have no orientation, so each view is an equally valid
+    look, and averaging them removes some of the model's orientation-dependent noise for 8x
+    the inference cost. Averaging logits (not probabilities) keeps the log-odds exact.
+    """
+    if not tta:
+        return model.apply(variables, images, train=False)[0]
+    logits, _ = model.apply(variables, dihedral_views(images), train=False)
+    return jnp.mean(logits.reshape(8, images.shape[0], logits.shape[-1]), axis=0)
+
+
+def _eval_step(state: TrainState, batch, *, model, tta):
+    variables = {"params": state.eval_params, "batch_stats": state.batch_stats}
+    logits = classify(model, variables, preprocess(batch["image"]), tta=tta)
     return {
         "prob": jax.nn.softmax(logits)[:, 1],
         # Binary log-odds log p1/p0: exact where the float32 probability saturates, so that
@@ -179,11 +223,14 @@ def _eval_step(state: TrainState, batch, *, model):
     }
 
 
-def make_eval_step(model, mesh):
-    """`eval_step(state, batch) -> per-example outputs`, gathered (replicated) on every host."""
+def make_eval_step(model, mesh, *, tta: bool = False):
+    """`eval_step(state, batch) -> per-example outputs`, gathered (replicated) on every host.
+
+    `tta`: average the logits over the 8 symmetries of each crop (see `classify`).
+    """
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(
-        functools.partial(_eval_step, model=model),
+        functools.partial(_eval_step, model=model, tta=tta),
         in_shardings=(replicated, sharded),
         out_shardings=replicated,
     )

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -113,7 +114,8 @@ def _load_pretrained(model_config, model, state: TrainState) -> TrainState:
     logging.info("Pretrained weights from %s. %s", model_config.pretrained, loaded)
     shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats))
     params, batch_stats = jax.device_put((variables["params"], variables["batch_stats"]), shardings)
-    return state.replace(params=params, batch_stats=batch_stats)
+    ema_params = jax.tree.map(jnp.copy, params) if state.ema_params else {}
+    return state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
 
 
 def _non_finite(what: str, step: int, last_good_step, checkpoint_dir) -> NonFiniteLossError:
@@ -185,7 +187,12 @@ def _fit(config, workdir, ds, model, state, mesh, tx, schedule, ckpts, history, 
     if step >= total:
         return state, history
     train_step = steps.make_train_step(
-        model, tx, config.data, mesh, label_smoothing=config.get("label_smoothing", 0.0)
+        model,
+        tx,
+        config.data,
+        mesh,
+        label_smoothing=config.get("label_smoothing", 0.0),
+        ema_decay=config.get("ema_decay") or 0.0,
     )
     eval_step = steps.make_eval_step(model, mesh)
     batches = data.prefetch(
@@ -283,7 +290,7 @@ def _write_predictions(path: str, split, probs) -> None:
             writer.writerow([row[0], row[1], int(row[2]), f"{float(row[3]):.6f}"])
 
 
-def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train_seconds):
+def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train_seconds, started):
     """Evaluates the chosen checkpoint on validation and test; writes report and plots."""
     source = config.get("eval_checkpoint", "best")
     if source == "best" and ckpts.best_step() is not None:
@@ -291,7 +298,9 @@ def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train
         evaluated_step = ckpts.best_step()
     else:
         source, evaluated_step = "last", int(jax.device_get(state.step))
-    eval_step = steps.make_eval_step(model, mesh)
+    # Test-time augmentation only here: per-epoch validation (checkpoint choice) stays one view.
+    tta = bool(config.get("test_time_augmentation", False))
+    eval_step = steps.make_eval_step(model, mesh, tta=tta)
     evaluate = lambda split: steps.evaluate(eval_step, state, split, config.eval_batch_size, mesh)
     val = evaluate(ds.validation) if len(ds.validation) else None
     test = evaluate(ds.test)
@@ -319,6 +328,7 @@ def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train
             "batch_size": config.batch_size,
             "evaluated_checkpoint": source,
             "evaluated_step": evaluated_step,
+            "test_time_augmentation": tta,
             "train_seconds_this_run": train_seconds,
             "devices": jax.device_count(),
             "processes": jax.process_count(),
@@ -329,6 +339,8 @@ def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train
         "validation": metrics.binary_metrics(val["labels"], val["probs"]) if val else None,
     }
     result["test"]["loss"] = test["loss"]
+    # Loading (and decoding) the data, training and evaluating: the command minus start-up.
+    result["training"]["wall_seconds_this_run"] = time.perf_counter() - started
     if val:
         result["validation"]["loss"] = val["loss"]
     known = lambda split: len(split) and all(s for s in split.slide_ids)
@@ -395,6 +407,7 @@ def train_and_evaluate(
     Raises:
       NonFiniteLossError: the loss became NaN/inf; earlier checkpoints stay intact.
     """
+    started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     steps.check_batch_size(config.batch_size)
     steps.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
@@ -413,7 +426,9 @@ def train_and_evaluate(
     tx, schedule = optim.create_optimizer(
         config.optimizer, model, shapes["params"], per_epoch, config.num_epochs
     )
-    state = steps.init_state(model, tx, config.data.image_size, config.seed, mesh)
+    state = steps.init_state(
+        model, tx, config.data.image_size, config.seed, mesh, ema=bool(config.get("ema_decay"))
+    )
     ckpts = checkpoint.Checkpoints(
         os.path.join(workdir, "checkpoints"),
         keep=config.get("keep_checkpoints", 2),
@@ -445,7 +460,8 @@ def train_and_evaluate(
         )
         ckpts.wait()
         return _final_report(
-            config, workdir, ds, model, state, mesh, ckpts, history, time.perf_counter() - t0
-        )
+            config, workdir, ds, model, state, mesh, ckpts, history, time.perf_counter() - t0,
+            started,
+        )  # fmt: skip
     finally:
         ckpts.close()  # waits for pending saves, so the last good checkpoint is complete

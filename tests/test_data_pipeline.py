@@ -152,6 +152,19 @@ def test_augment_geometry_is_a_symmetry_of_the_square_and_deterministic():
     )
 
 
+def test_dihedral_views_are_the_8_distinct_symmetries_view_major():
+    images = toy_split(n=3).images.astype(np.float32)
+    views = np.asarray(augment.dihedral_views(images))
+    assert views.shape == (8 * 3, *images.shape[1:])
+    for i, image in enumerate(images):
+        expected = dihedral(image)
+        for v in range(8):
+            np.testing.assert_array_equal(views[v * 3 + i], expected[v])
+    assert len({views[v * 3].tobytes() for v in range(8)}) == 8
+    with pytest.raises(ValueError, match="square"):
+        augment.dihedral_views(np.zeros((1, 4, 6, 3)))
+
+
 def test_augment_colour_jitter_is_mild_and_in_range():
     config = data.default_config()
     config.flip = config.rot90 = False

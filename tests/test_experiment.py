@@ -108,7 +108,7 @@ def assert_close(a, b, tol, path="result"):
 def without_run_fields(r):
     """Drops what legitimately differs between runs of one config (devices, wall time)."""
     r = json.loads(json.dumps(r))
-    for k in ("train_seconds_this_run", "devices", "processes"):
+    for k in ("train_seconds_this_run", "wall_seconds_this_run", "devices", "processes"):
         r["training"].pop(k)
     return r
 

@@ -224,6 +224,19 @@ def test_onnx_takes_any_size_and_matches_jax(classifier, reference, tmp_path):
     np.testing.assert_allclose(probs, reference, atol=1e-4)
 
 
+def test_a_run_evaluated_with_test_time_augmentation_exports_it(classifier):
+    def serving(tta):
+        config = classifier.config.copy_and_resolve_references()
+        config.test_time_augmentation = tta
+        return jax.jit(export.serving_function(dataclasses.replace(classifier, config=config)))
+
+    averaged, single = serving(True), serving(False)
+    batch = crops()[0]  # square crops at the model's size
+    turned = np.ascontiguousarray(np.rot90(batch, 1, (1, 2))[:, ::-1])
+    np.testing.assert_allclose(averaged(turned), averaged(batch), atol=1e-5)
+    assert np.max(np.abs(single(turned) - single(batch))) > 1e-4  # one view depends on it
+
+
 def test_export_uses_grouped_depthwise_whatever_the_training_used(classifier):
     trained = classifier.model.clone(depthwise_implementation="shifted", dtype=jnp.bfloat16)
     model = dataclasses.replace(classifier, model=trained).for_export().model

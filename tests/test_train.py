@@ -1,5 +1,7 @@
 """The optimizer chain, the train state and the compiled train/eval steps (one CPU device)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -183,3 +185,75 @@ def test_evaluation_counts_every_example_once_in_order(with_dropout):
     expected = jax.nn.softmax(logits)[:, 1]
     np.testing.assert_allclose(result["probs"], expected, atol=1e-5)
     assert result["accuracy"] == pytest.approx(np.mean((expected >= 0.5) == split.labels))
+
+
+def test_test_time_augmentation_averages_the_8_views_and_ignores_orientation(with_dropout):
+    model, state, _, mesh = with_dropout
+    n = 5
+    images = np.random.default_rng(2).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    split = Split(
+        images=images,
+        labels=np.zeros(n, np.int32),
+        slide_ids=np.array([""] * n),
+        names=np.array([f"x{i}" for i in range(n)]),
+    )
+    evaluate = lambda split, tta: steps.evaluate(
+        steps.make_eval_step(model, mesh, tta=tta), state, split, 8, mesh
+    )
+    single, averaged = evaluate(split, False), evaluate(split, True)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x = images / 127.5 - 1.0
+    views = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    views += [v[:, :, ::-1] for v in views]
+    logits = np.mean([model.apply(variables, v, train=False)[0] for v in views], axis=0)
+    np.testing.assert_allclose(averaged["log_odds"], logits[:, 1] - logits[:, 0], atol=1e-4)
+    assert np.max(np.abs(single["log_odds"] - averaged["log_odds"])) > 1e-3  # not one view
+    # The average over a group's orbit is invariant under the group: a rotated, mirrored
+    # batch gets the same answer, which no single view does.
+    turned = dataclasses.replace(
+        split, images=np.ascontiguousarray(np.rot90(images, 1, (1, 2))[:, ::-1])
+    )
+    np.testing.assert_allclose(evaluate(turned, True)["log_odds"], averaged["log_odds"], atol=1e-4)
+    assert np.max(np.abs(evaluate(turned, False)["log_odds"] - single["log_odds"])) > 1e-3
+
+
+def test_weight_moving_average_follows_the_recurrence_and_is_what_evaluation_uses():
+    model = _model()
+    config = optim.default_config()
+    shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
+    tx, _ = optim.create_optimizer(config, model, shapes["params"], 10, 2)
+    mesh = steps.make_mesh()
+    state = steps.init_state(model, tx, SIZE, 0, mesh, ema=True)
+    plain = steps.init_state(model, tx, SIZE, 0, mesh)
+    assert plain.ema_params == {} and plain.eval_params is plain.params
+    decay = 0.5
+    train_step = steps.make_train_step(model, tx, _data_config(), mesh, ema_decay=decay)
+    expected = jax.tree.map(np.asarray, state.params)
+    for t in range(3):
+        state, _ = train_step(state, steps.shard_batch(_batch(seed=t), mesh))
+        d = min(decay, (1 + t) / (10 + t))
+        expected = jax.tree.map(
+            lambda e, p, d=d: e + (1 - d) * (np.asarray(p) - e), expected, state.params
+        )
+    jax.tree.map(
+        lambda e, a: np.testing.assert_allclose(a, e, atol=1e-6), expected, state.ema_params
+    )
+    assert not jax.tree.all(jax.tree.map(np.allclose, state.params, state.ema_params))
+    # Evaluation (and so checkpoint choice and the report) sees the average, not the raw weights.
+    split = Split(
+        images=_batch(seed=9)["image"],
+        labels=np.zeros(BATCH, np.int32),
+        slide_ids=np.array([""] * BATCH),
+        names=np.array([f"x{i}" for i in range(BATCH)]),
+    )
+    result = steps.evaluate(steps.make_eval_step(model, mesh), state, split, BATCH, mesh)
+    logits, _ = model.apply(
+        {"params": state.ema_params, "batch_stats": state.batch_stats},
+        split.images / 127.5 - 1.0,
+        train=False,
+    )
+    np.testing.assert_allclose(result["log_odds"], logits[:, 1] - logits[:, 0], atol=1e-5)
+    restored = steps.TrainState.from_dict(state.to_dict())
+    assert restored.ema_params is state.ema_params
+    assert "ema_params" not in plain.to_dict()  # checkpoints without an average: as before
+    assert steps.TrainState.from_dict(plain.to_dict()).ema_params == {}

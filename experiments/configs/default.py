@@ -1,9 +1,10 @@
-"""The recommended model for the malaria cells: MobileNetV2 alpha 0.35 at 64 px.
+"""The recommended model for the malaria cells: MobileNetV2 alpha 0.35 at 64 px, 20 epochs.
 
-A narrow V2 at 64 px: a cell crop keeps its parasites, and 20 epochs fit a laptop CPU. Measured
-on the NIH development slides split by slide (folder source, seed 0; README "Results"): 92.3%
-cell accuracy and 16/16 correct patient decisions on 16 unseen test patients (96.4% on the
-validation slides), 14.2 minutes on a 2-core CPU. The recipe is not tuned yet.
+A narrow V2 at 64 px: a cell crop keeps its parasites, and 20 epochs fit a laptop CPU (~15
+minutes on a 2-core CPU, decoding included). Chosen by a search on the validation slides of
+one slide split (README "Choosing the recipe"): 96 px, alpha 0.5, weight EMA, label smoothing
+0.1 and stronger colour jitter validated no better; averaging the 8 symmetries of each crop at
+test time raised validation AUC on all five models of the search, so it is on.
 
   python -m experiments.malaria                        # this config, TFDS `malaria`
   python -m experiments.malaria --config=experiments/configs/default.py \
@@ -51,6 +52,11 @@ def get_config(arg=None):
     config.optimizer.weight_decay = 1e-2
     config.optimizer.grad_clip_norm = 1.0
     config.label_smoothing = 0.0
+    # Evaluate (and export) a moving average of the weights with this decay; None: the weights.
+    config.ema_decay = ml_collections.config_dict.placeholder(float)
+    # Final evaluation (and export) averages the logits over the 8 symmetries of each crop:
+    # validation AUC +0.0013 to +0.0025 on the five models of the search, for 8x inference cost.
+    config.test_time_augmentation = True
 
     config.batch_size = 64  # a multiple of 8, so it shards over 1, 2, 4 or 8 devices
     config.eval_batch_size = 256

@@ -25,6 +25,18 @@ def preprocess(images_uint8) -> jnp.ndarray:
     return jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0
 
 
+def dihedral_views(x) -> jnp.ndarray:
+    """All 8 symmetries of the square of every image, view-major: [B, S, S, C] -> [8B, S, S, C].
+
+    Rows v * B ... (v + 1) * B - 1 hold view v of the batch: the four rotations, then the
+    four rotations mirrored. Test-time augmentation averages a model over them.
+    """
+    if x.shape[1] != x.shape[2]:
+        raise ValueError(f"the symmetries of the square need square images, got {x.shape}")
+    rotations = [jnp.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    return jnp.concatenate(rotations + [r[:, :, ::-1] for r in rotations], axis=0)
+
+
 def augment(images_uint8, rng, data_config) -> jnp.ndarray:
     """Random per-image symmetries and colour jitter, then `preprocess`.
 
