@@ -30,7 +30,7 @@ def fake_run(path, accuracy, seed=0, **changes):
             "n_patients": 16,
             "accuracy": 15 / 16,
             "per_slide_accuracy": {"min": 0.8},
-            "errors": [{"slide_id": f"C{seed}P1"}],
+            "errors": [f"C{seed}P1"],  # misclassified slide ids, as mnres.metrics lists them
         },
     }
     os.makedirs(path)
