@@ -145,6 +145,8 @@ def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoot
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params:
+        if ema_decay is None:
+            raise ValueError("this state keeps a weight average: give make_train_step ema_decay")
         # The decay ramps up as in tf.train.ExponentialMovingAverage(num_updates): early on the
         # average follows the fast-moving weights instead of remembering the random start.
         t = state.step.astype(jnp.float32)
@@ -168,16 +170,21 @@ def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoot
 
 
 def make_train_step(
-    model, tx, data_config, mesh, *, label_smoothing: float = 0.0, ema_decay: float = 0.999
+    model, tx, data_config, mesh, *, label_smoothing: float = 0.0, ema_decay: float | None = None
 ):
     """`train_step(state, batch) -> (state, metrics)`, compiled once; donates `state`.
 
     A state made with `init_state(..., ema=True)` also updates its weights' moving average
-    with `ema_decay`; other states ignore it.
+    with `ema_decay` (in (0, 1), e.g. 0.999), which it then needs.
 
     Augmentation and dropout use `fold_in(state.rng, state.step)`, so a step's randomness
     depends only on the seed and the step number and a resumed run repeats it exactly.
     """
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(
+            f"config.ema_decay={ema_decay} must be in (0, 1), e.g. 0.999 (an average over ~1000 "
+            "steps); leave it unset to evaluate the weights themselves."
+        )
     step = functools.partial(
         _train_step,
         model=model,

@@ -192,7 +192,7 @@ def _fit(config, workdir, ds, model, state, mesh, tx, schedule, ckpts, history, 
         config.data,
         mesh,
         label_smoothing=config.get("label_smoothing", 0.0),
-        ema_decay=config.get("ema_decay") or 0.0,
+        ema_decay=config.get("ema_decay"),
     )
     eval_step = steps.make_eval_step(model, mesh)
     batches = data.prefetch(
@@ -427,7 +427,12 @@ def train_and_evaluate(
         config.optimizer, model, shapes["params"], per_epoch, config.num_epochs
     )
     state = steps.init_state(
-        model, tx, config.data.image_size, config.seed, mesh, ema=bool(config.get("ema_decay"))
+        model,
+        tx,
+        config.data.image_size,
+        config.seed,
+        mesh,
+        ema=config.get("ema_decay") is not None,
     )
     ckpts = checkpoint.Checkpoints(
         os.path.join(workdir, "checkpoints"),

@@ -253,6 +253,8 @@ def test_weight_moving_average_follows_the_recurrence_and_is_what_evaluation_use
         train=False,
     )
     np.testing.assert_allclose(result["log_odds"], logits[:, 1] - logits[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="ema_decay=1.5 must be in"):
+        steps.make_train_step(model, tx, _data_config(), mesh, ema_decay=1.5)
     restored = steps.TrainState.from_dict(state.to_dict())
     assert restored.ema_params is state.ema_params
     assert "ema_params" not in plain.to_dict()  # checkpoints without an average: as before
