@@ -43,6 +43,17 @@ def _batch(seed=0, n=BATCH):
     }
 
 
+def _split(images, labels=None) -> Split:
+    """An evaluation split of `images` without slide ids (labels: all 0 unless given)."""
+    n = len(images)
+    return Split(
+        images=images,
+        labels=np.zeros(n, np.int32) if labels is None else labels,
+        slide_ids=np.array([""] * n),
+        names=np.array([f"x{i}" for i in range(n)]),
+    )
+
+
 def _data_config():
     return data.default_config()
 
@@ -172,11 +183,9 @@ def test_evaluation_counts_every_example_once_in_order(with_dropout):
     model, state, _, mesh = with_dropout
     n = 37  # two full batches of 16 and a padded one of 5
     rng = np.random.default_rng(1)
-    split = Split(
-        images=rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
-        labels=rng.integers(0, 2, n).astype(np.int32),
-        slide_ids=np.array([""] * n),
-        names=np.array([f"x{i}" for i in range(n)]),
+    split = _split(
+        rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+        rng.integers(0, 2, n).astype(np.int32),
     )
     result = steps.evaluate(steps.make_eval_step(model, mesh), state, split, 16, mesh)
     assert result["labels"].tolist() == split.labels.tolist()
@@ -191,12 +200,7 @@ def test_test_time_augmentation_averages_the_8_views_and_ignores_orientation(wit
     model, state, _, mesh = with_dropout
     n = 5
     images = np.random.default_rng(2).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-    split = Split(
-        images=images,
-        labels=np.zeros(n, np.int32),
-        slide_ids=np.array([""] * n),
-        names=np.array([f"x{i}" for i in range(n)]),
-    )
+    split = _split(images)
     evaluate = lambda split, tta: steps.evaluate(
         steps.make_eval_step(model, mesh, tta=tta), state, split, 8, mesh
     )
@@ -240,12 +244,7 @@ def test_weight_moving_average_follows_the_recurrence_and_is_what_evaluation_use
     )
     assert not jax.tree.all(jax.tree.map(np.allclose, state.params, state.ema_params))
     # Evaluation (and so checkpoint choice and the report) sees the average, not the raw weights.
-    split = Split(
-        images=_batch(seed=9)["image"],
-        labels=np.zeros(BATCH, np.int32),
-        slide_ids=np.array([""] * BATCH),
-        names=np.array([f"x{i}" for i in range(BATCH)]),
-    )
+    split = _split(_batch(seed=9)["image"])
     result = steps.evaluate(steps.make_eval_step(model, mesh), state, split, BATCH, mesh)
     logits, _ = model.apply(
         {"params": state.ema_params, "batch_stats": state.batch_stats},
