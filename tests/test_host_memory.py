@@ -31,10 +31,16 @@ STEP_FAULTS = textwrap.dedent(
     w = [jnp.ones(512) for _ in range(4)]
     for _ in range(30):  # the heap grows to its working size during the first steps
         w = jax.block_until_ready(step(w, x))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        w = jax.block_until_ready(step(w, x))
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    windows = []
+    for _ in range(7):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            w = jax.block_until_ready(step(w, x))
+        windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    # The median window: a kept heap still grows now and then (a new high-water mark after a
+    # different allocation order faults ~450 MB in once, seen even after 50 steps), which one
+    # window can catch; by default every window faults.
+    print(sorted(windows)[len(windows) // 2])
     """
 )
 
