@@ -38,7 +38,12 @@ class DepthwiseSeparable(nn.Module):
                 f"block {self.block_id}: an identity residual needs stride 1 and equal channels, "
                 f"got stride {self.strides} and {x.shape[-1]} -> {self.features} channels"
             )
-        unit = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+        unit = dict(
+            norm=self.norm,
+            depthwise_implementation=self.depthwise_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         dw, pw = f"conv_dw_{self.block_id}", f"conv_pw_{self.block_id}"
         x = ConvBN(
             None,
@@ -49,7 +54,6 @@ class DepthwiseSeparable(nn.Module):
             padding="SAME" if self.strides == 1 else self.stride2_padding,
             depthwise=True,
             depth_multiplier=self.depth_multiplier,
-            depthwise_implementation=self.depthwise_implementation,
             frozen=f"{dw}_bn" in self.frozen_layers,
             name="depthwise",
             **unit,
@@ -87,7 +91,12 @@ class InvertedResidual(nn.Module):
     def __call__(self, x):
         inputs = x
         prefix = f"block_{self.block_id}_" if self.block_id else "expanded_conv_"
-        unit = dict(norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+        unit = dict(
+            norm=self.norm,
+            depthwise_implementation=self.depthwise_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
         def names(layer, bn_suffix="_BN"):
             conv = prefix + layer
@@ -106,7 +115,6 @@ class InvertedResidual(nn.Module):
             strides=self.strides,
             padding="SAME",
             depthwise=True,
-            depthwise_implementation=self.depthwise_implementation,
             name="depthwise",
             **names("depthwise"),
             **unit,

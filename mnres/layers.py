@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +67,63 @@ def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel: int, strid
     return tuple(pads)
 
 
+def _taps(x, kh: int, kw: int, out_hw: Sequence[int], strides: int):
+    """The kh*kw strided windows of the padded `x` that a depthwise conv multiplies by one tap."""
+    out_h, out_w = out_hw
+    for i in range(kh):
+        for j in range(kw):
+            end = (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1)
+            yield (
+                i,
+                j,
+                jax.lax.slice(x, (0, i, j, 0), (*end, x.shape[3]), (1, strides, strides, 1)),
+            )
+
+
+def _shifted_sum(x, kernel, strides: int, padding):
+    """sum over taps of window(pad(x)) * kernel[tap]: the forward formula."""
+    kh, kw = kernel.shape[:2]
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    out_hw = ((x.shape[1] - kh) // strides + 1, (x.shape[2] - kw) // strides + 1)
+    y = None
+    for i, j, tap in _taps(x, kh, kw, out_hw, strides):
+        term = tap * kernel[i, j, 0]
+        y = term if y is None else y + term
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_sum_stride1(x, kernel, strides, padding):
+    return _shifted_sum(x, kernel, strides, padding)
+
+
+def _shifted_sum_stride1_fwd(x, kernel, strides, padding):
+    return _shifted_sum(x, kernel, strides, padding), (x, kernel)
+
+
+def _shifted_sum_stride1_bwd(strides, padding, residuals, g):
+    # Autodiff of the forward formula keeps all kh*kw windows of x alive for the kernel
+    # gradient (XLA writes each one out: 9x the input's memory traffic, a quarter of the
+    # MobileNetV2 train step on CPU). Here only x is kept; the input gradient is the same
+    # shifted sum over g with the flipped kernel, and the windows are re-sliced for the kernel
+    # gradient. Measured on a 64x64x96 layer, batch 64, stride 1: forward+backward 1.6x faster.
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    (top, bottom), (left, right) = padding
+    flipped = kernel[::-1, ::-1]
+    dx = _shifted_sum(
+        g, flipped, 1, ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+    )
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    dk = jnp.stack(
+        [jnp.sum(tap * g, axis=(0, 1, 2)) for _, _, tap in _taps(x, kh, kw, g.shape[1:3], 1)]
+    )
+    return dx, dk.reshape(kernel.shape)
+
+
+_shifted_sum_stride1.defvjp(_shifted_sum_stride1_fwd, _shifted_sum_stride1_bwd)
+
+
 def shifted_depthwise_conv(x, kernel, strides: int, padding):
     """Depthwise conv as kh*kw shifted multiply-adds.
 
@@ -75,31 +133,17 @@ def shifted_depthwise_conv(x, kernel, strides: int, padding):
       strides: spatial stride (same for both axes).
       padding: explicit ((top, bottom), (left, right)).
     """
-    kh, kw, _, out_channels = kernel.shape
-    multiplier = out_channels // x.shape[-1]
+    multiplier = kernel.shape[-1] // x.shape[-1]
     if multiplier > 1:
         # Grouped-conv channel order: output channel c * multiplier + m reads input channel c.
         x = jnp.repeat(x, multiplier, axis=-1)
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out_h = (x.shape[1] - kh) // strides + 1
-    out_w = (x.shape[2] - kw) // strides + 1
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = jax.lax.slice(
-                x,
-                (0, i, j, 0),
-                (
-                    x.shape[0],
-                    i + (out_h - 1) * strides + 1,
-                    j + (out_w - 1) * strides + 1,
-                    x.shape[3],
-                ),
-                (1, strides, strides, 1),
-            )
-            term = tap * kernel[i, j, 0]
-            y = term if y is None else y + term
-    return y
+    kh, kw = kernel.shape[:2]
+    if strides == 1 and all(
+        p <= k - 1 for pair, k in zip(padding, (kh, kw), strict=True) for p in pair
+    ):
+        return _shifted_sum_stride1(x, kernel, strides, padding)
+    # At stride 2 the windows are a quarter of the input: plain autodiff was as fast.
+    return _shifted_sum(x, kernel, strides, padding)
 
 
 class DepthwiseConv2D(nn.Module):
@@ -133,6 +177,29 @@ class DepthwiseConv2D(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=channels,
         )
+
+
+class PointwiseConv(nn.Module):
+    """1x1 convolution (no bias) as a matrix multiply over the channel axis.
+
+    Same parameter as `nn.Conv(features, (1, 1), use_bias=False)` ('kernel', [1, 1, in, out]), so
+    weights and checkpoints are interchangeable. Why: XLA on CPU computes the kernel gradient of
+    a 1x1 convolution as a convolution with the whole image as its window, after transposing
+    both operands, at a few GFLOP/s; as a dot it is one matrix multiply.
+    """
+
+    features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class ConvBN(nn.Module):
@@ -169,6 +236,16 @@ class ConvBN(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=self.conv_name,
+            )(x)
+        elif (
+            self.kernel_size == 1
+            and self.strides == 1
+            and resolve_depthwise_implementation(self.depthwise_implementation) == "shifted"
+        ):
+            # The CPU formulation computes 1x1 convs as matmuls; 'grouped' keeps XLA's conv,
+            # which GPUs, TPUs and exporters (TFLite CONV_2D) handle best.
+            x = PointwiseConv(
+                self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=self.conv_name
             )(x)
         else:
             x = nn.Conv(

@@ -61,8 +61,12 @@ def test_default_compiled_train_step_on_cpu_has_no_grouped_convolution():
 
 def test_shifted_train_step_has_no_grouped_convolution():
     lowered = _lowered_train_step("shifted").as_text()
-    assert _group_counts(lowered), "expected the (ungrouped) stem and pointwise convolutions"
     assert [n for n in _group_counts(lowered) if n > 1] == []
+    # The 1x1 convs are matmuls on the fast path (XLA's CPU kernel gradient of a 1x1
+    # convolution is slow): what remains is the 3x3 stem and its kernel gradient.
+    assert lowered.count("stablehlo.convolution") == 2
+    assert "stablehlo.dot_general" in lowered
+    assert _lowered_train_step("grouped").as_text().count("stablehlo.convolution") > 2
 
 
 @pytest.mark.parametrize("stage", ["lowered", "compiled"])

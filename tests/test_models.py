@@ -88,7 +88,10 @@ def test_layer_names_are_the_keras_names_in_call_order(name):
     called = []
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, (nn.Conv, nn.BatchNorm, nn.Dense, mnres.DepthwiseConv2D)):
+        if isinstance(
+            context.module,
+            (nn.Conv, nn.BatchNorm, nn.Dense, mnres.DepthwiseConv2D, mnres.PointwiseConv),
+        ):
             if context.method_name == "__call__" and context.module.name not in called:
                 called.append(context.module.name)
         return next_fun(*args, **kwargs)
