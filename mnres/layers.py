@@ -179,13 +179,46 @@ class DepthwiseConv2D(nn.Module):
         )
 
 
+def _channel_matmul(x, w):
+    """[..., C_in] @ [C_in, C_out] over the last axis."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _pointwise_matmul(x, w):
+    return _channel_matmul(x, w)
+
+
+def _pointwise_matmul_fwd(x, w):
+    return _channel_matmul(x, w), (x, w)
+
+
+def _pointwise_matmul_bwd(residuals, g):
+    # The kernel gradient contracts the pixels of x and g. Left to itself, XLA on CPU
+    # transposes the wider of the two (fused into the BatchNorm backward, on one thread:
+    # 165 ms of a 1.5 s MobileNetV2 step); transposing the narrower one explicitly lets it run
+    # as a plain matrix multiply (measured 2x faster for a 16 -> 96 channel layer at 64x64).
+    x, w = residuals
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+    x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x.shape[1] <= g.shape[1]:
+        dw = x.T @ g
+    else:
+        dw = (g.T @ x).T
+    return dx, dw
+
+
+_pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)
+
+
 class PointwiseConv(nn.Module):
     """1x1 convolution (no bias) as a matrix multiply over the channel axis.
 
     Same parameter as `nn.Conv(features, (1, 1), use_bias=False)` ('kernel', [1, 1, in, out]), so
     weights and checkpoints are interchangeable. Why: XLA on CPU computes the kernel gradient of
     a 1x1 convolution as a convolution with the whole image as its window, after transposing
-    both operands, at a few GFLOP/s; as a dot it is one matrix multiply.
+    both operands, at a few GFLOP/s; as a matrix multiply (with the backward pass above) it
+    runs several times faster.
     """
 
     features: int
@@ -199,7 +232,7 @@ class PointwiseConv(nn.Module):
             "kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype
         )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        return _pointwise_matmul(x, kernel[0, 0])
 
 
 class ConvBN(nn.Module):
