@@ -224,7 +224,9 @@ def test_same_metrics_on_1_and_8_devices(tmp_path, short_run, compilation_cache)
     run_experiment(workdir, *SHORT, cache=compilation_cache, devices=8)
     eight, one = results(workdir), results(short_run)
     assert eight["training"]["devices"] == 8 and one["training"]["devices"] == 1
-    assert_close(without_run_fields(eight), without_run_fields(one), tol=1e-5)
+    # Each device sums its share of the batch's kernel gradients before they are added: another
+    # summation order than one device's, ~1e-5 apart after ten AdamW steps.
+    assert_close(without_run_fields(eight), without_run_fields(one), tol=1e-4)
 
 
 def _free_port():
@@ -275,8 +277,7 @@ def test_two_processes_equal_one(tmp_path, short_run, compilation_cache):
     assert all(p.returncode == 0 for p in procs), logs
     two, one = results(workdir), results(short_run)
     assert two["training"]["processes"] == 2 and two["training"]["devices"] == 2
-    # Each process sums its half of the batch's kernel gradients before they are added across
-    # processes: another summation order than one process's, ~1e-5 apart after ten AdamW steps.
+    # Another summation order of the kernel gradients, as in the 8-device test above.
     assert_close(without_run_fields(two), without_run_fields(one), tol=1e-4)
     # Checkpoints are written once, not once per process.
     assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()) == ["10", "5"]
