@@ -141,13 +141,7 @@ def test_shifted_stride1_backward_keeps_only_input_and_kernel():
 
 @pytest.mark.parametrize("implementation, uses_dot", [("shifted", True), ("grouped", False)])
 def test_pointwise_conv_is_a_matmul_only_in_the_cpu_formulation(implementation, uses_dot):
-    unit = ConvBN(
-        8,
-        conv_name="conv",
-        bn_name="bn",
-        norm=functools.partial(nn.BatchNorm, use_running_average=True),
-        depthwise_implementation=implementation,
-    )
+    unit = _unit(train=False, kernel_size=1, implementation=implementation)
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
     variables = unit.init(jax.random.key(1), x)
     assert variables["params"]["conv"]["kernel"].shape == (1, 1, 4, 8)  # nn.Conv's layout
@@ -178,11 +172,20 @@ def test_bad_padding_string_is_rejected():
         DepthwiseConv2D(padding="CIRCULAR").init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
 
 
-def _unit(frozen=False, train=True, dtype=None):
+def _unit(frozen=False, train=True, dtype=None, kernel_size=3, implementation="auto"):
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=dtype
     )
-    return ConvBN(8, "conv", "conv_bn", kernel_size=3, norm=norm, frozen=frozen, dtype=dtype)
+    return ConvBN(
+        8,
+        "conv",
+        "conv_bn",
+        kernel_size=kernel_size,
+        norm=norm,
+        frozen=frozen,
+        depthwise_implementation=implementation,
+        dtype=dtype,
+    )
 
 
 def test_convbn_is_conv_bn_relu6_without_bias():
