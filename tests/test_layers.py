@@ -133,7 +133,7 @@ def test_shifted_backward_keeps_only_input_and_kernel(stride, padding):
     # all nine (XLA then writes each one out), which made the train step slower on CPU.
     x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
     conv = functools.partial(layers.shifted_depthwise_conv, strides=stride, padding=padding)
-    kept = _residual_sizes(lambda x, k: conv(x, k), x, kernel)
+    kept = _residual_sizes(conv, x, kernel)
     assert sorted(kept) == sorted([x.size, kernel.size])
     # The detector itself: the plain formula keeps a window per tap (9 x 1/stride**2 inputs).
     plain = _residual_sizes(lambda x, k: layers._shifted_sum(x, k, stride, padding), x, kernel)
