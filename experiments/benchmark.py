@@ -31,7 +31,7 @@ from absl import app, flags
 
 from experiments.peers import workload
 from mnres import models
-from mnres import params as params_lib
+from mnres.models import params as params_lib
 
 _MODELS = flags.DEFINE_list("models", ["mobilenet_v2"], f"Any of {', '.join(models.MODELS)}.")
 _ALPHA = flags.DEFINE_float("alpha", 1.0, "Width multiplier (the seed network 'paper' is 1.0).")

@@ -18,7 +18,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import experiments
-from mnres import crossval, host_memory
+from mnres import host_memory
+from mnres.evaluation import crossval
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 config_flags.DEFINE_config_file(

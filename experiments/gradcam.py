@@ -15,7 +15,8 @@ import sys
 from absl import app, flags, logging
 
 import experiments
-from mnres import crossval, export, gradcam
+from mnres import run_folder
+from mnres.evaluation import crossval, gradcam
 
 flags.DEFINE_string("workdir", None, "A training run folder (config.json, checkpoints/).")
 flags.DEFINE_string("out", None, "PNG to write; default WORKDIR/gradcam.png.")
@@ -38,7 +39,7 @@ def main(argv):
     experiments.quiet_orbax_info_logs()
     out = FLAGS.out or os.path.join(FLAGS.workdir, gradcam.GRADCAM_PNG)
     try:
-        classifier = export.load_run(FLAGS.workdir, which=FLAGS.checkpoint)
+        classifier = run_folder.load_run(FLAGS.workdir, which=FLAGS.checkpoint)
         ds = crossval.dataset_for_run(FLAGS.workdir, classifier.config)
         result = gradcam.explain_split(
             classifier,

@@ -16,7 +16,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import experiments
-from mnres import host_memory, train
+from mnres import host_memory
+from mnres.training import loop as train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 config_flags.DEFINE_config_file(

@@ -3,7 +3,8 @@
 python -m experiments.model_table
 """
 
-from mnres import models, params
+from mnres import models
+from mnres.models import params
 
 ROWS = [
     ("paper", {}, "seed network (paper), frozen through conv_pw_9"),

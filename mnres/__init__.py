@@ -1,11 +1,32 @@
 """mnres: MobileNet-style classifiers with residual connections, in JAX/Flax."""
 
-from mnres.blocks import DepthwiseSeparable, InvertedResidual
-from mnres.keras_weights import LoadReport, load_keras_weights
-from mnres.layers import ConvBN, DepthwiseConv2D, PointwiseConv, make_divisible
-from mnres.models import MODELS, MobileNetV1, MobileNetV2, SeedNetwork, create_model
+from mnres import _moved
+from mnres.models import (
+    MODELS,
+    ConvBN,
+    DepthwiseConv2D,
+    DepthwiseSeparable,
+    InvertedResidual,
+    MobileNetV1,
+    MobileNetV2,
+    PointwiseConv,
+    SeedNetwork,
+    create_model,
+    make_divisible,
+)
+from mnres.models.keras_weights import LoadReport, load_keras_weights
 
 __version__ = "0.1.0"
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    # `mnres.params`, `mnres.calibration`, ...: the 0.1 module paths, imported on first use.
+    if f"mnres.{name}" in _moved.MOVED:
+        return _moved.module(name)
+    raise AttributeError(f"module 'mnres' has no attribute {name!r}")
+
 
 __all__ = [
     "MODELS",

@@ -13,7 +13,9 @@ import json
 import os
 import sys
 
-from mnres import calibration, models, params
+from mnres import models, run_folder
+from mnres.evaluation import calibration
+from mnres.models import params
 
 
 def _summary(args) -> int:
@@ -30,9 +32,9 @@ def _summary(args) -> int:
 
 
 def _export(args) -> int:
-    from mnres import export, predict
+    from mnres.deploy import export, predict
 
-    classifier = export.load_run(args.run, which=args.checkpoint)
+    classifier = run_folder.load_run(args.run, which=args.checkpoint)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     out = args.out or os.path.join(args.run, "export")
     ds = None
@@ -65,7 +67,7 @@ def _export(args) -> int:
 
 
 def _predict(args) -> int:
-    from mnres import predict
+    from mnres.deploy import predict
 
     threshold = args.threshold
     if args.operating_point:

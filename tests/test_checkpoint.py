@@ -5,10 +5,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-
-from mnres import checkpoint, optim, steps
-from mnres import params as params_lib
 from mnres.steps import TrainState
+
+from mnres import checkpoint, models, optim, steps
+from mnres import params as params_lib
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def state_and_mesh():
     config = ml_collections.ConfigDict(
         dict(name="mobilenet_v1", alpha=0.25, num_blocks=1, bn_momentum=0.9)
     )
-    model = steps.create_model(config)
+    model = models.from_config(config)
     shapes = params_lib.abstract_variables(model, (1, 32, 32, 3))
     tx, _ = optim.create_optimizer(optim.default_config(), model, shapes["params"], 10, 1)
     mesh = steps.make_mesh()

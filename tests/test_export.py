@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import default, smoke
-from mnres import checkpoint, export, models, steps, train
+from mnres import checkpoint, export, models, run_folder, train
 from mnres.data import decode, synthetic
 
 IMAGE_SIZE = 32
@@ -55,7 +55,7 @@ def make_run(workdir, seed: int = 0, **model) -> str:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    net = steps.create_model(config.model).clone(bn_momentum=0.0, dtype=None)
+    net = models.from_config(config.model).clone(bn_momentum=0.0, dtype=None)
     cells = synthetic.draw_cells(64, IMAGE_SIZE, 3, seed)[0]
 
     @jax.jit
@@ -98,7 +98,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier(run):
-    return export.load_run(run)
+    return run_folder.load_run(run)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_load_run_restores_the_saved_weights(run, classifier):
 
 def test_load_run_rejects_other_folders_and_incompatible_checkpoints(run, tmp_path):
     with pytest.raises(ValueError, match="not a training run"):
-        export.load_run(str(tmp_path))
+        run_folder.load_run(str(tmp_path))
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     os.symlink(os.path.join(run, "checkpoints"), wrong / "checkpoints")
@@ -126,7 +126,7 @@ def test_load_run_rejects_other_folders_and_incompatible_checkpoints(run, tmp_pa
     config["model"]["alpha"] = 0.5
     (wrong / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not fit mobilenet_v2"):
-        export.load_run(str(wrong))
+        run_folder.load_run(str(wrong))
 
 
 def test_resize_like_training_matches_the_training_decode():

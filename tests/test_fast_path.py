@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mnres import data, optim, steps
+from mnres import data, models, optim, steps
 from mnres import params as params_lib
 
 SIZE, BATCH = 32, 8
@@ -25,7 +25,7 @@ def _group_counts(program_text: str) -> list[int]:
 
 def _lowered_train_step(implementation: str):
     """The train step of `mnres.steps` for a one-block MobileNet, lowered for abstract inputs."""
-    model = steps.create_model(
+    model = models.from_config(
         ml_collections.ConfigDict(
             dict(
                 name="mobilenet_v1",

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from test_export import HAS_TFLITE, make_run, needs_tflite
 
-from mnres import calibration, export, predict
+from mnres import calibration, export, predict, run_folder
 from mnres.__main__ import main
 from mnres.data import synthetic
 
@@ -52,7 +52,7 @@ def test_find_images_takes_files_folders_and_globs(cells):
 def test_checkpoint_and_exports_predict_the_same(run, cells, tmp_path):
     paths = predict.find_images([str(cells)])
     models = {"checkpoint": run}
-    classifier = export.load_run(run)
+    classifier = run_folder.load_run(run)
     models["stablehlo"] = export.export_stablehlo(classifier, str(tmp_path / "m.stablehlo"))
     if HAS_TFLITE:
         models["tflite"] = export.export_tflite(classifier, str(tmp_path / "m.tflite"))
@@ -77,7 +77,7 @@ def test_checkpoint_and_exports_predict_the_same(run, cells, tmp_path):
 
 @needs_tflite
 def test_int8_model_predicts_any_crop(run, cells, tmp_path):
-    classifier = export.load_run(run)
+    classifier = run_folder.load_run(run)
     calibration = synthetic.draw_cells(32, classifier.image_size, 2, 0)[0]
     path = export.export_tflite(
         classifier, str(tmp_path / "int8.tflite"), quantize="int8",

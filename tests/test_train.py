@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from mnres import data, optim, steps
+from mnres import data, models, optim, steps
 from mnres import params as params_lib
 from mnres.data.splits import Split
 
@@ -22,7 +22,7 @@ def _model(**fields):
     config = ml_collections.ConfigDict(
         dict(name="mobilenet_v1", alpha=0.25, num_blocks=1, bn_momentum=0.9, **fields)
     )
-    return steps.create_model(config)
+    return models.from_config(config)
 
 
 def _setup(model, **optimizer_fields):
@@ -80,7 +80,7 @@ def test_weight_decay_only_on_kernels():
 def test_bn_momentum_must_be_chosen():
     config = ml_collections.ConfigDict(dict(name="mobilenet_v2", alpha=0.35))
     with pytest.raises(ValueError, match="bn_momentum"):
-        steps.create_model(config)
+        models.from_config(config)
 
 
 def test_batch_size_must_divide_over_devices(monkeypatch):

@@ -17,7 +17,8 @@ slide and adds patient-level metrics.
 
 import ml_collections
 
-from mnres import data, optim
+from mnres import data
+from mnres.training import optim
 
 
 def get_config(arg=None):

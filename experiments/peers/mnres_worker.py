@@ -12,9 +12,11 @@ import numpy as np
 
 from experiments.configs import default
 from experiments.peers import workload
-from mnres import host_memory, layers, optim, steps
-from mnres import params as params_lib
+from mnres import host_memory, models
 from mnres.data.augment import preprocess
+from mnres.models import layers
+from mnres.models import params as params_lib
+from mnres.training import optim, steps
 
 NO_AUGMENTATION = dict(
     flip=False, rot90=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0
@@ -35,7 +37,7 @@ def build(spec: dict):
             **spec["overrides"],
         )
     )
-    model = steps.create_model(model_config, num_classes=spec["num_classes"])
+    model = models.from_config(model_config, num_classes=spec["num_classes"])
     size, batch = spec["image_size"], spec["batch_size"]
     if not spec["augment"]:
         config.data.update(NO_AUGMENTATION)

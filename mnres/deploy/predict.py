@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mnres import calibration, export
+from mnres import run_folder
 from mnres.data import decode
 from mnres.data.sources import IMAGE_SUFFIXES, slide_id
+from mnres.deploy import export
+from mnres.evaluation import calibration
 
 STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
 
@@ -50,7 +52,7 @@ def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64)
       ValueError: one clear line when the path is none of these or its model does not load.
     """
     if os.path.isdir(path):
-        return from_classifier(export.load_run(path, which=checkpoint), path, batch_size)
+        return from_classifier(run_folder.load_run(path, which=checkpoint), path, batch_size)
     if not os.path.isfile(path):
         raise ValueError(
             f"no model at {path}: give a training run folder, a .tflite or .onnx file or a "

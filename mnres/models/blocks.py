@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mnres.layers import KERAS_V1_STRIDE2_PADDING, ConvBN, Dtype, Padding
+from mnres.models.layers import KERAS_V1_STRIDE2_PADDING, ConvBN, Dtype, Padding
 
 
 class DepthwiseSeparable(nn.Module):

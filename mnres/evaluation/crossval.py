@@ -30,7 +30,7 @@ import time
 import numpy as np
 from absl import logging
 
-from mnres import calibration, data, metrics, report, train
+from mnres import data
 from mnres.data.splits import (
     Dataset,
     Split,
@@ -39,6 +39,8 @@ from mnres.data.splits import (
     split_by_image,
     split_by_slide,
 )
+from mnres.evaluation import calibration, metrics, report
+from mnres.training import loop as train
 
 FOLD_SPEC_JSON = "fold_spec.json"
 FOLD_JSON = "fold.json"

@@ -15,8 +15,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mnres.blocks import DepthwiseSeparable, InvertedResidual
-from mnres.layers import KERAS_V1_STRIDE2_PADDING, ConvBN, Dtype, make_divisible
+from mnres.models.blocks import DepthwiseSeparable, InvertedResidual
+from mnres.models.layers import KERAS_V1_STRIDE2_PADDING, ConvBN, Dtype, make_divisible
 
 # MobileNetV1 (Howard et al. 2017, Table 1) as (pointwise filters, stride), blocks 1..13.
 MOBILENET_V1_BLOCKS = (
@@ -311,3 +311,25 @@ def create_model(name: str, **overrides) -> _MobileNet:
             f"model {name!r} has no field(s) {unknown}; its fields are {', '.join(sorted(fields))}"
         )
     return ctor(**overrides)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def from_config(model_config, num_classes: int = 2):
+    """The mnres model described by `config.model` (every field but `name`/`pretrained`)."""
+    fields = dict(model_config)
+    name = fields.pop("name")
+    fields.pop("pretrained", None)
+    if "bn_momentum" not in fields:
+        raise ValueError(
+            "config.model.bn_momentum is not set. It is a choice, not a default: Keras' 0.999 "
+            "needs thousands of steps before its running statistics are usable (short runs then "
+            "validate at chance), 0.99 suits a few hundred steps per epoch."
+        )
+    dtype = fields.pop("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={dtype!r}; use one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] != jnp.float32:
+        fields["dtype"] = DTYPES[dtype]  # compute dtype; parameters and BatchNorm stay float32
+    return create_model(name, num_classes=num_classes, **fields)

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from mnres import metrics
+from mnres.evaluation import metrics
 
 CALIBRATION_JSON = "calibration.json"
 RELIABILITY_UNCALIBRATED_PNG = "reliability_uncalibrated.png"
@@ -253,7 +253,7 @@ def run_logits(classifier, images, batch_size: int = 256) -> np.ndarray:
     """Logits float32 [N, C] of uint8 crops [N, S, S, 3] under a restored run's model.
 
     Args:
-      classifier: `mnres.export.load_run(workdir)`.
+      classifier: `mnres.run_folder.load_run(workdir)`.
       images: uint8 crops at the model's image size.
       batch_size: crops per compiled call; the last batch is padded, so one shape compiles.
     """
@@ -286,7 +286,7 @@ def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) 
     Returns:
       The path of calibration.json.
     """
-    from mnres import report
+    from mnres.evaluation import report
 
     path = write_calibration(workdir, record)
     for temperature, name in (

@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from mnres import params as params_lib
+from mnres.models import params as params_lib
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 

@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mnres import calibration, checkpoint, data, metrics, optim, report, steps
-from mnres import params as params_lib
-from mnres.steps import TrainState
+from mnres import data, models
+from mnres.evaluation import calibration, metrics, report
+from mnres.models import params as params_lib
+from mnres.training import checkpoint, optim, steps
+from mnres.training.steps import TrainState
 
 TEST_OUTPUTS_NPZ = "test_outputs.npz"
 TIMING_FIELDS = ("images_per_sec", "data_wait_fraction", "epoch_time_s", "eval_time_s")
@@ -105,7 +107,7 @@ def _model_config(model_config):
 def _load_pretrained(model_config, model, state: TrainState) -> TrainState:
     if not model_config.get("pretrained"):
         return state
-    from mnres import keras_weights  # reads .h5 with h5py; only needed here
+    from mnres.models import keras_weights  # reads .h5 with h5py; only needed here
 
     variables, loaded = keras_weights.load_keras_weights(
         model, {"params": state.params, "batch_stats": state.batch_stats},
@@ -417,7 +419,7 @@ def train_and_evaluate(
     ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
     if _is_chief():
         data.write_manifest(ds, os.path.join(workdir, "manifest.json"))
-    model = steps.create_model(_model_config(config.model))
+    model = models.from_config(_model_config(config.model))
     per_epoch = data.steps_per_epoch(ds.train, config.batch_size)
     mesh = steps.make_mesh()
     shapes = params_lib.abstract_variables(

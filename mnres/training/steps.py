@@ -20,11 +20,10 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mnres import data, models
-from mnres.data.augment import augment, dihedral_views, preprocess
-from mnres.optim import cross_entropy
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from mnres import data
+from mnres.data.augment import augment, preprocess
+from mnres.inference import classify
+from mnres.training.optim import cross_entropy
 
 
 @flax.struct.dataclass
@@ -56,25 +55,6 @@ class TrainState:
 
 
 _STATE_FIELDS = ("params", "batch_stats", "opt_state", "step", "rng", "ema_params")
-
-
-def create_model(model_config, num_classes: int = 2):
-    """The mnres model described by `config.model` (every field but `name`/`pretrained`)."""
-    fields = dict(model_config)
-    name = fields.pop("name")
-    fields.pop("pretrained", None)
-    if "bn_momentum" not in fields:
-        raise ValueError(
-            "config.model.bn_momentum is not set. It is a choice, not a default: Keras' 0.999 "
-            "needs thousands of steps before its running statistics are usable (short runs then "
-            "validate at chance), 0.99 suits a few hundred steps per epoch."
-        )
-    dtype = fields.pop("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype={dtype!r}; use one of {', '.join(DTYPES)}")
-    if DTYPES[dtype] != jnp.float32:
-        fields["dtype"] = DTYPES[dtype]  # compute dtype; parameters and BatchNorm stay float32
-    return models.create_model(name, num_classes=num_classes, **fields)
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -200,20 +180,6 @@ def make_train_step(
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
-
-
-def classify(model, variables, images, *, tta: bool = False) -> jnp.ndarray:
-    """Logits [B, C] of preprocessed images [B, S, S, 3] in inference mode.
-
-    With `tta` (test-time augmentation) the logits are averaged over the 8 symmetries of the
-    square (`dihedral_views`): cells have no orientation, so each view is an equally valid
-    look, and averaging them removes some of the model's orientation-dependent noise for 8x
-    the inference cost. Averaging logits (not probabilities) keeps the log-odds exact.
-    """
-    if not tta:
-        return model.apply(variables, images, train=False)[0]
-    logits, _ = model.apply(variables, dihedral_views(images), train=False)
-    return jnp.mean(logits.reshape(8, images.shape[0], logits.shape[-1]), axis=0)
 
 
 def _eval_step(state: TrainState, batch, *, model, tta):

@@ -181,7 +181,7 @@ def explain_split(
     Returns:
       {'layer', 'correct', 'misclassified' (indices into the split), 'accuracy', 'path'}.
     """
-    from mnres import calibration
+    from mnres.evaluation import calibration
 
     model, variables = classifier.model, classifier.variables
     logits = calibration.run_logits(classifier, split.images, batch_size)

@@ -20,111 +20,23 @@ and runs with `onnxruntime`. Each is imported only by the functions that need it
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
 import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from mnres import checkpoint, steps
+from mnres import inference
+from mnres.inference import Classifier
 
 CLASS_NAMES = ("uninfected", "parasitized")  # label 1 = parasitized, as in mnres.data
 TFLITE_INPUT_SHAPE = "(1, h, w, 3)"
 STABLEHLO_INPUT_SHAPE = "(b, h, w, 3)"
 # The StableHLO artifact runs on any of these (lowering needs none of the hardware).
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
-
-
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-    """A model with its variables and input size: what every export starts from."""
-
-    model: Any  # an mnres flax module
-    variables: dict  # {'params', 'batch_stats'}
-    image_size: int
-    metadata: dict = dataclasses.field(default_factory=dict)  # source run, step, model
-    config: Any = None  # the run's resolved config, when loaded from a run
-
-    @property
-    def test_time_augmentation(self) -> bool:
-        """Whether the run was evaluated averaging the 8 symmetries of each crop."""
-        return bool(self.config is not None and self.config.get("test_time_augmentation"))
-
-    def for_export(self) -> Classifier:
-        """The same weights with grouped depthwise convs and float32 compute."""
-        model = self.model.clone(depthwise_implementation="grouped", dtype=None)
-        return dataclasses.replace(self, model=model)
-
-
-def load_run(workdir: str, *, which: str = "best") -> Classifier:
-    """Restores a training run: its model from `config.json`, weights from its checkpoints.
-
-    Args:
-      workdir: the run's folder (holding `config.json` and `checkpoints/`).
-      which: 'best' (best validation accuracy; falls back to the latest) or 'latest'.
-
-    Raises:
-      ValueError: not a run folder, no checkpoint, or a checkpoint that does not fit the
-        model its config describes.
-    """
-    config_path = os.path.join(workdir, "config.json")
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isfile(config_path) or not os.path.isdir(checkpoint_dir):
-        raise ValueError(
-            f"{workdir} is not a training run: expected config.json and checkpoints/ in it "
-            "(the workdir of `python -m experiments.malaria`)"
-        )
-    if which not in ("best", "latest"):
-        raise ValueError(f"checkpoint {which!r}: use 'best' or 'latest'")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    model = steps.create_model(config.model)
-    size = int(config.data.image_size)
-    expected = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
-    ckpts = checkpoint.Checkpoints(checkpoint_dir, async_save=False)
-    try:
-        best = which == "best" and ckpts.best_step() is not None
-        step = ckpts.best_step() if best else ckpts.latest_step()
-        # No target: the saved tree as it is, then checked against the model below.
-        state = None if step is None else ckpts.restore(None, best=best)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot restore the checkpoint in {checkpoint_dir}: {e}") from e
-    finally:
-        ckpts.close()
-    if state is None:
-        raise ValueError(f"no checkpoint in {checkpoint_dir}")
-    # A run that kept a moving average of its weights was evaluated with it (TrainState).
-    params = state.get("ema_params") or state["params"]
-    variables = {"params": params, "batch_stats": state.get("batch_stats") or {}}
-    _check_fits(variables, dict(expected), f"the checkpoint at step {step} in {checkpoint_dir}",
-                config.model.name)  # fmt: skip
-    metadata = {
-        "run": os.path.abspath(workdir),
-        "checkpoint": "best" if best else "latest",
-        "step": int(step),
-        "model": config.model.to_dict(),
-    }
-    return Classifier(model, variables, size, metadata, config)
-
-
-def _check_fits(variables: dict, expected: dict, what: str, model_name: str) -> None:
-    """Raises ValueError naming the first parameter whose presence or shape differs."""
-    got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree.leaves_with_path(variables)}
-    want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(expected)}
-    for key in sorted(set(got) | set(want)):
-        if got.get(key) != want.get(key):
-            raise ValueError(
-                f"{what} does not fit {model_name} as config.json describes it: {key} is "
-                f"{got.get(key, 'missing')} there, {want.get(key, 'missing')} in the model"
-            )
 
 
 def resize_like_training(images, image_size: int) -> jnp.ndarray:
@@ -169,7 +81,7 @@ def serving_function(classifier: Classifier):
 
     def serve(images):
         x = resize_like_training(images, size) / 127.5 - 1.0
-        logits = steps.classify(model, variables, x, tta=tta)
+        logits = inference.classify(model, variables, x, tta=tta)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     return serve

@@ -33,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
-from mnres.params import layer_name
+from mnres.models.params import layer_name
 
 _BN_WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance")
 # mnres BatchNorm leaves and the Keras weights they come from.

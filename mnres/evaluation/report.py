@@ -11,7 +11,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from mnres import metrics
+from mnres.evaluation import metrics
 
 # File names in the workdir; report.md links every PNG present when it is written.
 REPORT_JSON = "report.json"

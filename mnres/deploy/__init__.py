@@ -1,0 +1,1 @@
+"""Deployment: export (StableHLO, TFLite, ONNX) and prediction on image files."""

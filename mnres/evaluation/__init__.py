@@ -1,0 +1,1 @@
+"""Evaluation: metrics, calibration, reports and plots, cross-validation, Grad-CAM."""

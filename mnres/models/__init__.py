@@ -1,0 +1,31 @@
+"""The networks: layers, the MobileNet blocks, the models as tables, parameters, Keras weights."""
+
+from mnres.models.blocks import DepthwiseSeparable, InvertedResidual
+from mnres.models.layers import ConvBN, DepthwiseConv2D, PointwiseConv, make_divisible
+from mnres.models.mobilenet import (
+    MOBILENET_V1_BLOCKS,
+    MOBILENET_V2_STAGES,
+    MODELS,
+    MobileNetV1,
+    MobileNetV2,
+    SeedNetwork,
+    create_model,
+    from_config,
+)
+
+__all__ = [
+    "MODELS",
+    "MOBILENET_V1_BLOCKS",
+    "MOBILENET_V2_STAGES",
+    "ConvBN",
+    "DepthwiseConv2D",
+    "DepthwiseSeparable",
+    "InvertedResidual",
+    "MobileNetV1",
+    "MobileNetV2",
+    "PointwiseConv",
+    "SeedNetwork",
+    "create_model",
+    "from_config",
+    "make_divisible",
+]
