@@ -44,7 +44,7 @@ _LATENCY_CALLS = flags.DEFINE_integer("latency_calls", 50, "Timed batch-1 predic
 _DEPTHWISE = flags.DEFINE_list(
     "depthwise",
     ["shifted", "grouped"],
-    "mnres depthwise formulations to run (auto/grouped/shifted).",
+    "mnres conv formulations (conv_formulation) to run: auto/grouped/shifted.",
 )
 _PARTS = flags.DEFINE_list(
     "parts", ["train", "eval", "latency"], "What to measure; batch-1 latency only once per size."
@@ -72,9 +72,10 @@ WORKERS = {
 PEER_PACKAGES = {"pytorch": ("torch",), "keras": ("keras", "tensorflow")}
 PEER_MODELS = ("mobilenet_v1", "mobilenet_v2")
 
-# The issue's figures on a 2-core machine (MobileNetV2 alpha 1.0, 2 classes): training at 128 px
-# and batch 64, batch-1 latency at 128 px. A peer more than 15% off them means the machine or
-# the peer's setup differs, and no ratio against it can be trusted until that is explained.
+# The peers' speeds quoted as the reference to beat, on a 2-core CPU (MobileNetV2 alpha 1.0,
+# 2 classes): training at 128 px and batch 64, batch-1 latency at 128 px. A peer more than 15%
+# off them means the machine or the peer's setup differs, and no ratio against it can be trusted
+# until that is explained.
 REFERENCE = {
     ("pytorch", "mobilenet_v2", 1.0, 128): {"train_images_per_s": 64.0, "latency_ms_median": 5.0},
     ("keras", "mobilenet_v2", 1.0, 128): {"train_images_per_s": 27.0, "latency_ms_median": 10.2},
@@ -121,8 +122,8 @@ def multiply_adds(model, image_size: int) -> int:
     MobileNetV2 alpha 1.0 gives 300.8 M at 224 px with 1000 classes (the paper's 300 M) and
     97.8 M at 128 px with 2 classes.
     """
-    if hasattr(model, "depthwise_implementation"):
-        model = model.clone(depthwise_implementation="grouped")
+    if hasattr(model, "conv_formulation"):
+        model = model.clone(conv_formulation="grouped")
     shape = (1, image_size, image_size, 3)
     variables = params_lib.abstract_variables(model, shape)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
@@ -267,7 +268,7 @@ def ratio_lines(results: list[dict]) -> list[str]:
 
 
 def reference_lines(results: list[dict]) -> list[str]:
-    """Each peer figure that the issue also measured, with its deviation from it."""
+    """Each peer figure that has a reference in `REFERENCE`, with its deviation from it."""
     lines = []
     for r in results:
         if "error" in r:

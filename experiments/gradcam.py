@@ -6,7 +6,8 @@
 Writes WORKDIR/gradcam.png (or --out): the crops of the run's test split (its own fold for a
 cross-validation fold), correct ones left and the most confident mistakes right, each beside
 its Grad-CAM heat for "parasitized". Use it to check that the model looks at the parasite,
-not at the background or the cell's edge.
+not at the background or the cell's edge. Correct and mistaken are called as the run was
+evaluated (with its 8-view test-time augmentation when it used it); the heat is of one view.
 """
 
 import os

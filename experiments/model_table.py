@@ -1,4 +1,4 @@
-"""Prints the README's model table: Keras-convention parameter counts computed by mnres.
+"""Prints the model table of docs/models.md: Keras-convention parameter counts computed by mnres.
 
 python -m experiments.model_table
 """

@@ -27,7 +27,7 @@ def _summary(args) -> int:
     if args.no_top:
         overrides["include_top"] = False
     model = models.create_model(args.model, **overrides)
-    print(params.summary(model, (1, args.image_size, args.image_size, 3)))
+    print(params.summary(model, (1, args.image_size, args.image_size, 3), name=args.model))
     return 0
 
 

@@ -1,12 +1,15 @@
 """The run folder: every file a training run writes, named, written and read here only.
 
 A run folder (`workdir`) holds what `mnres.training` writes and what evaluation and deployment
-read back; nothing else knows its file names.
+read back; nothing else knows its file names. JSON files are written by `write_json`, one format
+for all: indented, sorted keys, plain JSON values (NaN and infinities as null).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 
 import jax
@@ -34,10 +37,36 @@ RELIABILITY_UNCALIBRATED_PNG = "reliability_uncalibrated.png"
 RELIABILITY_CALIBRATED_PNG = "reliability_calibrated.png"
 
 
+def to_json_types(value):
+    """Plain JSON types: numpy scalars/arrays, tuples, ConfigDicts; non-finite floats -> None.
+
+    Anything else becomes its `str`.
+    """
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): to_json_types(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [to_json_types(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
 def write_json(path: str, obj) -> None:
-    """The one JSON writer: indented, sorted keys, non-JSON values as strings, newline."""
+    """The one JSON writer of the package: indented, sorted keys, plain values, final newline.
+
+    Args:
+      path: the file; its folder is created if missing.
+      obj: converted by `to_json_types` first (numpy values as numbers, NaN as null).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        json.dump(to_json_types(obj), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
 
 
@@ -46,9 +75,138 @@ def read_json(path: str):
         return json.load(f)
 
 
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the resolved config a run is trained with (`config.json`)."""
+    write_json(os.path.join(workdir, CONFIG_JSON), config)
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run was trained with (`config.json`)."""
     return ml_collections.ConfigDict(read_json(os.path.join(workdir, CONFIG_JSON)))
+
+
+def write_manifest(workdir: str, dataset) -> None:
+    """Writes the split manifest of `dataset` (a `mnres.data.Dataset`) as `manifest.json`."""
+    write_json(os.path.join(workdir, MANIFEST_JSON), dataset.manifest)
+
+
+def read_manifest(workdir: str) -> dict:
+    return read_json(os.path.join(workdir, MANIFEST_JSON))
+
+
+def read_history(workdir: str, last_step: int | None = None) -> list[dict]:
+    """Rows of `metrics.jsonl`, one dict per epoch; [] when the file is not there yet.
+
+    A resumed run that logged an epoch again: the last row of an epoch wins. A torn last line
+    (a run killed while writing it) is skipped; a bad line elsewhere raises.
+
+    Args:
+      workdir: the run folder.
+      last_step: keep only rows up to this step (those a checkpoint at `last_step` covers).
+
+    Raises:
+      json.JSONDecodeError: a line before the last is not JSON.
+    """
+    path = os.path.join(workdir, METRICS_JSONL)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        if "epoch" in row:
+            rows = [r for r in rows if r.get("epoch") != row["epoch"]]
+        rows.append(row)
+    return rows if last_step is None else [r for r in rows if r["step"] <= last_step]
+
+
+def write_history(workdir: str, rows: list[dict]) -> None:
+    """Replaces `metrics.jsonl` with `rows` (a resumed run drops the rows after its checkpoint)."""
+    with open(os.path.join(workdir, METRICS_JSONL), "w") as f:
+        f.writelines(_jsonl(row) for row in rows)
+
+
+def append_history_row(workdir: str, row: dict) -> None:
+    """Appends one epoch's row to `metrics.jsonl`."""
+    with open(os.path.join(workdir, METRICS_JSONL), "a") as f:
+        f.write(_jsonl(row))
+
+
+def _jsonl(row: dict) -> str:
+    # One compact line per row, so that a torn line (a kill while writing) is only the last.
+    return json.dumps(row) + "\n"
+
+
+def open_checkpoints(workdir: str, **kwargs) -> checkpoint.Checkpoints:
+    """The run's `checkpoints/` (latest and best); kwargs go to `checkpoint.Checkpoints`."""
+    return checkpoint.Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), **kwargs)
+
+
+def write_predictions(workdir: str, split, probs) -> None:
+    """Writes `predictions_test.csv`: name, slide_id, label, P(parasitized) per example.
+
+    Args:
+      workdir: the run folder.
+      split: the `mnres.data.Split` scored (names, slide ids, labels, in order).
+      probs: float [N], P(parasitized) of each example.
+    """
+    with open(os.path.join(workdir, PREDICTIONS_CSV), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "slide_id", "label", "prob_parasitized"])
+        for row in zip(split.names, split.slide_ids, split.labels, probs, strict=True):
+            writer.writerow([row[0], row[1], int(row[2]), f"{float(row[3]):.6f}"])
+
+
+def write_test_outputs(workdir: str, *, log_odds, labels, slide_ids, names) -> None:
+    """Writes `test_outputs.npz`: the test split's log-odds, labels, slide ids and names [N]."""
+    np.savez_compressed(
+        os.path.join(workdir, TEST_OUTPUTS_NPZ),
+        log_odds=log_odds,
+        labels=labels,
+        slide_ids=np.asarray(slide_ids, str),
+        names=np.asarray(names, str),
+    )
+
+
+def read_test_outputs(workdir: str) -> dict[str, np.ndarray]:
+    """`test_outputs.npz` as {'log_odds', 'labels', 'slide_ids', 'names'} arrays."""
+    with np.load(os.path.join(workdir, TEST_OUTPUTS_NPZ)) as outputs:
+        return {name: outputs[name] for name in outputs.files}
+
+
+def write_calibration(workdir: str, record: dict) -> str:
+    """Writes `calibration.json` (a `mnres.evaluation.calibration.calibrate` record); its path."""
+    path = os.path.join(workdir, CALIBRATION_JSON)
+    write_json(path, record)
+    return path
+
+
+def read_calibration(workdir: str) -> dict | None:
+    """The run's calibration record, or None if it was never calibrated."""
+    path = os.path.join(workdir, CALIBRATION_JSON)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def write_report(workdir: str, report: dict, markdown: str) -> None:
+    """Writes `report.json` (the dict) and `report.md` (the text)."""
+    write_json(os.path.join(workdir, REPORT_JSON), report)
+    with open(os.path.join(workdir, REPORT_MD), "w") as f:
+        f.write(markdown)
+
+
+def read_report(workdir: str) -> dict:
+    return read_json(os.path.join(workdir, REPORT_JSON))
+
+
+def plot_files(workdir: str) -> list[str]:
+    """The PNG files in the run folder, sorted by name (report.md links each)."""
+    return sorted(p for p in os.listdir(workdir) if p.endswith(".png"))
 
 
 def load_run(workdir: str, *, which: str = "best") -> Classifier:
@@ -77,7 +235,7 @@ def load_run(workdir: str, *, which: str = "best") -> Classifier:
     expected = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     )
-    ckpts = checkpoint.Checkpoints(checkpoint_dir, async_save=False)
+    ckpts = open_checkpoints(workdir, async_save=False)
     try:
         best = which == "best" and ckpts.best_step() is not None
         step = ckpts.best_step() if best else ckpts.latest_step()

@@ -8,7 +8,7 @@ import sklearn.metrics as skm
 from scipy import optimize
 from sklearn.linear_model import LogisticRegression
 
-from mnres import calibration, metrics
+from mnres.evaluation import calibration, metrics
 
 
 def _overconfident(seed, n=2000, scale=3.0):

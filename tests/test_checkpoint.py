@@ -5,10 +5,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from mnres.steps import TrainState
 
-from mnres import checkpoint, models, optim, steps
-from mnres import params as params_lib
+from mnres import models
+from mnres.models import params as params_lib
+from mnres.training import checkpoint, optim, steps
+from mnres.training.steps import TrainState
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def test_all_images_corrupt_is_an_error(tmp_path):
         data.load_dataset(folder_config(tmp_path), seed=0)
 
 
-@pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="shared/data/malaria-mini is absent")
+@pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="needs ../shared/data/malaria-mini")
 def test_real_mini_crops_labels_and_slides():
     listing = sources.list_folder(str(MINI_CELL_IMAGES))
     names, labels, slides = listing["names"], listing["labels"], listing["slide_ids"]
@@ -267,7 +267,7 @@ def test_tfds_offline_error_names_the_alternatives(tmp_path, tensorflow_installe
 
 
 @pytest.mark.skipif(not HAS_TF, reason="preparing TFDS malaria needs TensorFlow")
-@pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="shared/data/malaria-mini is absent")
+@pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="needs ../shared/data/malaria-mini")
 def test_real_tfds_builder_prepared_offline_from_real_crops(tmp_path):
     """The real malaria builder, fed a local copy of NIH crops, read back with our mapping."""
     tfds = pytest.importorskip("tensorflow_datasets")

@@ -85,20 +85,54 @@ def test_same_seed_same_split_and_batches_different_seed_differs(split_by):
     # source is the same, so compare on a folder-like pool with a fixed listing.
     labels = np.array([0, 1] * 200)
     slide_ids = np.array([f"S{i // 10}" for i in range(400)])
-    split = (
-        splits.split_by_slide
-        if split_by == "slide"
-        else (lambda lab, _, f, seed: splits.split_by_image(lab, f, seed))
+
+    def split(seed):
+        return splits.split_indices(labels, slide_ids, (0.8, 0.1, 0.1), split_by, seed)
+
+    first = split(7)
+    assert all(np.array_equal(x, y) for x, y in zip(first, split(7), strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(first, split(8), strict=True))
+
+
+def test_split_indices_take_and_checked_dataset():
+    labels = np.array([0, 1] * 60, np.int32)
+    slide_ids = np.array([f"S{i // 10}" for i in range(120)])
+    fractions = (0.5, 0.25, 0.25)
+    by_slide = splits.split_indices(labels, slide_ids, fractions, "slide", 3)
+    for got, want in zip(
+        by_slide, splits.split_by_slide(labels, slide_ids, fractions, 3), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    by_image = splits.split_indices(labels, slide_ids, fractions, "image", 3)
+    for got, want in zip(by_image, splits.split_by_image(labels, fractions, 3), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="'slide' or 'image'"):
+        splits.split_indices(labels, slide_ids, fractions, "patient", 3)
+
+    names = np.array([f"cell{i}" for i in range(120)])
+    pool = splits.Split(
+        np.arange(120, dtype=np.uint8).reshape(120, 1, 1, 1), labels, slide_ids, names
     )
-    first = split(labels, slide_ids, (0.8, 0.1, 0.1), 7)
-    assert all(
-        np.array_equal(x, y)
-        for x, y in zip(first, split(labels, slide_ids, (0.8, 0.1, 0.1), 7), strict=True)
+    part = pool.take([5, 2])  # in the order given
+    assert part.names.tolist() == ["cell5", "cell2"] and part.images[:, 0, 0, 0].tolist() == [5, 2]
+    dataset = splits.checked_dataset(
+        splits.take_splits(pool, by_slide),
+        fractions,
+        "split by slide",
+        source="test",
+        seed=3,
+        image_size=1,
+        split_by="slide",
+        skipped=[],
     )
-    assert not all(
-        np.array_equal(x, y)
-        for x, y in zip(first, split(labels, slide_ids, (0.8, 0.1, 0.1), 8), strict=True)
+    assert dataset.validation.names.tolist() == names[by_slide[1]].tolist()
+    assert dataset.manifest["splits"]["test"]["names_sha256"] == splits.names_sha256(
+        names[by_slide[2]]
     )
+    one_class = splits.take_splits(pool, (by_slide[0], by_slide[1], [1, 3]))
+    with pytest.raises(ValueError, match="test split .* no uninfected"):
+        splits.checked_dataset(one_class, fractions, "split by slide", source="test", seed=3,
+                               image_size=1, split_by="slide", skipped=[])  # fmt: skip
 
 
 def test_manifest_is_written_and_proves_the_split(tmp_path):
@@ -131,7 +165,7 @@ def test_too_few_slides_for_a_slide_split_names_the_fix(tmp_path):
     assert len(dataset.train) + len(dataset.validation) + len(dataset.test) == 12
 
 
-@pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="shared/data/malaria-mini is absent")
+@pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="needs ../shared/data/malaria-mini")
 def test_real_mini_slide_split():
     listing = sources.list_folder(str(MINI_CELL_IMAGES))
     for seed in range(3):

@@ -320,7 +320,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
 
 
 def test_mock_tfds_end_to_end(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # a dependency of mnres: no skip without it
+
     config = _short_config()
     config.data.source = "tfds"
     config.data.tfds_data_dir = str(tmp_path / "tfds")
@@ -340,7 +341,7 @@ def test_mock_tfds_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_paper_config_freezes_only_with_pretrained_weights(tmp_path, caplog):
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
+    keras = pytest.importorskip("keras", reason="needs Keras: pip install -e '.[test]'")
     from experiments.configs import paper
 
     net = keras.applications.MobileNet(alpha=1.0, weights=None, input_shape=(32, 32, 3),

@@ -1,8 +1,8 @@
 """Export: StableHLO and TFLite (float32, int8) from a saved run, parity with JAX, the resize.
 
-A tiny MobileNetV2 (alpha 0.35, 32 px) with random weights, saved through mnres.checkpoint as
-a training run would save it; nothing is trained. TFLite tests need tensorflow and
-ai-edge-litert (the test extra); they are skipped without them.
+The run is conftest's tiny MobileNetV2 (alpha 0.35, 32 px) with random weights; nothing is
+trained. TFLite tests need tensorflow and ai-edge-litert (the test extra); they are skipped
+without them.
 """
 
 import collections
@@ -19,63 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import IMAGE_SIZE, needs_tflite
 
-from experiments.configs import default, smoke
-from mnres import checkpoint, export, models, run_folder, train
+from experiments.configs import smoke
+from mnres import export, inference, models, run_folder, train
 from mnres.data import decode, synthetic
-
-IMAGE_SIZE = 32
-HAS_TFLITE = all(
-    __import__("importlib").util.find_spec(m) is not None for m in ("tensorflow", "ai_edge_litert")
-)
-needs_tflite = pytest.mark.skipif(not HAS_TFLITE, reason="needs tensorflow and ai-edge-litert")
-
-
-def run_config(**model):
-    """The default experiment config, shrunk: a 32 px model on a few synthetic cells."""
-    config = default.get_config()
-    config.model.name = "mobilenet_v2"
-    config.model.alpha = 0.35
-    for key, value in model.items():
-        setattr(config.model, key, value)
-    config.data.source = "synthetic"
-    config.data.synthetic_size = 120
-    config.data.num_slides = 6
-    config.data.image_size = IMAGE_SIZE
-    return config
-
-
-def make_run(workdir, seed: int = 0, **model) -> str:
-    """A training workdir (config.json + checkpoints/) holding random weights.
-
-    The BatchNorm statistics are those of a batch of synthetic cells: with the initial
-    ones the activations vanish through the depth and every crop gets the same answer.
-    """
-    config = run_config(**model)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    net = models.from_config(config.model).clone(bn_momentum=0.0, dtype=None)
-    cells = synthetic.draw_cells(64, IMAGE_SIZE, 3, seed)[0]
-
-    @jax.jit
-    def init(x):
-        variables = net.init(jax.random.key(seed), x[:1], train=False)
-        _, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
-        return variables["params"], updates["batch_stats"]
-
-    params, batch_stats = init(cells / 127.5 - 1.0)
-    state = {
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": {},
-        "step": jnp.asarray(7, jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(0)),
-    }
-    with checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False) as c:
-        c.save(7, state, best=True)
-    return str(workdir)
-
 
 # Crops of three sizes (square as trained, tall, wide), four of each: one compile per size.
 CROP_SHAPES = ((IMAGE_SIZE, IMAGE_SIZE), (45, 27), (21, 40))
@@ -92,16 +40,6 @@ def crops(seed: int = 0) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def classifier(run):
-    return run_folder.load_run(run)
-
-
-@pytest.fixture(scope="module")
 def reference(classifier):
     """The JAX serving function's probabilities for `crops()`, [12, 2]."""
     serve = jax.jit(export.serving_function(classifier))
@@ -113,7 +51,7 @@ def test_load_run_restores_the_saved_weights(run, classifier):
     assert classifier.metadata["step"] == 7 and classifier.metadata["checkpoint"] == "best"
     mean = classifier.variables["batch_stats"]["stem"]["bn_Conv1"]["mean"]
     assert np.abs(np.asarray(mean)).max() > 0  # the saved statistics, not a fresh init
-    assert classifier.for_export().model.depthwise_implementation == "grouped"
+    assert classifier.for_export().model.conv_formulation == "grouped"
 
 
 def test_load_run_rejects_other_folders_and_incompatible_checkpoints(run, tmp_path):
@@ -130,7 +68,8 @@ def test_load_run_rejects_other_folders_and_incompatible_checkpoints(run, tmp_pa
 
 
 def test_resize_like_training_matches_the_training_decode():
-    resize = jax.jit(export.resize_like_training, static_argnums=1)
+    assert export.resize_like_training is inference.resize_like_training  # the 0.1 path
+    resize = jax.jit(inference.resize_like_training, static_argnums=1)
     rng = np.random.default_rng(0)
     more = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in ((50, 37), (37, 50), (20, 20))]
     for crop in [b[0] for b in crops(1)] + more + [np.full((40, 40, 3), 200, np.uint8)]:
@@ -238,9 +177,9 @@ def test_a_run_evaluated_with_test_time_augmentation_exports_it(classifier):
 
 
 def test_export_uses_grouped_depthwise_whatever_the_training_used(classifier):
-    trained = classifier.model.clone(depthwise_implementation="shifted", dtype=jnp.bfloat16)
+    trained = classifier.model.clone(conv_formulation="shifted", dtype=jnp.bfloat16)
     model = dataclasses.replace(classifier, model=trained).for_export().model
-    assert model.depthwise_implementation == "grouped" and model.dtype is None
+    assert model.conv_formulation == "grouped" and model.dtype is None
     assert isinstance(model, models.MobileNetV2)
 
 

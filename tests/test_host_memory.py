@@ -54,7 +54,11 @@ def _faults_per_step(mode: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+# Counts page faults: other processes on the CPU change the heap's timing and the counts.
+@pytest.mark.timing
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="glibc's malloc settings exist on Linux only"
+)
 def test_kept_memory_is_reused_without_page_faults():
     default, kept = _faults_per_step("default"), _faults_per_step("keep")
     # 32 MB of fresh pages is ~8,000 faults; several such buffers per step by default.

@@ -73,16 +73,16 @@ def keras_model(keras):
     return build
 
 
-@pytest.mark.parametrize("implementation", ["grouped", "shifted"])
+@pytest.mark.parametrize("formulation", ["grouped", "shifted"])
 @pytest.mark.parametrize("size", [97, pytest.param(224, marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     "arch, alpha",
     [("mobilenet_v1", 0.25), ("mobilenet_v1", 0.5), ("mobilenet_v2", 0.35), ("mobilenet_v2", 0.5)],
 )
-def test_logits_match_keras(keras_model, arch, alpha, size, implementation):
+def test_logits_match_keras(keras_model, arch, alpha, size, formulation):
     keras_net, images, (logits, features) = keras_model(arch, alpha, size)
     model = mnres.create_model(
-        arch, alpha=alpha, num_classes=NUM_CLASSES, depthwise_implementation=implementation
+        arch, alpha=alpha, num_classes=NUM_CLASSES, conv_formulation=formulation
     )
     variables, report = load_keras_weights(
         model, abstract_variables(model, (1, size, size, 3)), keras_net, strict=True
@@ -105,16 +105,16 @@ def seed_keras(keras):
     _randomise(net, rng)
     images = rng.uniform(-1, 1, (2, 97, 97, 3)).astype(np.float32)
     features = keras.Model(net.input, net.get_layer("conv_dw_12_relu").output)
-    model = mnres.create_model("paper", depthwise_implementation="grouped")
+    model = mnres.create_model("paper", conv_formulation="grouped")
     init = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
     return net, images, np.asarray(features.predict(images, verbose=0)), init
 
 
-@pytest.mark.parametrize("implementation", ["grouped", "shifted"])
-def test_seed_network_from_full_keras_mobilenet(seed_keras, implementation):
+@pytest.mark.parametrize("formulation", ["grouped", "shifted"])
+def test_seed_network_from_full_keras_mobilenet(seed_keras, formulation):
     keras_net, images, expected, init = seed_keras
     # Skips off: with them the seed network computes a different function than Keras' trunk.
-    model = mnres.create_model("paper", residual=False, depthwise_implementation=implementation)
+    model = mnres.create_model("paper", residual=False, conv_formulation=formulation)
     variables, report = load_keras_weights(model, init, keras_net)
 
     assert report.loaded == model.layer_names()[:-1]

@@ -140,9 +140,9 @@ def test_shifted_backward_keeps_only_input_and_kernel(stride, padding):
     assert sum(plain) > 2 * x.size
 
 
-@pytest.mark.parametrize("implementation, uses_dot", [("shifted", True), ("grouped", False)])
-def test_pointwise_conv_is_a_matmul_only_in_the_cpu_formulation(implementation, uses_dot):
-    unit = _unit(train=False, kernel_size=1, implementation=implementation)
+@pytest.mark.parametrize("formulation, uses_dot", [("shifted", True), ("grouped", False)])
+def test_pointwise_conv_is_a_matmul_only_in_the_cpu_formulation(formulation, uses_dot):
+    unit = _unit(train=False, kernel_size=1, formulation=formulation)
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
     variables = unit.init(jax.random.key(1), x)
     assert variables["params"]["conv"]["kernel"].shape == (1, 1, 4, 8)  # nn.Conv's layout
@@ -150,7 +150,7 @@ def test_pointwise_conv_is_a_matmul_only_in_the_cpu_formulation(implementation, 
     assert ("dot_general" in jaxpr) == uses_dot
     assert ("conv_general_dilated" in jaxpr) != uses_dot
     # Same numbers and gradients either way (the matmul has a hand-written backward pass).
-    other = unit.clone(depthwise_implementation="grouped" if uses_dot else "shifted")
+    other = unit.clone(conv_formulation="grouped" if uses_dot else "shifted")
     np.testing.assert_allclose(unit.apply(variables, x), other.apply(variables, x), atol=1e-5)
 
     def loss(module, variables, x):
@@ -161,11 +161,19 @@ def test_pointwise_conv_is_a_matmul_only_in_the_cpu_formulation(implementation, 
 
 
 def test_auto_picks_shifted_on_cpu_and_rejects_unknown():
-    assert jax.default_backend() == "cpu"
-    assert layers.resolve_depthwise_implementation("auto") == "shifted"
-    assert layers.resolve_depthwise_implementation("grouped") == "grouped"
+    if jax.default_backend() == "cpu":  # elsewhere 'auto' picks 'grouped'
+        assert layers.resolve_conv_formulation("auto") == "shifted"
+    assert layers.resolve_conv_formulation("grouped") == "grouped"
     with pytest.raises(ValueError, match="grouped"):
-        layers.resolve_depthwise_implementation("winograd")
+        layers.resolve_conv_formulation("winograd")
+
+
+def test_depthwise_implementation_names_still_work_for_one_release():
+    assert layers.DEPTHWISE_IMPLEMENTATIONS == layers.CONV_FORMULATIONS
+    assert layers.resolve_depthwise_implementation is layers.resolve_conv_formulation
+    with pytest.warns(DeprecationWarning, match="conv_formulation"):
+        unit = ConvBN(8, "conv", "conv_bn", depthwise_implementation="grouped")
+    assert (unit.conv_formulation, unit.depthwise_implementation) == ("grouped", None)
 
 
 def test_bad_padding_string_is_rejected():
@@ -173,7 +181,7 @@ def test_bad_padding_string_is_rejected():
         DepthwiseConv2D(padding="CIRCULAR").init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
 
 
-def _unit(frozen=False, train=True, dtype=None, kernel_size=3, implementation="auto"):
+def _unit(frozen=False, train=True, dtype=None, kernel_size=3, formulation="auto"):
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=dtype
     )
@@ -184,7 +192,7 @@ def _unit(frozen=False, train=True, dtype=None, kernel_size=3, implementation="a
         kernel_size=kernel_size,
         norm=norm,
         frozen=frozen,
-        depthwise_implementation=implementation,
+        conv_formulation=formulation,
         dtype=dtype,
     )
 
@@ -208,6 +216,18 @@ def test_frozen_unit_keeps_running_statistics_in_training():
             updates["batch_stats"]["conv_bn"]["mean"], variables["batch_stats"]["conv_bn"]["mean"]
         )
         assert changed == should_change
+
+
+def test_convbn_defaults_to_keras_batch_norm_on_running_statistics():
+    # Used on its own, the unit normalises as Keras' inference does, and needs no mutable state.
+    x = 3 + jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    unit = ConvBN(8, "conv", "conv_bn", activation=False)
+    variables = unit.init(jax.random.key(1), x)
+    stats = variables["batch_stats"]["conv_bn"]
+    assert float(stats["mean"].sum()) == 0 and float(stats["var"].min()) == 1
+    conv = layers.PointwiseConv(8).apply({"params": variables["params"]["conv"]}, x)
+    got = unit.apply(variables, x)
+    np.testing.assert_allclose(got, conv / np.sqrt(1 + 1e-3), rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

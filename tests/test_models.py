@@ -1,5 +1,9 @@
 """Model structure: exact Keras parameter counts, shapes, gradients, freezing, the registry."""
 
+import dataclasses
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,3 +257,73 @@ def test_clear_errors(call, message):
 def test_public_names():
     assert mnres.DepthwiseSeparable and mnres.InvertedResidual and mnres.make_divisible
     assert set(mnres.MODELS) >= {"mobilenet_v1", "mobilenet_v2", "paper"}
+
+
+# The blocks example of docs/models.md, verbatim: it must run as printed.
+README_BLOCKS_EXAMPLE = """
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+import mnres
+
+# The blocks on their own: BatchNorm on its running statistics, as Keras' inference.
+block = mnres.InvertedResidual(features=24, block_id=2, expansion=6, strides=1)
+x = jnp.zeros((8, 16, 16, 24))
+variables = block.init(jax.random.key(0), x)  # {'params', 'batch_stats'}
+y = block.apply(variables, x)
+
+block = mnres.DepthwiseSeparable(features=512, block_id=7, residual=True)
+x = jnp.zeros((8, 14, 14, 512))
+variables = block.init(jax.random.key(0), x)
+y = block.apply(variables, x)
+
+# To train a block, hand it the conv + BN unit with a batch-statistics BatchNorm, as models do.
+train_bn = functools.partial(nn.BatchNorm, use_running_average=False, momentum=0.99, epsilon=1e-3)
+block = block.clone(conv_bn=functools.partial(mnres.ConvBN, norm=train_bn))
+y, updates = block.apply(variables, x, mutable=["batch_stats"])
+"""
+
+
+def test_readme_blocks_example_runs():
+    scope = {}
+    exec(README_BLOCKS_EXAMPLE, scope)
+    variables, updates = scope["variables"], scope["updates"]
+    assert set(variables) == {"params", "batch_stats"}
+    assert scope["y"].shape == (8, 14, 14, 512)
+    # Trained on batch statistics: the running variance moves from 1 towards the batch's (0).
+    before = variables["batch_stats"]["pointwise"]["conv_pw_7_bn"]["var"]
+    after = updates["batch_stats"]["pointwise"]["conv_pw_7_bn"]["var"]
+    np.testing.assert_allclose(before, 1.0)
+    np.testing.assert_allclose(after, 0.99)
+
+
+def test_blocks_take_the_unit_as_one_field():
+    # The conv and norm choices live in ConvBN; blocks take the model's partial of it.
+    for block in (mnres.DepthwiseSeparable, mnres.InvertedResidual):
+        fields = {f.name for f in dataclasses.fields(block)}
+        assert "conv_bn" in fields
+        assert not fields & {"norm", "dtype", "param_dtype", "conv_formulation"}
+
+
+def test_deprecated_depthwise_implementation_sets_conv_formulation():
+    with pytest.warns(DeprecationWarning, match="conv_formulation"):
+        model = mnres.create_model("mobilenet_v2", depthwise_implementation="grouped")
+    assert (model.conv_formulation, model.depthwise_implementation) == ("grouped", None)
+    # Cleared once moved, so a clone that sets the new name is not overridden by the old one.
+    assert model.clone(conv_formulation="shifted").conv_formulation == "shifted"
+    with pytest.warns(DeprecationWarning):
+        assert model.clone(depthwise_implementation="shifted").conv_formulation == "shifted"
+
+
+def test_from_config_reads_the_old_depthwise_implementation_key():
+    # A run folder written by mnres 0.1, with the formulation set under its old name.
+    path = os.path.join(os.path.dirname(__file__), "testdata", "run_v0.1.0", "config.json")
+    with open(path) as f:
+        model_config = json.load(f)["model"]
+    assert mnres.models.from_config(model_config).conv_formulation == "auto"
+    with pytest.warns(DeprecationWarning, match="config.model.conv_formulation"):
+        model = mnres.models.from_config({**model_config, "depthwise_implementation": "grouped"})
+    assert model.conv_formulation == "grouped" and model.depthwise_implementation is None

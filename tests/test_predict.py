@@ -1,23 +1,22 @@
 """predict: files, folders, globs -> checkpoint or exported model -> labels, slide summary."""
 
+import dataclasses
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HAS_TFLITE, needs_tflite
 from PIL import Image
-from test_export import HAS_TFLITE, make_run, needs_tflite
 
-from mnres import calibration, export, predict, run_folder
+from mnres import calibration, export, gradcam, predict, run_folder, steps
 from mnres.__main__ import main
 from mnres.data import synthetic
+from mnres.data.splits import Split
 
 SLIDES = ("C100P61", "C39P4")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +170,36 @@ def test_operating_threshold_of_an_export_comes_from_its_run(tmp_path):
         predict.operating_threshold(str(run / "nested_run"), "spec95")
     with pytest.raises(ValueError, match="unknown operating point"):
         predict.operating_threshold(exported, "spec90")
+
+
+def test_serving_predict_evaluation_and_gradcam_classify_alike(classifier, tmp_path):
+    """The exported function, predict's JAX path, the eval step and Grad-CAM's calls on the
+    same crops, with and without test-time augmentation: one `mnres.inference.classify`."""
+    images, labels, slides = synthetic.draw_cells(6, classifier.image_size, 2, 5)
+    split = Split(images, labels, slides, np.array([f"cell_{i}" for i in range(len(images))]))
+    mesh = steps.make_mesh()
+    answers = {}
+    for tta in (False, True):
+        config = classifier.config.copy_and_resolve_references()
+        config.test_time_augmentation = tta
+        run = dataclasses.replace(classifier, config=config)
+        assert run.test_time_augmentation == tta
+        # The state a training run evaluates: its weights, nothing else is read.
+        state = steps.TrainState(
+            params=run.variables["params"],
+            batch_stats=run.variables["batch_stats"],
+            opt_state={},
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(jax.random.key(0)),
+        )
+        eval_step = steps.make_eval_step(run.model, mesh, tta=run.test_time_augmentation)
+        answers[tta] = {
+            "serving": np.asarray(jax.jit(export.serving_function(run))(images))[:, 1],
+            "predict": predict.probabilities(predict.from_classifier(run), images),
+            "evaluation": steps.evaluate(eval_step, state, split, 8, mesh)["probs"],
+            "gradcam": gradcam.explain_split(run, split, str(tmp_path / "g.png"), num=2)["probs"],
+        }
+        for name, probs in answers[tta].items():
+            np.testing.assert_allclose(probs, answers[tta]["serving"], atol=1e-5, err_msg=name)
+    # Each path did average the 8 views: one view answers otherwise.
+    assert np.max(np.abs(answers[True]["serving"] - answers[False]["serving"])) > 1e-4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnres import metrics, report
+from mnres.evaluation import metrics, report
 
 
 def _predictions(seed=0, n=300):

@@ -10,9 +10,10 @@ import optax
 import pytest
 from flax import traverse_util
 
-from mnres import data, models, optim, steps
-from mnres import params as params_lib
+from mnres import data, models
 from mnres.data.splits import Split
+from mnres.models import params as params_lib
+from mnres.training import optim, steps
 
 SIZE = 32
 BATCH = 8
@@ -258,3 +259,42 @@ def test_weight_moving_average_follows_the_recurrence_and_is_what_evaluation_use
     assert restored.ema_params is state.ema_params
     assert "ema_params" not in plain.to_dict()  # checkpoints without an average: as before
     assert steps.TrainState.from_dict(plain.to_dict()).ema_params == {}
+
+
+class _RecordedCheckpoints:
+    """Stands in for `checkpoint.Checkpoints`: records what the loop saves."""
+
+    directory = "/run/checkpoints"
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step, state, *, latest=True, best=False):
+        self.saved.append((step, latest, best))
+
+
+def test_checkpoint_policy_latest_every_k_epochs_and_at_the_end_best_on_improvement():
+    from mnres.training import loop
+
+    state = steps.TrainState(step=0, params={}, batch_stats={}, opt_state=(), rng=None)
+    config = ml_collections.ConfigDict(dict(batch_size=4, num_epochs=5, checkpoint_every_epochs=2))
+    train = _split(np.zeros((8, SIZE, SIZE, 3), np.uint8))  # 2 steps per epoch
+    run = loop.Run(
+        config, "/run", data.Dataset(train, train, train, {}), None, None, None, None,
+        _RecordedCheckpoints(), state,
+    )  # fmt: skip
+    error = run.non_finite("the loss is nan", 3)
+    assert "step 3" in str(error) and "no checkpoint had been written yet" in str(error)
+    for epoch, accuracy in enumerate([0.6, 0.5, 0.7, 0.7, 0.4]):
+        run.step = 2 * (epoch + 1)
+        loop._checkpoint(run, epoch, {"accuracy": accuracy})
+    # (step, latest, best): epochs 2 and 4 and the last are periodic; 1 and 3 improved.
+    assert run.ckpts.saved == [(2, False, True), (4, True, False), (6, False, True),
+                               (8, True, False), (10, True, False)]  # fmt: skip
+    assert run.last_good_step == 10 and run.best_val_accuracy == 0.7
+    assert "the last good checkpoint (step 10) in /run/checkpoints" in str(
+        run.non_finite("the loss is nan", 11)
+    )
+    run.ckpts.saved, run.step = [], 2
+    loop._checkpoint(run, 0, None)  # without a validation split: no best, only periodic saves
+    assert run.ckpts.saved == []

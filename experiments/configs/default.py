@@ -1,10 +1,10 @@
 """The recommended model for the malaria cells: MobileNetV2 alpha 0.35 at 64 px, 20 epochs.
 
-A narrow V2 at 64 px: a cell crop keeps its parasites, and 20 epochs fit a laptop CPU (~15
-minutes on a 2-core CPU, decoding included). Chosen by a search on the validation slides of
-one slide split (README "Choosing the recipe"): 96 px, alpha 0.5, weight EMA, label smoothing
-0.1 and stronger colour jitter validated no better; averaging the 8 symmetries of each crop at
-test time raised validation AUC on all five models of the search, so it is on.
+A narrow V2 at 64 px: a cell crop keeps its parasites, and 20 epochs fit a laptop CPU (the
+time is in docs/performance.md). Chosen by a search on the validation slides of one slide split
+(docs/results.md, "Choosing the recipe"): 96 px, alpha 0.5, weight EMA, label smoothing 0.1 and
+stronger colour jitter validated no better; averaging the 8 symmetries of each crop at test time
+raised validation AUC on all five models of the search, so it is on.
 
   python -m experiments.malaria                        # this config, TFDS `malaria`
   python -m experiments.malaria --config=experiments/configs/default.py \
@@ -31,9 +31,9 @@ def get_config(arg=None):
     config.model.name = "mobilenet_v2"
     config.model.alpha = 0.35
     # Keras' 0.999 averages over ~1000 steps: after a few epochs of ~340 steps the running
-    # statistics still describe the first steps' network and validation sits near chance while
-    # training accuracy is 95% (measured, the seed paper's "99.46% train, 55% validation").
-    # 0.99 averages over ~100 steps and validates at 97.6% on the same run.
+    # statistics still describe the first steps' network, and validation sits near chance while
+    # training accuracy is high (the seed paper's "99.46% train, 55% validation"). 0.99
+    # averages over ~100 steps, and validation follows training on the same run.
     config.model.bn_momentum = 0.99
     config.model.dropout = 0.0
     config.model.dtype = "float32"  # 'bfloat16': bfloat16 compute, float32 params and BatchNorm
@@ -55,8 +55,8 @@ def get_config(arg=None):
     config.label_smoothing = 0.0
     # Evaluate (and export) a moving average of the weights with this decay; None: the weights.
     config.ema_decay = ml_collections.config_dict.placeholder(float)
-    # Final evaluation (and export) averages the logits over the 8 symmetries of each crop:
-    # validation AUC +0.0013 to +0.0025 on the five models of the search, for 8x inference cost.
+    # Final evaluation (and export) averages the logits over the 8 symmetries of each crop: it
+    # raised validation AUC on all five models of the search, for 8x the inference cost.
     config.test_time_augmentation = True
 
     config.batch_size = 64  # a multiple of 8, so it shards over 1, 2, 4 or 8 devices
@@ -64,7 +64,7 @@ def get_config(arg=None):
     config.num_epochs = 20
 
     # CPU: glibc keeps freed memory for reuse (mnres.host_memory), so XLA's steps stop
-    # page-faulting their buffers in: ~1.9x faster training here, for a higher peak memory.
+    # page-faulting their buffers in: faster training, for a higher peak memory.
     config.keep_freed_memory = True
 
     config.log_every_steps = 50  # how often losses are fetched to the host and checked for NaN
@@ -74,7 +74,7 @@ def get_config(arg=None):
     config.eval_checkpoint = "best"  # 'best' (by validation accuracy) or 'last'
     config.progress_bar = True  # shown only on a terminal
 
-    # Several processes (TPU pod slice, GPU hosts): see the README's "Multi-host" section.
+    # Several processes (TPU pod slice, GPU hosts): see docs/training.md, "Several hosts".
     config.distributed = ml_collections.ConfigDict()
     config.distributed.enabled = False
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)

@@ -33,7 +33,7 @@ def build(spec: dict):
             alpha=spec["alpha"],
             bn_momentum=config.model.bn_momentum,
             dropout=config.model.dropout,  # 0, as in the peers
-            depthwise_implementation=spec["depthwise"],
+            conv_formulation=spec["depthwise"],
             **spec["overrides"],
         )
     )
@@ -72,7 +72,7 @@ def build(spec: dict):
         "framework": "mnres",
         "version": f"jax {jax.__version__}",
         "platform": jax.devices()[0].platform,
-        "depthwise_resolved": layers.resolve_depthwise_implementation(spec["depthwise"]),
+        "depthwise_resolved": layers.resolve_conv_formulation(spec["depthwise"]),
         "keep_freed_memory": kept,
     }
     return info, (

@@ -33,7 +33,7 @@ DEFAULT_SPEC = {
     "warmup": 3,  # untimed steps after the first (compiling) one
     "latency_calls": 50,  # batch-1 predictions timed one by one
     "threads": 0,  # 0: one per core available to this process
-    "depthwise": "auto",  # mnres only
+    "depthwise": "auto",  # mnres only: its conv_formulation (auto/grouped/shifted)
     "augment": False,  # mnres only: the training augmentation inside the step
     "keep_freed_memory": True,  # mnres only: mnres.host_memory.keep_freed_memory(), as training
     "overrides": {},  # mnres only: more `create_model` fields (peers refuse a non-empty one)

@@ -15,9 +15,9 @@ from mnres.data.splits import (
     Dataset,
     Split,
     build_manifest,
-    check_classes,
-    split_by_image,
-    split_by_slide,
+    checked_dataset,
+    split_indices,
+    take_splits,
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -144,6 +144,7 @@ def _load_folder(config, seed: int) -> Dataset:
     pool, skipped, duplicates = _decode_folder(config.dir, config, "decoding " + config.dir)
     fractions = tuple(config.split_fractions)
     extra = {"dir": config.dir, "duplicates_ignored": duplicates}
+    check_fractions = fractions
     if config.test_dir:
         test, test_skipped, test_duplicates = _decode_folder(
             config.test_dir, config, "decoding " + config.test_dir
@@ -154,43 +155,19 @@ def _load_folder(config, seed: int) -> Dataset:
             fractions[1] / (fractions[0] + fractions[1]),
             0.0,
         )
+        check_fractions = (*fractions[:2], 1.0)
         skipped = skipped + [dict(s, name="test_dir:" + s["name"]) for s in test_skipped]
         extra.update(test_dir=config.test_dir, test_duplicates_ignored=test_duplicates)
-        splits = _split(pool, fractions, config.split_by, seed)
+    parts = split_indices(pool.labels, pool.slide_ids, fractions, config.split_by, seed)
+    splits = take_splits(pool, parts)
+    if config.test_dir:
         splits["test"] = Split(
             test.images,
             test.labels,
             test.slide_ids,
             np.array(["test_dir:" + n for n in test.names]),
         )
-        check_fractions = (*fractions[:2], 1.0)
-    else:
-        splits = _split(pool, fractions, config.split_by, seed)
-        check_fractions = fractions
-    check_classes(splits, check_fractions, f"split by {config.split_by}")
-    manifest = build_manifest(
-        splits,
-        source="folder",
-        seed=seed,
-        image_size=config.image_size,
-        split_by=config.split_by,
-        skipped=skipped,
-        extra=extra,
-    )
-    return Dataset(**splits, manifest=manifest)
-
-
-def _split(pool: Split, fractions, split_by: str, seed: int) -> dict:
-    if split_by == "slide":
-        parts = split_by_slide(pool.labels, pool.slide_ids, fractions, seed)
-    else:
-        parts = split_by_image(pool.labels, fractions, seed)
-    return {name: _take(pool, idx) for name, idx in zip(SPLIT_NAMES, parts, strict=True)}
-
-
-def _take(split: Split, idx) -> Split:
-    idx = np.asarray(idx, np.int64)
-    return Split(split.images[idx], split.labels[idx], split.slide_ids[idx], split.names[idx])
+    return _checked(splits, check_fractions, config, seed, "folder", skipped, extra)
 
 
 def _load_synthetic(config, seed: int) -> Dataset:
@@ -198,20 +175,26 @@ def _load_synthetic(config, seed: int) -> Dataset:
         config.synthetic_size, config.image_size, config.num_slides, seed
     )
     names = np.array([f"synthetic:{i:06d}" for i in range(len(labels))])
-    pool = Split(images, labels, slides, names)
     fractions = tuple(config.split_fractions)
-    splits = _split(pool, fractions, config.split_by, seed)
-    check_classes(splits, fractions, f"split by {config.split_by}")
-    manifest = build_manifest(
+    parts = split_indices(labels, slides, fractions, config.split_by, seed)
+    splits = take_splits(Split(images, labels, slides, names), parts)
+    extra = {"synthetic_size": config.synthetic_size, "num_slides": config.num_slides}
+    return _checked(splits, fractions, config, seed, "synthetic", [], extra)
+
+
+def _checked(splits, check_fractions, config, seed, source, skipped, extra) -> Dataset:
+    """`checked_dataset` of a folder or synthetic split by `config.split_by`."""
+    return checked_dataset(
         splits,
-        source="synthetic",
+        check_fractions,
+        f"split by {config.split_by}",
+        source=source,
         seed=seed,
         image_size=config.image_size,
         split_by=config.split_by,
-        skipped=[],
-        extra={"synthetic_size": config.synthetic_size, "num_slides": config.num_slides},
+        skipped=skipped,
+        extra=extra,
     )
-    return Dataset(**splits, manifest=manifest)
 
 
 def _import_tfds():

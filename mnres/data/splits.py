@@ -24,6 +24,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, idx) -> "Split":
+        """The examples at `idx` (integer indices), in that order."""
+        idx = np.asarray(idx, np.int64)
+        return Split(self.images[idx], self.labels[idx], self.slide_ids[idx], self.names[idx])
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -38,6 +43,47 @@ class Dataset:
 def names_sha256(names) -> str:
     """sha256 of the ordered example ids, one per line."""
     return hashlib.sha256("\n".join(str(n) for n in names).encode("utf-8")).hexdigest()
+
+
+def split_indices(labels, slide_ids, fractions, split_by: str, seed: int) -> list[np.ndarray]:
+    """Sorted index arrays, one per fraction: whole slides (`split_by='slide'`) or cells ('image').
+
+    Args:
+      labels: int [N], 1 = parasitized.
+      slide_ids: str [N]; used by 'slide' only ('' = a cell without a slide is its own group).
+      fractions: the share of cells each part gets (any number of parts, e.g. k folds).
+      split_by: 'slide' (`split_by_slide`) or 'image' (`split_by_image`).
+      seed: the parts are a function of it.
+
+    Returns:
+      One int64 index array per entry of `fractions`; together they hold every index once.
+    """
+    if split_by == "slide":
+        return split_by_slide(labels, slide_ids, fractions, seed)
+    if split_by == "image":
+        return split_by_image(labels, fractions, seed)
+    raise ValueError(f"split_by must be 'slide' or 'image', got {split_by!r}")
+
+
+def take_splits(pool: Split, parts) -> dict:
+    """{'train', 'validation', 'test'}: the examples of `pool` at each of the three `parts`."""
+    return {name: pool.take(idx) for name, idx in zip(SPLIT_NAMES, parts, strict=True)}
+
+
+def checked_dataset(splits: dict, check_fractions, how: str, **manifest_fields) -> Dataset:
+    """The `Dataset` of `splits`, after `check_classes`, with its manifest.
+
+    Args:
+      splits: {'train', 'validation', 'test'} -> `Split`.
+      check_fractions: per split; a split with fraction 0 may be empty (see `check_classes`).
+      how: how the splits were made, for the error message (e.g. 'split by slide').
+      **manifest_fields: the keyword arguments of `build_manifest` (source, seed, ...).
+
+    Returns:
+      The `Dataset`; raises ValueError if a split that should hold examples lacks a class.
+    """
+    check_classes(splits, check_fractions, how)
+    return Dataset(**splits, manifest=build_manifest(splits, **manifest_fields))
 
 
 def split_by_image(labels, fractions, seed: int) -> list[np.ndarray]:

@@ -4,8 +4,9 @@ Every exported model is one function, uint8 RGB crops of any size -> class proba
 
 - input  uint8 [B, H, W, 3], any H and W (TFLite: B = 1; int8 TFLite: H = W = S, see
   `export_tflite`);
-- inside the graph the crop is resized the way training decoded it (`resize_like_training`),
-  scaled by x / 127.5 - 1 and classified;
+- inside the graph the crop is resized the way training decoded it
+  (`mnres.inference.resize_like_training`), scaled by x / 127.5 - 1 and classified by
+  `mnres.inference.classify`, with the 8-view test-time augmentation when the run used it;
 - output float32 [B, num_classes] softmax probabilities; class 1 = parasitized.
 
 So a phone app feeds camera crops directly. Export always uses the grouped-convolution
@@ -29,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnres import inference
-from mnres.inference import Classifier
+from mnres import run_folder
+
+# `resize_like_training` is re-exported: `export.resize_like_training` is its 0.1 path.
+from mnres.inference import Classifier, resize_like_training  # noqa: F401
 
 CLASS_NAMES = ("uninfected", "parasitized")  # label 1 = parasitized, as in mnres.data
 TFLITE_INPUT_SHAPE = "(1, h, w, 3)"
@@ -39,52 +42,13 @@ STABLEHLO_INPUT_SHAPE = "(b, h, w, 3)"
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def resize_like_training(images, image_size: int) -> jnp.ndarray:
-    """uint8 [B, H, W, 3] -> float32 [B, S, S, 3] in [0, 255], as `mnres.data` decodes crops.
-
-    Training decodes with Pillow's `ImageOps.pad`: the longer side becomes S (bilinear,
-    antialiased), the aspect ratio is kept, and the crop is centred on a black S x S square.
-    Here the same sizes and offsets (Pillow's rounding) drive `jax.image.scale_and_translate`,
-    whose samples outside the crop are exactly 0 (black). Pillow rounds to uint8 (also between
-    its two passes), this stays in float: within a level or two of the decode. Rounding here
-    would make the exports flip levels where their float arithmetic differs from XLA's by an
-    ulp. H and W may be symbolic (shape-polymorphic export); an S x S input passes through.
-    """
-    h, w = images.shape[1], images.shape[2]
-    if isinstance(h, int) and isinstance(w, int) and h == w == image_size:
-        return images.astype(jnp.float32)  # keeps the fixed-size graphs free of resize ops
-    s = float(image_size)
-    hf = jnp.asarray(h, jnp.float32)
-    wf = jnp.asarray(w, jnp.float32)
-    wide = wf > hf
-    new_h = jnp.where(wide, jnp.round(hf / wf * s), s)
-    new_w = jnp.where(wide, s, jnp.round(wf / hf * s))
-    scale = jnp.stack([new_h / hf, new_w / wf])
-    translation = jnp.stack([jnp.round((s - new_h) * 0.5), jnp.round((s - new_w) * 0.5)])
-    # Bilinear weights are non-negative and sum to one: the result stays in [0, 255].
-    return jax.image.scale_and_translate(
-        images.astype(jnp.float32),
-        (images.shape[0], image_size, image_size, 3),
-        (1, 2),
-        scale,
-        translation,
-        method="linear",
-        antialias=True,
-    )
-
-
 def serving_function(classifier: Classifier):
-    """The exported function: uint8 crops [B, H, W, 3] -> probabilities float32 [B, C]."""
-    classifier = classifier.for_export()
-    model, variables, size = classifier.model, classifier.variables, classifier.image_size
-    tta = classifier.test_time_augmentation  # the exported model answers as the run evaluated
+    """The exported function: uint8 crops [B, H, W, 3] -> probabilities float32 [B, C].
 
-    def serve(images):
-        x = resize_like_training(images, size) / 127.5 - 1.0
-        logits = inference.classify(model, variables, x, tta=tta)
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-    return serve
+    `Classifier.serve` of the export formulation (`Classifier.for_export`): the exported model
+    classifies as the run was evaluated, test-time augmentation included.
+    """
+    return classifier.for_export().serve
 
 
 def metadata_path(path: str) -> str:
@@ -100,9 +64,7 @@ def _write_metadata(path: str, classifier: Classifier, **extra) -> None:
         **classifier.metadata,
         **extra,
     }
-    with open(metadata_path(path), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
+    run_folder.write_json(metadata_path(path), meta)
 
 
 def read_metadata(path: str) -> dict:

@@ -79,7 +79,17 @@ def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64)
 
 
 def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Predictor:
-    """The model run in JAX through the same serving function that is exported."""
+    """The model run in JAX through the serving function that is exported.
+
+    Args:
+      classifier: a `mnres.inference.Classifier` (e.g. `mnres.run_folder.load_run(workdir)`).
+      name: where it came from, for messages.
+      batch_size: crops per call.
+
+    Returns:
+      A Predictor classifying as the run was evaluated (`Classifier.serve`, test-time
+      augmentation included when the run used it).
+    """
     import jax
 
     serve = jax.jit(export.serving_function(classifier))
@@ -103,19 +113,19 @@ def operating_threshold(model_path: str, point: str) -> float:
         folder = os.path.dirname(os.path.abspath(model_path))
         folders = [folder, os.path.dirname(folder)]
     for folder in folders:
-        record = calibration.read_calibration(folder)
+        record = run_folder.read_calibration(folder)
         if record is not None:
             break
     else:
         raise ValueError(
-            f"no {calibration.CALIBRATION_JSON} for {model_path} (looked in "
+            f"no {run_folder.CALIBRATION_JSON} for {model_path} (looked in "
             f"{' and '.join(folders)}): operating points come from a training run with a "
             "validation split; copy its calibration.json beside the model or give --threshold"
         )
     threshold = calibration.threshold_for(record, point)
     if threshold is None:
         raise ValueError(
-            f"{os.path.join(folder, calibration.CALIBRATION_JSON)} has no {point} threshold "
+            f"{os.path.join(folder, run_folder.CALIBRATION_JSON)} has no {point} threshold "
             "(its validation split lacked a class); give --threshold"
         )
     return float(threshold)

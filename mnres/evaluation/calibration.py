@@ -21,17 +21,18 @@ Every training run with a validation split writes ``calibration.json`` beside it
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 
+from mnres import run_folder
 from mnres.evaluation import metrics
 
-CALIBRATION_JSON = "calibration.json"
-RELIABILITY_UNCALIBRATED_PNG = "reliability_uncalibrated.png"
-RELIABILITY_CALIBRATED_PNG = "reliability_calibrated.png"
+# File names in the run folder (owned by mnres.run_folder).
+CALIBRATION_JSON = run_folder.CALIBRATION_JSON
+RELIABILITY_UNCALIBRATED_PNG = run_folder.RELIABILITY_UNCALIBRATED_PNG
+RELIABILITY_CALIBRATED_PNG = run_folder.RELIABILITY_CALIBRATED_PNG
 SPECIFICITIES = (0.95, 0.98)
 # Record keys of the points ('spec_95') and the names `predict --operating-point` takes ('spec95').
 POINT_KEYS = tuple(f"spec_{round(100 * s)}" for s in SPECIFICITIES)
@@ -230,49 +231,9 @@ def calibrate(val_logits, val_labels, test_logits=None, test_labels=None, n_bins
     return record
 
 
-def write_calibration(workdir: str, record: dict) -> str:
-    """Writes ``calibration.json`` to workdir; returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CALIBRATION_JSON)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2, allow_nan=False)
-        f.write("\n")
-    return path
-
-
-def read_calibration(workdir: str) -> dict | None:
-    """The run's calibration record, or None if it was never calibrated."""
-    path = os.path.join(workdir, CALIBRATION_JSON)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def run_logits(classifier, images, batch_size: int = 256) -> np.ndarray:
-    """Logits float32 [N, C] of uint8 crops [N, S, S, 3] under a restored run's model.
-
-    Args:
-      classifier: `mnres.run_folder.load_run(workdir)`.
-      images: uint8 crops at the model's image size.
-      batch_size: crops per compiled call; the last batch is padded, so one shape compiles.
-    """
-    import jax
-
-    from mnres.data.augment import preprocess
-
-    model, variables = classifier.model, classifier.variables
-    forward = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False)[0])
-    images = np.asarray(images)
-    if len(images) == 0:
-        raise ValueError("no images to classify")
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        pad = batch_size - len(batch) if len(images) > batch_size else 0
-        padded = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-        out.append(np.asarray(forward(variables, padded))[: len(batch)])
-    return np.concatenate(out).astype(np.float32)
+# The run folder writes and reads the record (0.1 names).
+write_calibration = run_folder.write_calibration
+read_calibration = run_folder.read_calibration
 
 
 def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) -> str:

@@ -23,22 +23,14 @@ with fold 4; a fold interrupted mid-training resumes from its own checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 from absl import logging
 
-from mnres import data
-from mnres.data.splits import (
-    Dataset,
-    Split,
-    build_manifest,
-    check_classes,
-    split_by_image,
-    split_by_slide,
-)
+from mnres import data, run_folder
+from mnres.data.splits import Dataset, Split, checked_dataset, split_indices, take_splits
 from mnres.evaluation import calibration, metrics, report
 from mnres.training import loop as train
 
@@ -75,20 +67,14 @@ def assign_folds(labels, slide_ids, num_folds: int, seed: int, split_by: str = "
     """Fold index (int64 [N]) of every cell: by slide, stratified by patient, or by image."""
     if num_folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
-    fractions = [1.0 / num_folds] * num_folds
-    if split_by == "slide":
-        if not all(slide_ids):
-            raise ValueError(
-                "Patient-level folds need a slide id for every cell; this source has none "
-                "(TFDS malaria). Use the folder source (--config.data.source=folder "
-                "--config.data.dir=PATH/cell_images), or image-level folds only "
-                "(experiments.crossval --nopatient_level)."
-            )
-        parts = split_by_slide(labels, slide_ids, fractions, seed)
-    elif split_by == "image":
-        parts = split_by_image(labels, fractions, seed)
-    else:
-        raise ValueError(f"split_by must be 'slide' or 'image', got {split_by!r}")
+    if split_by == "slide" and not all(slide_ids):
+        raise ValueError(
+            "Patient-level folds need a slide id for every cell; this source has none "
+            "(TFDS malaria). Use the folder source (--config.data.source=folder "
+            "--config.data.dir=PATH/cell_images), or image-level folds only "
+            "(experiments.crossval --nopatient_level)."
+        )
+    parts = split_indices(labels, slide_ids, [1.0 / num_folds] * num_folds, split_by, seed)
     folds = np.full(len(labels), -1, np.int64)
     for k, idx in enumerate(parts):
         folds[idx] = k
@@ -101,10 +87,6 @@ def assign_folds(labels, slide_ids, num_folds: int, seed: int, split_by: str = "
     return folds
 
 
-def _take(split: Split, idx) -> Split:
-    return Split(split.images[idx], split.labels[idx], split.slide_ids[idx], split.names[idx])
-
-
 def fold_dataset(pool: Split, folds, fold: int, spec: dict, pool_manifest=None) -> Dataset:
     """Run `fold`'s splits: test = that fold; the others cut into train and validation.
 
@@ -114,24 +96,21 @@ def fold_dataset(pool: Split, folds, fold: int, spec: dict, pool_manifest=None) 
       fold: which fold is the test split.
       spec: {num_folds, split_by, validation_fraction, seed, source, image_size}.
       pool_manifest: the pool's manifest, for its list of skipped files.
+
+    Returns:
+      The fold's `Dataset`, its manifest with the spec under 'crossval'.
     """
-    test_idx = np.flatnonzero(folds == fold)
-    rest_idx = np.flatnonzero(folds != fold)
-    rest = _take(pool, rest_idx)
+    rest = np.flatnonzero(folds != fold)
     fractions = (1.0 - spec["validation_fraction"], spec["validation_fraction"])
-    if spec["split_by"] == "slide":
-        train_part, val_part = split_by_slide(rest.labels, rest.slide_ids, fractions, spec["seed"])
-    else:
-        train_part, val_part = split_by_image(rest.labels, fractions, spec["seed"])
-    splits = {
-        "train": _take(rest, train_part),
-        "validation": _take(rest, val_part),
-        "test": _take(pool, test_idx),
-    }
+    train_part, val_part = split_indices(
+        pool.labels[rest], pool.slide_ids[rest], fractions, spec["split_by"], spec["seed"]
+    )
+    parts = (rest[train_part], rest[val_part], np.flatnonzero(folds == fold))
     how = f"cross-validation fold {fold} of {spec['num_folds']}, split by {spec['split_by']}"
-    check_classes(splits, (1.0, 1.0, 1.0), how)
-    manifest = build_manifest(
-        splits,
+    return checked_dataset(
+        take_splits(pool, parts),
+        (1.0, 1.0, 1.0),
+        how,
         source=spec["source"],
         seed=spec["seed"],
         image_size=spec["image_size"],
@@ -139,7 +118,6 @@ def fold_dataset(pool: Split, folds, fold: int, spec: dict, pool_manifest=None) 
         skipped=(pool_manifest or {}).get("skipped", []),
         extra={"crossval": dict(spec, fold=fold)},
     )
-    return Dataset(**splits, manifest=manifest)
 
 
 def _spec(config, num_folds: int, split_by: str) -> dict:
@@ -159,29 +137,17 @@ def dataset_for_run(workdir: str, config) -> Dataset:
     path = os.path.join(workdir, FOLD_SPEC_JSON)
     if not os.path.isfile(path):
         return data.load_dataset(config.data, config.seed)
-    with open(path) as f:
-        spec = json.load(f)
+    spec = run_folder.read_json(path)
     pool, manifest = load_pool(config.data, spec["seed"])
     folds = assign_folds(pool.labels, pool.slide_ids, spec["num_folds"], spec["seed"],
                          spec["split_by"])  # fmt: skip
     return fold_dataset(pool, folds, spec["fold"], spec, manifest)
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(report._to_json(obj), f, indent=2, allow_nan=False)
-        f.write("\n")
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
     """Trains (or resumes) one fold (it calibrates itself) and writes its fold.json summary."""
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, FOLD_SPEC_JSON), dict(spec, fold=fold))
+    run_folder.write_json(os.path.join(workdir, FOLD_SPEC_JSON), dict(spec, fold=fold))
     start = time.perf_counter()
     result = train.train_and_evaluate(config, workdir, dataset=ds)
     train_seconds = time.perf_counter() - start
@@ -205,7 +171,7 @@ def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
         "evaluated_step": result["training"]["evaluated_step"],
     }
     # Written last: its presence means the fold is complete.
-    _write_json(os.path.join(workdir, FOLD_JSON), summary)
+    run_folder.write_json(os.path.join(workdir, FOLD_JSON), summary)
     return summary
 
 
@@ -240,7 +206,7 @@ def _pooled(workdir: str, summaries: list[dict], by_slide: bool) -> dict:
     probs, calibrated, labels = [], [], []
     for s in summaries:
         fold_dir = os.path.join(workdir, f"fold_{s['fold']}")
-        outputs = np.load(os.path.join(fold_dir, train.TEST_OUTPUTS_NPZ))
+        outputs = run_folder.read_test_outputs(fold_dir)
         probs.append(calibration.calibrated_probs(outputs["log_odds"], 1.0))
         calibrated.append(
             calibration.calibrated_probs(outputs["log_odds"], s["calibration"]["temperature"])
@@ -279,7 +245,7 @@ def _run_folds(config, workdir, num_folds, folds_to_run, split_by) -> list[dict]
         fold_dir = os.path.join(workdir, f"fold_{fold}")
         marker = os.path.join(fold_dir, FOLD_JSON)
         if os.path.isfile(marker):
-            summary = _read_json(marker)
+            summary = run_folder.read_json(marker)
             if summary["spec"] != spec:
                 raise ValueError(
                     f"{fold_dir} was run with {summary['spec']}, not {spec}: use a new workdir "
@@ -358,7 +324,7 @@ def run_crossval(
                         title=f"Test slides of {len(summaries)} folds (each slide tested once)",
                     )  # fmt: skip
         result["patient_level" if split_by == "slide" else "image_level"] = section
-    _write_json(os.path.join(workdir, CROSSVAL_JSON), result)
+    run_folder.write_json(os.path.join(workdir, CROSSVAL_JSON), result)
     pngs = [p for p in _PNGS if os.path.isfile(os.path.join(workdir, p))]
     with open(os.path.join(workdir, CROSSVAL_MD), "w") as f:
         f.write(markdown(result, pngs))

@@ -130,7 +130,8 @@ def gradcam(
 
     Returns:
       (heat float32 [N, S, S], in [0, 1] unless normalize='none'; all zeros where the layer
-      holds no evidence for the target, P(parasitized) float32 [N]).
+      holds no evidence for the target, P(parasitized) float32 [N] of the crop as shown: one
+      view, without the test-time augmentation a run may be evaluated with).
     """
     if normalize not in ("image", "shared", "none"):
         raise ValueError(f"normalize must be 'image', 'shared' or 'none', got {normalize!r}")
@@ -169,8 +170,12 @@ def explain_split(
 ) -> dict:
     """Writes the Grad-CAM grid of a split: `num` correct and `num` misclassified crops.
 
+    Which crops are correct, their P(parasitized) and the accuracy come from the
+    classification the run was evaluated with (`Classifier.logits`: the 8-view test-time
+    augmentation when its config has it), so they match the run's report.
+
     Args:
-      classifier: a restored run (`mnres.export.load_run`).
+      classifier: a restored run (`mnres.run_folder.load_run`).
       split: a `mnres.data.Split` at the run's image size (e.g. its test split).
       path: the PNG to write.
       num: examples per side.
@@ -179,18 +184,20 @@ def explain_split(
       batch_size: crops per call when scoring the split.
 
     Returns:
-      {'layer', 'correct', 'misclassified' (indices into the split), 'accuracy', 'path'}.
+      {'layer', 'correct', 'misclassified' (indices into the split), 'accuracy',
+       'probs' (P(parasitized) float64 [N] of every crop of the split), 'path'}.
     """
     from mnres.evaluation import calibration
 
     model, variables = classifier.model, classifier.variables
-    logits = calibration.run_logits(classifier, split.images, batch_size)
-    probs = calibration.calibrated_probs(logits, 1.0)
+    probs = calibration.calibrated_probs(classifier.logits(split.images, batch_size), 1.0)
     correct, wrong = select_examples(split.labels, probs, num, seed=seed)
     chosen = correct + wrong
     layer = layer or default_layer(model, split.images.shape[1])
     heat = np.zeros((0, *split.images.shape[1:3]), np.float32)
     if chosen:
+        # The heat maps stay single-view: a gradient averaged over 8 turned views would blur
+        # where the model looks in the crop as shown.
         heat, _ = gradcam(
             model,
             variables,
@@ -221,6 +228,7 @@ def explain_split(
         "correct": correct,
         "misclassified": wrong,
         "accuracy": accuracy,
+        "probs": probs,
         "path": path,
     }
 

@@ -4,22 +4,23 @@ Plots use matplotlib's object API (``Figure``, rendered by the Agg canvas): no p
 window, safe on headless machines and in threads.
 """
 
-import json
 import math
 import os
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from mnres import run_folder
 from mnres.evaluation import metrics
 
-# File names in the workdir; report.md links every PNG present when it is written.
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-METRICS_JSONL = "metrics.jsonl"
-HISTORY_PNG = "history.png"
-CONFUSION_MATRIX_PNG = "confusion_matrix.png"
-ROC_PNG = "roc.png"
+# File names in the workdir (owned by mnres.run_folder); report.md links every PNG present when
+# it is written.
+REPORT_JSON = run_folder.REPORT_JSON
+REPORT_MD = run_folder.REPORT_MD
+METRICS_JSONL = run_folder.METRICS_JSONL
+HISTORY_PNG = run_folder.HISTORY_PNG
+CONFUSION_MATRIX_PNG = run_folder.CONFUSION_MATRIX_PNG
+ROC_PNG = run_folder.ROC_PNG
 RELIABILITY_PNG = "reliability.png"
 
 _CELL_ROWS = [
@@ -47,21 +48,8 @@ _PATIENT_ROWS = [
 ]
 
 
-def _to_json(value):
-    """Plain JSON types: numpy scalars/arrays, tuples, ConfigDicts; non-finite floats -> None."""
-    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
-        value = value.to_dict()
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_to_json(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
+# The 0.1 name of the conversion every JSON file of a run goes through.
+_to_json = run_folder.to_json_types
 
 
 def _fmt(value):
@@ -102,6 +90,7 @@ def _confusion_table(cm, unit):
 
 
 def _markdown(report, pngs):
+    """report.md: the sections of `report` present, then links to the plots `pngs`."""
     lines = ["# Report", ""]
     config = report.get("config") or {}
     model = config.get("model") if isinstance(config, dict) else None
@@ -110,73 +99,7 @@ def _markdown(report, pngs):
             f"Model: `{model['name']}`" + (f", alpha {model['alpha']}" if "alpha" in model else ""),
             "",
         ]
-    test = report.get("test") or {}
-    cells = {"validation": report.get("validation"), "test": test}
-    if any(cells.values()):
-        threshold = test.get("threshold", (report.get("validation") or {}).get("threshold"))
-        lines += ["## Cell level", ""]
-        if threshold is not None:
-            lines += [f"A cell is called parasitized iff P(parasitized) >= {threshold}.", ""]
-        lines += _metric_table(cells, _CELL_ROWS) + [""]
-        if test.get("confusion_matrix"):
-            lines += ["Test confusion matrix (cells):", ""]
-            lines += _confusion_table(test["confusion_matrix"], "cells") + [""]
-    patients = {"validation": report.get("validation_patient"), "test": report.get("test_patient")}
-    if any(patients.values()):
-        test_patient = patients["test"] or {}
-        lines += ["## Patient level", ""]
-        lines += [
-            "Each slide is one patient, infected iff it holds a parasitized cell; a patient is "
-            "called infected iff the fraction of its cells called parasitized exceeds the "
-            "fraction threshold, chosen on the validation split.",
-            "",
-        ]
-        lines += _metric_table(patients, _PATIENT_ROWS) + [""]
-        if test_patient.get("confusion_matrix"):
-            lines += _confusion_table(test_patient["confusion_matrix"], "patients") + [""]
-        if test_patient.get("per_slide_accuracy"):
-            acc = test_patient["per_slide_accuracy"]
-            lines += [
-                f"Per-slide cell accuracy (test): min {_fmt(acc['min'])}, median "
-                f"{_fmt(acc['median'])}, max {_fmt(acc['max'])}.",
-                "",
-            ]
-        if test_patient.get("errors") is not None:
-            errors = ", ".join(f"`{e}`" for e in test_patient["errors"]) or "none"
-            lines += [f"Misclassified patients (test): {errors}.", ""]
-        if test_patient.get("slides"):
-            lines += ["### Test slides", ""]
-            lines += _table(
-                ["Slide", "Cells", "True fraction", "Predicted fraction", "Accuracy", "Infected",
-                 "Called infected"],
-                [
-                    [s["slide_id"], s["n_cells"], s["true_fraction"], s["predicted_fraction"],
-                     s["accuracy"], s["infected"], s.get("predicted_infected")]
-                    for s in test_patient["slides"]
-                ],
-            )  # fmt: skip
-            lines += [""]
-    calibrated = report.get("calibration")
-    if calibrated:
-        lines += [
-            "## Calibration and operating points",
-            "",
-            f"Temperature {_fmt(calibrated['temperature'])} (fitted on validation); test ECE "
-            f"{_fmt(calibrated['ece_before'])} before scaling, {_fmt(calibrated['ece_after'])} "
-            "after. Thresholds on P(parasitized) chosen for 95% and 98% validation "
-            "specificity, and what they reach on test (`calibration.json`; "
-            "`python -m mnres predict RUN ... --operating-point spec95`):",
-            "",
-        ]
-        lines += _table(
-            ["Operating point", "Threshold", "Test sensitivity", "Test specificity"],
-            [
-                [f"spec {p}%", calibrated[f"threshold_at_spec_{p}"],
-                 calibrated[f"sensitivity_at_spec_{p}"], calibrated[f"specificity_at_spec_{p}"]]
-                for p in (95, 98)
-            ],
-        )  # fmt: skip
-        lines += [""]
+    lines += _cell_section(report) + _patient_section(report) + _calibration_section(report)
     for section in ("data", "training", "timing"):
         # Flat key/value sections only; nested ones stay in report.json.
         items = report.get(section)
@@ -192,6 +115,87 @@ def _markdown(report, pngs):
     return "\n".join(lines)
 
 
+def _cell_section(report):
+    test = report.get("test") or {}
+    cells = {"validation": report.get("validation"), "test": test}
+    if not any(cells.values()):
+        return []
+    threshold = test.get("threshold", (report.get("validation") or {}).get("threshold"))
+    lines = ["## Cell level", ""]
+    if threshold is not None:
+        lines += [f"A cell is called parasitized iff P(parasitized) >= {threshold}.", ""]
+    lines += _metric_table(cells, _CELL_ROWS) + [""]
+    if test.get("confusion_matrix"):
+        lines += ["Test confusion matrix (cells):", ""]
+        lines += _confusion_table(test["confusion_matrix"], "cells") + [""]
+    return lines
+
+
+def _patient_section(report):
+    patients = {"validation": report.get("validation_patient"), "test": report.get("test_patient")}
+    if not any(patients.values()):
+        return []
+    test_patient = patients["test"] or {}
+    lines = ["## Patient level", ""]
+    lines += [
+        "Each slide is one patient, infected iff it holds a parasitized cell; a patient is "
+        "called infected iff the fraction of its cells called parasitized exceeds the "
+        "fraction threshold, chosen on the validation split.",
+        "",
+    ]
+    lines += _metric_table(patients, _PATIENT_ROWS) + [""]
+    if test_patient.get("confusion_matrix"):
+        lines += _confusion_table(test_patient["confusion_matrix"], "patients") + [""]
+    if test_patient.get("per_slide_accuracy"):
+        acc = test_patient["per_slide_accuracy"]
+        lines += [
+            f"Per-slide cell accuracy (test): min {_fmt(acc['min'])}, median "
+            f"{_fmt(acc['median'])}, max {_fmt(acc['max'])}.",
+            "",
+        ]
+    if test_patient.get("errors") is not None:
+        errors = ", ".join(f"`{e}`" for e in test_patient["errors"]) or "none"
+        lines += [f"Misclassified patients (test): {errors}.", ""]
+    if test_patient.get("slides"):
+        lines += ["### Test slides", ""]
+        lines += _table(
+            ["Slide", "Cells", "True fraction", "Predicted fraction", "Accuracy", "Infected",
+             "Called infected"],
+            [
+                [s["slide_id"], s["n_cells"], s["true_fraction"], s["predicted_fraction"],
+                 s["accuracy"], s["infected"], s.get("predicted_infected")]
+                for s in test_patient["slides"]
+            ],
+        )  # fmt: skip
+        lines += [""]
+    return lines
+
+
+def _calibration_section(report):
+    calibrated = report.get("calibration")
+    if not calibrated:
+        return []
+    lines = [
+        "## Calibration and operating points",
+        "",
+        f"Temperature {_fmt(calibrated['temperature'])} (fitted on validation); test ECE "
+        f"{_fmt(calibrated['ece_before'])} before scaling, {_fmt(calibrated['ece_after'])} "
+        "after. Thresholds on P(parasitized) chosen for 95% and 98% validation "
+        "specificity, and what they reach on test (`calibration.json`; "
+        "`python -m mnres predict RUN ... --operating-point spec95`):",
+        "",
+    ]
+    lines += _table(
+        ["Operating point", "Threshold", "Test sensitivity", "Test specificity"],
+        [
+            [f"spec {p}%", calibrated[f"threshold_at_spec_{p}"],
+             calibrated[f"sensitivity_at_spec_{p}"], calibrated[f"specificity_at_spec_{p}"]]
+            for p in (95, 98)
+        ],
+    )  # fmt: skip
+    return lines + [""]
+
+
 def write_report(workdir, report):
     """Writes ``report.json`` (the dict, as plain JSON) and a readable ``report.md`` to workdir.
 
@@ -204,35 +208,12 @@ def write_report(workdir, report):
         so write the plots first.
     """
     os.makedirs(workdir, exist_ok=True)
-    report = _to_json(report)
-    with open(os.path.join(workdir, REPORT_JSON), "w") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
-        f.write("\n")
-    pngs = sorted(p for p in os.listdir(workdir) if p.endswith(".png"))
-    with open(os.path.join(workdir, REPORT_MD), "w") as f:
-        f.write(_markdown(report, pngs))
+    report = run_folder.to_json_types(report)
+    run_folder.write_report(workdir, report, _markdown(report, run_folder.plot_files(workdir)))
 
 
-def read_history(workdir):
-    """Rows of ``metrics.jsonl`` in workdir, one dict per line.
-
-    A run resumed from a checkpoint logs its repeated epochs again: the last row of an epoch
-    wins. A torn last line (a run killed while writing) is skipped; a bad line elsewhere raises.
-    """
-    with open(os.path.join(workdir, METRICS_JSONL)) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
-        if "epoch" in row:
-            rows = [r for r in rows if r.get("epoch") != row["epoch"]]
-        rows.append(row)
-    return rows
+# Rows of metrics.jsonl (0.1 name; the run folder reads them).
+read_history = run_folder.read_history
 
 
 def _save(fig, path):

@@ -1,14 +1,38 @@
-"""The two MobileNet blocks: depthwise-separable (V1) and inverted residual (V2)."""
+"""The two MobileNet blocks: depthwise-separable (V1) and inverted residual (V2).
+
+As in Flax's ImageNet example, a block takes its conv + BN unit as one field, `conv_bn`: the
+model builds `functools.partial(ConvBN, norm=..., conv_formulation=..., dtype=...)` once and
+every block uses it. On its own a block defaults to `ConvBN`, whose BatchNorm runs on its
+running statistics (Keras' inference); to train one, hand it a unit whose BatchNorm uses batch
+statistics:
+
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    import mnres
+
+    block = mnres.DepthwiseSeparable(features=512, block_id=7, residual=True)
+    x = jnp.zeros((8, 14, 14, 512))
+    variables = block.init(jax.random.key(0), x)  # {'params', 'batch_stats'}
+    y = block.apply(variables, x)
+
+    train_bn = functools.partial(
+        nn.BatchNorm, use_running_average=False, momentum=0.99, epsilon=1e-3
+    )
+    block = block.clone(conv_bn=functools.partial(mnres.ConvBN, norm=train_bn))
+    y, updates = block.apply(variables, x, mutable=["batch_stats"])
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import jax.numpy as jnp
 from flax import linen as nn
 
-from mnres.models.layers import KERAS_V1_STRIDE2_PADDING, ConvBN, Dtype, Padding
+from mnres.models.layers import KERAS_V1_STRIDE2_PADDING, ConvBN, ModuleDef, Padding
 
 
 class DepthwiseSeparable(nn.Module):
@@ -24,11 +48,8 @@ class DepthwiseSeparable(nn.Module):
     residual: bool = False
     # Keras pads a stride-2 depthwise conv at the bottom/right only; 'SAME' differs on odd sizes.
     stride2_padding: Padding = KERAS_V1_STRIDE2_PADDING
-    norm: Any = nn.BatchNorm
     frozen_layers: Sequence[str] = ()  # Keras names whose BatchNorm runs on running averages
-    depthwise_implementation: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    conv_bn: ModuleDef = ConvBN  # the model's partial(ConvBN, norm=..., conv_formulation=...)
 
     @nn.compact
     def __call__(self, x):
@@ -38,14 +59,8 @@ class DepthwiseSeparable(nn.Module):
                 f"block {self.block_id}: an identity residual needs stride 1 and equal channels, "
                 f"got stride {self.strides} and {x.shape[-1]} -> {self.features} channels"
             )
-        unit = dict(
-            norm=self.norm,
-            depthwise_implementation=self.depthwise_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
         dw, pw = f"conv_dw_{self.block_id}", f"conv_pw_{self.block_id}"
-        x = ConvBN(
+        x = self.conv_bn(
             None,
             conv_name=dw,
             bn_name=f"{dw}_bn",
@@ -56,15 +71,13 @@ class DepthwiseSeparable(nn.Module):
             depth_multiplier=self.depth_multiplier,
             frozen=f"{dw}_bn" in self.frozen_layers,
             name="depthwise",
-            **unit,
         )(x)
-        x = ConvBN(
+        x = self.conv_bn(
             self.features,
             conv_name=pw,
             bn_name=f"{pw}_bn",
             frozen=f"{pw}_bn" in self.frozen_layers,
             name="pointwise",
-            **unit,
         )(x)
         return x + inputs if self.residual else x
 
@@ -81,22 +94,13 @@ class InvertedResidual(nn.Module):
     block_id: int
     expansion: int = 6
     strides: int = 1
-    norm: Any = nn.BatchNorm
     frozen_layers: Sequence[str] = ()
-    depthwise_implementation: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    conv_bn: ModuleDef = ConvBN  # the model's partial(ConvBN, norm=..., conv_formulation=...)
 
     @nn.compact
     def __call__(self, x):
         inputs = x
         prefix = f"block_{self.block_id}_" if self.block_id else "expanded_conv_"
-        unit = dict(
-            norm=self.norm,
-            depthwise_implementation=self.depthwise_implementation,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
 
         def names(layer, bn_suffix="_BN"):
             conv = prefix + layer
@@ -107,9 +111,9 @@ class InvertedResidual(nn.Module):
             )
 
         if self.expansion != 1:
-            x = ConvBN(x.shape[-1] * self.expansion, name="expand", **names("expand"), **unit)(x)
+            x = self.conv_bn(x.shape[-1] * self.expansion, name="expand", **names("expand"))(x)
         # For a 3x3 kernel, Keras' correct_pad + 'valid' is exactly 'SAME'.
-        x = ConvBN(
+        x = self.conv_bn(
             None,
             kernel_size=3,
             strides=self.strides,
@@ -117,9 +121,8 @@ class InvertedResidual(nn.Module):
             depthwise=True,
             name="depthwise",
             **names("depthwise"),
-            **unit,
         )(x)
-        x = ConvBN(self.features, activation=False, name="project", **names("project"), **unit)(x)
+        x = self.conv_bn(self.features, activation=False, name="project", **names("project"))(x)
         if self.strides == 1 and inputs.shape[-1] == self.features:
             x = x + inputs
         return x

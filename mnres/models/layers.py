@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 Dtype = Any
+ModuleDef = Any  # a Module class or a functools.partial of one, as in Flax's examples
 # ((top, bottom), (left, right)) or 'SAME' / 'VALID', as lax.conv_general_dilated takes them.
 Padding = str | Sequence[tuple[int, int]]
 
@@ -18,7 +20,12 @@ Padding = str | Sequence[tuple[int, int]]
 # (ZeroPadding2D(((0, 1), (0, 1))) + 'valid'); weights carry over only with the same padding.
 KERAS_V1_STRIDE2_PADDING = ((0, 1), (0, 1))
 
-DEPTHWISE_IMPLEMENTATIONS = ("auto", "grouped", "shifted")
+# How the convolutions are written: 'grouped' is XLA's convolutions throughout (best on GPU and
+# TPU, and what exporters recognise); 'shifted' is the CPU formulation: each depthwise conv as
+# nine shifted multiply-adds with a hand-written backward pass, each stride-1 1x1 conv as a
+# matrix multiply. 'auto' picks shifted on CPU and grouped elsewhere.
+CONV_FORMULATIONS = ("auto", "grouped", "shifted")
+DEPTHWISE_IMPLEMENTATIONS = CONV_FORMULATIONS  # deprecated name, kept for one release
 
 # Keras' initialisers for the conv kernels (glorot_uniform) and the classifier.
 default_kernel_init = nn.initializers.glorot_uniform()
@@ -37,18 +44,46 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-def resolve_depthwise_implementation(implementation: str) -> str:
-    """Picks the depthwise formulation: 'auto' means shifted on CPU, grouped elsewhere."""
-    if implementation not in DEPTHWISE_IMPLEMENTATIONS:
+def resolve_conv_formulation(formulation: str) -> str:
+    """The formulation that runs on this backend.
+
+    Args:
+      formulation: one of `CONV_FORMULATIONS`.
+
+    Returns:
+      'grouped' or 'shifted': 'auto' means shifted on CPU, grouped elsewhere.
+    """
+    if formulation not in CONV_FORMULATIONS:
         raise ValueError(
-            f"depthwise implementation must be one of {DEPTHWISE_IMPLEMENTATIONS}, "
-            f"got {implementation!r}"
+            f"conv formulation must be one of {CONV_FORMULATIONS}, got {formulation!r}"
         )
-    if implementation == "auto":
+    if formulation == "auto":
         # XLA's grouped convolution is slow on CPU (its backward pass especially);
         # GPUs and TPUs have fast kernels for it, and exporters recognise it.
         return "shifted" if jax.default_backend() == "cpu" else "grouped"
-    return implementation
+    return formulation
+
+
+resolve_depthwise_implementation = resolve_conv_formulation  # deprecated name, for one release
+
+
+def adopt_depthwise_implementation(module) -> None:
+    """Moves a module's deprecated `depthwise_implementation` field onto `conv_formulation`.
+
+    Called from `__post_init__`. The old field is cleared once moved, so `clone` carries only
+    `conv_formulation`; when both are given, the old name wins, as `clone(old=...)` means it.
+    """
+    value = module.depthwise_implementation
+    if value is None:
+        return
+    warnings.warn(
+        "`depthwise_implementation` is deprecated and will be removed; use `conv_formulation` "
+        "(same values: 'auto', 'grouped', 'shifted')",
+        DeprecationWarning,
+        stacklevel=5,  # past __post_init__ and the dataclass __init__ Flax wraps
+    )
+    object.__setattr__(module, "conv_formulation", value)
+    object.__setattr__(module, "depthwise_implementation", None)
 
 
 def _explicit_padding(padding: Padding, in_hw: Sequence[int], kernel: int, stride: int):
@@ -97,8 +132,7 @@ def _channel_sums(operands):
 
     Why: as nine separate reductions, XLA on CPU writes out each shifted window of the input and
     reads it and the gradient once per tap; one multi-operand reduce over W (then a small sum
-    over N and H) is one pass over both. Measured on a 32x32x144 layer, batch 64: 106 -> 29 ms for
-    the nine-tap kernel gradient.
+    over N and H) is one pass over both, several times faster.
     """
     zeros = [jnp.zeros((), op.dtype) for op in operands]
     rows = jax.lax.reduce(
@@ -154,9 +188,9 @@ def _input_gradient(g, kernel, strides: int, padding, in_hw: Sequence[int]):
 
 def _shifted_depthwise_bwd(strides, padding, residuals, g):
     # Autodiff of the forward formula keeps all kh*kw windows of x alive for the kernel
-    # gradient (XLA writes each one out: at stride 1, 9x the input's memory traffic, a quarter
-    # of the MobileNetV2 train step on CPU). Here only x is kept; the input gradient is a
-    # shifted sum over g per stride phase, and the kernel gradient one pass over x and g.
+    # gradient (XLA writes each one out: at stride 1, nine times the input's memory traffic, a
+    # large share of the MobileNetV2 train step on CPU). Here only x is kept; the input gradient
+    # is a shifted sum over g per stride phase, and the kernel gradient one pass over x and g.
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
     dx = _input_gradient(g, kernel, strides, padding, x.shape[1:3])
@@ -195,7 +229,7 @@ class DepthwiseConv2D(nn.Module):
     strides: int = 1
     padding: Padding = "SAME"
     depth_multiplier: int = 1
-    implementation: str = "auto"
+    implementation: str = "auto"  # one of CONV_FORMULATIONS
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = default_kernel_init
@@ -209,7 +243,7 @@ class DepthwiseConv2D(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, 1, out_channels), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         padding = _explicit_padding(self.padding, x.shape[1:3], k, self.strides)
-        if resolve_depthwise_implementation(self.implementation) == "shifted":
+        if resolve_conv_formulation(self.implementation) == "shifted":
             return shifted_depthwise_conv(x, kernel, self.strides, padding)
         return jax.lax.conv_general_dilated(
             x,
@@ -237,9 +271,8 @@ def _pointwise_matmul_fwd(x, w):
 
 def _pointwise_matmul_bwd(residuals, g):
     # The kernel gradient contracts the pixels of x and g. Left to itself, XLA on CPU
-    # transposes the wider of the two (fused into the BatchNorm backward: 165 ms of a 1.5 s
-    # MobileNetV2 step); transposing the narrower one explicitly lets it run as a plain matrix
-    # multiply (measured 2x faster for a 16 -> 96 channel layer at 64x64).
+    # transposes the wider of the two (fused into the BatchNorm backward, a slow fusion);
+    # transposing the narrower one explicitly lets it run as a plain matrix multiply.
     x, w = residuals
     dx = _channel_matmul(g, w.T)
     x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -277,11 +310,21 @@ class PointwiseConv(nn.Module):
         return _pointwise_matmul(x, kernel[0, 0])
 
 
+# Keras' BatchNorm (momentum 0.999, epsilon 1e-3) on its running statistics: what a unit or a
+# block used on its own normalises with. The models pass their own, which trains when they do.
+KERAS_INFERENCE_BATCH_NORM = functools.partial(
+    nn.BatchNorm, use_running_average=True, momentum=0.999, epsilon=1e-3
+)
+
+
 class ConvBN(nn.Module):
     """Conv (regular or depthwise, no bias) + BatchNorm + optional ReLU6: the MobileNet unit.
 
-    The children carry Keras' layer names (`conv_name`, `bn_name`), so every leaf layer of a
-    mnres model is named as in `keras.applications`.
+    The one module that holds the conv and norm choices: a model builds
+    `functools.partial(ConvBN, norm=..., conv_formulation=..., dtype=..., param_dtype=...)` once
+    and hands it to its blocks (their `conv_bn` field), as Flax's ImageNet example hands down
+    `conv` and `norm`. The children carry Keras' layer names (`conv_name`, `bn_name`), so every
+    leaf layer of a mnres model is named as in `keras.applications`.
     """
 
     features: int | None  # None for a depthwise conv (channels * depth_multiplier)
@@ -294,50 +337,59 @@ class ConvBN(nn.Module):
     depth_multiplier: int = 1
     activation: bool = True  # ReLU6; False for MobileNetV2's linear projection
     frozen: bool = False  # a frozen layer's BatchNorm always uses (and keeps) its running stats
-    norm: Any = nn.BatchNorm  # partial(nn.BatchNorm, use_running_average=..., ...) from the model
-    depthwise_implementation: str = "auto"
+    norm: ModuleDef = KERAS_INFERENCE_BATCH_NORM  # the model's: partial(nn.BatchNorm, ...)
+    conv_formulation: str = "auto"  # one of CONV_FORMULATIONS
+    depthwise_implementation: str | None = None  # deprecated alias of conv_formulation
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    def __post_init__(self):
+        adopt_depthwise_implementation(self)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x):
-        if self.depthwise:
-            x = DepthwiseConv2D(
-                kernel_size=self.kernel_size,
-                strides=self.strides,
-                padding=self.padding,
-                depth_multiplier=self.depth_multiplier,
-                implementation=self.depthwise_implementation,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=self.conv_name,
-            )(x)
-        elif (
-            self.kernel_size == 1
-            and self.strides == 1
-            and resolve_depthwise_implementation(self.depthwise_implementation) == "shifted"
-        ):
-            # The CPU formulation computes 1x1 convs as matmuls; 'grouped' keeps XLA's conv,
-            # which GPUs, TPUs and exporters (TFLite CONV_2D) handle best.
-            x = PointwiseConv(
-                self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=self.conv_name
-            )(x)
-        else:
-            x = nn.Conv(
-                self.features,
-                (self.kernel_size, self.kernel_size),
-                strides=self.strides,
-                padding=self.padding,
-                use_bias=False,
-                kernel_init=default_kernel_init,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=self.conv_name,
-            )(x)
+        x = self._conv()(x)
         frozen = {"use_running_average": True} if self.frozen else {}
         x = self.norm(name=self.bn_name, **frozen)(x)
         return relu6(x) if self.activation else x
 
+    def _conv(self) -> nn.Module:
+        """The conv child, in the formulation `conv_formulation` resolves to."""
+        if self.depthwise:
+            return DepthwiseConv2D(
+                kernel_size=self.kernel_size,
+                strides=self.strides,
+                padding=self.padding,
+                depth_multiplier=self.depth_multiplier,
+                implementation=self.conv_formulation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=self.conv_name,
+            )
+        if (
+            self.kernel_size == 1
+            and self.strides == 1
+            and resolve_conv_formulation(self.conv_formulation) == "shifted"
+        ):
+            # The CPU formulation computes 1x1 convs as matmuls; 'grouped' keeps XLA's conv,
+            # which GPUs, TPUs and exporters (TFLite CONV_2D) handle best.
+            return PointwiseConv(
+                self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=self.conv_name
+            )
+        return nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=False,
+            kernel_init=default_kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=self.conv_name,
+        )
+
 
 def relu6(x):
+    """min(max(x, 0), 6), Keras' ReLU(6.0)."""
     return jnp.clip(x, 0, 6)

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from mnres.models.blocks import DepthwiseSeparable, InvertedResidual
-from mnres.models.layers import KERAS_V1_STRIDE2_PADDING, ConvBN, Dtype, make_divisible
+from mnres.models.layers import (
+    KERAS_V1_STRIDE2_PADDING,
+    ConvBN,
+    Dtype,
+    ModuleDef,
+    adopt_depthwise_implementation,
+    make_divisible,
+)
 
 # MobileNetV1 (Howard et al. 2017, Table 1) as (pointwise filters, stride), blocks 1..13.
 MOBILENET_V1_BLOCKS = (
@@ -64,10 +71,17 @@ class _MobileNet(nn.Module):
     freeze_through: str | None = None
     bn_momentum: float = 0.999  # Keras MobileNet; short runs need less (see experiments/configs)
     bn_epsilon: float = 1e-3
-    depthwise_implementation: str = "auto"  # 'grouped' | 'shifted' | 'auto' (shifted on CPU)
+    # 'grouped' (XLA's convolutions), 'shifted' (the CPU formulation: depthwise convs as shifted
+    # multiply-adds, 1x1 convs as matmuls) or 'auto' (shifted on CPU); see layers.CONV_FORMULATIONS.
+    conv_formulation: str = "auto"
+    depthwise_implementation: str | None = None  # deprecated alias of conv_formulation
     dtype: Dtype | None = None  # compute dtype, e.g. jnp.bfloat16
     param_dtype: Dtype = jnp.float32
     classifier_name: str = "predictions"
+
+    def __post_init__(self):
+        adopt_depthwise_implementation(self)
+        super().__post_init__()
 
     def layer_names(self) -> tuple[str, ...]:
         """Keras names of the weighted layers (conv, BatchNorm, dense), in network order."""
@@ -77,8 +91,9 @@ class _MobileNet(nn.Module):
     def frozen_layers(self) -> tuple[str, ...]:
         return _frozen_prefix(self.layer_names(), self.freeze_through)
 
-    def _norm(self, train: bool):
-        return functools.partial(
+    def _conv_bn(self, train: bool) -> ModuleDef:
+        """The conv + BN unit of every layer, its choices made once here (Flax's convention)."""
+        norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
@@ -86,11 +101,10 @@ class _MobileNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-
-    def _unit_fields(self, train: bool) -> dict[str, Any]:
-        return dict(
-            norm=self._norm(train),
-            depthwise_implementation=self.depthwise_implementation,
+        return functools.partial(
+            ConvBN,
+            norm=norm,
+            conv_formulation=self.conv_formulation,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -174,9 +188,9 @@ class MobileNetV1(_MobileNet):
         if not 1 <= self.num_blocks <= len(MOBILENET_V1_BLOCKS):
             raise ValueError(f"num_blocks must be in 1..{len(MOBILENET_V1_BLOCKS)}")
         x = self._check_input(x)
-        fields = self._unit_fields(train)
+        conv_bn = self._conv_bn(train)
         frozen = self.frozen_layers
-        x = ConvBN(
+        x = conv_bn(
             self._filters(32),
             "conv1",
             "conv1_bn",
@@ -184,14 +198,13 @@ class MobileNetV1(_MobileNet):
             strides=2,
             frozen="conv1_bn" in frozen,
             name="stem",
-            **fields,
         )(x)
         residual = self._residual_blocks()
         for block_id, (filters, stride) in enumerate(MOBILENET_V1_BLOCKS[: self.num_blocks], 1):
             if block_id == self.num_blocks and not self.final_pointwise:
                 # The seed network ends halfway through a block: depthwise + BN + ReLU6 only.
                 dw = f"conv_dw_{block_id}"
-                x = ConvBN(
+                x = conv_bn(
                     None,
                     dw,
                     f"{dw}_bn",
@@ -202,7 +215,6 @@ class MobileNetV1(_MobileNet):
                     depth_multiplier=self.depth_multiplier,
                     frozen=f"{dw}_bn" in frozen,
                     name=f"block_{block_id}",
-                    **fields,
                 )(x)
                 continue
             x = DepthwiseSeparable(
@@ -212,8 +224,8 @@ class MobileNetV1(_MobileNet):
                 depth_multiplier=self.depth_multiplier,
                 residual=block_id in residual,
                 frozen_layers=frozen,
+                conv_bn=conv_bn,
                 name=f"block_{block_id}",
-                **fields,
             )(x)
         return self._head(x, train)
 
@@ -244,9 +256,9 @@ class MobileNetV2(_MobileNet):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = self._check_input(x)
-        fields = self._unit_fields(train)
+        conv_bn = self._conv_bn(train)
         frozen = self.frozen_layers
-        x = ConvBN(
+        x = conv_bn(
             make_divisible(32 * self.alpha, 8),
             "Conv1",
             "bn_Conv1",
@@ -254,7 +266,6 @@ class MobileNetV2(_MobileNet):
             strides=2,
             frozen="bn_Conv1" in frozen,
             name="stem",
-            **fields,
         )(x)
         for block_id, features, expansion, stride in self._blocks():
             x = InvertedResidual(
@@ -263,14 +274,12 @@ class MobileNetV2(_MobileNet):
                 expansion=expansion,
                 strides=stride,
                 frozen_layers=frozen,
+                conv_bn=conv_bn,
                 name=f"block_{block_id}",
-                **fields,
             )(x)
         # Keras keeps the head at 1280 channels for narrow models and widens it for alpha > 1.
         head = make_divisible(1280 * self.alpha, 8) if self.alpha > 1.0 else 1280
-        x = ConvBN(
-            head, "Conv_1", "Conv_1_bn", frozen="Conv_1_bn" in frozen, name="head", **fields
-        )(x)
+        x = conv_bn(head, "Conv_1", "Conv_1_bn", frozen="Conv_1_bn" in frozen, name="head")(x)
         return self._head(x, train)
 
 
@@ -299,7 +308,16 @@ MODELS = {
 
 
 def create_model(name: str, **overrides) -> _MobileNet:
-    """Builds a registered model, e.g. `create_model('mobilenet_v2', alpha=0.35, num_classes=2)`."""
+    """Builds a registered model, e.g. `create_model('mobilenet_v2', alpha=0.35, num_classes=2)`.
+
+    Args:
+      name: a key of `MODELS`.
+      **overrides: model fields (`depthwise_implementation`, deprecated, still sets
+        `conv_formulation`).
+
+    Returns:
+      The model (an unbound Flax module).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     ctor = MODELS[name]
@@ -317,10 +335,27 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def from_config(model_config, num_classes: int = 2):
-    """The mnres model described by `config.model` (every field but `name`/`pretrained`)."""
+    """The mnres model described by `config.model` (every field but `name`/`pretrained`).
+
+    Args:
+      model_config: `config.model` (a ConfigDict or a mapping, e.g. from a run's config.json);
+        the 0.1 key `depthwise_implementation` is read as `conv_formulation`.
+      num_classes: classifier outputs.
+
+    Returns:
+      The model (an unbound Flax module).
+    """
     fields = dict(model_config)
     name = fields.pop("name")
     fields.pop("pretrained", None)
+    if fields.get("depthwise_implementation") is not None:
+        warnings.warn(
+            "config.model.depthwise_implementation is deprecated; use "
+            "config.model.conv_formulation (same values)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        fields["conv_formulation"] = fields.pop("depthwise_implementation")
     if "bn_momentum" not in fields:
         raise ValueError(
             "config.model.bn_momentum is not set. It is a choice, not a default: Keras' 0.999 "

@@ -103,12 +103,25 @@ def _layer_rows(model, input_shape):
     ], variables
 
 
-def summary(model, input_shape: Sequence[int] = (1, 224, 224, 3)) -> str:
-    """A Keras-like summary: one row per weighted layer, then the three count lines."""
+def summary(
+    model, input_shape: Sequence[int] = (1, 224, 224, 3), *, name: str | None = None
+) -> str:
+    """A Keras-like summary: one row per weighted layer, then the three count lines.
+
+    Args:
+      model: an mnres model.
+      input_shape: [B, S, S, 3] the output shapes are computed for.
+      name: the model's name in the heading, e.g. the `mnres.models.MODELS` key it was built
+        from; default its class name. A registered variant such as 'paper' (`SeedNetwork`) is
+        a `MobileNetV1` with other fields, so its class does not name it.
+
+    Returns:
+      The table as one string.
+    """
     rows, variables = _layer_rows(model, input_shape)
     counts = count_params(model, input_shape, variables)
     header = f"{'Layer':<28}{'Type':<18}{'Output shape':<24}{'Params':>12}"
-    lines = [f"Model: {type(model).__name__}", header, "-" * len(header)]
+    lines = [f"Model: {name or type(model).__name__}", header, "-" * len(header)]
     for name, kind, shape, size, frozen in rows:
         shape_text = str(tuple(shape)) if shape is not None else "?"
         lines.append(

@@ -1,20 +1,26 @@
 """The fit loop: `train_and_evaluate(config, workdir)` trains, checkpoints, resumes and reports.
 
-What it writes to `workdir`: `config.json` (the resolved config), `manifest.json` (the split
-manifest), `metrics.jsonl` (one row per epoch), `checkpoints/{latest,best}/`, and at the end
-`report.json`, `report.md`, `predictions_test.csv`, `test_outputs.npz` (test log-odds, labels,
-slide ids, names), the plots (`history.png`, `confusion_matrix.png`, `roc.png`) and, with a
-validation split, `calibration.json` (temperature, thresholds for 95%/98% specificity; see
-`mnres.calibration`) with its reliability diagrams. Re-running with the same workdir resumes
-from the latest checkpoint; because the data order and every random draw are functions of
-(seed, step), a run killed at any moment and resumed ends with the same metrics as one that
+What it writes to `workdir` (file names and formats: `mnres.run_folder`): `config.json` (the
+resolved config), `manifest.json` (the split manifest), `metrics.jsonl` (one row per epoch),
+`checkpoints/{latest,best}/`, and at the end `report.json`, `report.md`,
+`predictions_test.csv`, `test_outputs.npz` (test log-odds, labels, slide ids, names), the plots
+(`history.png`, `confusion_matrix.png`, `roc.png`) and, with a validation split,
+`calibration.json` (temperature, thresholds for 95%/98% specificity; see
+`mnres.evaluation.calibration`) with its reliability diagrams. Re-running with the same workdir
+resumes from the latest checkpoint; because the data order and every random draw are functions
+of (seed, step), a run killed at any moment and resumed ends with the same metrics as one that
 was never stopped.
+
+The phases, in order: `_create_run` (folder, data, model, optimizer, fresh state),
+`_restore_or_start` (resume from a checkpoint or load pretrained weights), `_fit` (per epoch:
+`_train_epoch`, then `_end_epoch`: validate, log, checkpoint), then
+`mnres.training.final_evaluation`: the chosen checkpoint on validation and test, the report
+and the outputs. Every phase reads and updates one `Run`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
 import math
 import os
 import time
@@ -22,16 +28,18 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import ml_collections
+import optax
 from absl import logging
+from flax import linen as nn
 
-from mnres import data, models
-from mnres.evaluation import calibration, metrics, report
+from mnres import data, models, run_folder
 from mnres.models import params as params_lib
-from mnres.training import checkpoint, optim, steps
+from mnres.training import checkpoint, final_evaluation, optim, steps
 from mnres.training.steps import TrainState
 
-TEST_OUTPUTS_NPZ = "test_outputs.npz"
+# The 0.1 name of the file (`mnres.train.TEST_OUTPUTS_NPZ`); the run folder owns it.
+TEST_OUTPUTS_NPZ = run_folder.TEST_OUTPUTS_NPZ
 TIMING_FIELDS = ("images_per_sec", "data_wait_fraction", "epoch_time_s", "eval_time_s")
 
 
@@ -74,19 +82,47 @@ def _is_chief() -> bool:
     return jax.process_index() == 0
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
+@dataclasses.dataclass
+class Run:
+    """One training run: its config, data, model and the state every phase updates."""
 
+    config: ml_collections.ConfigDict
+    workdir: str
+    ds: data.Dataset
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    ckpts: checkpoint.Checkpoints
+    state: TrainState
+    history: list[dict] = dataclasses.field(default_factory=list)
+    # The host's copy of state.step: reading the device's each step would wait for it.
+    step: int = 0
+    # The latest checkpoint, named when training stops on a NaN.
+    last_good_step: int | None = None
+    best_val_accuracy: float = -math.inf
 
-def _load_history(path: str, last_step: int) -> list[dict]:
-    """Rows of `metrics.jsonl` up to `last_step`; rows written after that checkpoint are dropped."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["step"] <= last_step]
+    @property
+    def steps_per_epoch(self) -> int:
+        return data.steps_per_epoch(self.ds.train, self.config.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.num_epochs
+
+    def non_finite(self, what: str, step: int) -> NonFiniteLossError:
+        """The error that stops training at `step`, saying which checkpoint a re-run resumes."""
+        kept = (
+            f"the last good checkpoint (step {self.last_good_step}) in {self.ckpts.directory} is "
+            "intact and a re-run resumes from it"
+            if self.last_good_step
+            else "no checkpoint had been written yet"
+        )
+        return NonFiniteLossError(
+            f"Training stopped: {what} at step {step}. Nothing from this epoch was saved; {kept}. "
+            "Lower config.optimizer.learning_rate, keep config.optimizer.grad_clip_norm > 0, or "
+            "train in float32 (config.model.dtype='float32')."
+        )
 
 
 def _model_config(model_config):
@@ -102,6 +138,37 @@ def _model_config(model_config):
         with model_config.unlocked():
             model_config.freeze_through = None
     return model_config
+
+
+def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
+    """Writes config.json and manifest.json; builds the model, optimizer and a fresh state."""
+    os.makedirs(workdir, exist_ok=True)
+    steps.check_batch_size(config.batch_size)
+    steps.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
+    if _is_chief():
+        run_folder.write_config(workdir, config)
+    ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
+    if _is_chief():
+        run_folder.write_manifest(workdir, ds)
+    model = models.from_config(_model_config(config.model))
+    per_epoch = data.steps_per_epoch(ds.train, config.batch_size)
+    mesh = steps.make_mesh()
+    size = config.data.image_size
+    shapes = params_lib.abstract_variables(model, (1, size, size, 3))
+    tx, schedule = optim.create_optimizer(
+        config.optimizer, model, shapes["params"], per_epoch, config.num_epochs
+    )
+    ema = config.get("ema_decay") is not None
+    state = steps.init_state(model, tx, size, config.seed, mesh, ema=ema)
+    ckpts = run_folder.open_checkpoints(
+        workdir,
+        keep=config.get("keep_checkpoints", 2),
+        # Several processes save synchronously: an asynchronous save's barrier, waited for in a
+        # background thread, deadlocked against the next step's collectives (seen with two CPU
+        # processes on gloo: one main thread at orbax's barrier, the other in an all-gather).
+        async_save=config.get("async_checkpointing", True) and jax.process_count() == 1,
+    )
+    return Run(config, workdir, ds, model, mesh, tx, schedule, ckpts, state)
 
 
 def _load_pretrained(model_config, model, state: TrainState) -> TrainState:
@@ -120,18 +187,32 @@ def _load_pretrained(model_config, model, state: TrainState) -> TrainState:
     return state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
 
 
-def _non_finite(what: str, step: int, last_good_step, checkpoint_dir) -> NonFiniteLossError:
-    kept = (
-        f"the last good checkpoint (step {last_good_step}) in {checkpoint_dir} is intact and a "
-        "re-run resumes from it"
-        if last_good_step
-        else "no checkpoint had been written yet"
+def _restore_or_start(run: Run) -> None:
+    """Resumes from the latest checkpoint (and its history), or starts from pretrained weights."""
+    config, ckpts = run.config, run.ckpts
+    start = ckpts.latest_step()
+    if start is not None:
+        run.state = TrainState.from_dict(ckpts.restore(run.state.to_dict()))
+        logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
+    else:
+        run.state = _load_pretrained(config.model, run.model, run.state)
+    # Rows logged after the checkpoint are trained again: they are dropped from metrics.jsonl.
+    run.history = run_folder.read_history(run.workdir, last_step=start or 0)
+    if _is_chief():
+        run_folder.write_history(run.workdir, run.history)
+    run.step = int(jax.device_get(run.state.step))
+    run.last_good_step = start
+    run.best_val_accuracy = max(
+        (r["val_accuracy"] for r in run.history if r.get("val_accuracy") is not None),
+        default=-math.inf,
     )
-    return NonFiniteLossError(
-        f"Training stopped: {what} at step {step}. Nothing from this epoch was saved; {kept}. "
-        "Lower config.optimizer.learning_rate, keep config.optimizer.grad_clip_norm > 0, or "
-        "train in float32 (config.model.dtype='float32')."
-    )
+    ds = run.ds
+    logging.info(
+        "%s: %d train / %d validation / %d test images, %d steps per epoch of %d, "
+        "%d devices in %d processes",
+        config.model.name, len(ds.train), len(ds.validation), len(ds.test), run.steps_per_epoch,
+        config.batch_size, jax.device_count(), jax.process_count(),
+    )  # fmt: skip
 
 
 class _StepMetrics:
@@ -145,19 +226,16 @@ class _StepMetrics:
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
 
-    def drain(self, last_good_step: int | None, checkpoint_dir: str) -> None:
+    def drain(self, run: Run) -> None:
         fetched = jax.device_get(self.pending)
         self.pending = []
         for step, m in fetched:
             loss = float(m["loss_sum"]) / float(m["count"])
             if not math.isfinite(loss):
-                raise _non_finite(f"the loss is {loss}", step, last_good_step, checkpoint_dir)
+                raise run.non_finite(f"the loss is {loss}", step)
             if not math.isfinite(float(m["grad_norm"])):
                 # The loss was fine but the update was not: the parameters are now bad.
-                raise _non_finite(
-                    f"the gradient norm is {float(m['grad_norm'])}", step, last_good_step,
-                    checkpoint_dir,
-                )  # fmt: skip
+                raise run.non_finite(f"the gradient norm is {float(m['grad_norm'])}", step)
             self.loss_sum += float(m["loss_sum"])
             self.correct += float(m["correct"])
             self.count += float(m["count"])
@@ -180,208 +258,120 @@ def _progress_bar(config, total_images: int, initial_images: int):
     )
 
 
-def _fit(config, workdir, ds, model, state, mesh, tx, schedule, ckpts, history, after_step):
-    """Runs the remaining epochs; returns the final state and the full history."""
-    batch_size = config.batch_size
-    per_epoch = data.steps_per_epoch(ds.train, batch_size)
-    total = per_epoch * config.num_epochs
-    step = int(jax.device_get(state.step))
-    if step >= total:
-        return state, history
+def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
+    """Runs the remaining epochs, each trained, validated, logged and checkpointed."""
+    config = run.config
+    if run.step >= run.total_steps:
+        return
     train_step = steps.make_train_step(
-        model,
-        tx,
+        run.model,
+        run.tx,
         config.data,
-        mesh,
+        run.mesh,
         label_smoothing=config.get("label_smoothing", 0.0),
         ema_decay=config.get("ema_decay"),
     )
-    eval_step = steps.make_eval_step(model, mesh)
+    eval_step = steps.make_eval_step(run.model, run.mesh)
+    batch_size = config.batch_size
     batches = data.prefetch(
         data.train_batches(
-            ds.train, batch_size, config.seed, step, jax.process_index(), jax.process_count()
+            run.ds.train, batch_size, config.seed, run.step, jax.process_index(),
+            jax.process_count(),
         )
-    )
-    history_path = os.path.join(workdir, "metrics.jsonl")
-    best_val = max(
-        (r["val_accuracy"] for r in history if r.get("val_accuracy") is not None), default=-math.inf
-    )
-    last_good = ckpts.latest_step()
-    log_every = max(1, int(config.get("log_every_steps", 50)))
-    every_epochs = max(1, int(config.get("checkpoint_every_epochs", 1)))
-    bar = _progress_bar(config, total * batch_size, step * batch_size)
+    )  # fmt: skip
+    bar = _progress_bar(config, run.total_steps * batch_size, run.step * batch_size)
     try:
-        while step < total:
-            epoch = step // per_epoch
+        while run.step < run.total_steps:
+            epoch = run.step // run.steps_per_epoch
             bar.set_description(f"epoch {epoch + 1}/{config.num_epochs}")
-            epoch_end = (epoch + 1) * per_epoch
-            first_step, wait, start = step, 0.0, time.perf_counter()
-            accum = _StepMetrics()
-            while step < epoch_end:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - t0
-                state, m = train_step(state, steps.shard_batch(batch, mesh))
-                step += 1
-                accum.add(step, m)
-                bar.update(batch_size)
-                if after_step is not None:
-                    after_step(step)
-                if step % log_every == 0 or step == epoch_end:
-                    accum.drain(last_good, ckpts.directory)
-                    bar.set_postfix(loss=f"{accum.last_loss:.4f}", refresh=False)
-            train_time = time.perf_counter() - start
-
-            t0 = time.perf_counter()
-            val = (
-                steps.evaluate(eval_step, state, ds.validation, config.eval_batch_size, mesh)
-                if len(ds.validation)
-                else None
-            )
-            if val is not None and not math.isfinite(val["loss"]):
-                raise _non_finite(
-                    f"the validation loss is {val['loss']}", step, last_good, ckpts.directory
-                )
-            row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": accum.loss_sum / accum.count,
-                "train_accuracy": accum.correct / accum.count,
-                "val_loss": val["loss"] if val else None,
-                "val_accuracy": val["accuracy"] if val else None,
-                "learning_rate": float(schedule(step - 1)),
-                "images_per_sec": (step - first_step) * batch_size / train_time,
-                "data_wait_fraction": wait / train_time,
-                "epoch_time_s": train_time,
-                "eval_time_s": time.perf_counter() - t0,
-            }
-            history.append(row)
-            if _is_chief():
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            bar.clear()  # the log line gets a line of its own, then the bar is redrawn
-            logging.info(
-                "epoch %d/%d step %d: train loss %.4f acc %.4f | val loss %s acc %s | "
-                "lr %.2e | %.0f img/s, data wait %.0f%%",
-                row["epoch"], config.num_epochs, step, row["train_loss"], row["train_accuracy"],
-                _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), row["learning_rate"],
-                row["images_per_sec"], 100 * row["data_wait_fraction"],
-            )  # fmt: skip
-            bar.refresh()
-            improved = val is not None and val["accuracy"] > best_val
-            best_val = max(best_val, val["accuracy"]) if val else best_val
-            periodic = (epoch + 1) % every_epochs == 0 or step == total
-            if periodic or improved:
-                ckpts.save(step, state.to_dict(), latest=periodic, best=improved)
-                last_good = step if periodic else last_good
+            trained = _train_epoch(run, train_step, batches, bar, after_step)
+            _end_epoch(run, eval_step, epoch, trained, bar)
     finally:
         bar.close()
         batches.close()  # stops the prefetch thread
-    return state, history
+
+
+def _train_epoch(run: Run, train_step, batches, bar, after_step) -> dict:
+    """Trains from `run.step` to the end of its epoch; returns the epoch's training figures."""
+    batch_size = run.config.batch_size
+    log_every = max(1, int(run.config.get("log_every_steps", 50)))
+    epoch_end = (run.step // run.steps_per_epoch + 1) * run.steps_per_epoch
+    first_step, wait, start = run.step, 0.0, time.perf_counter()
+    accum = _StepMetrics()
+    while run.step < epoch_end:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        run.state, m = train_step(run.state, steps.shard_batch(batch, run.mesh))
+        run.step += 1
+        accum.add(run.step, m)
+        bar.update(batch_size)
+        if after_step is not None:
+            after_step(run.step)
+        if run.step % log_every == 0 or run.step == epoch_end:
+            accum.drain(run)
+            bar.set_postfix(loss=f"{accum.last_loss:.4f}", refresh=False)
+    train_time = time.perf_counter() - start
+    return {
+        "train_loss": accum.loss_sum / accum.count,
+        "train_accuracy": accum.correct / accum.count,
+        "images_per_sec": (run.step - first_step) * batch_size / train_time,
+        "data_wait_fraction": wait / train_time,
+        "epoch_time_s": train_time,
+    }
+
+
+def _end_epoch(run: Run, eval_step, epoch: int, trained: dict, bar) -> None:
+    """Validates the epoch's state, records its metrics.jsonl row, checkpoints if due."""
+    t0 = time.perf_counter()
+    val = None
+    if len(run.ds.validation):
+        val = steps.evaluate(
+            eval_step, run.state, run.ds.validation, run.config.eval_batch_size, run.mesh
+        )
+        if not math.isfinite(val["loss"]):
+            raise run.non_finite(f"the validation loss is {val['loss']}", run.step)
+    row = {
+        "epoch": epoch + 1,
+        "step": run.step,
+        "train_loss": trained["train_loss"],
+        "train_accuracy": trained["train_accuracy"],
+        "val_loss": val["loss"] if val else None,
+        "val_accuracy": val["accuracy"] if val else None,
+        "learning_rate": float(run.schedule(run.step - 1)),
+        **{k: trained[k] for k in ("images_per_sec", "data_wait_fraction", "epoch_time_s")},
+        "eval_time_s": time.perf_counter() - t0,
+    }
+    run.history.append(row)
+    if _is_chief():
+        run_folder.append_history_row(run.workdir, row)
+    bar.clear()  # the log line gets a line of its own, then the bar is redrawn
+    logging.info(
+        "epoch %d/%d step %d: train loss %.4f acc %.4f | val loss %s acc %s | "
+        "lr %.2e | %.0f img/s, data wait %.0f%%",
+        row["epoch"], run.config.num_epochs, run.step, row["train_loss"], row["train_accuracy"],
+        _fmt(row["val_loss"]), _fmt(row["val_accuracy"]), row["learning_rate"],
+        row["images_per_sec"], 100 * row["data_wait_fraction"],
+    )  # fmt: skip
+    bar.refresh()
+    _checkpoint(run, epoch, val)
 
 
 def _fmt(x):
     return "-" if x is None else f"{x:.4f}"
 
 
-def _write_predictions(path: str, split, probs) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["name", "slide_id", "label", "prob_parasitized"])
-        for row in zip(split.names, split.slide_ids, split.labels, probs, strict=True):
-            writer.writerow([row[0], row[1], int(row[2]), f"{float(row[3]):.6f}"])
-
-
-def _final_report(config, workdir, ds, model, state, mesh, ckpts, history, train_seconds, started):
-    """Evaluates the chosen checkpoint on validation and test; writes report and plots."""
-    source = config.get("eval_checkpoint", "best")
-    if source == "best" and ckpts.best_step() is not None:
-        state = TrainState.from_dict(ckpts.restore(state.to_dict(), best=True))
-        evaluated_step = ckpts.best_step()
-    else:
-        source, evaluated_step = "last", int(jax.device_get(state.step))
-    # Test-time augmentation only here: per-epoch validation (checkpoint choice) stays one view.
-    tta = bool(config.get("test_time_augmentation", False))
-    eval_step = steps.make_eval_step(model, mesh, tta=tta)
-    evaluate = lambda split: steps.evaluate(eval_step, state, split, config.eval_batch_size, mesh)
-    val = evaluate(ds.validation) if len(ds.validation) else None
-    test = evaluate(ds.test)
-    counts = params_lib.count_params(model, (1, config.data.image_size, config.data.image_size, 3))
-    result = {
-        "config": config.to_dict(),
-        "model": {
-            "name": config.model.name,
-            "alpha": config.model.get("alpha"),
-            "total_params": counts.total,
-            "trainable_params": counts.trainable,
-            "frozen_layers": list(model.frozen_layers),
-        },
-        "data": {
-            "source": config.data.source,
-            "image_size": config.data.image_size,
-            "split_by": config.data.split_by,
-            "num_train": len(ds.train),
-            "num_validation": len(ds.validation),
-            "num_test": len(ds.test),
-        },
-        "training": {
-            "total_steps": data.steps_per_epoch(ds.train, config.batch_size) * config.num_epochs,
-            "epochs": config.num_epochs,
-            "batch_size": config.batch_size,
-            "evaluated_checkpoint": source,
-            "evaluated_step": evaluated_step,
-            "test_time_augmentation": tta,
-            "train_seconds_this_run": train_seconds,
-            "devices": jax.device_count(),
-            "processes": jax.process_count(),
-            "platform": jax.devices()[0].platform,
-        },
-        "history": history,
-        "test": metrics.binary_metrics(test["labels"], test["probs"]),
-        "validation": metrics.binary_metrics(val["labels"], val["probs"]) if val else None,
-    }
-    result["test"]["loss"] = test["loss"]
-    # Loading (and decoding) the data, training and evaluating: the command minus start-up.
-    result["training"]["wall_seconds_this_run"] = time.perf_counter() - started
+def _checkpoint(run: Run, epoch: int, val: dict | None) -> None:
+    """Saves `latest` every `checkpoint_every_epochs` and at the end, `best` when val improves."""
+    every_epochs = max(1, int(run.config.get("checkpoint_every_epochs", 1)))
+    improved = val is not None and val["accuracy"] > run.best_val_accuracy
     if val:
-        result["validation"]["loss"] = val["loss"]
-    known = lambda split: len(split) and all(s for s in split.slide_ids)
-    if val and known(ds.validation) and known(ds.test):
-        fraction = metrics.choose_fraction_threshold(
-            val["labels"], val["probs"], ds.validation.slide_ids
-        )
-        result["test_patient"] = metrics.patient_metrics(
-            test["labels"], test["probs"], ds.test.slide_ids, fraction
-        )
-    else:
-        result["test_patient"] = None  # slide ids unknown (tfds) or no validation split
-    # Temperature and operating points fitted on validation, stored with the model for predict.
-    calibrated = None
-    if val:
-        calibrated = calibration.calibrate(
-            val["log_odds"], val["labels"], test["log_odds"], test["labels"]
-        )
-        calibrated.update(checkpoint=source, step=evaluated_step)
-        result["calibration"] = calibration.report_summary(calibrated)
-    if _is_chief():
-        _write_predictions(os.path.join(workdir, "predictions_test.csv"), ds.test, test["probs"])
-        np.savez_compressed(
-            os.path.join(workdir, TEST_OUTPUTS_NPZ),
-            log_odds=test["log_odds"],
-            labels=test["labels"],
-            slide_ids=np.asarray(ds.test.slide_ids, str),
-            names=np.asarray(ds.test.names, str),
-        )
-        if calibrated:
-            calibration.write_run_calibration(workdir, calibrated, test["labels"], test["log_odds"])
-        path = lambda name: os.path.join(workdir, name)
-        report.plot_history(history, path(report.HISTORY_PNG))
-        report.plot_confusion_matrix(
-            result["test"]["confusion_matrix"], path(report.CONFUSION_MATRIX_PNG)
-        )
-        report.plot_roc(test["labels"], test["probs"], path(report.ROC_PNG))
-        report.write_report(workdir, result)
-    return result
+        run.best_val_accuracy = max(run.best_val_accuracy, val["accuracy"])
+    periodic = (epoch + 1) % every_epochs == 0 or run.step == run.total_steps
+    if periodic or improved:
+        run.ckpts.save(run.step, run.state.to_dict(), latest=periodic, best=improved)
+        if periodic:
+            run.last_good_step = run.step
 
 
 def train_and_evaluate(
@@ -396,12 +386,10 @@ def train_and_evaluate(
     Args:
       config: the experiment ConfigDict (see experiments/configs/default.py).
       workdir: output folder; an existing one with checkpoints is resumed.
-      dataset: the splits to use (e.g. one cross-validation fold); default: loaded from
-        `config.data` with `config.seed`.
       after_step: called with the step number after every training step (tests use it to
         kill the process at a known step).
       dataset: the splits to use instead of `data.load_dataset(config.data, config.seed)`
-        (cross-validation folds, see `mnres.crossval`).
+        (e.g. one cross-validation fold, see `mnres.evaluation.crossval`).
 
     Returns:
       The report dict (also written as report.json).
@@ -410,65 +398,20 @@ def train_and_evaluate(
       NonFiniteLossError: the loss became NaN/inf; earlier checkpoints stay intact.
     """
     started = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    steps.check_batch_size(config.batch_size)
-    steps.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
-    if _is_chief():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
-    if _is_chief():
-        data.write_manifest(ds, os.path.join(workdir, "manifest.json"))
-    model = models.from_config(_model_config(config.model))
-    per_epoch = data.steps_per_epoch(ds.train, config.batch_size)
-    mesh = steps.make_mesh()
-    shapes = params_lib.abstract_variables(
-        model, (1, config.data.image_size, config.data.image_size, 3)
-    )
-    tx, schedule = optim.create_optimizer(
-        config.optimizer, model, shapes["params"], per_epoch, config.num_epochs
-    )
-    state = steps.init_state(
-        model,
-        tx,
-        config.data.image_size,
-        config.seed,
-        mesh,
-        ema=config.get("ema_decay") is not None,
-    )
-    ckpts = checkpoint.Checkpoints(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.get("keep_checkpoints", 2),
-        # Several processes save synchronously: an asynchronous save's barrier, waited for in a
-        # background thread, deadlocked against the next step's collectives (seen with two CPU
-        # processes on gloo: one main thread at orbax's barrier, the other in an all-gather).
-        async_save=config.get("async_checkpointing", True) and jax.process_count() == 1,
-    )
+    run = _create_run(config, workdir, dataset)
     try:
-        start = ckpts.latest_step()
-        if start is not None:
-            state = TrainState.from_dict(ckpts.restore(state.to_dict()))
-            logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
-        else:
-            state = _load_pretrained(config.model, model, state)
-        history = _load_history(os.path.join(workdir, "metrics.jsonl"), start or 0)
-        if _is_chief():
-            with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
-        logging.info(
-            "%s: %d train / %d validation / %d test images, %d steps per epoch of %d, "
-            "%d devices in %d processes",
-            config.model.name, len(ds.train), len(ds.validation), len(ds.test), per_epoch,
-            config.batch_size, jax.device_count(), jax.process_count(),
-        )  # fmt: skip
+        _restore_or_start(run)
         t0 = time.perf_counter()
-        state, history = _fit(
-            config, workdir, ds, model, state, mesh, tx, schedule, ckpts, history, after_step
+        _fit(run, after_step)
+        run.ckpts.wait()
+        train_seconds = time.perf_counter() - t0
+        evaluation = final_evaluation.evaluate_checkpoint(run)
+        wall_seconds = time.perf_counter() - started
+        calibrated = final_evaluation.calibrate(evaluation)
+        result = final_evaluation.build_report(
+            run, evaluation, calibrated, train_seconds=train_seconds, wall_seconds=wall_seconds
         )
-        ckpts.wait()
-        return _final_report(
-            config, workdir, ds, model, state, mesh, ckpts, history, time.perf_counter() - t0,
-            started,
-        )  # fmt: skip
+        final_evaluation.write_outputs(run, result, evaluation, calibrated)
+        return result
     finally:
-        ckpts.close()  # waits for pending saves, so the last good checkpoint is complete
+        run.ckpts.close()  # waits for pending saves, so the last good checkpoint is complete

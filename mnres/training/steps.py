@@ -199,7 +199,8 @@ def _eval_step(state: TrainState, batch, *, model, tta):
 def make_eval_step(model, mesh, *, tta: bool = False):
     """`eval_step(state, batch) -> per-example outputs`, gathered (replicated) on every host.
 
-    `tta`: average the logits over the 8 symmetries of each crop (see `classify`).
+    `tta`: average the logits over the 8 symmetries of each crop. The forward pass is
+    `mnres.inference.classify`, the one that exports, `predict`, calibration and Grad-CAM use.
     """
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(

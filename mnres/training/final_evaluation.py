@@ -1,0 +1,158 @@
+"""The end of a run: the chosen checkpoint on validation and test, its report and outputs.
+
+Called by `mnres.training.loop.train_and_evaluate` once training is done; it reads the `Run`
+that the loop built and writes through `mnres.run_folder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING
+
+import jax
+
+from mnres import data, run_folder
+from mnres.evaluation import calibration as calibration_lib
+from mnres.evaluation import metrics, report
+from mnres.models import params as params_lib
+from mnres.training import steps
+from mnres.training.steps import TrainState
+
+if TYPE_CHECKING:  # the loop imports this module
+    from mnres.training.loop import Run
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """The evaluated checkpoint's outputs on validation (None without one) and on test."""
+
+    checkpoint: str  # 'best' or 'last'
+    step: int
+    tta: bool
+    validation: dict | None
+    test: dict
+
+
+def evaluate_checkpoint(run: Run) -> Evaluation:
+    """Evaluates the checkpoint `config.eval_checkpoint` names on validation and test."""
+    config, ckpts, state = run.config, run.ckpts, run.state
+    source = config.get("eval_checkpoint", "best")
+    if source == "best" and ckpts.best_step() is not None:
+        state = TrainState.from_dict(ckpts.restore(state.to_dict(), best=True))
+        evaluated_step = ckpts.best_step()
+    else:
+        source, evaluated_step = "last", int(jax.device_get(state.step))
+    # Test-time augmentation only here: per-epoch validation (checkpoint choice) stays one view.
+    tta = bool(config.get("test_time_augmentation", False))
+    eval_step = steps.make_eval_step(run.model, run.mesh, tta=tta)
+    evaluate = lambda split: steps.evaluate(
+        eval_step, state, split, config.eval_batch_size, run.mesh
+    )
+    val = evaluate(run.ds.validation) if len(run.ds.validation) else None
+    return Evaluation(source, evaluated_step, tta, val, evaluate(run.ds.test))
+
+
+def calibrate(evaluation: Evaluation) -> dict | None:
+    """Temperature and operating points fitted on validation (None without validation)."""
+    val, test = evaluation.validation, evaluation.test
+    if not val:
+        return None
+    record = calibration_lib.calibrate(
+        val["log_odds"], val["labels"], test["log_odds"], test["labels"]
+    )
+    record.update(checkpoint=evaluation.checkpoint, step=evaluation.step)
+    return record
+
+
+def build_report(
+    run: Run,
+    evaluation: Evaluation,
+    calibrated: dict | None,
+    *,
+    train_seconds: float,
+    wall_seconds: float,
+) -> dict:
+    """The report of a run (report.json): config, model, data, training, history, metrics."""
+    config, ds, model = run.config, run.ds, run.model
+    val, test = evaluation.validation, evaluation.test
+    size = config.data.image_size
+    counts = params_lib.count_params(model, (1, size, size, 3))
+    result = {
+        "config": config.to_dict(),
+        "model": {
+            "name": config.model.name,
+            "alpha": config.model.get("alpha"),
+            "total_params": counts.total,
+            "trainable_params": counts.trainable,
+            "frozen_layers": list(model.frozen_layers),
+        },
+        "data": {
+            "source": config.data.source,
+            "image_size": size,
+            "split_by": config.data.split_by,
+            "num_train": len(ds.train),
+            "num_validation": len(ds.validation),
+            "num_test": len(ds.test),
+        },
+        "training": {
+            "total_steps": run.total_steps,
+            "epochs": config.num_epochs,
+            "batch_size": config.batch_size,
+            "evaluated_checkpoint": evaluation.checkpoint,
+            "evaluated_step": evaluation.step,
+            "test_time_augmentation": evaluation.tta,
+            "train_seconds_this_run": train_seconds,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "platform": jax.devices()[0].platform,
+            # Loading (and decoding) the data, training and evaluating: the command minus
+            # start-up.
+            "wall_seconds_this_run": wall_seconds,
+        },
+        "history": run.history,
+        "test": _cell_metrics(test),
+        "validation": _cell_metrics(val) if val else None,
+        "test_patient": _test_patient_metrics(ds, val, test),
+    }
+    if calibrated:
+        result["calibration"] = calibration_lib.report_summary(calibrated)
+    return result
+
+
+def _test_patient_metrics(ds: data.Dataset, val: dict | None, test: dict) -> dict | None:
+    """Patient-level test metrics, the fraction threshold chosen on validation; None when the
+    slide ids are unknown (tfds) or there is no validation split."""
+    known = lambda split: len(split) and all(s for s in split.slide_ids)
+    if not (val and known(ds.validation) and known(ds.test)):
+        return None
+    fraction = metrics.choose_fraction_threshold(
+        val["labels"], val["probs"], ds.validation.slide_ids
+    )
+    return metrics.patient_metrics(test["labels"], test["probs"], ds.test.slide_ids, fraction)
+
+
+def _cell_metrics(outputs: dict) -> dict:
+    """`metrics.binary_metrics` of a split's outputs, with its mean loss."""
+    return {**metrics.binary_metrics(outputs["labels"], outputs["probs"]), "loss": outputs["loss"]}
+
+
+def write_outputs(run: Run, result: dict, evaluation: Evaluation, calibrated) -> None:
+    """Writes the test predictions and outputs, calibration, plots and report (chief only)."""
+    if jax.process_index() != 0:
+        return
+    workdir, test, split = run.workdir, evaluation.test, run.ds.test
+    run_folder.write_predictions(workdir, split, test["probs"])
+    run_folder.write_test_outputs(
+        workdir, log_odds=test["log_odds"], labels=test["labels"], slide_ids=split.slide_ids,
+        names=split.names,
+    )  # fmt: skip
+    if calibrated:
+        calibration_lib.write_run_calibration(workdir, calibrated, test["labels"], test["log_odds"])
+    path = lambda name: os.path.join(workdir, name)
+    report.plot_history(run.history, path(run_folder.HISTORY_PNG))
+    report.plot_confusion_matrix(
+        result["test"]["confusion_matrix"], path(run_folder.CONFUSION_MATRIX_PNG)
+    )
+    report.plot_roc(test["labels"], test["probs"], path(run_folder.ROC_PNG))
+    report.write_report(workdir, result)  # last: report.md links the plots written before it
