@@ -5,24 +5,23 @@
   python -m experiments.malaria --config=experiments/configs/default.py \
       --config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/folder
 
-Any config field can be overridden with `--config.FIELD=VALUE`. Re-running with the same
-workdir resumes from its latest checkpoint.
+Any config field can be overridden with `--config.FIELD=VALUE`. The whole config is validated
+before any work: a field that cannot work (an unknown key, a wrong type, a value out of range)
+ends the command with one line, `error: ...`, and exit code 2. Re-running with the same workdir
+resumes from its latest checkpoint.
 """
 
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 import experiments
-from mnres import host_memory
+from mnres import config_validation, host_memory
 from mnres.training import loop as train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_CONFIGS, "default.py"), "Config file, FILE.py[:ARG].", lock_config=True
-)
+config_validation.define_config_flag(os.path.join(_CONFIGS, "default.py"))
 flags.DEFINE_string("workdir", None, "Output folder; default: runs/<config file name>.")
 FLAGS = flags.FLAGS
 
@@ -43,24 +42,34 @@ def _kill_hook():
     return after_step
 
 
+def _train(config, name: str, workdir: str) -> dict:
+    """Validates `config` (before any work), then trains and evaluates it."""
+    config_validation.validate(config)
+    experiments.quiet_orbax_info_logs()
+    if config.get("keep_freed_memory", True):
+        host_memory.keep_freed_memory()  # before JAX starts its threads
+    train.initialize_distributed(config)  # before anything touches a device
+    config_validation.validate_devices(config)
+    logging.info("Config %s, workdir %s", name, os.path.abspath(workdir))
+    # The training split's size is checked once it is loaded, before the first step.
+    return train.train_and_evaluate(config, workdir, after_step=_kill_hook())
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    experiments.quiet_orbax_info_logs()
-    if FLAGS.config.get("keep_freed_memory", True):
-        host_memory.keep_freed_memory()  # before JAX starts its threads
     config = FLAGS.config
     # experiments/configs/paper.py:keras_bn -> paper_keras_bn
     path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
     name = os.path.splitext(os.path.basename(path))[0] + (f"_{arg}" if arg else "")
     workdir = FLAGS.workdir or os.path.join("runs", name)
-    train.initialize_distributed(config)  # before anything touches a device
-    logging.info("Config %s, workdir %s", name, os.path.abspath(workdir))
     try:
-        report = train.train_and_evaluate(config, workdir, after_step=_kill_hook())
+        report = _train(config, name, workdir)
     except (FloatingPointError, RuntimeError, ImportError, FileNotFoundError, ValueError) as e:
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
+        if isinstance(e, config_validation.ConfigError):  # a field that cannot work: exit 2
+            config_validation.exit_with_error(e)
         sys.exit(f"error: {e}")
     train.shutdown_distributed(config)
     patients, auc = report["test_patient"], report["test"]["auc"]
@@ -76,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_validation.parse_command_line)

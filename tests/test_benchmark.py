@@ -136,6 +136,7 @@ def test_benchmark_command_writes_table_and_json(tmp_path):
 def test_pytorch_peer_has_the_same_parameters_as_mnres():
     pytest.importorskip("torch", reason="needs PyTorch, from the [bench] extra")
     from experiments.peers import torch_worker
+
     for name, alpha in (("mobilenet_v2", 0.35), ("mobilenet_v2", 1.0), ("mobilenet_v1", 0.25)):
         net = torch_worker.MODELS[name](alpha, 2)
         ours = params.count_params(models.create_model(name, alpha=alpha, num_classes=2))

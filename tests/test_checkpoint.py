@@ -1,4 +1,10 @@
-"""Orbax checkpoints of the train state: round trip, latest vs best, leftovers of a kill."""
+"""Orbax checkpoints of the train state: round trip, latest vs best, leftovers of a kill or of a
+failed write."""
+
+import contextlib
+import os
+import resource
+import signal
 
 import jax
 import ml_collections
@@ -83,3 +89,48 @@ def test_restore_without_checkpoint_says_where(tmp_path, state_and_mesh):
     state, _ = state_and_mesh
     with checkpoint.Checkpoints(str(tmp_path)) as ckpts, pytest.raises(FileNotFoundError):
         ckpts.restore(state.to_dict(), best=True)
+
+
+@contextlib.contextmanager
+def _file_size_limit(max_bytes: int):
+    """Writes past `max_bytes` fail with EFBIG in this process (SIGXFSZ ignored, as CPython does
+    by default, so the write raises instead of killing the process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+# Orbax's failed background save leaves a callback for an event loop it has closed.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_failed_write_raises_and_leaves_the_last_complete_checkpoint(
+    tmp_path, state_and_mesh, async_save
+):
+    state, _ = state_and_mesh
+    # 1 MiB of noise (it does not compress) beside the state: a write the limit below refuses.
+    noise = np.random.default_rng(0).standard_normal(2**18).astype(np.float32)
+    saved = dict(state.to_dict(), noise=noise)
+    ckpts = checkpoint.Checkpoints(str(tmp_path), async_save=async_save)
+    ckpts.save(5, saved)
+    ckpts.wait()
+    with _file_size_limit(256 * 1024), pytest.raises(checkpoint.CheckpointWriteError) as error:
+        ckpts.save(10, saved)
+        ckpts.wait()  # an asynchronous save fails here
+    ckpts.close()  # the failure is not raised a second time
+    message = str(error.value)
+    assert "checkpoint at step 10" in message and "File too large" in message, message
+    assert f"step 5 in {tmp_path / 'latest'} is complete" in message and "\n" not in message
+    # Orbax left its temporary folder; it is no checkpoint, and the next manager deletes it.
+    assert [n for n in os.listdir(tmp_path / "latest") if n.startswith("10.")]
+    assert checkpoint.complete_steps(str(tmp_path / "latest")) == [5]
+    with checkpoint.Checkpoints(str(tmp_path), async_save=False) as again:
+        assert again.latest_step() == 5
+        np.testing.assert_array_equal(again.restore(None)["noise"], noise)
+        again.save(10, saved)  # the step that failed, written whole this time
+        assert again.latest.all_steps() == [5, 10]
+    assert sorted(os.listdir(tmp_path / "latest")) == ["10", "5"]

@@ -138,7 +138,7 @@ def test_split_indices_take_and_checked_dataset():
 def test_manifest_is_written_and_proves_the_split(tmp_path):
     dataset = data.load_dataset(synthetic_config(), seed=0)
     data.write_manifest(dataset, tmp_path)
-    manifest = json.loads((tmp_path / "split_manifest.json").read_text())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
     for name, split in all_splits(dataset).items():
         entry = manifest["splits"][name]
         assert entry["names_sha256"] == splits.names_sha256(split.names)

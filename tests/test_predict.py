@@ -41,11 +41,33 @@ def test_find_images_takes_files_folders_and_globs(cells):
     by_glob = predict.find_images([str(cells / "C100*.png"), str(cells / "**" / "*.png")])
     assert len(by_glob) == 7 and "C100P61" in os.path.basename(by_glob[0])  # order, no repeats
     assert predict.find_images([str(cells / "notes.txt")]) == [str(cells / "notes.txt")]
-    # Reported per file by predict_files, never a reason to stop.
-    assert predict.find_images([str(cells / "*.jpg"), "gone.png"]) == [
+    # Beside inputs that give files, one that gives none is kept for predict_files to report.
+    more = predict.find_images([str(cells / "more")])
+    assert predict.find_images([str(cells / "more"), str(cells / "*.jpg"), "gone.png"]) == [
+        *more,
         str(cells / "*.jpg"),
         "gone.png",
     ]
+
+
+def test_inputs_without_any_file_are_refused_in_one_line(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("no image")
+    cases = {
+        "no images found in {}/empty/": [f"{tmp_path}/empty/"],
+        "no image files match {}/*.jpg": [f"{tmp_path}/*.jpg"],
+        "{}/gone.png does not exist": [f"{tmp_path}/gone.png"],
+        "no images found in {0}/empty; {0}/gone.png does not exist": [
+            f"{tmp_path}/empty",
+            f"{tmp_path}/gone.png",
+        ],
+    }
+    for expected, inputs in cases.items():
+        with pytest.raises(ValueError) as error:
+            predict.find_images(inputs)
+        message = str(error.value)
+        assert message.startswith(expected.format(tmp_path)) and "\n" not in message, message
+        assert "looked for .png, .jpg" in message and "give image files, folders or glob" in message
 
 
 def test_checkpoint_and_exports_predict_the_same(run, cells, tmp_path):
@@ -96,8 +118,57 @@ def test_predict_command_prints_json_and_tables(run, cells, capsys):
     assert main(["predict", run, str(cells / "more" / "*.png"), str(cells / "gone.png")]) == 0
     text = capsys.readouterr().out
     assert "p(parasitized)" in text and "2 image(s) predicted, 1 unreadable" in text
-    assert "gone.png" in text and "no such file" in text
-    assert main(["predict", run, str(cells / "gone.png")]) == 1  # nothing predicted
+    assert "gone.png" in text and "gone.png does not exist" in text
+
+
+def test_predict_command_refuses_empty_inputs_and_answers_every_good_file(
+    run, cells, tmp_path, capsys
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for inputs, expected in (
+        ([str(empty)], f"error: no images found in {empty} (looked for .png"),
+        ([str(cells / "*.jpg")], f"error: no image files match {cells / '*.jpg'} ("),
+        ([str(tmp_path / "gone")], f"error: {tmp_path / 'gone'} does not exist ("),
+    ):
+        assert expected in _predict_error(capsys, run, *inputs)
+    # Among good files, an empty folder and an unreadable file are one row each.
+    assert main(["predict", run, str(cells), str(empty), "--json"]) == 0
+    rows = {r["file"]: r for r in json.loads(capsys.readouterr().out)["images"]}
+    assert sum(r["error"] is None for r in rows.values()) == 6
+    assert rows[str(empty)]["error"] == f"no images found in {empty}"
+    broken = str(cells / "C39P4ThinF_IMG_broken_cell_9.png")
+    assert "unreadable image" in rows[broken]["error"]
+    # Files that exist but none of which is an image: each row says why, and exit code 1.
+    assert main(["predict", run, broken, str(cells / "notes.txt")]) == 1
+    captured = capsys.readouterr()
+    assert "0 image(s) predicted, 2 unreadable" in captured.out
+    assert (
+        captured.err.strip()
+        .splitlines()[-1]
+        .startswith("error: not one of the 2 input(s) could be read as an image")
+    )
+
+
+def _export_error(capsys, *argv) -> str:
+    """The last line `export ARGV` writes when it exits with a usage error (code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_export_command_refuses_bad_arguments_in_one_line(run, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "is not a training run" in _export_error(capsys, str(tmp_path), "--out", out)
+    error = _export_error(capsys, run, "--out", out, "--formats", "tflite,coreml")
+    assert "unknown format(s) coreml; use some of stablehlo,tflite,int8,onnx" in error
+    assert "no format" in _export_error(capsys, run, "--out", out, "--formats", ",")
+    (tmp_path / "a_file").write_text("")
+    for bad_out in (tmp_path / "a_file", tmp_path / "a_file" / "export"):
+        error = _export_error(capsys, run, "--out", str(bad_out), "--formats", "stablehlo")
+        assert f"cannot write the export to {bad_out} (" in error
+    assert not os.path.exists(out)  # refused before writing anything
 
 
 def _predict_error(capsys, *argv) -> str:

@@ -232,11 +232,12 @@ def build_manifest(
 
 
 def write_manifest(dataset: Dataset, path) -> None:
-    """Writes `dataset.manifest` as JSON to `path` (a file, or a dir: split_manifest.json)."""
+    """Writes `dataset.manifest` as JSON to `path` (a file, or a dir: manifest.json, the name a
+    training run gives it), in the run folder's JSON format (`mnres.run_folder.write_json`)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "split_manifest.json")
+        path = os.path.join(path, "manifest.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump(dataset.manifest, f, indent=1, sort_keys=True)
+        json.dump(dataset.manifest, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -12,7 +12,7 @@ Every exported model is one function, uint8 RGB crops of any size -> class proba
 So a phone app feeds camera crops directly. Export always uses the grouped-convolution
 depthwise formulation (TFLite then emits DEPTHWISE_CONV_2D) and float32 compute, whatever the
 training used: the parameters are the same in every formulation. Each exported file gets a
-sidecar `FILE.json` (image size, classes, source run) that `mnres.predict` reads.
+sidecar `FILE.json` (image size, classes, source run, provenance) that `mnres.predict` reads.
 
 StableHLO is `jax.export`. TFLite goes through `jax2tf` (StableHLO inside a TF function) and
 the TFLite converter, and runs with `ai-edge-litert`; ONNX (optional) goes through `jax2onnx`
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnres import run_folder
+from mnres import provenance, run_folder
 
 # `resize_like_training` is re-exported: `export.resize_like_training` is its 0.1 path.
 from mnres.inference import Classifier, resize_like_training  # noqa: F401
@@ -56,6 +56,17 @@ def metadata_path(path: str) -> str:
 
 
 def _write_metadata(path: str, classifier: Classifier, **extra) -> None:
+    """Writes the sidecar `path.json`: input, output, source run, format, provenance.
+
+    'provenance' is the exporting machine's (`mnres.provenance.collect`, with the source run's
+    manifest hash); 'training_provenance' the one the run's report.json recorded, when it has one.
+    """
+    run = classifier.metadata.get("run")
+    manifest = report = None
+    if run and os.path.isfile(os.path.join(run, run_folder.MANIFEST_JSON)):
+        manifest = run_folder.read_manifest(run)
+    if run and os.path.isfile(os.path.join(run, run_folder.REPORT_JSON)):
+        report = run_folder.read_report(run)
     meta = {
         "image_size": classifier.image_size,
         "class_names": list(CLASS_NAMES),
@@ -63,6 +74,8 @@ def _write_metadata(path: str, classifier: Classifier, **extra) -> None:
         "output": "float32 softmax probabilities [batch, classes]; class 1 = parasitized",
         **classifier.metadata,
         **extra,
+        "provenance": provenance.collect(manifest=manifest),
+        "training_provenance": (report or {}).get("provenance"),
     }
     run_folder.write_json(metadata_path(path), meta)
 

@@ -7,7 +7,8 @@
 Crops are decoded as training decodes them (`mnres.data.decode.decode_image`: RGB, longer
 side to the model's size, centred on black) when the model's size is known, so a checkpoint
 and its exports see the same pixels. An unreadable file becomes a row with an `error`, never a
-crash.
+crash; inputs that give no file at all (an empty folder, a glob that matches nothing, a missing
+path) are refused by `find_images` with one line that names them.
 """
 
 from __future__ import annotations
@@ -134,26 +135,55 @@ def operating_threshold(model_path: str, point: str) -> float:
 def find_images(inputs) -> list[str]:
     """Image files from paths, folders (searched recursively) and glob patterns, in order.
 
-    A named file is kept whatever its suffix, and so is a path or pattern that matches
-    nothing: `predict_files` reports each as unreadable and predicts the rest. Folders and
-    globs contribute files with image suffixes.
+    A named file is kept whatever its suffix. An input that gives no image (a missing path, a
+    pattern that matches nothing, a folder without images) is kept as it is when others give
+    some: `predict_files` reports it in its row and predicts the rest.
+
+    Raises:
+      ValueError: no input gives any file; one line naming each input and what was expected.
     """
-    found = []
+    found, empty = [], []
     for item in inputs:
-        if os.path.isdir(item):
-            for dirpath, dirnames, files in os.walk(item):
-                dirnames.sort()
-                found += [
-                    os.path.join(dirpath, f)
-                    for f in sorted(files)
-                    if f.lower().endswith(IMAGE_SUFFIXES)
-                ]
-        elif os.path.isfile(item):
-            found.append(item)
-        else:
-            matches = [m for m in sorted(glob.glob(item, recursive=True)) if os.path.isfile(m)]
-            found += [m for m in matches if m.lower().endswith(IMAGE_SUFFIXES)] or [item]
+        files = _files_of(item)
+        found += files or [item]
+        if not files:
+            empty.append(item)
+    if len(found) == len(empty):  # not one file among them
+        problems = "; ".join(nothing_found(item) for item in empty) or "no input given"
+        raise ValueError(
+            f"{problems} (looked for {', '.join(IMAGE_SUFFIXES)} files; give image files, "
+            "folders or glob patterns)"
+        )
     return list(dict.fromkeys(found))  # each file once, first position kept
+
+
+def _files_of(item: str) -> list[str]:
+    """The files an input names: itself, a folder's images (recursively) or a glob's images."""
+    if os.path.isdir(item):
+        found = []
+        for dirpath, dirnames, files in os.walk(item):
+            dirnames.sort()
+            found += [
+                os.path.join(dirpath, f)
+                for f in sorted(files)
+                if f.lower().endswith(IMAGE_SUFFIXES)
+            ]
+        return found
+    if os.path.isfile(item):
+        return [item]
+    matches = [m for m in sorted(glob.glob(item, recursive=True)) if os.path.isfile(m)]
+    return [m for m in matches if m.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def nothing_found(item: str) -> str:
+    """Why an input gives no image, in a few words that name it."""
+    if os.path.isdir(item):
+        if not os.access(item, os.R_OK | os.X_OK):
+            return f"cannot read the folder {item} (permission denied)"
+        return f"no images found in {item}"
+    if glob.has_magic(item):
+        return f"no image files match {item}"
+    return f"{item} does not exist"
 
 
 def _read(path: str, size: int | None) -> np.ndarray:
@@ -189,11 +219,11 @@ def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> lis
             pending.clear()
 
     for i, row in enumerate(rows):
+        if not os.path.isfile(row["file"]):  # an input `find_images` found nothing for
+            row["error"] = nothing_found(row["file"])
+            continue
         try:
             image = _read(row["file"], predictor.image_size)
-        except FileNotFoundError:
-            row["error"] = "no such file (or no image matches the pattern)"
-            continue
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
             row["error"] = f"unreadable image ({type(e).__name__}: {e})"
             continue

@@ -293,6 +293,9 @@ def run_crossval(
     Returns:
       The crossval.json dict: per-fold summaries and mean/std ('folds', 'aggregate',
       'pooled', and the same under 'image_level'); 'complete' is False while folds are missing.
+
+    Raises:
+      run_folder.WorkdirBusyError: another live cross-validation holds `workdir`.
     """
     folds_to_run = set(range(num_folds) if folds is None else folds)
     bad = sorted(f for f in folds_to_run if not 0 <= f < num_folds)
@@ -300,7 +303,14 @@ def run_crossval(
         raise ValueError(f"folds {bad} are not in 0..{num_folds - 1}")
     if not (patient_level or compare_image_level):
         raise ValueError("nothing to run: enable patient-level or image-level folds")
-    os.makedirs(workdir, exist_ok=True)
+    # The folds lock their own folders (fold_K/.lock): no run waits for this lock.
+    with run_folder.lock(workdir):
+        return _crossval(config, workdir, num_folds, folds_to_run, patient_level,
+                         compare_image_level)  # fmt: skip
+
+
+def _crossval(config, workdir, num_folds, folds_to_run, patient_level, compare_image_level):
+    """`run_crossval` once the workdir is locked: the folds, then crossval.json and .md."""
     result = {"num_folds": num_folds, "config": config.to_dict()}
     runs = [("slide", workdir)] if patient_level else []
     if compare_image_level:

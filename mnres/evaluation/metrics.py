@@ -346,3 +346,43 @@ def sensitivity_at_specificity(labels, probs, specificity):
     threshold = thresholds[i] if np.isfinite(thresholds[i]) else np.nextafter(probs.max(), np.inf)
     out.update(threshold=float(threshold), sensitivity=float(tpr[i]), specificity=float(1 - fpr[i]))
     return out
+
+
+# A model gives "one output for every crop" when P(parasitized) barely varies, or when one class
+# takes this share of the calls while the labels are not that lopsided.
+COLLAPSE_STD = 0.01
+COLLAPSE_SHARE = 0.99
+
+
+def output_collapse(labels, probs, threshold=0.5):
+    """How near a model is to giving one output for every crop, and the class prior.
+
+    Args:
+      labels: true labels (0/1), [N].
+      probs: P(parasitized), [N].
+      threshold: parasitized iff ``probs >= threshold``.
+
+    Returns:
+      ``{"std", "called_class", "called_share", "prior_class", "prior", "collapsed"}``: the std
+      of ``probs``, the class called most and its share of the calls, the majority label and its
+      share (the accuracy of always calling it), and whether the outputs collapsed
+      (``std < COLLAPSE_STD``, or ``called_share >= COLLAPSE_SHARE`` while the labels of that
+      class are a smaller share).
+    """
+    labels, probs = _check(labels, probs)
+    positive = float(np.mean(probs >= threshold))
+    called_class = int(positive >= 0.5)
+    called_share = max(positive, 1.0 - positive)
+    label_share = float(np.mean(labels == called_class))
+    prior_positive = float(np.mean(labels))
+    std = float(np.std(probs))
+    return {
+        "std": std,
+        "called_class": called_class,
+        "called_share": called_share,
+        "prior_class": int(prior_positive > 0.5),
+        "prior": max(prior_positive, 1.0 - prior_positive),
+        "collapsed": bool(
+            std < COLLAPSE_STD or (called_share >= COLLAPSE_SHARE and label_share < COLLAPSE_SHARE)
+        ),
+    }

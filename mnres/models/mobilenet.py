@@ -45,6 +45,9 @@ MOBILENET_V2_STAGES = (
     (6, 320, 1, 1),
 )
 
+# The smallest input side: five stride-2 stages take 32 px to a 1x1 feature map.
+MIN_IMAGE_SIZE = 32
+
 
 def _frozen_prefix(layer_names: Sequence[str], freeze_through: str | None) -> tuple[str, ...]:
     """The layers up to and including `freeze_through`, in network order."""
@@ -112,8 +115,11 @@ class _MobileNet(nn.Module):
     def _check_input(self, x):
         if x.ndim != 4:
             raise ValueError(f"expected images as [batch, height, width, channels], got {x.shape}")
-        if min(x.shape[1:3]) < 32:
-            raise ValueError(f"MobileNets need inputs of at least 32x32 pixels, got {x.shape[1:3]}")
+        if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"MobileNets need inputs of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels, "
+                f"got {x.shape[1:3]}"
+            )
         return jnp.asarray(x, self.dtype or jnp.float32)
 
     def _head(self, x, train: bool):
@@ -334,13 +340,21 @@ def create_model(name: str, **overrides) -> _MobileNet:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def from_config(model_config, num_classes: int = 2):
+# The momentum of a model built from a config that leaves it unset, outside training: the
+# training loop's pick for the full development set (5,560 steps).
+BN_MOMENTUM_UNSET = 0.99
+
+
+def from_config(model_config, num_classes: int = 2, *, bn_momentum: float | None = None):
     """The mnres model described by `config.model` (every field but `name`/`pretrained`).
 
     Args:
       model_config: `config.model` (a ConfigDict or a mapping, e.g. from a run's config.json);
         the 0.1 key `depthwise_implementation` is read as `conv_formulation`.
       num_classes: classifier outputs.
+      bn_momentum: replaces `model_config.bn_momentum`. None there means unset: the training
+        loop picks it from the run's step count (`mnres.training.bn_momentum.pick_bn_momentum`),
+        elsewhere it is `BN_MOMENTUM_UNSET`.
 
     Returns:
       The model (an unbound Flax module).
@@ -360,8 +374,15 @@ def from_config(model_config, num_classes: int = 2):
         raise ValueError(
             "config.model.bn_momentum is not set. It is a choice, not a default: Keras' 0.999 "
             "needs thousands of steps before its running statistics are usable (short runs then "
-            "validate at chance), 0.99 suits a few hundred steps per epoch."
+            "validate at chance), 0.99 suits a few hundred steps per epoch. Set it to None to "
+            "have the training loop pick it from the number of training steps."
         )
+    if bn_momentum is not None:
+        fields["bn_momentum"] = bn_momentum
+    if fields["bn_momentum"] is None:
+        # Unset: the training loop picks it (and writes it to config.json); a model built here
+        # for inference never uses it, since it only moves the running averages in training.
+        fields["bn_momentum"] = BN_MOMENTUM_UNSET
     dtype = fields.pop("dtype", "float32")
     if dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={dtype!r}; use one of {', '.join(DTYPES)}")

@@ -11,8 +11,10 @@ import os
 from typing import TYPE_CHECKING
 
 import jax
+from absl import logging
 
-from mnres import data, run_folder
+from mnres import data, provenance, run_folder
+from mnres.data.splits import CLASS_NAMES
 from mnres.evaluation import calibration as calibration_lib
 from mnres.evaluation import metrics, report
 from mnres.models import params as params_lib
@@ -86,6 +88,8 @@ def build_report(
             "total_params": counts.total,
             "trainable_params": counts.trainable,
             "frozen_layers": list(model.frozen_layers),
+            "bn_momentum": run.bn_momentum,
+            "bn_momentum_picked": run.bn_momentum_picked,  # from the step count, config unset
         },
         "data": {
             "source": config.data.source,
@@ -114,10 +118,68 @@ def build_report(
         "test": _cell_metrics(test),
         "validation": _cell_metrics(val) if val else None,
         "test_patient": _test_patient_metrics(ds, val, test),
+        # A model that cannot be used says so here (and in the log), not only in its numbers.
+        "warnings": training_warnings(run, evaluation),
     }
     if calibrated:
         result["calibration"] = calibration_lib.report_summary(calibrated)
+    # Versions, commit, device, CPU instruction sets, XLA flags, manifest hash: mnres.provenance.
+    result["provenance"] = provenance.collect(manifest=ds.manifest)
     return result
+
+
+def training_warnings(run: Run, evaluation: Evaluation) -> list[str]:
+    """What makes the run's model unusable: no training, one output for every crop, validation
+    no better than always calling the majority class; plus the loop's own (`run.warnings`).
+
+    Args:
+      run: the finished run (its history, step, momentum and learning rate).
+      evaluation: the evaluated checkpoint's outputs (validation, or test without validation).
+
+    Returns:
+      One sentence per finding, with its numbers and the likely fix; [] for a healthy run.
+    """
+    found, config = list(run.warnings), run.config
+    if run.step == 0:
+        found.append(
+            f"The model trained 0 steps ({len(run.ds.train)} training crops, batch size "
+            f"{config.batch_size}, {config.num_epochs} epochs): its outputs come from the random "
+            "initialisation. Use more training crops, a smaller config.batch_size or more "
+            "config.num_epochs."
+        )
+        return found
+    val = evaluation.validation
+    split, outputs = ("validation", val) if val else ("test", evaluation.test)
+    spread = metrics.output_collapse(outputs["labels"], outputs["probs"])
+    fix = (
+        f"likely BatchNorm running statistics that lag the network (config.model.bn_momentum "
+        f"{run.bn_momentum:g} over {run.total_steps} steps: leave it unset or lower it) or too "
+        f"high a learning rate (config.optimizer.learning_rate {config.optimizer.learning_rate:g})"
+    )
+    if spread["collapsed"]:
+        found.append(
+            f"The model gives nearly one output for every {split} crop (std of P(parasitized) "
+            f"{spread['std']:.4f}, {100 * spread['called_share']:.1f}% called "
+            f"{CLASS_NAMES[spread['called_class']]}): {fix}."
+        )
+    accuracies = [r["val_accuracy"] for r in run.history if r.get("val_accuracy") is not None]
+    if val and accuracies:
+        prior = metrics.output_collapse(val["labels"], val["probs"])
+        if max(accuracies) <= prior["prior"] + 1e-9:
+            found.append(
+                f"Validation accuracy never beat the class prior: best {max(accuracies):.4f} in "
+                f"{len(accuracies)} epochs, {prior['prior']:.4f} for always calling "
+                f"{CLASS_NAMES[prior['prior_class']]}: {fix}."
+            )
+    return found
+
+
+def log_warnings(warnings: list[str]) -> None:
+    """One warning line in the log for all of a report's warnings (none for a healthy run)."""
+    if warnings:
+        logging.warning(
+            "This run's model may be unusable (report.json 'warnings'): %s", " ".join(warnings)
+        )
 
 
 def _test_patient_metrics(ds: data.Dataset, val: dict | None, test: dict) -> dict | None:

@@ -16,6 +16,11 @@ The phases, in order: `_create_run` (folder, data, model, optimizer, fresh state
 `_train_epoch`, then `_end_epoch`: validate, log, checkpoint), then
 `mnres.training.final_evaluation`: the chosen checkpoint on validation and test, the report
 and the outputs. Every phase reads and updates one `Run`.
+
+A run that cannot give a usable model says so: an unset `config.model.bn_momentum` is picked
+from the step count (`mnres.training.bn_momentum`), a set one that cannot follow the run is
+warned about, and report.json's `warnings` (one log line too) name a model that gives one
+output for every crop, validates no better than the class prior, or trained 0 steps.
 """
 
 from __future__ import annotations
@@ -33,14 +38,19 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from mnres import data, models, run_folder
+from mnres import config_validation, data, models, run_folder
 from mnres.models import params as params_lib
-from mnres.training import checkpoint, final_evaluation, optim, steps
+from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps
 from mnres.training.steps import TrainState
 
 # The 0.1 name of the file (`mnres.train.TEST_OUTPUTS_NPZ`); the run folder owns it.
 TEST_OUTPUTS_NPZ = run_folder.TEST_OUTPUTS_NPZ
-TIMING_FIELDS = ("images_per_sec", "data_wait_fraction", "epoch_time_s", "eval_time_s")
+# Every field of the run folder that measures time (metrics.jsonl rows, report.json "training"):
+# the only ones that differ between two runs of one command on one machine.
+TIMING_FIELDS = (
+    "images_per_sec", "data_wait_fraction", "epoch_time_s", "eval_time_s",
+    "train_seconds_this_run", "wall_seconds_this_run",
+)  # fmt: skip
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,6 +111,11 @@ class Run:
     # The latest checkpoint, named when training stops on a NaN.
     last_good_step: int | None = None
     best_val_accuracy: float = -math.inf
+    # The BatchNorm momentum trained with, and whether the loop picked it (config left None).
+    bn_momentum: float | None = None
+    bn_momentum_picked: bool = False
+    # Found before training (e.g. a momentum too slow for the run); the report adds its own.
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -142,16 +157,19 @@ def _model_config(model_config):
 
 def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     """Writes config.json and manifest.json; builds the model, optimizer and a fresh state."""
+    config_validation.validate(config)  # every field, before any work (ConfigError)
     os.makedirs(workdir, exist_ok=True)
     steps.check_batch_size(config.batch_size)
     steps.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
+    ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
+    config_validation.check_train_split(config, ds)
+    per_epoch = data.steps_per_epoch(ds.train, config.batch_size)
+    # config.json holds the momentum trained with: the run reloads into the same model.
+    config, picked, warning = bn_momentum.resolve(config, per_epoch * config.num_epochs)
     if _is_chief():
         run_folder.write_config(workdir, config)
-    ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
-    if _is_chief():
         run_folder.write_manifest(workdir, ds)
     model = models.from_config(_model_config(config.model))
-    per_epoch = data.steps_per_epoch(ds.train, config.batch_size)
     mesh = steps.make_mesh()
     size = config.data.image_size
     shapes = params_lib.abstract_variables(model, (1, size, size, 3))
@@ -168,7 +186,10 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
         # processes on gloo: one main thread at orbax's barrier, the other in an all-gather).
         async_save=config.get("async_checkpointing", True) and jax.process_count() == 1,
     )
-    return Run(config, workdir, ds, model, mesh, tx, schedule, ckpts, state)
+    run = Run(config, workdir, ds, model, mesh, tx, schedule, ckpts, state)
+    run.bn_momentum, run.bn_momentum_picked = config.model.bn_momentum, picked
+    run.warnings = [warning] if warning else []
+    return run
 
 
 def _load_pretrained(model_config, model, state: TrainState) -> TrainState:
@@ -206,6 +227,12 @@ def _restore_or_start(run: Run) -> None:
         (r["val_accuracy"] for r in run.history if r.get("val_accuracy") is not None),
         default=-math.inf,
     )
+    # The best checkpoint of the resumed step is lost when its save failed or was killed after
+    # latest/ was complete: it is the restored state, saved again (else another is evaluated).
+    scored = [r for r in run.history if r.get("val_accuracy") is not None]
+    best_row = max(scored, key=lambda r: r["val_accuracy"], default=None)  # the first of ties
+    if best_row and best_row["step"] == start and (ckpts.best_step() or -1) < start:
+        ckpts.save(start, run.state.to_dict(), latest=False, best=True)
     ds = run.ds
     logging.info(
         "%s: %d train / %d validation / %d test images, %d steps per epoch of %d, "
@@ -396,9 +423,16 @@ def train_and_evaluate(
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; earlier checkpoints stay intact.
+      run_folder.WorkdirBusyError: another live run holds `workdir` (its `.lock`).
     """
     started = time.perf_counter()
-    run = _create_run(config, workdir, dataset)
+    # First of all: a second run on a live workdir stops here, before it writes anything.
+    workdir_lock = run_folder.lock(workdir)
+    try:
+        run = _create_run(config, workdir, dataset)
+    except BaseException:
+        workdir_lock.release()
+        raise
     try:
         _restore_or_start(run)
         t0 = time.perf_counter()
@@ -411,7 +445,11 @@ def train_and_evaluate(
         result = final_evaluation.build_report(
             run, evaluation, calibrated, train_seconds=train_seconds, wall_seconds=wall_seconds
         )
+        final_evaluation.log_warnings(result["warnings"])
         final_evaluation.write_outputs(run, result, evaluation, calibrated)
         return result
     finally:
-        run.ckpts.close()  # waits for pending saves, so the last good checkpoint is complete
+        try:
+            run.ckpts.close()  # waits for pending saves, so the last good checkpoint is complete
+        finally:
+            workdir_lock.release()

@@ -7,6 +7,8 @@ kernels only, never to BatchNorm scales/offsets or biases.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import ml_collections
 import optax
@@ -33,6 +35,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.rmsprop_decay = 0.9
     c.grad_clip_norm = 1.0  # global norm over the trainable gradients; 0 disables
     return c
+
+
+def check(config) -> None:
+    """Raises ValueError naming the field, its value and what is allowed in `config.optimizer`."""
+    if config.name not in OPTIMIZERS:
+        raise ValueError(
+            f"config.optimizer.name={config.name!r} is not an optimizer: use one of "
+            f"{', '.join(OPTIMIZERS)}."
+        )
+    rate = config.learning_rate
+    if not (isinstance(rate, int | float) and math.isfinite(rate) and rate > 0):
+        raise ValueError(
+            f"config.optimizer.learning_rate={rate!r} must be a number > 0, e.g. 2e-3 "
+            "(a negative one climbs the loss)."
+        )
+    for field in ("warmup_epochs", "end_learning_rate_factor", "weight_decay", "grad_clip_norm"):
+        value = config.get(field, 0.0)
+        if not (isinstance(value, int | float) and value >= 0):
+            raise ValueError(f"config.optimizer.{field}={value!r} must be a number >= 0.")
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:

@@ -1,0 +1,118 @@
+"""One run per workdir: the `.lock` flock, its message, its release by the kernel on SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_experiment import REPO, SHORT, SMOKE, results, run_experiment, without_run_fields
+
+from experiments.configs import smoke
+from mnres import run_folder
+from mnres.evaluation import crossval
+
+# Takes the lock of argv[1], says so, and holds it until killed.
+HOLD_LOCK = """
+import sys, time
+from mnres import run_folder
+run_folder.lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_lock_names_the_holder_and_the_release_frees_it(tmp_path):
+    workdir = str(tmp_path / "run")
+    with run_folder.lock(workdir) as held:
+        holder = json.loads(open(held.path).read())
+        assert holder["pid"] == os.getpid() and holder["host"] and holder["started"]
+        # flock locks belong to an open file: a second open conflicts even in one process.
+        with pytest.raises(run_folder.WorkdirBusyError) as busy:
+            run_folder.lock(workdir)
+    message = str(busy.value)
+    assert workdir in message and f"process {os.getpid()} on {holder['host']}" in message
+    assert holder["started"] in message and "\n" not in message
+    assert open(os.path.join(workdir, run_folder.LOCK_FILE)).read() == ""  # emptied
+    run_folder.lock(workdir).release()  # free again
+
+
+def test_a_sigkilled_holder_leaves_nothing_locked(tmp_path):
+    workdir = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, workdir], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(run_folder.WorkdirBusyError, match=f"process {holder.pid} on"):
+            run_folder.lock(workdir)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel dropped the dead process's lock; its stale name in the file does not matter.
+    with run_folder.lock(workdir) as held:
+        assert json.loads(open(held.path).read())["pid"] == os.getpid()
+
+
+def test_processes_other_than_0_take_no_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_folder.jax, "process_index", lambda: 1)
+    with run_folder.lock(str(tmp_path)):
+        assert not (tmp_path / run_folder.LOCK_FILE).exists()
+
+
+def test_crossval_on_a_live_workdir_stops_before_any_fold(tmp_path):
+    workdir = str(tmp_path / "cv")
+    with run_folder.lock(workdir), pytest.raises(run_folder.WorkdirBusyError, match="in use"):
+        crossval.run_crossval(smoke.get_config(), workdir, num_folds=2)
+    assert sorted(os.listdir(workdir)) == [run_folder.LOCK_FILE]
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "the first run ended before its first checkpoint"
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_second_run_stops_at_once_and_a_killed_one_resumes(tmp_path, compilation_cache):
+    workdir = tmp_path / "run"
+    flags = (*SHORT, "--config.async_checkpointing=False")
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": compilation_cache}
+    command = [
+        sys.executable, "-m", "experiments.malaria", f"--config={SMOKE}", f"--workdir={workdir}",
+        "--config.progress_bar=False", *flags,
+    ]  # fmt: skip
+    first = subprocess.Popen(command, cwd=REPO, env=environ, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(workdir / "checkpoints" / "latest" / "5", first)
+        first.send_signal(signal.SIGSTOP)  # alive and holding the lock, at a known point
+        start = time.perf_counter()
+        second = run_experiment(workdir, *flags, cache=compilation_cache, check=False)
+        seconds = time.perf_counter() - start
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    last_line = second.stderr.strip().splitlines()[-1]
+    assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert last_line.startswith(f"error: {workdir} is in use by another run (process {first.pid}")
+    assert not (workdir / "report.json").exists()
+    print(f"the second run stopped after {seconds:.1f} s")  # start-up included
+
+    resumed = run_experiment(workdir, *flags, cache=compilation_cache)
+    assert "Resuming from the checkpoint at step 5" in resumed.stderr
+    assert (workdir / run_folder.LOCK_FILE).read_text() == ""
+    history, before = (workdir / "metrics.jsonl").read_text(), results(workdir)
+    # A finished workdir run again only evaluates again, under the lock like any run.
+    again = run_experiment(workdir, *flags, cache=compilation_cache)
+    assert "epoch 1/2" not in again.stderr and "epoch 2/2" not in again.stderr
+    assert (workdir / "metrics.jsonl").read_text() == history
+    assert without_run_fields(results(workdir)) == without_run_fields(before)
