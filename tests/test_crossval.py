@@ -97,6 +97,12 @@ def test_summarize_and_aggregate():
         {"num_folds": 3, "image_level": {"folds": folds, "aggregate": agg, "complete": True}}
     )
     assert "Incomplete" not in image_only and "mean ± std (by image)" in image_only
+    assert "Warning" not in image_only
+    folds[1]["warnings"] = ["Validation never beat the class prior."]
+    warned = crossval.markdown(
+        {"num_folds": 3, "image_level": {"folds": folds, "aggregate": agg, "complete": True}}
+    )
+    assert "**Warning, fold 1:** Validation never beat the class prior." in warned
     with pytest.raises(ValueError, match="nothing to run"):
         crossval.run_crossval(None, "unused", patient_level=False, compare_image_level=False)
     assert not os.path.exists("unused")

@@ -124,3 +124,23 @@ def test_plots_survive_edge_cases(tmp_path):
     report.plot_confusion_matrix([[0, 0], [3, 5]], tmp_path / "cm.png")
     for name in ("roc.png", "reliability.png", "h.png", "empty.png", "cm.png"):
         _assert_png(tmp_path / name)
+
+
+def test_report_md_leads_with_warnings_and_names_its_provenance(tmp_path):
+    from mnres import provenance
+
+    warning = "The model gave one output for every validation crop (p = 0.5215)."
+    record = provenance.collect(manifest={"num_train": 3})
+    report.write_report(
+        tmp_path,
+        {
+            "test": metrics.binary_metrics([0, 1], [0.2, 0.7]),
+            "warnings": [warning],
+            "provenance": record,
+        },
+    )
+    text = (tmp_path / "report.md").read_text()
+    assert text.index(warning) < text.index("## Cell level")  # read before any figure
+    assert f"jax {record['versions']['jax']}" in text
+    assert record["manifest_sha256"] in text
+    assert f"{record['devices']['count']} x {record['devices']['kind']}" in text

@@ -169,6 +169,8 @@ def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
         "calibration": result["calibration"],
         "wall_time_s": train_seconds,
         "evaluated_step": result["training"]["evaluated_step"],
+        # A fold that did not learn says so here too, not only in its own report.json.
+        "warnings": list(result.get("warnings") or []),
     }
     # Written last: its presence means the fold is complete.
     run_folder.write_json(os.path.join(workdir, FOLD_JSON), summary)
@@ -363,6 +365,9 @@ def markdown(result: dict, pngs=()) -> str:
         lines += [f"**Incomplete**: {len(folds)} of {k} folds done; run again to finish.", ""]
     if not folds:
         return "\n".join(lines)
+    lines += [
+        f"> **Warning, fold {s['fold']}:** {w}\n" for s in folds for w in s.get("warnings") or []
+    ]
     agg = primary["aggregate"]
     image_agg = secondary.get("aggregate")
     how = (

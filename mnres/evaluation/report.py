@@ -99,6 +99,8 @@ def _markdown(report, pngs):
             f"Model: `{model['name']}`" + (f", alpha {model['alpha']}" if "alpha" in model else ""),
             "",
         ]
+    # A model that did not learn says so first, before any figure is read.
+    lines += [f"> **Warning:** {w}\n" for w in report.get("warnings") or []]
     lines += _cell_section(report) + _patient_section(report) + _calibration_section(report)
     for section in ("data", "training", "timing"):
         # Flat key/value sections only; nested ones stay in report.json.
@@ -110,9 +112,31 @@ def _markdown(report, pngs):
                 if not isinstance(v, dict | list)
             ]
             lines += [f"## {section.capitalize()}", ""] + _table(["", "value"], rows) + [""]
+    lines += _provenance_section(report.get("provenance"))
     if pngs:
         lines += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})\n" for p in pngs] + [""]
     return "\n".join(lines)
+
+
+def _provenance_section(provenance):
+    """What produced the figures: versions, commit, devices, CPU (the rest is in report.json)."""
+    if not isinstance(provenance, dict):
+        return []
+    versions = provenance.get("versions") or {}
+    git = provenance.get("git") or {}
+    devices = provenance.get("devices") or {}
+    cpu = provenance.get("cpu") or {}
+    commit = git.get("commit")
+    rows = [
+        ["versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)],
+        ["commit", f"{commit}{' (uncommitted changes)' if git.get('dirty') else ''}" if commit
+         else "not a git checkout"],
+        ["devices", f"{devices.get('count')} x {devices.get('kind')} ({devices.get('platform')})"],
+        ["CPU", f"{cpu.get('model')}; {' '.join(cpu.get('vector_flags') or [])}"],
+        ["XLA_FLAGS", provenance.get("xla_flags") or "(none)"],
+        ["manifest sha256", provenance.get("manifest_sha256")],
+    ]  # fmt: skip
+    return ["## Provenance", ""] + _table(["", "value"], rows) + [""]
 
 
 def _cell_section(report):
