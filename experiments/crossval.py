@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 def _run(config, workdir: str, folds) -> None:
     """Validates `config` (before any work), then runs the folds."""
     config_validation.validate(config)
-    experiments.quiet_orbax_info_logs()
+    experiments.quiet_expected_info_logs()
     if config.get("keep_freed_memory", True):
         host_memory.keep_freed_memory()  # before JAX starts its threads
     config_validation.validate_devices(config)

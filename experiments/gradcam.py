@@ -37,7 +37,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    experiments.quiet_orbax_info_logs()
+    experiments.quiet_expected_info_logs()
     out = FLAGS.out or os.path.join(FLAGS.workdir, gradcam.GRADCAM_PNG)
     try:
         classifier = run_folder.load_run(FLAGS.workdir, which=FLAGS.checkpoint)

@@ -45,7 +45,7 @@ def _kill_hook():
 def _train(config, name: str, workdir: str) -> dict:
     """Validates `config` (before any work), then trains and evaluates it."""
     config_validation.validate(config)
-    experiments.quiet_orbax_info_logs()
+    experiments.quiet_expected_info_logs()
     if config.get("keep_freed_memory", True):
         host_memory.keep_freed_memory()  # before JAX starts its threads
     train.initialize_distributed(config)  # before anything touches a device

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 
+import mnres
 from mnres import models, run_folder
 from mnres.evaluation import calibration
 from mnres.models import params
@@ -139,7 +140,10 @@ def _predict(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnres", description=__doc__)
+    # The console script `mnres` and `python -m mnres` are the same program.
+    prog = "mnres" if os.path.basename(sys.argv[0]) == "mnres" else "python -m mnres"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mnres {mnres.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="layer table and Keras-style parameter counts")
     summary.add_argument("model", help=f"one of: {', '.join(sorted(models.MODELS))}")

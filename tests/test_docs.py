@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from mnres import models
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SMOKE_RUN = REPO / "tests" / "testdata" / "run_v0.1.0"
@@ -351,3 +353,14 @@ def test_relative_links_resolve(path, target):
     if anchor:
         assert resolved.suffix == ".md", f"{where}: an anchor into a non-markdown file"
         assert anchor in heading_anchors(resolved), f"{where}: no such heading"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_readme_library_snippet_works_for_every_registered_model(name):
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Use the blocks as a library\n\n```python\n(.*?)```", text, re.S)
+    assert block, "the README's library section lost its snippet"
+    call = '"mobilenet_v2", alpha=0.35, num_classes=2'
+    assert call in block.group(1)
+    exec(block.group(1).replace(call, f'"{name}", num_classes=2'), {})

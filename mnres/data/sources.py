@@ -202,9 +202,8 @@ def _import_tfds():
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError(
-            f"The tfds source needs tensorflow-datasets ({e}): pip install tensorflow-datasets "
-            "importlib_resources (or pip install 'mnres[tfds]' to also prepare the data).\n"
-            + _ALTERNATIVES
+            f"The tfds source needs tensorflow-datasets ({e}): pip install 'mnres[tfds]' "
+            "(tensorflow-datasets, and TensorFlow to prepare the data).\n" + _ALTERNATIVES
         ) from e
     return tfds
 

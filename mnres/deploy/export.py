@@ -307,8 +307,10 @@ def export_run(
     for fmt in formats:
         missing = [m for m in _NEEDS.get(fmt, ()) if importlib.util.find_spec(m) is None]
         if missing:
+            extra = "pip install 'mnres[export]'" if fmt in ("tflite", "int8") else ""
             raise ValueError(
-                f"{fmt} export needs {' and '.join(missing)}: pip install {' '.join(missing)}"
+                f"{fmt} export needs {' and '.join(missing)}: "
+                + (extra or f"pip install {' '.join(missing)}")
             )
     os.makedirs(out_dir, exist_ok=True)
     paths = {}

@@ -21,10 +21,10 @@ Every training run with a validation split writes ``calibration.json`` beside it
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
+import scipy.optimize
 
 from mnres import run_folder
 from mnres.evaluation import metrics
@@ -98,7 +98,7 @@ def fit_temperature(logits, labels, bounds=TEMPERATURE_BOUNDS, tol: float = 1e-7
       logits: float [N, C] validation logits, or [N] binary log-odds (z1 - z0).
       labels: int [N] class indices (1 = parasitized).
       bounds: (lowest, highest) temperature searched.
-      tol: stop when the bracket on 1 / T is narrower than this (relative).
+      tol: absolute tolerance on 1 / T.
 
     Returns:
       T as a Python float; 1.0 means the model was already calibrated on this set.
@@ -115,21 +115,12 @@ def fit_temperature(logits, labels, bounds=TEMPERATURE_BOUNDS, tol: float = 1e-7
         top = z.max(-1)
         return float(np.mean(top + np.log(np.exp(z - top[:, None]).sum(-1)) - beta * picked))
 
-    a, b = 1.0 / high, 1.0 / low
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = nll(c), nll(d)
-    while b - a > tol * max(1.0, abs(a)):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = nll(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = nll(d)
+    # Brent's bounded search on the convex NLL in 1/T.
+    found = scipy.optimize.minimize_scalar(
+        nll, bounds=(1.0 / high, 1.0 / low), method="bounded", options={"xatol": tol}
+    )
     # The ends of the search interval are candidates too (a separated set wants T -> 0).
-    candidates = [(nll(x), x) for x in (1.0 / high, (a + b) / 2.0, 1.0 / low)]
+    candidates = [(nll(x), x) for x in (1.0 / high, float(found.x), 1.0 / low)]
     return float(1.0 / min(candidates)[1])
 
 

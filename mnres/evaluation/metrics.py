@@ -18,6 +18,7 @@ Conventions, shared by every function here:
 """
 
 import numpy as np
+import scipy.stats
 
 
 def _check(labels, probs):
@@ -72,11 +73,8 @@ def _auc(labels, scores):
     n_neg = labels.shape[0] - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    # Ranks 1..N of the sorted unique values; tied scores share their mean rank.
-    ends = np.cumsum(counts)
-    midranks = ends - (counts - 1) / 2.0
-    rank_sum = float(np.sum(midranks[inverse][labels == 1]))
+    # Ranks 1..N; tied scores share their mean rank (midranks).
+    rank_sum = float(np.sum(scipy.stats.rankdata(scores, method="average")[labels == 1]))
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 

@@ -76,6 +76,17 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _import_h5py():
+    """h5py, which reads Keras weight files; an extra, not a core dependency."""
+    try:
+        import h5py
+    except ImportError as e:
+        raise ImportError(
+            f"reading Keras weight files needs h5py ({e}): pip install 'mnres[keras]'"
+        ) from e
+    return h5py
+
+
 def load_keras_weights(model, variables, source, *, strict: bool | None = None):
     """Copies the weights of a Keras MobileNet (or any model with the same layer names) into mnres.
 
@@ -198,7 +209,7 @@ def read_keras_layers(source) -> dict[str, KerasLayer]:
         if path.endswith(".keras"):
             return _read_keras_archive(path)
         if path.endswith((".h5", ".hdf5")):
-            import h5py
+            h5py = _import_h5py()
 
             with h5py.File(path, "r") as f:
                 return _read_h5(f, path)
@@ -285,7 +296,7 @@ def _read_legacy_h5(group, where: str) -> dict[str, KerasLayer]:
 def _read_keras3_h5(f, where: str) -> dict[str, KerasLayer]:
     """Keras 3 layout: `layers/<key>/vars/<i>`, with the layer name as the `name` attribute of
     `vars` (recent Keras 3) and the layer class in `<key>` (`depthwise_conv2d_3`)."""
-    import h5py
+    h5py = _import_h5py()
 
     found: list[tuple[str, str, list[np.ndarray]]] = []
 
@@ -327,7 +338,7 @@ class _NoLayerNames(ValueError):
 
 def _read_keras_archive(path: str) -> dict[str, KerasLayer]:
     """A `.keras` zip holds `model.weights.h5` (read directly) next to the model config."""
-    import h5py
+    h5py = _import_h5py()
 
     with zipfile.ZipFile(path) as archive:
         if "model.weights.h5" in archive.namelist():
