@@ -18,6 +18,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from mnres import config_validation
+
 flags.DEFINE_string(
     "baseline",
     os.path.join(os.path.dirname(__file__), "configs", "default.py"),
@@ -161,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_validation.parse_command_line)

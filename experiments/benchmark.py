@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.peers import workload
-from mnres import models
+from mnres import config_validation, models
 from mnres.models import params as params_lib
 
 _MODELS = flags.DEFINE_list("models", ["mobilenet_v2"], f"Any of {', '.join(models.MODELS)}.")
@@ -378,4 +378,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_validation.parse_command_line)

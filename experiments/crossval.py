@@ -1,4 +1,4 @@
-"""Patient-level k-fold cross-validation of a config, with the image-level split beside it.
+r"""Patient-level k-fold cross-validation of a config, with the image-level split beside it.
 
   python -m experiments.crossval --config=experiments/configs/default.py \
       --config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/cv

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mnres import data
+from mnres import config_validation, data
 from mnres.data import augment
 
 _SOURCE = flags.DEFINE_enum("source", "folder", ["folder", "synthetic", "tfds"], "Data source.")
@@ -127,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_validation.parse_command_line)

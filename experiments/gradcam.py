@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 
 import experiments
-from mnres import run_folder
+from mnres import config_validation, run_folder
 from mnres.evaluation import crossval, gradcam
 
 flags.DEFINE_string("workdir", None, "A training run folder (config.json, checkpoints/).")
@@ -62,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_validation.parse_command_line)

@@ -1,4 +1,4 @@
-"""Trains and evaluates a malaria cell classifier; writes everything to the workdir.
+r"""Trains and evaluates a malaria cell classifier; writes everything to the workdir.
 
   python -m experiments.malaria                                  # default.py, TFDS `malaria`
   python -m experiments.malaria --config=experiments/configs/smoke.py --workdir=/tmp/smoke

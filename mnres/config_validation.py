@@ -295,10 +295,13 @@ def parse_command_line(argv: list[str]) -> list[str]:
         if _config_argument(argv, name) is None:
             argv = [argv[0], f"--{name}={default}", *argv[1:]]
     try:
+        configs = {}
         for name in _DEFAULT_CONFIG_FILES:
-            config = _load_config_file(name, _config_argument(argv, name))
+            config = configs[name] = _load_config_file(name, _config_argument(argv, name))
             if isinstance(config, ml_collections.ConfigDict):
                 check_override_keys(config, dict(_overrides(argv, name)))
+        if _HELP_FLAGS & set(argv[1:]):
+            _print_help(argv, configs)
         return flags.FLAGS(argv)
     except ConfigError as e:
         exit_with_error(e)
@@ -306,6 +309,38 @@ def parse_command_line(argv: list[str]) -> list[str]:
         exit_with_error(_wrong_type_message(argv) or e)
     except flags.Error as e:
         exit_with_error(e)
+
+
+_HELP_FLAGS = {"-h", "-?", "--help", "--helpshort", "--helpfull"}
+
+
+def _print_help(argv, configs: dict) -> NoReturn:
+    """The command's docstring, its flags and every config field with its value; exit 0.
+
+    absl's own help exits 1 and cannot list the fields of a config file.
+    """
+    main = sys.modules.get("__main__")
+    print((getattr(main, "__doc__", None) or "").strip() + "\n")
+    # --helpfull: every flag of every module (absl's own list); otherwise the command's.
+    print(flags.FLAGS.get_help() if "--helpfull" in argv else flags.FLAGS.main_module_help())
+    for name, config in configs.items():
+        if not isinstance(config, ml_collections.ConfigDict):
+            continue
+        print(f"\nConfig fields of --{name}={_config_argument(argv, name)}, each settable with "
+              f"--{name}.FIELD=VALUE:")  # fmt: skip
+        for key, value in sorted(_flatten(config.to_dict()).items()):
+            print(f"  {name}.{key} = {value!r}")
+    sys.exit(0)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def exit_with_error(error) -> NoReturn:

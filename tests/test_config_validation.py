@@ -272,3 +272,30 @@ def test_mnres_command_refuses_bad_arguments(capsys, argv, expected):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "Traceback" not in err
     assert expected in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["experiments.malaria", "experiments.crossval", "experiments.gradcam",
+     "experiments.benchmark", "experiments.ablation", "experiments.data_speed"],
+)  # fmt: skip
+def test_help_exits_0(module):
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.strip()
+
+
+def test_help_lists_the_config_fields_with_their_values():
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.malaria", "--config=experiments/configs/smoke.py",
+         "--help"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "  config.model.name = 'mobilenet_v1_residual'" in out.stdout  # smoke.py's value
+    assert "  config.batch_size = 32" in out.stdout
+    assert "--workdir" in out.stdout
+    # The docstring's line continuations survive (a raw docstring).
+    assert "default.py \\\n" in out.stdout
