@@ -187,7 +187,7 @@ def _unknown_key_message(config, parents, part: str, key: str) -> str:
     prefix = ".".join(["config", *parents])
     if not isinstance(block, ml_collections.ConfigDict):
         return f"{prefix} is a value, not a block of fields."
-    everywhere = sorted(_field_paths(config))
+    everywhere = sorted(path for path, _ in _fields(config))
     # The same name elsewhere first (image_size -> data.image_size), then the nearest spelling.
     same_leaf = [p for p in everywhere if p.rsplit(".", 1)[-1] == part]
     close = same_leaf or difflib.get_close_matches(key, everywhere, n=1)
@@ -196,13 +196,14 @@ def _unknown_key_message(config, parents, part: str, key: str) -> str:
     return f"{prefix} has no field {part!r}; {hint}{prefix} has {fields}."
 
 
-def _field_paths(config, prefix: str = ""):
+def _fields(config, prefix: str = ""):
+    """(dotted path, value) of every leaf field of a ConfigDict, depth first."""
     for key in config.keys():
         value = config[key]
         if isinstance(value, ml_collections.ConfigDict):
-            yield from _field_paths(value, f"{prefix}{key}.")
+            yield from _fields(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{key}"
+            yield f"{prefix}{key}", value
 
 
 def _check_model(model_config) -> None:
@@ -328,19 +329,9 @@ def _print_help(argv, configs: dict) -> NoReturn:
             continue
         print(f"\nConfig fields of --{name}={_config_argument(argv, name)}, each settable with "
               f"--{name}.FIELD=VALUE:")  # fmt: skip
-        for key, value in sorted(_flatten(config.to_dict()).items()):
+        for key, value in sorted(_fields(config)):
             print(f"  {name}.{key} = {value!r}")
     sys.exit(0)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def exit_with_error(error) -> NoReturn:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -109,15 +108,9 @@ def cpu(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     }
 
 
-def canonical_json(obj) -> str:
-    """The text `mnres.run_folder.write_json` writes for `obj` (so its sha256 is the file's)."""
-    text = json.dumps(run_folder.to_json_types(obj), indent=2, sort_keys=True, allow_nan=False)
-    return text + "\n"
-
-
 def manifest_sha256(manifest: dict) -> str:
     """sha256 (hex) of a data manifest in its canonical JSON form: that of `manifest.json`."""
-    return hashlib.sha256(canonical_json(manifest).encode()).hexdigest()
+    return hashlib.sha256(run_folder.json_text(manifest).encode()).hexdigest()
 
 
 def collect(manifest: dict | None = None) -> dict:

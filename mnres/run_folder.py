@@ -62,17 +62,16 @@ def to_json_types(value):
     return str(value)
 
 
-def write_json(path: str, obj) -> None:
-    """The one JSON writer of the package: indented, sorted keys, plain values, final newline.
+def json_text(obj) -> str:
+    """The package's one JSON format: `to_json_types`, indented, sorted keys, final newline."""
+    return json.dumps(to_json_types(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
-    Args:
-      path: the file; its folder is created if missing.
-      obj: converted by `to_json_types` first (numpy values as numbers, NaN as null).
-    """
+
+def write_json(path: str, obj) -> None:
+    """The one JSON writer of the package (`json_text`); the file's folder is created."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(to_json_types(obj), f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
+        f.write(json_text(obj))
 
 
 def read_json(path: str):
@@ -97,6 +96,8 @@ class WorkdirLock:
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_FILE)
         self._fd: int | None = None
+        # acquire() ran (the lock is held, or deliberately not taken: not process 0, no flock).
+        self._acquired = False
 
     def acquire(self) -> WorkdirLock:
         """Takes the lock now or raises `WorkdirBusyError` naming the holder; never waits.
@@ -104,6 +105,7 @@ class WorkdirLock:
         Processes other than 0 of a multi-process run take nothing: process 0 stands for the
         run. Where the file system has no flock (some network mounts) it warns and goes on.
         """
+        self._acquired = True
         if jax.process_index() != 0:
             return self
         os.makedirs(self.workdir, exist_ok=True)
@@ -111,6 +113,7 @@ class WorkdirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._acquired = False
             holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
             raise WorkdirBusyError(
@@ -129,6 +132,7 @@ class WorkdirLock:
 
     def release(self) -> None:
         """Empties the lock file and lets it go (also done by the kernel if the process dies)."""
+        self._acquired = False
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
@@ -137,7 +141,7 @@ class WorkdirLock:
                 os.close(fd)  # closing the last descriptor releases the flock
 
     def __enter__(self) -> WorkdirLock:
-        return self if self._fd is not None else self.acquire()
+        return self if self._acquired else self.acquire()  # `with lock(workdir):` took it
 
     def __exit__(self, *exc) -> None:
         self.release()

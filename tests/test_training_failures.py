@@ -133,7 +133,7 @@ def _finished_run(*, step=240, history=None, train_size=799, warnings=()):
     config = default.get_config()
     config.model.bn_momentum = 0.99
     return types.SimpleNamespace(
-        config=config, step=step, total_steps=step, bn_momentum=0.99, warnings=list(warnings),
+        config=config, step=step, total_steps=step, warnings=list(warnings),
         ds=types.SimpleNamespace(train=range(train_size)), history=history or [],
     )  # fmt: skip
 

@@ -88,7 +88,7 @@ def build_report(
             "total_params": counts.total,
             "trainable_params": counts.trainable,
             "frozen_layers": list(model.frozen_layers),
-            "bn_momentum": run.bn_momentum,
+            "bn_momentum": config.model.bn_momentum,
             "bn_momentum_picked": run.bn_momentum_picked,  # from the step count, config unset
         },
         "data": {
@@ -152,9 +152,10 @@ def training_warnings(run: Run, evaluation: Evaluation) -> list[str]:
     split, outputs = ("validation", val) if val else ("test", evaluation.test)
     spread = metrics.output_collapse(outputs["labels"], outputs["probs"])
     fix = (
-        f"likely BatchNorm running statistics that lag the network (config.model.bn_momentum "
-        f"{run.bn_momentum:g} over {run.total_steps} steps: leave it unset or lower it) or too "
-        f"high a learning rate (config.optimizer.learning_rate {config.optimizer.learning_rate:g})"
+        "likely BatchNorm running statistics that lag the network (config.model.bn_momentum "
+        f"{config.model.bn_momentum:g} over {run.total_steps} steps: leave it unset or lower "
+        "it) or too high a learning rate (config.optimizer.learning_rate "
+        f"{config.optimizer.learning_rate:g})"
     )
     if spread["collapsed"]:
         found.append(

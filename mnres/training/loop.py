@@ -111,8 +111,7 @@ class Run:
     # The latest checkpoint, named when training stops on a NaN.
     last_good_step: int | None = None
     best_val_accuracy: float = -math.inf
-    # The BatchNorm momentum trained with, and whether the loop picked it (config left None).
-    bn_momentum: float | None = None
+    # Whether the loop picked config.model.bn_momentum (the config left it None).
     bn_momentum_picked: bool = False
     # Found before training (e.g. a momentum too slow for the run); the report adds its own.
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -187,7 +186,7 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
         async_save=config.get("async_checkpointing", True) and jax.process_count() == 1,
     )
     run = Run(config, workdir, ds, model, mesh, tx, schedule, ckpts, state)
-    run.bn_momentum, run.bn_momentum_picked = config.model.bn_momentum, picked
+    run.bn_momentum_picked = picked
     run.warnings = [warning] if warning else []
     return run
 
@@ -223,14 +222,11 @@ def _restore_or_start(run: Run) -> None:
         run_folder.write_history(run.workdir, run.history)
     run.step = int(jax.device_get(run.state.step))
     run.last_good_step = start
-    run.best_val_accuracy = max(
-        (r["val_accuracy"] for r in run.history if r.get("val_accuracy") is not None),
-        default=-math.inf,
-    )
-    # The best checkpoint of the resumed step is lost when its save failed or was killed after
-    # latest/ was complete: it is the restored state, saved again (else another is evaluated).
     scored = [r for r in run.history if r.get("val_accuracy") is not None]
     best_row = max(scored, key=lambda r: r["val_accuracy"], default=None)  # the first of ties
+    run.best_val_accuracy = best_row["val_accuracy"] if best_row else -math.inf
+    # The best checkpoint of the resumed step is lost when its save failed or was killed after
+    # latest/ was complete: it is the restored state, saved again (else another is evaluated).
     if best_row and best_row["step"] == start and (ckpts.best_step() or -1) < start:
         ckpts.save(start, run.state.to_dict(), latest=False, best=True)
     ds = run.ds
@@ -427,29 +423,27 @@ def train_and_evaluate(
     """
     started = time.perf_counter()
     # First of all: a second run on a live workdir stops here, before it writes anything.
-    workdir_lock = run_folder.lock(workdir)
-    try:
+    with run_folder.lock(workdir):
         run = _create_run(config, workdir, dataset)
-    except BaseException:
-        workdir_lock.release()
-        raise
-    try:
-        _restore_or_start(run)
-        t0 = time.perf_counter()
-        _fit(run, after_step)
-        run.ckpts.wait()
-        train_seconds = time.perf_counter() - t0
-        evaluation = final_evaluation.evaluate_checkpoint(run)
-        wall_seconds = time.perf_counter() - started
-        calibrated = final_evaluation.calibrate(evaluation)
-        result = final_evaluation.build_report(
-            run, evaluation, calibrated, train_seconds=train_seconds, wall_seconds=wall_seconds
-        )
-        final_evaluation.log_warnings(result["warnings"])
-        final_evaluation.write_outputs(run, result, evaluation, calibrated)
-        return result
-    finally:
         try:
-            run.ckpts.close()  # waits for pending saves, so the last good checkpoint is complete
+            return _train_and_report(run, after_step, started)
         finally:
-            workdir_lock.release()
+            run.ckpts.close()  # waits for pending saves, so the last good checkpoint is complete
+
+
+def _train_and_report(run: Run, after_step, started: float) -> dict:
+    """Trains the remaining epochs, then evaluates, reports and writes the run's outputs."""
+    _restore_or_start(run)
+    t0 = time.perf_counter()
+    _fit(run, after_step)
+    run.ckpts.wait()
+    train_seconds = time.perf_counter() - t0
+    evaluation = final_evaluation.evaluate_checkpoint(run)
+    wall_seconds = time.perf_counter() - started
+    calibrated = final_evaluation.calibrate(evaluation)
+    result = final_evaluation.build_report(
+        run, evaluation, calibrated, train_seconds=train_seconds, wall_seconds=wall_seconds
+    )
+    final_evaluation.log_warnings(result["warnings"])
+    final_evaluation.write_outputs(run, result, evaluation, calibrated)
+    return result
