@@ -22,6 +22,11 @@ _moved.install()
 
 
 def __getattr__(name: str):
+    # `load_pretrained` and `list_pretrained` import the run-folder code on first use.
+    if name in ("load_pretrained", "list_pretrained"):
+        from mnres import pretrained
+
+        return getattr(pretrained, name)
     # `mnres.params`, `mnres.calibration`, ...: the 0.1 module paths, imported on first use.
     if f"mnres.{name}" in _moved.MOVED:
         return _moved.module(name)
@@ -40,6 +45,8 @@ __all__ = [
     "PointwiseConv",
     "SeedNetwork",
     "create_model",
+    "list_pretrained",
     "load_keras_weights",
+    "load_pretrained",
     "make_divisible",
 ]

@@ -35,7 +35,7 @@ from absl import flags
 from mnres import data, models
 from mnres.data import config as data_config
 from mnres.models import mobilenet
-from mnres.training import optim, steps
+from mnres.training import optim, steps, tensorboard
 
 EVAL_CHECKPOINTS = ("best", "last")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -77,6 +77,14 @@ def validate(config) -> None:
             f"config.platform={platform!r} is not a JAX platform: use one of "
             f"{', '.join(PLATFORMS)}, or None."
         )
+    board = config.get("tensorboard", False)
+    if not isinstance(board, bool):
+        raise ConfigError(f"config.tensorboard={board!r} must be True or False.")
+    if board:
+        try:
+            tensorboard.check_installed()
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
     size = config.data.get("image_size")
     if isinstance(size, int) and size < mobilenet.MIN_IMAGE_SIZE:  # data.check allows >= 8
         raise ConfigError(
@@ -229,10 +237,26 @@ def _check_model(model_config) -> None:
             f"its layers {layers[0]} ... {layers[-1]} (python -m mnres summary {name}), or None."
         ) from None
     pretrained = model_config.get("pretrained")
-    if pretrained and not os.path.isfile(pretrained):
+    if pretrained == "imagenet":  # Keras' published file, downloaded at the start of training
+        from mnres.models import imagenet_weights
+
+        try:
+            imagenet_weights.choose_weights(name, model_config.get("alpha", 1.0))
+        except ValueError as e:
+            raise ConfigError(
+                f"config.model.pretrained='imagenet' does not fit config.model.name={name!r}: "
+                f"{e}; give a Keras weights file (.h5) instead, or leave it unset."
+            ) from None
+        if model_config.get("depth_multiplier", 1) != 1:
+            raise ConfigError(
+                "config.model.pretrained='imagenet' needs config.model.depth_multiplier=1 "
+                "(Keras publishes no other)."
+            )
+    elif pretrained and not os.path.isfile(pretrained):
         raise ConfigError(
-            f"config.model.pretrained={pretrained!r} does not exist: give a Keras weights file "
-            "(.h5), or leave it unset to train from scratch."
+            f"config.model.pretrained={pretrained!r} does not exist: give 'imagenet' (Keras' "
+            "published ImageNet weights, downloaded once) or a Keras weights file (.h5), or "
+            "leave it unset to train from scratch."
         )
 
 

@@ -23,16 +23,21 @@ from absl import logging
 
 from mnres import models
 from mnres.inference import Classifier
-from mnres.training import checkpoint
+from mnres.training import checkpoint, tensorboard
 
 CONFIG_JSON = "config.json"
 MANIFEST_JSON = "manifest.json"
 METRICS_JSONL = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"  # event files, with config.tensorboard
+# Either marks a folder as a training run (`python -m mnres predict RUN ...`).
+RUN_MARKERS = (CONFIG_JSON, CHECKPOINTS_DIR)
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PREDICTIONS_CSV = "predictions_test.csv"
 TEST_OUTPUTS_NPZ = "test_outputs.npz"
+# Training crops kept with the run: int8 export calibrates on them when the data has moved.
+CALIBRATION_SAMPLE_NPZ = "calibration_sample.npz"
 CALIBRATION_JSON = "calibration.json"
 LOCK_FILE = ".lock"
 HISTORY_PNG = "history.png"
@@ -251,6 +256,18 @@ def open_checkpoints(workdir: str, **kwargs) -> checkpoint.Checkpoints:
     return checkpoint.Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), **kwargs)
 
 
+def open_tensorboard(workdir: str, step: int) -> tensorboard.Writer:
+    """A `mnres.training.tensorboard.Writer` into the run's `tensorboard/`, from `step` on.
+
+    The points its earlier files hold after `step` (logged after the checkpoint a run resumes
+    from) are dropped, as `write_history` drops rows of metrics.jsonl.
+
+    Raises:
+      ImportError: the tensorboard package is not installed (pip install 'mnres[tensorboard]').
+    """
+    return tensorboard.Writer(os.path.join(workdir, TENSORBOARD_DIR), step)
+
+
 def write_predictions(workdir: str, split, probs) -> None:
     """Writes `predictions_test.csv`: name, slide_id, label, P(parasitized) per example.
 
@@ -281,6 +298,20 @@ def read_test_outputs(workdir: str) -> dict[str, np.ndarray]:
     """`test_outputs.npz` as {'log_odds', 'labels', 'slide_ids', 'names'} arrays."""
     with np.load(os.path.join(workdir, TEST_OUTPUTS_NPZ)) as outputs:
         return {name: outputs[name] for name in outputs.files}
+
+
+def write_calibration_sample(workdir: str, images) -> None:
+    """Writes `calibration_sample.npz`: uint8 training crops [N, S, S, 3] for int8 export."""
+    np.savez_compressed(os.path.join(workdir, CALIBRATION_SAMPLE_NPZ), images=images)
+
+
+def read_calibration_sample(workdir: str) -> np.ndarray | None:
+    """The run's stored calibration crops, or None (runs of mnres 0.1 stored none)."""
+    path = os.path.join(workdir, CALIBRATION_SAMPLE_NPZ)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as stored:
+        return stored["images"]
 
 
 def write_calibration(workdir: str, record: dict) -> str:
@@ -369,7 +400,7 @@ def load_run(workdir: str, *, which: str = "best") -> Classifier:
     # A run that kept a moving average of its weights was evaluated with it (TrainState).
     params = state.get("ema_params") or state["params"]
     variables = {"params": params, "batch_stats": state.get("batch_stats") or {}}
-    _check_fits(variables, dict(expected), f"the checkpoint at step {step} in {checkpoint_dir}",
+    check_fits(variables, dict(expected), f"the checkpoint at step {step} in {checkpoint_dir}",
                 config.model.name)  # fmt: skip
     metadata = {
         "run": os.path.abspath(workdir),
@@ -380,7 +411,7 @@ def load_run(workdir: str, *, which: str = "best") -> Classifier:
     return Classifier(model, variables, size, metadata, config)
 
 
-def _check_fits(variables: dict, expected: dict, what: str, model_name: str) -> None:
+def check_fits(variables: dict, expected: dict, what: str, model_name: str) -> None:
     """Raises ValueError naming the first parameter whose presence or shape differs."""
     got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree.leaves_with_path(variables)}
     want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(expected)}

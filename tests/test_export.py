@@ -194,8 +194,51 @@ def test_smoke_run_exports_to_every_format(tmp_path):
     config.progress_bar = False
     workdir = str(tmp_path / "smoke")
     train.train_and_evaluate(config, workdir)
+    stored = run_folder.read_calibration_sample(workdir)  # int8 calibrates on these
+    assert stored.dtype == np.uint8 and stored.shape[1:] == (config.data.image_size,) * 2 + (3,)
     out = tmp_path / "export"
     assert main(["export", workdir, "--out", str(out), "--calibration-images", "32"]) == 0
     for name in (export.FILE_NAMES[f] for f in export.DEFAULT_FORMATS):
         assert (out / name).stat().st_size > 10_000
         assert json.loads((out / (name + ".json")).read_text())["step"] > 0
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_int8_export_and_evaluation_need_no_training_data(tmp_path, capsys):
+    """The run's data has moved: int8 calibrates on stored or given crops, evaluates a folder."""
+    from conftest import make_run
+    from PIL import Image
+
+    from mnres.__main__ import main
+
+    run = make_run(str(tmp_path / "run"))
+    config = json.loads(Path(run, "config.json").read_text())
+    config["data"].update(source="folder", dir=str(tmp_path / "moved"))
+    Path(run, "config.json").write_text(json.dumps(config))
+    images, labels, _ = synthetic.draw_cells(24, IMAGE_SIZE, 3, seed=1)
+    cells = tmp_path / "cells"
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = cells / ("Parasitized" if label == 1 else "Uninfected")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"C{i % 3}P1ThinF_cell_{i}.png")
+
+    def export_args(*args):
+        return ["export", run, "--out", str(tmp_path / "out"), "--formats", "int8", *args]
+
+    def refused(*args) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(export_args(*args))
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    error = refused()
+    assert "int8 calibration needs cell crops" in error and "--calibration-dir DIR" in error
+    assert "--evaluate DIR" in refused("--calibration-dir", str(cells), "--evaluate")
+    assert main(export_args("--calibration-dir", str(cells), "--evaluate", str(cells))) == 0
+    out = capsys.readouterr().out
+    assert f"{cells}: {len(images)} images" in out and "int8" in out
+    # A run that stored its calibration crops at training time needs nothing more.
+    run_folder.write_calibration_sample(run, images[:8])
+    assert main(export_args()) == 0
+    assert (tmp_path / "out" / export.FILE_NAMES["int8"]).stat().st_size > 10_000

@@ -11,6 +11,8 @@ import pytest
 from data_fixtures import REPO
 
 import mnres
+from mnres import pretrained
+from mnres.data import sample
 
 
 def test_the_version_is_written_once():
@@ -34,7 +36,7 @@ def test_console_script_is_the_same_program():
 
 
 @pytest.mark.slow
-def test_wheel_carries_the_subpackages_and_py_typed(tmp_path):
+def test_the_wheel_carries_its_package_data_and_predicts_from_a_fresh_venv(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
          "-w", str(tmp_path), str(REPO)],
@@ -48,6 +50,24 @@ def test_wheel_carries_the_subpackages_and_py_typed(tmp_path):
         assert module in names, module
     metadata = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "mnres = mnres.__main__:main" in zipfile.ZipFile(wheel).read(metadata).decode()
+    for name in pretrained.SHIPPED_FILES:  # package data, with .tflite and .png not ignored
+        assert f"mnres/pretrained/malaria/{name}" in names, name
+    crops = [n for n in names if n.startswith("mnres/data/sample_cells/") and n.endswith(".png")]
+    assert len(crops) == len(sample.sample_cells())
+    # Installed into a fresh venv (its dependencies from this environment), run from elsewhere:
+    # the shipped model loads from the installed package's data and predicts offline.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                   check=True)  # fmt: skip
+    code = (
+        "import mnres, sys; assert mnres.__file__.startswith(sys.prefix), mnres.__file__\n"
+        "from mnres.__main__ import main; raise SystemExit(main(['predict', '--sample']))"
+    )
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{len(crops)} image(s) predicted, 0 unreadable" in out.stdout
 
 
 # The core workflow, then a look at the import graph: no package of an extra was imported, so a
@@ -57,6 +77,7 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 import mnres
 from mnres import models, run_folder
+from mnres.data import sample_cells
 from mnres.deploy import predict
 x = jnp.zeros((2, 32, 32, 3))
 for name in sorted(models.MODELS):
@@ -67,6 +88,9 @@ for name in sorted(models.MODELS):
 classifier = run_folder.load_run(sys.argv[1])
 probs = predict.from_classifier(classifier).parasitized(np.zeros((3, 32, 32, 3), np.uint8))
 assert probs.shape == (3,) and np.all((probs >= 0) & (probs <= 1))
+shipped = predict.from_classifier(mnres.load_pretrained("malaria").classifier)
+rows = predict.predict_files(shipped, sample_cells()[:4])
+assert all(r["error"] is None for r in rows), rows
 extras = ("tensorflow", "keras", "h5py", "torch", "tensorflow_datasets", "sklearn",
           "ai_edge_litert")
 imported = sorted(name for name in extras if name in sys.modules)

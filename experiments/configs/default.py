@@ -41,7 +41,8 @@ def get_config(arg=None):
     config.model.dtype = "float32"  # 'bfloat16': bfloat16 compute, float32 params and BatchNorm
     # Keras layer name: it and the layers before it are frozen, if pretrained weights are given.
     config.model.freeze_through = ml_collections.config_dict.placeholder(str)
-    config.model.pretrained = ml_collections.config_dict.placeholder(str)  # Keras weights file
+    # 'imagenet' (Keras' published file, downloaded once into $MNRES_CACHE) or a Keras .h5 path.
+    config.model.pretrained = ml_collections.config_dict.placeholder(str)
 
     config.data = data.default_config()
     config.data.source = "tfds"
@@ -75,6 +76,9 @@ def get_config(arg=None):
     config.async_checkpointing = True
     config.eval_checkpoint = "best"  # 'best' (by validation accuracy) or 'last'
     config.progress_bar = True  # shown only on a terminal
+    # TensorBoard event files in WORKDIR/tensorboard/ (per-step loss, learning rate, images/s;
+    # validation per epoch), written without TensorFlow: needs pip install 'mnres[tensorboard]'.
+    config.tensorboard = False
 
     # Several processes (TPU pod slice, GPU hosts): see docs/training.md, "Several hosts".
     config.distributed = ml_collections.ConfigDict()

@@ -8,11 +8,20 @@ around blocks 7-11, frozen through `conv_pw_9` on top of pretrained Keras weight
   # Its fix: momentum 0.99, the same run otherwise; validation follows training (~95%+).
   python -m experiments.malaria --config=experiments/configs/paper.py \
       --config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/paper
-  # The paper's freeze needs the ImageNet weights (a Keras MobileNet .h5, alpha 1.0):
+  # The published recipe: the ImageNet base (Keras' MobileNet alpha 1.0 file, downloaded once
+  # into $MNRES_CACHE, default ~/.cache/mnres), frozen through conv_pw_9. One flag more:
+  python -m experiments.malaria --config=experiments/configs/paper.py \
+      --config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/paper_imagenet \
+      --config.model.pretrained=imagenet
+  # Offline: download mobilenet_1_0_224_tf_no_top.h5 elsewhere and pass its path instead.
   ... --config.model.pretrained=PATH/mobilenet_1_0_224_tf_no_top.h5
 
-Without `config.model.pretrained` every layer is trained and the log says why: freezing
-randomly initialised layers would keep them random.
+'imagenet' takes the file Keras publishes for config.data.image_size (128, 160, 192 or 224 px),
+else the 224 px one (mnres.models.imagenet_weights.choose_weights); the log names the file and
+its sha256. With the weights the network has 1,635,522 parameters: 545,282 trainable and
+1,090,240 non-trainable (the frozen layers and every BatchNorm statistic). Without
+`config.model.pretrained` every layer is trained and the log says why: freezing randomly
+initialised layers would keep them random.
 """
 
 import ml_collections

@@ -6,6 +6,7 @@ Labels: 1 = parasitized (the positive class), 0 = uninfected, for every source (
 
 from mnres.data.config import default_config
 from mnres.data.pipeline import eval_batches, prefetch, steps_per_epoch, train_batches
+from mnres.data.sample import sample_cells
 from mnres.data.sources import load_dataset
 from mnres.data.splits import Dataset, Split, write_manifest
 
@@ -16,6 +17,7 @@ __all__ = [
     "eval_batches",
     "load_dataset",
     "prefetch",
+    "sample_cells",
     "steps_per_epoch",
     "train_batches",
     "write_manifest",

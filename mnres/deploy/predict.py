@@ -29,6 +29,7 @@ from mnres.deploy import export
 from mnres.evaluation import calibration
 
 STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
+MODEL_SUFFIXES = (".tflite", ".onnx", *STABLEHLO_SUFFIXES)
 
 
 @dataclass
@@ -144,7 +145,7 @@ def find_images(inputs) -> list[str]:
     """
     found, empty = [], []
     for item in inputs:
-        files = _files_of(item)
+        files = files_of(item)
         found += files or [item]
         if not files:
             empty.append(item)
@@ -157,7 +158,7 @@ def find_images(inputs) -> list[str]:
     return list(dict.fromkeys(found))  # each file once, first position kept
 
 
-def _files_of(item: str) -> list[str]:
+def files_of(item: str) -> list[str]:
     """The files an input names: itself, a folder's images (recursively) or a glob's images."""
     if os.path.isdir(item):
         found = []

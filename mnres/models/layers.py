@@ -23,7 +23,7 @@ KERAS_V1_STRIDE2_PADDING = ((0, 1), (0, 1))
 # How the convolutions are written: 'grouped' is XLA's convolutions throughout (best on GPU and
 # TPU, and what exporters recognise); 'shifted' is the CPU formulation: each depthwise conv as
 # nine shifted multiply-adds with a hand-written backward pass, each stride-1 1x1 conv as a
-# matrix multiply. 'auto' picks shifted on CPU and grouped elsewhere.
+# matrix multiply. 'auto' picks shifted on CPU and grouped elsewhere (resolve_conv_formulation).
 CONV_FORMULATIONS = ("auto", "grouped", "shifted")
 DEPTHWISE_IMPLEMENTATIONS = CONV_FORMULATIONS  # deprecated name, kept for one release
 
@@ -44,11 +44,22 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-def resolve_conv_formulation(formulation: str) -> str:
-    """The formulation that runs on this backend.
+# The platforms 'auto' resolves for: JAX backends (`jax.default_backend()`) and the names
+# `jax.jit(...).trace(...).lower(lowering_platforms=...)` takes.
+CONV_PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_conv_formulation(formulation: str, platform: str | None = None) -> str:
+    """The formulation that runs on `platform`.
+
+    A model built for another platform than this machine's, e.g. to lower its steps for a TPU
+    from a CPU, carries the resolved formulation:
+    `model.clone(conv_formulation=resolve_conv_formulation(model.conv_formulation, "tpu"))`
+    (or `mnres.models.from_config(..., platform="tpu")`).
 
     Args:
       formulation: one of `CONV_FORMULATIONS`.
+      platform: one of `CONV_PLATFORMS`; None: this machine's, `jax.default_backend()`.
 
     Returns:
       'grouped' or 'shifted': 'auto' means shifted on CPU, grouped elsewhere.
@@ -57,10 +68,12 @@ def resolve_conv_formulation(formulation: str) -> str:
         raise ValueError(
             f"conv formulation must be one of {CONV_FORMULATIONS}, got {formulation!r}"
         )
+    if platform is not None and platform not in CONV_PLATFORMS:
+        raise ValueError(f"platform must be one of {CONV_PLATFORMS} or None, got {platform!r}")
     if formulation == "auto":
         # XLA's grouped convolution is slow on CPU (its backward pass especially);
         # GPUs and TPUs have fast kernels for it, and exporters recognise it.
-        return "shifted" if jax.default_backend() == "cpu" else "grouped"
+        return "shifted" if (platform or jax.default_backend()) == "cpu" else "grouped"
     return formulation
 
 

@@ -23,6 +23,7 @@ from mnres.models.layers import (
     ModuleDef,
     adopt_depthwise_implementation,
     make_divisible,
+    resolve_conv_formulation,
 )
 
 # MobileNetV1 (Howard et al. 2017, Table 1) as (pointwise filters, stride), blocks 1..13.
@@ -345,7 +346,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BN_MOMENTUM_UNSET = 0.99
 
 
-def from_config(model_config, num_classes: int = 2, *, bn_momentum: float | None = None):
+def from_config(
+    model_config,
+    num_classes: int = 2,
+    *,
+    bn_momentum: float | None = None,
+    platform: str | None = None,
+):
     """The mnres model described by `config.model` (every field but `name`/`pretrained`).
 
     Args:
@@ -355,6 +362,10 @@ def from_config(model_config, num_classes: int = 2, *, bn_momentum: float | None
       bn_momentum: replaces `model_config.bn_momentum`. None there means unset: the training
         loop picks it from the run's step count (`mnres.training.bn_momentum.pick_bn_momentum`),
         elsewhere it is `BN_MOMENTUM_UNSET`.
+      platform: the platform to build for ('cpu', 'gpu', 'tpu', or 'cuda'/'rocm' as lowering
+        names, e.g. `config.platform`): the model's conv formulation 'auto' is resolved for it
+        (`layers.resolve_conv_formulation`). None: 'auto' is resolved, when the model is
+        traced, for the JAX backend of the machine that traces it.
 
     Returns:
       The model (an unbound Flax module).
@@ -370,6 +381,10 @@ def from_config(model_config, num_classes: int = 2, *, bn_momentum: float | None
             stacklevel=2,
         )
         fields["conv_formulation"] = fields.pop("depthwise_implementation")
+    if platform is not None:
+        fields["conv_formulation"] = resolve_conv_formulation(
+            fields.get("conv_formulation") or "auto", platform
+        )
     if "bn_momentum" not in fields:
         raise ValueError(
             "config.model.bn_momentum is not set. It is a choice, not a default: Keras' 0.999 "

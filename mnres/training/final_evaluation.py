@@ -15,6 +15,7 @@ from absl import logging
 
 from mnres import data, provenance, run_folder
 from mnres.data.splits import CLASS_NAMES
+from mnres.deploy import export
 from mnres.evaluation import calibration as calibration_lib
 from mnres.evaluation import metrics, report
 from mnres.models import params as params_lib
@@ -212,6 +213,8 @@ def write_outputs(run: Run, result: dict, evaluation: Evaluation, calibrated) ->
     )  # fmt: skip
     if calibrated:
         calibration_lib.write_run_calibration(workdir, calibrated, test["labels"], test["log_odds"])
+    # int8 export calibrates on these crops, so it needs no training data later.
+    run_folder.write_calibration_sample(workdir, export.calibration_images(run.ds.train))
     path = lambda name: os.path.join(workdir, name)
     report.plot_history(run.history, path(run_folder.HISTORY_PNG))
     report.plot_confusion_matrix(

@@ -2,7 +2,8 @@
 
 What it writes to `workdir` (file names and formats: `mnres.run_folder`): `config.json` (the
 resolved config), `manifest.json` (the split manifest), `metrics.jsonl` (one row per epoch),
-`checkpoints/{latest,best}/`, and at the end `report.json`, `report.md`,
+`checkpoints/{latest,best}/`, with `config.tensorboard` event files in `tensorboard/`
+(`mnres.training.tensorboard`), and at the end `report.json`, `report.md`,
 `predictions_test.csv`, `test_outputs.npz` (test log-odds, labels, slide ids, names), the plots
 (`history.png`, `confusion_matrix.png`, `roc.png`) and, with a validation split,
 `calibration.json` (temperature, thresholds for 95%/98% specificity; see
@@ -40,7 +41,7 @@ from flax import linen as nn
 
 from mnres import config_validation, data, models, run_folder
 from mnres.models import params as params_lib
-from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps
+from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps, tensorboard
 from mnres.training.steps import TrainState
 
 # The 0.1 name of the file (`mnres.train.TEST_OUTPUTS_NPZ`); the run folder owns it.
@@ -115,6 +116,8 @@ class Run:
     bn_momentum_picked: bool = False
     # Found before training (e.g. a momentum too slow for the run); the report adds its own.
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # The chief's TensorBoard writer while `_fit` runs, with config.tensorboard; else None.
+    board: tensorboard.Writer | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -144,8 +147,8 @@ def _model_config(model_config):
     if model_config.get("freeze_through") and not model_config.get("pretrained"):
         logging.warning(
             "Training every layer: config.model.freeze_through=%r keeps layers at their "
-            "pretrained values, but config.model.pretrained (a Keras weights file) is not set, "
-            "so they would stay at their random initialisation.",
+            "pretrained values, but config.model.pretrained ('imagenet' or a Keras weights "
+            "file) is not set, so they would stay at their random initialisation.",
             model_config.freeze_through,
         )
         model_config = model_config.copy_and_resolve_references()
@@ -168,7 +171,8 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     if _is_chief():
         run_folder.write_config(workdir, config)
         run_folder.write_manifest(workdir, ds)
-    model = models.from_config(_model_config(config.model))
+    # config.platform (e.g. tpu.py) names where the steps run: the formulation is chosen for it.
+    model = models.from_config(_model_config(config.model), platform=config.get("platform"))
     mesh = steps.make_mesh()
     size = config.data.image_size
     shapes = params_lib.abstract_variables(model, (1, size, size, 3))
@@ -191,16 +195,28 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     return run
 
 
-def _load_pretrained(model_config, model, state: TrainState) -> TrainState:
-    if not model_config.get("pretrained"):
-        return state
-    from mnres.models import keras_weights  # reads .h5 with h5py; only needed here
+def _load_pretrained(
+    model_config, model, state: TrainState, image_size: int | None = None
+) -> TrainState:
+    """`config.model.pretrained` loaded into a fresh state: a Keras `.h5` path, or 'imagenet'.
 
-    variables, loaded = keras_weights.load_keras_weights(
-        model, {"params": state.params, "batch_stats": state.batch_stats},
-        model_config.pretrained,
+    'imagenet' takes Keras' published file for config.model.name/alpha and `image_size`
+    (`mnres.models.imagenet_weights.choose_weights`; None: the 224 px file), downloaded once into
+    `$MNRES_CACHE` (default ~/.cache/mnres). The log names the file and its sha256.
+    """
+    pretrained = model_config.get("pretrained")
+    if not pretrained:
+        return state
+    from mnres.models import imagenet_weights  # reads .h5 with h5py; only needed here
+
+    path, sha256 = imagenet_weights.resolve(
+        pretrained, model_config.name, model_config.get("alpha", 1.0),
+        image_size or imagenet_weights.DEFAULT_SIZE,
     )  # fmt: skip
-    logging.info("Pretrained weights from %s. %s", model_config.pretrained, loaded)
+    variables, loaded = imagenet_weights.load_checked(
+        model, {"params": state.params, "batch_stats": state.batch_stats}, path
+    )
+    logging.info("Pretrained weights (%s): %s, sha256 %s. %s", pretrained, path, sha256, loaded)
     shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats))
     params, batch_stats = jax.device_put((variables["params"], variables["batch_stats"]), shardings)
     ema_params = jax.tree.map(jnp.copy, params) if state.ema_params else {}
@@ -215,7 +231,9 @@ def _restore_or_start(run: Run) -> None:
         run.state = TrainState.from_dict(ckpts.restore(run.state.to_dict()))
         logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
     else:
-        run.state = _load_pretrained(config.model, run.model, run.state)
+        run.state = _load_pretrained(
+            config.model, run.model, run.state, image_size=config.data.image_size
+        )
     # Rows logged after the checkpoint are trained again: they are dropped from metrics.jsonl.
     run.history = run_folder.read_history(run.workdir, last_step=start or 0)
     if _is_chief():
@@ -245,6 +263,7 @@ class _StepMetrics:
         self.pending: list[tuple[int, dict]] = []
         self.loss_sum = self.correct = self.count = 0.0
         self.last_loss = math.nan
+        self.mark = (0.0, 0.0, time.perf_counter())  # loss sum, count, time of the last point
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
@@ -263,6 +282,13 @@ class _StepMetrics:
             self.correct += float(m["correct"])
             self.count += float(m["count"])
             self.last_loss = loss
+
+    def since_mark(self) -> tuple[float, float]:
+        """The mean loss and images/s of the steps drained since the last call (or creation)."""
+        loss_sum, count, then = self.mark
+        self.mark = (self.loss_sum, self.count, time.perf_counter())
+        images = self.count - count
+        return (self.loss_sum - loss_sum) / images, images / (self.mark[2] - then)
 
 
 def _progress_bar(config, total_images: int, initial_images: int):
@@ -304,6 +330,8 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
     )  # fmt: skip
     bar = _progress_bar(config, run.total_steps * batch_size, run.step * batch_size)
     try:
+        if config.get("tensorboard") and _is_chief():
+            run.board = run_folder.open_tensorboard(run.workdir, run.step)
         while run.step < run.total_steps:
             epoch = run.step // run.steps_per_epoch
             bar.set_description(f"epoch {epoch + 1}/{config.num_epochs}")
@@ -312,6 +340,9 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
     finally:
         bar.close()
         batches.close()  # stops the prefetch thread
+        if run.board is not None:
+            run.board.close()
+            run.board = None
 
 
 def _train_epoch(run: Run, train_step, batches, bar, after_step) -> dict:
@@ -334,6 +365,12 @@ def _train_epoch(run: Run, train_step, batches, bar, after_step) -> dict:
         if run.step % log_every == 0 or run.step == epoch_end:
             accum.drain(run)
             bar.set_postfix(loss=f"{accum.last_loss:.4f}", refresh=False)
+            if run.board is not None:
+                loss, images_per_sec = accum.since_mark()
+                lr = float(run.schedule(run.step - 1))  # the rate of this step's update
+                run.board.train(
+                    run.step, loss=loss, learning_rate=lr, images_per_sec=images_per_sec
+                )
     train_time = time.perf_counter() - start
     return {
         "train_loss": accum.loss_sum / accum.count,
@@ -368,6 +405,8 @@ def _end_epoch(run: Run, eval_step, epoch: int, trained: dict, bar) -> None:
     run.history.append(row)
     if _is_chief():
         run_folder.append_history_row(run.workdir, row)
+    if run.board is not None:
+        run.board.epoch(row)  # flushed before the checkpoint
     bar.clear()  # the log line gets a line of its own, then the bar is redrawn
     logging.info(
         "epoch %d/%d step %d: train loss %.4f acc %.4f | val loss %s acc %s | "
