@@ -21,9 +21,13 @@ and runs with `onnxruntime`. Each is imported only by the functions that need it
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
+import sys
+import tempfile
 import warnings
 
 import jax
@@ -49,6 +53,81 @@ def serving_function(classifier: Classifier):
     classifies as the run was evaluated, test-time augmentation included.
     """
     return classifier.for_export().serve
+
+
+# Lines the TFLite converter writes straight to the process's stderr, past TensorFlow's log
+# levels (int8 calibration, TF 2.21); `_quiet_converter` drops them and passes on the rest.
+CONVERTER_NOISE = ("fully_quantize: ",)
+
+
+def _import_tensorflow():
+    """TensorFlow, with its C++ INFO and WARNING lines off unless the user chose a level.
+
+    TF_CPP_MIN_LOG_LEVEL=2 keeps errors and drops the lines an export does not need (the oneDNN
+    and CPU feature notes, the converter's "Ignored output_format" and "Estimated count of
+    arithmetic ops"); it only counts before TensorFlow is first imported in the process.
+    """
+    if not _tf_log_level_chosen():
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import tensorflow as tf
+
+    return tf
+
+
+def _tf_log_level_chosen() -> bool:
+    """Whether TF_CPP_MIN_LOG_LEVEL is the user's: `import jax` sets it to '1' when unset."""
+    value = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if value != "1":
+        return value is not None
+    try:  # '1': the user's if the process started with it (Linux says), else jax's
+        with open("/proc/self/environ", "rb") as f:
+            return b"TF_CPP_MIN_LOG_LEVEL=1" in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """jax2tf and the TFLite converter without their INFO and WARNING lines; errors still show.
+
+    The Python loggers of TensorFlow and absl (which jax2tf logs to) are raised to ERROR for the
+    conversion. What the converter's C++ code writes to stderr is held in a temporary file and
+    written back afterwards, less the `CONVERTER_NOISE` lines.
+    """
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with _filtered_stderr(CONVERTER_NOISE):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _filtered_stderr(noise: tuple[str, ...]):
+    """Holds what is written to file descriptor 2; writes it back less the lines in `noise`."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True)
+                    if not line.decode(errors="replace").startswith(noise)]  # fmt: skip
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def metadata_path(path: str) -> str:
@@ -137,7 +216,7 @@ def export_tflite(
         S x S for int8, whose calibration freezes the resize to the calibration crops' size
         (measured with TF 2.21: any other size then fails to run).
     """
-    import tensorflow as tf
+    tf = _import_tensorflow()  # first: jax2tf imports TensorFlow too
     from jax.experimental import jax2tf
 
     if quantize not in (None, "int8"):
@@ -151,33 +230,35 @@ def export_tflite(
             "resize to one input size"
         )
     size = classifier.image_size
-    serve = jax2tf.convert(
-        serving_function(classifier),
-        polymorphic_shapes=[TFLITE_INPUT_SHAPE if any_size else None],
-        with_gradient=False,
-    )
-    # Batch 1: a symbolic batch keeps BatchNorm from folding into the convolutions.
-    hw = [None, None] if any_size else [size, size]
-    signature = [tf.TensorSpec([1, *hw, 3], tf.uint8, name="images")]
-    function = tf.function(serve, input_signature=signature, autograph=False)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [function.get_concrete_function()], function
-    )
-    if quantize == "int8":
-        images = [_to_size(image, size) for image in representative_images]
+    # Quiet from the first jax2tf call: jax2tf logs (absl) while it traces.
+    with _quiet_converter():
+        serve = jax2tf.convert(
+            serving_function(classifier),
+            polymorphic_shapes=[TFLITE_INPUT_SHAPE if any_size else None],
+            with_gradient=False,
+        )
+        # Batch 1: a symbolic batch keeps BatchNorm from folding into the convolutions.
+        hw = [None, None] if any_size else [size, size]
+        signature = [tf.TensorSpec([1, *hw, 3], tf.uint8, name="images")]
+        function = tf.function(serve, input_signature=signature, autograph=False)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [function.get_concrete_function()], function
+        )
+        if quantize == "int8":
+            images = [_to_size(image, size) for image in representative_images]
 
-        def representative_dataset():
-            for image in images:
-                yield [image[None]]
+            def representative_dataset():
+                for image in images:
+                    yield [image[None]]
 
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative_dataset
-        # The converter has no public switch for per-tensor weights.
-        converter._experimental_disable_per_channel = not per_channel
-    with warnings.catch_warnings():
-        # The uint8 input is cast to float inside the graph: it needs no input statistics.
-        warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
-        model_bytes = converter.convert()
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = representative_dataset
+            # The converter has no public switch for per-tensor weights.
+            converter._experimental_disable_per_channel = not per_channel
+        with warnings.catch_warnings():
+            # The uint8 input is cast to float inside the graph: it needs no input statistics.
+            warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
+            model_bytes = converter.convert()
     with open(path, "wb") as f:
         f.write(model_bytes)
     _write_metadata(

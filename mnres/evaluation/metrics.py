@@ -17,8 +17,12 @@ Conventions, shared by every function here:
 - Every returned value is a plain Python int/float/list/dict, ready for ``json.dump``.
 """
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 import scipy.stats
+from numpy.typing import ArrayLike
 
 
 def _check(labels, probs):
@@ -78,7 +82,7 @@ def _auc(labels, scores):
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def binary_metrics(labels, probs, threshold=0.5):
+def binary_metrics(labels: ArrayLike, probs: ArrayLike, threshold: float = 0.5) -> dict[str, Any]:
     """Cell-level metrics of P(parasitized) scores at one decision threshold.
 
     Args:
@@ -118,7 +122,7 @@ def binary_metrics(labels, probs, threshold=0.5):
     }
 
 
-def roc_curve(labels, probs):
+def roc_curve(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The full ROC curve (no points dropped).
 
     Args:
@@ -146,7 +150,9 @@ def roc_curve(labels, probs):
     return fpr, tpr, thresholds
 
 
-def slide_table(labels, probs, slide_ids, threshold=0.5):
+def slide_table(
+    labels: ArrayLike, probs: ArrayLike, slide_ids: Iterable[str | bytes], threshold: float = 0.5
+) -> list[dict[str, Any]]:
     """Per-slide (= per-patient) summary, sorted by slide id.
 
     Cells with an unknown slide id ('') are left out.
@@ -200,7 +206,9 @@ def _balanced_score(infected, called):
     return float(np.mean(rates))
 
 
-def choose_fraction_threshold(labels, probs, slide_ids, threshold=0.5):
+def choose_fraction_threshold(
+    labels: ArrayLike, probs: ArrayLike, slide_ids: Iterable[str | bytes], threshold: float = 0.5
+) -> float:
     """Chooses t for the patient rule "infected iff fraction of cells called parasitized > t".
 
     Run it on the validation split, then apply ``patient_metrics(..., fraction_threshold=t)`` to
@@ -232,7 +240,13 @@ def choose_fraction_threshold(labels, probs, slide_ids, threshold=0.5):
     return float((low + high) / 2.0)
 
 
-def patient_metrics(labels, probs, slide_ids, fraction_threshold, threshold=0.5):
+def patient_metrics(
+    labels: ArrayLike,
+    probs: ArrayLike,
+    slide_ids: Iterable[str | bytes],
+    fraction_threshold: float,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
     """Patient-level metrics: each slide is one patient, called infected iff its fraction of cells
     called parasitized (at ``threshold``) exceeds ``fraction_threshold``.
 
@@ -277,7 +291,7 @@ def patient_metrics(labels, probs, slide_ids, fraction_threshold, threshold=0.5)
     }
 
 
-def calibration_bins(labels, probs, n_bins=15):
+def calibration_bins(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> dict[str, list[Any]]:
     """Top-label reliability bins (Guo et al. 2017): confidence = max(p, 1 - p) of the called class.
 
     Bins are equal-width on [0, 1], bin b holding confidences in (b / n_bins, (b + 1) / n_bins];
@@ -307,7 +321,7 @@ def calibration_bins(labels, probs, n_bins=15):
     return out
 
 
-def expected_calibration_error(labels, probs, n_bins=15):
+def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> float:
     """Top-label ECE (Guo et al. 2017): sum over bins of |bin| / N * |accuracy - confidence|."""
     bins = calibration_bins(labels, probs, n_bins)
     n = sum(bins["count"])
@@ -322,7 +336,9 @@ def expected_calibration_error(labels, probs, n_bins=15):
     )
 
 
-def sensitivity_at_specificity(labels, probs, specificity):
+def sensitivity_at_specificity(
+    labels: ArrayLike, probs: ArrayLike, specificity: float
+) -> dict[str, float | None]:
     """The most sensitive operating point whose specificity is at least ``specificity``.
 
     Returns:
@@ -352,7 +368,7 @@ COLLAPSE_STD = 0.01
 COLLAPSE_SHARE = 0.99
 
 
-def output_collapse(labels, probs, threshold=0.5):
+def output_collapse(labels: ArrayLike, probs: ArrayLike, threshold: float = 0.5) -> dict[str, Any]:
     """How near a model is to giving one output for every crop, and the class prior.
 
     Args:

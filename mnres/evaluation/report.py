@@ -6,9 +6,12 @@ window, safe on headless machines and in threads.
 
 import math
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from mnres import run_folder
 from mnres.evaluation import metrics
@@ -220,7 +223,7 @@ def _calibration_section(report):
     return lines + [""]
 
 
-def write_report(workdir, report):
+def write_report(workdir: str | os.PathLike[str], report: Mapping[str, Any]) -> None:
     """Writes ``report.json`` (the dict, as plain JSON) and a readable ``report.md`` to workdir.
 
     Args:
@@ -245,7 +248,7 @@ def _save(fig, path):
     fig.savefig(path, dpi=120)
 
 
-def plot_history(history, path):
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Accuracy and loss against epoch, train and validation (the paper's Fig. 2)."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     for ax, quantity, title in zip(
@@ -268,7 +271,11 @@ def plot_history(history, path):
     _save(fig, path)
 
 
-def plot_confusion_matrix(cm, path, class_names=("uninfected", "parasitized")):
+def plot_confusion_matrix(
+    cm: ArrayLike,
+    path: str | os.PathLike[str],
+    class_names: Sequence[str] = ("uninfected", "parasitized"),
+) -> None:
     """Counts and row percentages (the share of each true class), the paper's Fig. 3."""
     cm = np.asarray(cm, dtype=np.int64)
     row_sums = cm.sum(axis=1, keepdims=True)
@@ -287,7 +294,9 @@ def plot_confusion_matrix(cm, path, class_names=("uninfected", "parasitized")):
     _save(fig, path)
 
 
-def plot_roc(labels, probs, path, threshold=0.5):
+def plot_roc(
+    labels: ArrayLike, probs: ArrayLike, path: str | os.PathLike[str], threshold: float = 0.5
+) -> None:
     """The ROC curve with its AUC in the legend and the operating point at ``threshold``."""
     fpr, tpr, _ = metrics.roc_curve(labels, probs)
     at = metrics.binary_metrics(labels, probs, threshold)
@@ -311,7 +320,9 @@ def plot_roc(labels, probs, path, threshold=0.5):
     _save(fig, path)
 
 
-def plot_reliability(labels, probs, path, n_bins=15):
+def plot_reliability(
+    labels: ArrayLike, probs: ArrayLike, path: str | os.PathLike[str], n_bins: int = 15
+) -> None:
     """Reliability diagram: accuracy against confidence per bin, counts below, ECE in the title."""
     bins = metrics.calibration_bins(labels, probs, n_bins)
     ece = metrics.expected_calibration_error(labels, probs, n_bins)
@@ -333,7 +344,11 @@ def plot_reliability(labels, probs, path, n_bins=15):
     _save(fig, path)
 
 
-def plot_slide_fractions(slides, path, title="Per-slide fraction of cells called parasitized"):
+def plot_slide_fractions(
+    slides: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    title: str = "Per-slide fraction of cells called parasitized",
+) -> None:
     """Predicted against true fraction of parasitized crops per slide, one point per patient.
 
     The fractions are of the curated crops of a slide, not clinical parasitemia. Points are
