@@ -1,7 +1,7 @@
 r"""Training and inference speed of mnres models, optionally against PyTorch and Keras peers.
 
   python -m experiments.benchmark --models=mobilenet_v2 --alpha=1.0 --image_sizes=128 \
-      --batch_sizes=64 --peers --json=benchmark.json
+      --batch_sizes=64 --peers --allocator=both --json=benchmark.json
 
 For every model x image size x batch size it measures compile time (the first training step),
 steady-state training images/s (median of `--repeats` runs of `--steps` steps after warm-up),
@@ -11,16 +11,27 @@ architecture and workload run in PyTorch (eager, channels_last) and Keras on Ten
 installed (`pip install 'mnres[bench]'`). Every run is its own subprocess, one after the other,
 with its threads pinned to the cores; the table ends with the ratios mnres / peer.
 
+Every framework runs under the same process-level allocator settings (`--allocator`): glibc's
+default, or freed memory kept (`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`
+in the worker's environment, the settings of `mnres.host_memory.keep_freed_memory()`, which
+XLA's steps need to stop page-faulting). Ratios compare runs of the same mode only; `both` runs
+every configuration in both modes and also prints what keeping freed memory changes per
+framework, speed and peak memory.
+
 Timings are only worth something on an otherwise idle machine: each row records how many cores
-other processes kept busy just before it started, and the table warns when that was > 0.25.
+other processes kept busy just before it started and while it ran, and the table warns when
+either was > 0.25.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
+import platform
+import resource
 import subprocess
 import sys
 import time
@@ -52,11 +63,18 @@ _PARTS = flags.DEFINE_list(
 _PEERS = flags.DEFINE_bool("peers", False, "Also run PyTorch and Keras-TensorFlow, if installed.")
 _THREADS = flags.DEFINE_integer("threads", 0, "Threads (and cores) per run; 0: every core.")
 _AUGMENT = flags.DEFINE_bool("augment", False, "mnres: keep the training augmentation in-step.")
+_ALLOCATOR = flags.DEFINE_enum(
+    "allocator",
+    "both",
+    ["default", "kept", "both"],
+    "glibc malloc settings of every framework's process: 'default', 'kept' (freed memory kept "
+    "for reuse, as mnres.host_memory.keep_freed_memory() sets it) or 'both', one after the other.",
+)
 _KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory",
-    True,
-    "mnres: keep freed host memory for reuse, as training does (mnres.host_memory); "
-    "--nokeep_freed_memory measures glibc's default.",
+    None,
+    "Older spelling: --keep_freed_memory is --allocator=kept, --nokeep_freed_memory "
+    "--allocator=default; both now apply to every framework.",
 )
 _OVERRIDES = flags.DEFINE_string(
     "model_overrides", "{}", 'mnres only, JSON create_model fields, e.g. {"num_blocks": 2}.'
@@ -70,12 +88,19 @@ WORKERS = {
     "keras": "experiments.peers.keras_worker",
 }
 PEER_PACKAGES = {"pytorch": ("torch",), "keras": ("keras", "tensorflow")}
+ALLOCATOR_MODES = {"default": ["default"], "kept": ["kept"], "both": ["default", "kept"]}
+# Distributions whose versions the JSON records (the workers report their own, too).
+VERSIONS = (
+    "mnres", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "keras", "tensorflow",
+    "tensorflow-cpu",
+)  # fmt: skip
 PEER_MODELS = ("mobilenet_v1", "mobilenet_v2")
 
 # The peers' speeds quoted as the reference to beat, on a 2-core CPU (MobileNetV2 alpha 1.0,
-# 2 classes): training at 128 px and batch 64, batch-1 latency at 128 px. A peer more than 15%
-# off them means the machine or the peer's setup differs, and no ratio against it can be trusted
-# until that is explained.
+# 2 classes): training at 128 px and batch 64, batch-1 latency at 128 px, in processes with
+# glibc's default allocator (only rows of that mode are checked against them). A peer more than
+# 15% off them means the machine or the peer's setup differs, and no ratio against it can be
+# trusted until that is explained.
 REFERENCE = {
     ("pytorch", "mobilenet_v2", 1.0, 128): {"train_images_per_s": 64.0, "latency_ms_median": 5.0},
     ("keras", "mobilenet_v2", 1.0, 128): {"train_images_per_s": 27.0, "latency_ms_median": 10.2},
@@ -151,6 +176,18 @@ def busy_cores(seconds: float = 1.0) -> float:
         return float("nan")  # not Linux
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU-seconds every process has used, CPU-seconds of this process's waited-for children)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        busy = float("nan")  # not Linux
+    return busy, children.ru_utime + children.ru_stime
+
+
 def _pinned(threads: int):
     """A preexec_fn that pins a child to `threads` of this process's cores, if fewer."""
     allowed = sorted(os.sched_getaffinity(0))
@@ -159,13 +196,24 @@ def _pinned(threads: int):
     return lambda: os.sched_setaffinity(0, allowed[:threads])
 
 
-def run_worker(framework: str, spec: dict, timeout: float) -> dict:
-    """Runs one worker subprocess; returns its result, or {'error': ...} when it failed."""
-    spec = workload.resolve(spec)
+def worker_environment(spec: dict, env=None) -> dict:
+    """The environment of a worker: its allocator's malloc settings and its thread counts."""
+    env = workload.allocator_environment(spec["allocator"], os.environ if env is None else env)
     threads = str(spec["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def run_worker(framework: str, spec: dict, timeout: float) -> dict:
+    """Runs one worker subprocess; returns its result, or {'error': ...} when it failed.
+
+    The spec's allocator ('default' when it names none) is set in the worker's environment.
+    """
+    spec = workload.resolve({"allocator": "default", **spec})
+    env = worker_environment(spec)
     busy = busy_cores()
+    cpu_before = _cpu_seconds()
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -179,10 +227,17 @@ def run_worker(framework: str, spec: dict, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"framework": framework, "spec": spec, "error": f"timed out after {timeout} s"}
     wall_s = time.perf_counter() - start
+    cpu_after = _cpu_seconds()
+    # Everything the machine did meanwhile, less the worker's own CPU time.
+    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
+    load = {"busy_cores_before": busy, "busy_cores_during": max(0.0, others / wall_s)}
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(workload.RESULT_PREFIX):
             result = json.loads(line[len(workload.RESULT_PREFIX) :])
-            return {**result, "busy_cores_before": busy, "wall_s": wall_s}
+            if result["allocator"] != spec["allocator"]:  # the worker checks it too
+                error = f"ran under the {result['allocator']!r} allocator"
+                return {"framework": framework, "spec": spec, "error": error}
+            return {**result, **load, "wall_s": wall_s}
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"framework": framework, "spec": spec, "error": f"exit {proc.returncode}: {tail}"}
 
@@ -195,8 +250,7 @@ def _available(framework: str) -> str | None:
 
 def _label(result: dict) -> str:
     if result["framework"] == "mnres":
-        spec = result["spec"]
-        return f"mnres/{spec['depthwise']}" + ("" if spec["keep_freed_memory"] else "/free")
+        return f"mnres/{result['spec']['depthwise']}"
     return result["framework"]
 
 
@@ -206,6 +260,7 @@ def _cell(result: dict, key: str, fmt: str) -> str:
 
 
 COLUMNS = (
+    ("malloc", 7, None),
     ("run", 15, None),
     ("model", 14, None),
     ("px", 4, None),
@@ -218,7 +273,9 @@ COLUMNS = (
     ("peak MB", 7, ("peak_rss_mb", ".0f")),
     ("MMACs/img", 9, ("mmacs_per_image", ".1f")),
     ("busy", 4, ("busy_cores_before", ".1f")),
+    ("during", 6, ("busy_cores_during", ".1f")),
 )
+FIXED_COLUMNS = 5  # malloc, run, model, px, batch
 
 
 def format_table(results: list[dict]) -> str:
@@ -226,16 +283,28 @@ def format_table(results: list[dict]) -> str:
     lines = [" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)]
     for r in results:
         spec = r["spec"]
-        fixed = [_label(r), spec["model"], spec["image_size"], spec["batch_size"]]
+        fixed = [
+            spec["allocator"],
+            _label(r),
+            spec["model"],
+            spec["image_size"],
+            spec["batch_size"],
+        ]
         if "error" in r:
             lines.append(
                 " ".join(f"{v!s:>{w}}" for v, (_, w, _) in zip(fixed, COLUMNS, strict=False))
                 + f"  skipped: {r['error']}"
             )
             continue
-        cells = [str(v) for v in fixed] + [_cell(r, *how) for _, _, how in COLUMNS[4:]]
+        cells = [str(v) for v in fixed] + [_cell(r, *how) for _, _, how in COLUMNS[FIXED_COLUMNS:]]
         lines.append(" ".join(f"{c:>{w}}" for c, (_, w, _) in zip(cells, COLUMNS, strict=True)))
-    lines += [""] + ratio_lines(results) + reference_lines(results) + warning_lines(results)
+    lines += (
+        [""]
+        + ratio_lines(results)
+        + allocator_lines(results)
+        + reference_lines(results)
+        + warning_lines(results)
+    )
     return "\n".join(lines)
 
 
@@ -244,26 +313,57 @@ def _key(r: dict):
     return (s["model"], s["image_size"], s["batch_size"])
 
 
+def _ratios(a: dict, b: dict) -> list[str]:
+    """a against b: speeds (> 1: a is faster) and peak memory (> 1: a needs more)."""
+    parts = []
+    for key, name in (("train_images_per_s", "train"), ("eval_images_per_s", "eval")):
+        if a.get(key) and b.get(key):
+            parts.append(f"{name} {a[key] / b[key]:.2f}x")
+    if a.get("latency_ms_median") and b.get("latency_ms_median"):
+        parts.append(f"batch-1 {b['latency_ms_median'] / a['latency_ms_median']:.2f}x")
+    if parts and a.get("peak_rss_mb") and b.get("peak_rss_mb"):
+        parts.append(f"peak memory {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
+    return parts
+
+
 def ratio_lines(results: list[dict]) -> list[str]:
-    """mnres / peer for every mnres run and every peer run of the same configuration."""
+    """mnres / peer for every mnres run and every peer run of the same configuration and mode."""
     ok = [r for r in results if "error" not in r]
     lines = []
     for ours in (r for r in ok if r["framework"] == "mnres"):
-        for peer in (r for r in ok if r["framework"] != "mnres" and _key(r) == _key(ours)):
-            parts = []
-            for key, name in (("train_images_per_s", "train"), ("eval_images_per_s", "eval")):
-                if ours.get(key) and peer.get(key):
-                    parts.append(f"{name} {ours[key] / peer[key]:.2f}x")
-            if ours.get("latency_ms_median") and peer.get("latency_ms_median"):
-                ratio = peer["latency_ms_median"] / ours["latency_ms_median"]
-                parts.append(f"batch-1 {ratio:.2f}x")
+        mode = ours["spec"]["allocator"]
+        for peer in ok:
+            if peer["framework"] == "mnres" or (_key(peer), peer["spec"]["allocator"]) != (
+                _key(ours),
+                mode,
+            ):
+                continue
+            parts = _ratios(ours, peer)
             if parts:
                 model, size, batch = _key(ours)
                 lines.append(
-                    f"{_label(ours)} / {peer['framework']} ({model}, {size} px, batch {batch}): "
+                    f"{mode}: {_label(ours)} / {peer['framework']} ({model}, {size} px, "
+                    f"batch {batch}): "
                     + ", ".join(parts)
-                    + "  (speed ratios: > 1 means mnres is faster)"
+                    + "  (speed: > 1 means mnres is faster; memory: > 1 means mnres needs more)"
                 )
+    return lines
+
+
+def allocator_lines(results: list[dict]) -> list[str]:
+    """kept / default for every run that ran in both modes: what keeping freed memory changes."""
+    ok = [r for r in results if "error" not in r]
+    default = {(_label(r), _key(r)): r for r in ok if r["spec"]["allocator"] == "default"}
+    lines = []
+    for kept in (r for r in ok if r["spec"]["allocator"] == "kept"):
+        base = default.get((_label(kept), _key(kept)))
+        parts = _ratios(kept, base) if base else []
+        if parts:
+            model, size, batch = _key(kept)
+            lines.append(
+                f"kept / default: {_label(kept)} ({model}, {size} px, batch {batch}): "
+                + ", ".join(parts)
+            )
     return lines
 
 
@@ -274,6 +374,8 @@ def reference_lines(results: list[dict]) -> list[str]:
         if "error" in r:
             continue
         s = r["spec"]
+        if s["allocator"] != "default":
+            continue
         reference = REFERENCE.get((r["framework"], s["model"], s["alpha"], s["image_size"]), {})
         for key, expected in reference.items():
             if r.get(key) is None:
@@ -289,14 +391,21 @@ def reference_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def _others(r: dict) -> float:
+    """The most cores other processes kept busy before or during the run `r`."""
+    return max(r.get("busy_cores_before", 0.0), r.get("busy_cores_during", 0.0))
+
+
 def warning_lines(results: list[dict]) -> list[str]:
-    busy = [r for r in results if r.get("busy_cores_before", 0) > BUSY_CORES_WARNING]
+    ran = [r for r in results if "error" not in r]
+    busy = [r for r in ran if _others(r) > BUSY_CORES_WARNING]
     if not busy:
         return []
-    worst = max(r["busy_cores_before"] for r in busy)
+    worst = max(_others(r) for r in busy)
     return [
-        f"WARNING: other processes kept up to {worst:.1f} cores busy before {len(busy)} of the "
-        f"runs; these timings are not trustworthy (multi-threaded PyTorch collapses worst)."
+        f"WARNING: other processes kept up to {worst:.1f} cores busy before or during "
+        f"{len(busy)} of the {len(ran)} runs; these timings are not trustworthy "
+        f"(multi-threaded PyTorch collapses worst)."
     ]
 
 
@@ -307,35 +416,88 @@ def plan(
     depthwise: list[str],
     peers: bool,
     base: dict,
+    allocators: tuple[str, ...] = ("default",),
 ) -> list[tuple[str, dict | tuple[dict, str]]]:
     """(framework, spec) for every run, (framework, (spec, why not)) for a skipped one.
 
-    Batch-1 latency does not depend on the batch size: only the first batch size measures it.
+    Per configuration, every framework runs in the first allocator mode, then every framework
+    in the next: the runs a ratio compares are close in time. Batch-1 latency does not depend on
+    the batch size: only the first batch size measures it.
     """
     runs = []
     for model in models_:
         for size in image_sizes:
             for i, batch in enumerate(batch_sizes):
                 parts = [p for p in base["parts"] if p != "latency" or i == 0]
-                spec = {**base, "model": model, "image_size": size, "batch_size": batch}
-                spec["parts"] = parts
                 if not parts:
                     continue
-                runs += [("mnres", {**spec, "depthwise": d}) for d in depthwise]
-                if not peers:
-                    continue
-                for framework in ("pytorch", "keras"):
-                    why = _available(framework)
-                    if why is None and model not in PEER_MODELS:
-                        why = f"no {framework} peer for {model}"
-                    elif why is None and base.get("overrides"):
-                        why = f"no {framework} peer for a {model} with --model_overrides"
-                    runs.append((framework, spec if why is None else (spec, why)))
+                for allocator in allocators:
+                    spec = {**base, "model": model, "image_size": size, "batch_size": batch}
+                    spec.update(parts=parts, allocator=allocator)
+                    runs += [("mnres", {**spec, "depthwise": d}) for d in depthwise]
+                    if not peers:
+                        continue
+                    for framework in ("pytorch", "keras"):
+                        why = _available(framework)
+                        if why is None and model not in PEER_MODELS:
+                            why = f"no {framework} peer for {model}"
+                        elif why is None and base.get("overrides"):
+                            why = f"no {framework} peer for a {model} with --model_overrides"
+                        runs.append((framework, spec if why is None else (spec, why)))
     return runs
+
+
+def allocator_modes(allocator: str, allocator_given: bool, keep_freed_memory: bool | None):
+    """The allocator modes to run, from --allocator and the older --[no]keep_freed_memory."""
+    if keep_freed_memory is None:
+        return ALLOCATOR_MODES[allocator]
+    old = "kept" if keep_freed_memory else "default"
+    if allocator_given and allocator != old:
+        raise app.UsageError(
+            f"--allocator={allocator} contradicts --{'' if keep_freed_memory else 'no'}"
+            "keep_freed_memory; give --allocator only"
+        )
+    return [old]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_facts(threads: int) -> dict:
+    """What the JSON records about the machine and the software beside the results."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
+    return {
+        "cpu": _cpu_model(),
+        "cores": workload.cores(),
+        "threads": threads or workload.cores(),
+        "libc": libc,
+        "versions": versions,
+        "malloc": {
+            mode: workload.malloc_settings(workload.allocator_environment(mode, {}))
+            for mode in workload.ALLOCATORS
+        },
+    }
 
 
 def main(argv):
     del argv
+    allocators = allocator_modes(
+        _ALLOCATOR.value, flags.FLAGS["allocator"].present, _KEEP_FREED_MEMORY.value
+    )
     sizes = [int(s) for s in _IMAGE_SIZES.value]
     batches = [int(b) for b in _BATCH_SIZES.value]
     overrides = json.loads(_OVERRIDES.value)
@@ -347,7 +509,6 @@ def main(argv):
         "latency_calls": _LATENCY_CALLS.value,
         "threads": _THREADS.value,
         "augment": _AUGMENT.value,
-        "keep_freed_memory": _KEEP_FREED_MEMORY.value,
         "overrides": overrides,
         "parts": _PARTS.value,
     }
@@ -360,7 +521,7 @@ def main(argv):
     }
     results = []
     for framework, spec in plan(
-        _MODELS.value, sizes, batches, _DEPTHWISE.value, _PEERS.value, base
+        _MODELS.value, sizes, batches, _DEPTHWISE.value, _PEERS.value, base, tuple(allocators)
     ):
         if isinstance(spec, tuple):
             spec, why = spec
@@ -373,7 +534,13 @@ def main(argv):
     print(format_table(results))
     if _JSON.value:
         with open(_JSON.value, "w") as f:
-            json.dump({"cores": workload.cores(), "results": results}, f, indent=2)
+            report = {
+                **environment_facts(_THREADS.value),
+                "allocators": allocators,
+                "warnings": warning_lines(results),
+                "results": results,
+            }
+            json.dump(report, f, indent=2)
             f.write("\n")
 
 

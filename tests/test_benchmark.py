@@ -1,4 +1,4 @@
-"""The benchmark command: analytic multiply-adds, the timing protocol, the table, the JSON."""
+"""The benchmark command: multiply-adds, the timing protocol, allocator modes, table, JSON."""
 
 import json
 import os
@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from absl import app
 
 from experiments import benchmark
 from experiments.peers import workload
-from mnres import models, params
+from mnres import host_memory, models, params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,8 +59,8 @@ def test_measure_only_the_parts_asked_for():
         workload.resolve(dict(parts=["training"]))
 
 
-def _result(framework, images_per_s, latency_ms, **spec):
-    spec = workload.resolve({"alpha": 1.0, **spec})
+def _result(framework, images_per_s, latency_ms, peak_mb=1000.0, allocator="default", **spec):
+    spec = workload.resolve({"alpha": 1.0, "allocator": allocator, **spec})
     if framework == "mnres":
         spec["depthwise"] = "shifted"
     return {
@@ -67,26 +68,166 @@ def _result(framework, images_per_s, latency_ms, **spec):
         "spec": spec,
         "train_images_per_s": images_per_s,
         "latency_ms_median": latency_ms,
+        "peak_rss_mb": peak_mb,
         "busy_cores_before": 0.0,
+        "busy_cores_during": 0.0,
     }
 
 
 def test_table_ratios_and_reference_check():
     results = [
-        _result("mnres", 32.0, 4.0),
-        _result("pytorch", 64.0, 5.0),
+        _result("mnres", 32.0, 4.0, peak_mb=3000.0),
+        _result("pytorch", 64.0, 5.0, peak_mb=2000.0),
         _result("keras", 10.0, 10.2),  # far below the reference 27 images/s
-        {"framework": "keras", "spec": workload.resolve({"image_size": 224}), "error": "no TF"},
+        {
+            "framework": "keras",
+            "spec": workload.resolve({"image_size": 224, "allocator": "default"}),
+            "error": "no TF",
+        },
     ]
     table = benchmark.format_table(results)
-    assert "mnres/shifted / pytorch (mobilenet_v2, 128 px, batch 64): train 0.50x" in table
-    assert "batch-1 1.25x" in table
+    assert (
+        "default: mnres/shifted / pytorch (mobilenet_v2, 128 px, batch 64): train 0.50x, "
+        "batch-1 1.25x, peak memory 1.50x" in table
+    )
     assert "reference pytorch train_images_per_s: 64.0 measured, 64.0 expected (+0%) ok" in table
     assert "reference keras train_images_per_s: 10.0 measured, 27.0 expected (-63%) OFF" in table
     assert "skipped: no TF" in table
     assert "WARNING" not in table
     results[1]["busy_cores_before"] = 1.5
     assert "WARNING: other processes kept up to 1.5 cores busy" in benchmark.format_table(results)
+    results[1]["busy_cores_before"] = 0.0
+    results[2]["busy_cores_during"] = 0.8  # e.g. a training run started meanwhile
+    assert "up to 0.8 cores busy before or during 1 of the 3 runs" in benchmark.format_table(
+        results
+    )
+
+
+def test_ratios_compare_runs_of_the_same_allocator_mode_only():
+    results = [
+        _result("mnres", 30.0, 6.0, peak_mb=4000.0, allocator="default"),
+        _result("pytorch", 50.0, 6.0, peak_mb=2000.0, allocator="default"),
+        _result("mnres", 75.0, 5.0, peak_mb=8000.0, allocator="kept"),
+        _result("pytorch", 100.0, 4.0, peak_mb=2500.0, allocator="kept"),
+    ]
+    table = benchmark.format_table(results)
+    ratios = [line for line in table.splitlines() if " / pytorch " in line]
+    assert ratios == [
+        "default: mnres/shifted / pytorch (mobilenet_v2, 128 px, batch 64): train 0.60x, "
+        "batch-1 1.00x, peak memory 2.00x  (speed: > 1 means mnres is faster; memory: > 1 means "
+        "mnres needs more)",
+        "kept: mnres/shifted / pytorch (mobilenet_v2, 128 px, batch 64): train 0.75x, "
+        "batch-1 0.80x, peak memory 3.20x  (speed: > 1 means mnres is faster; memory: > 1 means "
+        "mnres needs more)",
+    ]
+    assert (
+        "kept / default: mnres/shifted (mobilenet_v2, 128 px, batch 64): train 2.50x, "
+        "batch-1 1.20x, peak memory 2.00x" in table
+    )
+    assert "kept / default: pytorch (mobilenet_v2, 128 px, batch 64): train 2.00x" in table
+    # The references are peers on glibc's default allocator: kept rows are not checked.
+    assert [line for line in table.splitlines() if line.startswith("reference")] == [
+        "reference pytorch train_images_per_s: 50.0 measured, 64.0 expected (-22%) OFF: find out "
+        "why first",
+        "reference pytorch latency_ms_median: 6.0 measured, 5.0 expected (+20%) OFF: find out "
+        "why first",
+    ]
+    rows = table.splitlines()[1:5]
+    assert [row.split()[:2] for row in rows] == [
+        ["default", "mnres/shifted"],
+        ["default", "pytorch"],
+        ["kept", "mnres/shifted"],
+        ["kept", "pytorch"],
+    ]
+
+
+def test_plan_runs_every_framework_in_every_allocator_mode():
+    base = workload.resolve({"parts": ["train", "latency"]})
+    runs = benchmark.plan(
+        ["mobilenet_v2"], [64], [8, 16], ["shifted"], True, base, ("default", "kept")
+    )
+    frameworks = [(f, (s[0] if isinstance(s, tuple) else s)) for f, s in runs]
+    got = [(f, s["allocator"], s["batch_size"], s["parts"]) for f, s in frameworks]
+    assert got == [
+        (f, mode, batch, parts)
+        for batch, parts in ((8, ["train", "latency"]), (16, ["train"]))
+        for mode in ("default", "kept")
+        for f in ("mnres", "pytorch", "keras")
+    ]
+
+
+def test_allocator_modes_and_the_older_flag():
+    assert benchmark.allocator_modes("both", False, None) == ["default", "kept"]
+    assert benchmark.allocator_modes("kept", True, None) == ["kept"]
+    assert benchmark.allocator_modes("both", False, False) == ["default"]
+    assert benchmark.allocator_modes("kept", True, True) == ["kept"]
+    with pytest.raises(app.UsageError, match="contradicts"):
+        benchmark.allocator_modes("kept", True, False)
+
+
+def test_every_framework_gets_the_same_malloc_environment():
+    inherited = {
+        "PATH": "/bin",
+        "MALLOC_ARENA_MAX": "4",  # from the shell: must not leak into either mode
+        "MALLOC_PERTURB_": "1",
+        "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.cpu.hwcaps=-AVX2",
+    }
+    default = workload.allocator_environment("default", inherited)
+    assert default == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}
+    assert workload.allocator_of(default) == "default"
+    kept = workload.allocator_environment("kept", inherited)
+    assert {k: v for k, v in kept.items() if k.startswith("MALLOC_")} == {
+        "MALLOC_ARENA_MAX": "1",
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TRIM_THRESHOLD_": "-1",
+    }
+    assert workload.allocator_of(kept) == "kept"
+    assert workload.allocator_of(inherited) == "other"
+    # The environment form of mnres.host_memory.keep_freed_memory(), the same in both modules.
+    assert workload.KEPT_MALLOC == host_memory.ENVIRONMENT
+    for framework in ("mnres", "pytorch", "keras"):
+        spec = workload.resolve({"allocator": "kept", "threads": 2})
+        env = benchmark.worker_environment(spec, inherited)
+        assert workload.allocator_of(env) == "kept", framework
+        assert env["OMP_NUM_THREADS"] == "2"
+    with pytest.raises(ValueError, match="allocator"):
+        workload.allocator_environment("jemalloc", {})
+
+
+def test_a_worker_refuses_to_run_under_another_allocator(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["worker", json.dumps({"allocator": "kept"})])
+    for name in list(os.environ):
+        if name.startswith("MALLOC_"):
+            monkeypatch.delenv(name)
+    built = []
+    with pytest.raises(SystemExit, match="asks for the 'kept' allocator"):
+        workload.run_worker(built.append)
+    assert not built
+    for name, value in workload.KEPT_MALLOC.items():
+        monkeypatch.setenv(name, value)
+    steps = (lambda: None, lambda: None, lambda: None)
+    monkeypatch.setattr(
+        sys, "argv", ["worker", json.dumps(dict(allocator="kept", parts=["latency"]))]
+    )
+    workload.run_worker(lambda spec: ({"framework": "none"}, steps))
+    result = json.loads(capsys.readouterr().out.removeprefix(workload.RESULT_PREFIX))
+    assert result["allocator"] == "kept" and result["malloc_settings"] == workload.KEPT_MALLOC
+    assert result["cores_pinned"] == workload.cores()
+
+
+def test_the_mnres_worker_leaves_the_allocator_alone(monkeypatch):
+    from experiments.peers import mnres_worker
+
+    def forbidden():
+        raise AssertionError("the mnres worker must not change its own allocator")
+
+    monkeypatch.setattr(host_memory, "keep_freed_memory", forbidden)
+    spec = workload.resolve(
+        dict(model="mobilenet_v1", alpha=0.25, image_size=32, batch_size=2, allocator="default")
+    )
+    spec["overrides"] = {"num_blocks": 1}
+    info, steps = mnres_worker.build(spec)
+    assert info["framework"] == "mnres" and len(steps) == 3
 
 
 def test_benchmark_command_writes_table_and_json(tmp_path):
@@ -104,7 +245,7 @@ def test_benchmark_command_writes_table_and_json(tmp_path):
         "--depthwise=auto",
         "--peers",  # skipped: no peer builds a model with overrides
         f"--json={out}",
-    ]
+    ]  # --allocator=both by default
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", *args],
         cwd=ROOT,
@@ -114,23 +255,49 @@ def test_benchmark_command_writes_table_and_json(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train img/s" in proc.stdout and "mnres/auto" in proc.stdout
+    assert "kept / default: mnres/auto (mobilenet_v1, 32 px, batch 8): train " in proc.stdout
     report = json.loads(out.read_text())
-    ours, *peers = report["results"]
-    assert ours["framework"] == "mnres" and ours["depthwise_resolved"] == "shifted"
-    for key in (
-        "compile_s",
-        "train_images_per_s",
-        "eval_images_per_s",
-        "latency_ms_median",
-        "latency_ms_p90",
-        "peak_rss_mb",
-        "mmacs_per_image",
-        "busy_cores_before",
-    ):
-        assert ours[key] >= 0, key
-    assert ours["train_images_per_s"] > 0 and ours["peak_rss_mb"] > 100
-    assert [p["framework"] for p in peers] == ["pytorch", "keras"]
-    assert all("error" in p for p in peers)
+    assert report["allocators"] == ["default", "kept"]
+    assert report["versions"]["jax"] and report["cpu"] and report["threads"] >= 1
+    assert report["malloc"] == {"default": {}, "kept": host_memory.ENVIRONMENT}
+    assert isinstance(report["warnings"], list)
+    rows = report["results"]
+    assert [(r["framework"], r["spec"]["allocator"]) for r in rows] == [
+        (framework, mode)
+        for mode in ("default", "kept")
+        for framework in ("mnres", "pytorch", "keras")
+    ]
+    for ours, mode in ((rows[0], "default"), (rows[3], "kept")):
+        assert ours["framework"] == "mnres" and ours["depthwise_resolved"] == "shifted"
+        assert ours["allocator"] == mode  # what the worker found in its own environment
+        assert ours["threads_used"] == {"xla_cpu": report["threads"]}
+        for key in (
+            "compile_s",
+            "train_images_per_s",
+            "eval_images_per_s",
+            "latency_ms_median",
+            "latency_ms_p90",
+            "peak_rss_mb",
+            "mmacs_per_image",
+            "busy_cores_before",
+            "busy_cores_during",
+        ):
+            assert ours[key] >= 0, key
+        assert ours["train_images_per_s"] > 0 and ours["peak_rss_mb"] > 100
+    assert all("error" in r for r in rows if r["framework"] != "mnres")
+
+
+@pytest.mark.parametrize("allocator", ["default", "kept"])
+def test_the_pytorch_peer_runs_under_the_allocator_asked_for(allocator):
+    pytest.importorskip("torch", reason="needs PyTorch, from the [bench] extra")
+    spec = dict(
+        alpha=0.35, image_size=32, batch_size=4, repeats=1, steps=1, warmup=0, latency_calls=2
+    )
+    result = benchmark.run_worker("pytorch", {**spec, "allocator": allocator}, timeout=300)
+    assert "error" not in result, result
+    assert result["allocator"] == allocator and result["spec"]["allocator"] == allocator
+    assert result["train_images_per_s"] > 0 and result["peak_rss_mb"] > 50
+    assert result["threads_used"]["intra_op"] == result["spec"]["threads"]
 
 
 def test_pytorch_peer_has_the_same_parameters_as_mnres():

@@ -66,6 +66,10 @@ def build(spec: dict):
         "version": f"keras {keras.__version__}, tensorflow {tf.__version__}",
         "platform": "cpu",
         "jit_compile": bool(model.jit_compile),
+        "threads_used": {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        },
     }
     return info, (
         train_step,

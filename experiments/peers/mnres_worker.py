@@ -2,6 +2,8 @@
 
 The optimizer is the default experiment config's (AdamW, clipping, warmup-cosine schedule,
 freeze mask); augmentation is off unless the spec asks for it, because the peers have none.
+The allocator is left as the process was started, as in the peers: this worker does not call
+`mnres.host_memory.keep_freed_memory()` (see `workload`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 
 from experiments.configs import default
 from experiments.peers import workload
-from mnres import host_memory, models
+from mnres import models
 from mnres.data.augment import preprocess
 from mnres.models import layers
 from mnres.models import params as params_lib
@@ -24,8 +26,6 @@ NO_AUGMENTATION = dict(
 
 
 def build(spec: dict):
-    # Before the first computation, as experiments.malaria does (see mnres.host_memory).
-    kept = spec["keep_freed_memory"] and host_memory.keep_freed_memory()
     config = default.get_config()
     model_config = ml_collections.ConfigDict(
         dict(
@@ -73,7 +73,8 @@ def build(spec: dict):
         "version": f"jax {jax.__version__}",
         "platform": jax.devices()[0].platform,
         "depthwise_resolved": layers.resolve_conv_formulation(spec["depthwise"]),
-        "keep_freed_memory": kept,
+        # XLA's CPU thread pool takes one thread per core this process may run on.
+        "threads_used": {"xla_cpu": workload.cores()},
     }
     return info, (
         train,

@@ -125,7 +125,15 @@ def build(spec: dict):
         with torch.inference_mode():
             return torch.softmax(model(preprocess(x)), -1)[:, 1].numpy()
 
-    info = {"framework": "pytorch", "version": f"torch {torch.__version__}", "platform": "cpu"}
+    info = {
+        "framework": "pytorch",
+        "version": f"torch {torch.__version__}",
+        "platform": "cpu",
+        "threads_used": {
+            "intra_op": torch.get_num_threads(),
+            "inter_op": torch.get_num_interop_threads(),
+        },
+    }
     return info, (train_step, lambda: predict(images), lambda: predict(images[:1]))
 
 

@@ -5,6 +5,11 @@ on a full batch, one batch-1 prediction -- each of which returns only when its r
 been computed, and hands them to `measure`. This module imports no framework, so a worker's
 peak memory is its own framework's.
 
+Process-level settings are the same for every framework: the benchmark starts each worker
+under glibc's default allocator or with freed memory kept (`KEPT_MALLOC`, the environment form
+of `mnres.host_memory.keep_freed_memory()`); no worker changes its allocator itself, and each
+reports the settings it ran under.
+
 Protocol: `python -m experiments.peers.<worker> '<spec as JSON>'` prints one line
 `RESULT <json>` on stdout; the benchmark reads it.
 """
@@ -35,11 +40,61 @@ DEFAULT_SPEC = {
     "threads": 0,  # 0: one per core available to this process
     "depthwise": "auto",  # mnres only: its conv_formulation (auto/grouped/shifted)
     "augment": False,  # mnres only: the training augmentation inside the step
-    "keep_freed_memory": True,  # mnres only: mnres.host_memory.keep_freed_memory(), as training
+    # "default" / "kept": the glibc malloc settings the worker must run under, set in its
+    # environment before it starts (`allocator_environment`); None: whatever it was started with.
+    "allocator": None,
     "overrides": {},  # mnres only: more `create_model` fields (peers refuse a non-empty one)
     "parts": ["train", "eval", "latency"],  # what to measure
     "seed": 0,
 }
+
+
+ALLOCATORS = ("default", "kept")
+# mnres.host_memory.ENVIRONMENT, repeated here so that no worker imports mnres to read it.
+KEPT_MALLOC = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "-1",
+}
+_TUNABLES = "GLIBC_TUNABLES"
+
+
+def _without_malloc_settings(env) -> dict:
+    """`env` without glibc's malloc variables: MALLOC_* and glibc.malloc.* tunables."""
+    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+    if _TUNABLES in env:
+        kept = [t for t in env[_TUNABLES].split(":") if t and not t.startswith("glibc.malloc.")]
+        if kept:
+            env[_TUNABLES] = ":".join(kept)
+        else:
+            del env[_TUNABLES]
+    return env
+
+
+def allocator_environment(allocator: str, env) -> dict:
+    """A copy of `env` for a process that must run under `allocator` (see ALLOCATORS)."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
+    env = _without_malloc_settings(env)
+    return {**env, **KEPT_MALLOC} if allocator == "kept" else env
+
+
+def malloc_settings(env=None) -> dict:
+    """The glibc malloc variables of `env` (this process's environment by default)."""
+    env = os.environ if env is None else env
+    settings = {k: v for k, v in env.items() if k.startswith("MALLOC_")}
+    tunables = [t for t in env.get(_TUNABLES, "").split(":") if t.startswith("glibc.malloc.")]
+    if tunables:
+        settings[_TUNABLES] = ":".join(tunables)
+    return settings
+
+
+def allocator_of(env=None) -> str:
+    """'default', 'kept', or 'other' (some other malloc settings) for `env`'s settings."""
+    settings = malloc_settings(env)
+    if not settings:
+        return "default"
+    return "kept" if settings == KEPT_MALLOC else "other"
 
 
 def cores() -> int:
@@ -132,6 +187,21 @@ def run_worker(build: Callable[[dict], tuple[dict, tuple]]) -> None:
     `build` returns (facts about the run, e.g. versions; (train_step, eval_step, predict_one)).
     """
     spec = resolve(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
+    allocator = allocator_of()
+    if spec["allocator"] not in (None, allocator):
+        settings = " ".join(f"{k}={v}" for k, v in KEPT_MALLOC.items())
+        sys.exit(
+            f"the spec asks for the {spec['allocator']!r} allocator, but this process runs under "
+            f"{allocator!r} ({malloc_settings() or 'no malloc variables'}); 'kept' is {settings} "
+            "in the environment, 'default' none of them"
+        )
+    process = {
+        "allocator": allocator,
+        "malloc_settings": malloc_settings(),
+        "cores_pinned": cores(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     info, (train_step, eval_step, predict_one) = build(spec)
-    result = {"spec": spec, **info, **measure(spec, train_step, eval_step, predict_one)}
+    measured = measure(spec, train_step, eval_step, predict_one)
+    result = {"spec": spec, **process, **info, **measured}
     print(RESULT_PREFIX + json.dumps(result), flush=True)
