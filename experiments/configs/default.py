@@ -43,6 +43,9 @@ def get_config(arg=None):
     config.model.freeze_through = ml_collections.config_dict.placeholder(str)
     # 'imagenet' (Keras' published file, downloaded once into $MNRES_CACHE) or a Keras .h5 path.
     config.model.pretrained = ml_collections.config_dict.placeholder(str)
+    # Per-crop colour normalisation inside the model ('none', 'gray_world', 'per_image'):
+    # mnres.models.stain; exports and predict apply it too.
+    config.model.input_normalization = "none"
 
     config.data = data.default_config()
     config.data.source = "tfds"

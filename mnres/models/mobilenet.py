@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mnres.models import stain
 from mnres.models.blocks import DepthwiseSeparable, InvertedResidual
 from mnres.models.layers import (
     KERAS_V1_STRIDE2_PADDING,
@@ -82,9 +83,13 @@ class _MobileNet(nn.Module):
     dtype: Dtype | None = None  # compute dtype, e.g. jnp.bfloat16
     param_dtype: Dtype = jnp.float32
     classifier_name: str = "predictions"
+    # Per-crop colour normalisation of the input, inside the model so that exports and predict
+    # see it too: 'none', 'gray_world' or 'per_image' (mnres.models.stain).
+    input_normalization: str = "none"
 
     def __post_init__(self):
         adopt_depthwise_implementation(self)
+        stain.check_method(self.input_normalization)
         super().__post_init__()
 
     def layer_names(self) -> tuple[str, ...]:
@@ -121,7 +126,7 @@ class _MobileNet(nn.Module):
                 f"MobileNets need inputs of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels, "
                 f"got {x.shape[1:3]}"
             )
-        return jnp.asarray(x, self.dtype or jnp.float32)
+        return stain.normalize(jnp.asarray(x, self.dtype or jnp.float32), self.input_normalization)
 
     def _head(self, x, train: bool):
         out = {"feature_map": x}
