@@ -52,7 +52,7 @@ def test_fold_dataset_keeps_patients_apart():
     config = smoke.get_config()
     pool, manifest = crossval.load_pool(config.data, config.seed)
     folds = crossval.assign_folds(pool.labels, pool.slide_ids, 3, config.seed)
-    spec = crossval._spec(config, 3, "slide")
+    spec = crossval.fold_spec(config, 3, "slide")
     assert spec["validation_fraction"] == pytest.approx(0.1 / 0.9)
     seen_test = []
     for k in range(3):

@@ -18,7 +18,8 @@ Layout of `workdir`::
   crossval.json, crossval.md, reliability_*.png, slide_fractions.png
 
 A fold whose fold.json exists is done and skipped, so a run interrupted after fold 3 goes on
-with fold 4; a fold interrupted mid-training resumes from its own checkpoints.
+with fold 4; a fold interrupted mid-training resumes from its own checkpoints. A recipe search
+records each finished patient-level fold in a committed folder (`mnres.evaluation.search`).
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def fold_dataset(pool: Split, folds, fold: int, spec: dict, pool_manifest=None) 
     )
 
 
-def _spec(config, num_folds: int, split_by: str) -> dict:
+def fold_spec(config, num_folds: int, split_by: str) -> dict:
+    """What decides the folds: {num_folds, split_by, validation_fraction, seed, source,
+    image_size} (each fold's fold_spec.json adds its index)."""
     train_fraction, val_fraction, _ = tuple(config.data.split_fractions)
     return {
         "num_folds": int(num_folds),
@@ -238,9 +241,9 @@ def _pooled(workdir: str, summaries: list[dict], by_slide: bool) -> dict:
     return pooled
 
 
-def _run_folds(config, workdir, num_folds, folds_to_run, split_by) -> list[dict]:
+def _run_folds(config, workdir, num_folds, folds_to_run, split_by, after_fold) -> list[dict]:
     """Runs the missing folds among `folds_to_run`; returns the summaries of every done fold."""
-    spec = _spec(config, num_folds, split_by)
+    spec = fold_spec(config, num_folds, split_by)
     done = {}
     pool = assignment = manifest = None
     for fold in range(num_folds):
@@ -268,6 +271,8 @@ def _run_folds(config, workdir, num_folds, folds_to_run, split_by) -> list[dict]
             fold, num_folds, split_by, len(ds.train), len(ds.validation), len(ds.test),
         )  # fmt: skip
         done[fold] = run_fold(config, fold_dir, ds, spec, fold)
+        if after_fold is not None:
+            after_fold(fold_dir, ds)
     return [done[k] for k in sorted(done)]
 
 
@@ -279,6 +284,7 @@ def run_crossval(
     folds=None,
     patient_level: bool = True,
     compare_image_level: bool = True,
+    after_fold=None,
 ) -> dict:
     """Runs (or resumes) patient-level k-fold cross-validation; writes crossval.json/.md.
 
@@ -291,6 +297,8 @@ def run_crossval(
       patient_level: run the folds split by slide (False: image-level only, for sources
         without slide ids such as TFDS malaria).
       compare_image_level: also run the same folds split by image (in image_level/).
+      after_fold: called as `after_fold(fold_dir, dataset)` when a patient-level fold has
+        finished in this call (e.g. to record it for a recipe search, `mnres.evaluation.search`).
 
     Returns:
       The crossval.json dict: per-fold summaries and mean/std ('folds', 'aggregate',
@@ -308,17 +316,20 @@ def run_crossval(
     # The folds lock their own folders (fold_K/.lock): no run waits for this lock.
     with run_folder.lock(workdir):
         return _crossval(config, workdir, num_folds, folds_to_run, patient_level,
-                         compare_image_level)  # fmt: skip
+                         compare_image_level, after_fold)  # fmt: skip
 
 
-def _crossval(config, workdir, num_folds, folds_to_run, patient_level, compare_image_level):
+def _crossval(
+    config, workdir, num_folds, folds_to_run, patient_level, compare_image_level, after_fold
+):
     """`run_crossval` once the workdir is locked: the folds, then crossval.json and .md."""
     result = {"num_folds": num_folds, "config": config.to_dict()}
     runs = [("slide", workdir)] if patient_level else []
     if compare_image_level:
         runs.append(("image", os.path.join(workdir, IMAGE_LEVEL_DIR)))
     for split_by, run_dir in runs:
-        summaries = _run_folds(config, run_dir, num_folds, folds_to_run, split_by)
+        hook = after_fold if split_by == "slide" else None
+        summaries = _run_folds(config, run_dir, num_folds, folds_to_run, split_by, hook)
         section = {"folds": summaries, "complete": len(summaries) == num_folds}
         if summaries:
             section["aggregate"] = aggregate(summaries)

@@ -1,0 +1,238 @@
+"""The record of one finished cross-validation fold, for the recipe search (`search`).
+
+`summarize_fold` reads a fold folder of `mnres.evaluation.crossval` (report.json, fold.json,
+manifest.json, its checkpoints) and returns what `search.record_fold` commits: the validation
+summary a recipe is compared on and the sealed test summary. The run folder keeps no per-cell
+validation outputs, so they are recomputed from the checkpoint the run evaluated, on the fold's
+rebuilt validation split (`crossval.dataset_for_run`), and checked against report.json's
+validation figures before the patient decisions are made from them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+
+import numpy as np
+
+from mnres import run_folder
+from mnres.evaluation import crossval, metrics
+from mnres.evaluation.search import (
+    CELL_METRICS,
+    config_changes,
+    read_recipe,
+    recipe_config,
+    record_fold,
+)
+
+_TEST_PATIENT = ("n_patients", "n_infected", "accuracy", "sensitivity", "specificity", "auc",
+                 "fraction_threshold", "errors")  # fmt: skip
+# The agreement asked of the recomputed validation outputs with report.json: the same weights
+# on the same crops, up to the last bits of XLA's arithmetic on another CPU.
+_AGREE_CELLS, _AGREE_AUC = 2, 1e-3
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+
+def validation_patients(labels, probs, slide_ids) -> dict | None:
+    """Patient decisions on validation slides, each threshold chosen on the other slides.
+
+    Returns:
+      {rule, n_patients, n_infected, right, sensitivity, specificity, auc (the fraction as a
+      score), fraction_threshold (chosen on every slide: the one the run applied to its test
+      patients), errors, slides (`metrics.slide_table` rows with fraction_threshold,
+      predicted_infected, correct)}; None without two known slides.
+    """
+    slide_ids = np.array([str(s) for s in slide_ids])
+    if not len(slide_ids) or not all(slide_ids) or len(set(slide_ids)) < 2:
+        return None
+    labels, probs = np.asarray(labels), np.asarray(probs, np.float64)
+    rows = metrics.slide_table(labels, probs, slide_ids)
+    for row in rows:
+        others = slide_ids != row["slide_id"]
+        t = metrics.choose_fraction_threshold(labels[others], probs[others], slide_ids[others])
+        row.update(fraction_threshold=t, predicted_infected=row["predicted_fraction"] > t)
+        row["correct"] = row["predicted_infected"] == row["infected"]
+    infected = np.array([r["infected"] for r in rows])
+    called = np.array([r["predicted_infected"] for r in rows])
+    rate = lambda mask, value: float(np.mean(called[mask] == value)) if mask.any() else None
+    everyone = metrics.choose_fraction_threshold(labels, probs, slide_ids)
+    return {
+        "rule": "infected iff fraction called > threshold chosen on the other validation slides",
+        "n_patients": len(rows),
+        "n_infected": int(infected.sum()),
+        "right": int(sum(r["correct"] for r in rows)),
+        "sensitivity": rate(infected, True),
+        "specificity": rate(~infected, False),
+        "auc": metrics.patient_metrics(labels, probs, slide_ids, everyone)["auc"],
+        "fraction_threshold": everyone,
+        "errors": [r["slide_id"] for r in rows if not r["correct"]],
+        "slides": rows,
+    }
+
+
+def validation_outputs(fold_dir: str, report: dict, split) -> dict:
+    """{'labels', 'probs', 'log_odds'} of `split` from the checkpoint the run evaluated, with its
+    test-time augmentation, checked against report.json's validation figures.
+
+    Raises:
+      ValueError: another checkpoint step, or figures that disagree (other crops).
+    """
+    config = run_folder.read_config(fold_dir)
+    which = "best" if config.get("eval_checkpoint", "best") == "best" else "latest"
+    classifier = run_folder.load_run(fold_dir, which=which)
+    step = report["training"]["evaluated_step"]
+    if classifier.metadata["step"] != step:
+        raise ValueError(
+            f"{fold_dir}: report.json evaluated step {step}, its checkpoints give step "
+            f"{classifier.metadata['step']}"
+        )
+    logits = classifier.logits(split.images, batch_size=int(config.eval_batch_size))
+    log_odds = logits[:, 1].astype(np.float64) - logits[:, 0]
+    probs = 1.0 / (1.0 + np.exp(-log_odds))
+    again, reported = metrics.binary_metrics(split.labels, probs), report["validation"]
+    cells = abs(again["accuracy"] - reported["accuracy"]) * again["n"]
+    auc = abs((again["auc"] or 0.0) - (reported["auc"] or 0.0))
+    if again["n"] != reported["n"] or cells > _AGREE_CELLS + 0.5 or auc > _AGREE_AUC:
+        raise ValueError(
+            f"{fold_dir}: re-evaluated validation (n {again['n']}, accuracy "
+            f"{again['accuracy']:.4f}, AUC {again['auc']}) disagrees with report.json (n "
+            f"{reported['n']}, {reported['accuracy']:.4f}, {reported['auc']}): not the crops "
+            "or weights the run was evaluated on"
+        )
+    return {"labels": np.asarray(split.labels), "probs": probs, "log_odds": log_odds}
+
+
+def _provenance(report: dict) -> dict:
+    found = report.get("provenance") or {}
+    git = found.get("git") or {}
+    return {
+        "commit": git.get("commit"),
+        "dirty": git.get("dirty"),
+        "versions": found.get("versions"),
+        "cpu": (found.get("cpu") or {}).get("model"),
+        "devices": found.get("devices"),
+    }
+
+
+def summarize_fold(
+    fold_dir: str,
+    recipe: str,
+    *,
+    baseline: dict | None = None,
+    dataset=None,
+    data_location: dict | None = None,
+) -> tuple[dict, dict]:
+    """The record of a finished cross-validation fold: (validation summary, test summary).
+
+    Args:
+      fold_dir: WORKDIR/fold_K of `crossval.run_crossval` (fold.json written: finished).
+      recipe: the recipe's name.
+      baseline: a config dict the summary names its changes against.
+      dataset: the fold's `Dataset` if at hand; else rebuilt (`crossval.dataset_for_run`).
+      data_location: config.data fields (dir, cache_dir) that replace the run's to rebuild it.
+
+    Raises:
+      ValueError: an unfinished fold, a rebuilt split that is not the run's, or outputs that
+        disagree with report.json.
+    """
+    if not os.path.isfile(os.path.join(fold_dir, crossval.FOLD_JSON)):
+        raise ValueError(f"{fold_dir} is not a finished cross-validation fold (no fold.json)")
+    fold = run_folder.read_json(os.path.join(fold_dir, crossval.FOLD_JSON))
+    report = run_folder.read_report(fold_dir)
+    if not report.get("validation"):
+        raise ValueError(f"{fold_dir} has no validation figures to compare recipes on")
+    if dataset is None:
+        config = run_folder.read_config(fold_dir)
+        with config.data.unlocked():
+            config.data.update({k: v for k, v in (data_location or {}).items() if v})
+        dataset = crossval.dataset_for_run(fold_dir, config)
+    run_splits = run_folder.read_manifest(fold_dir)["splits"]
+    for name in ("validation", "test"):
+        if dataset.manifest["splits"][name]["names_sha256"] != run_splits[name]["names_sha256"]:
+            raise ValueError(f"{fold_dir}: the rebuilt {name} split is not the run's")
+    outputs = validation_outputs(fold_dir, report, dataset.validation)
+    val, spec = report["validation"], fold["spec"]
+    config = recipe_config(report["config"], (report.get("model") or {}).get("bn_momentum_picked"))
+    summary = {
+        "recipe": recipe,
+        "fold": fold["fold"],
+        "num_folds": spec["num_folds"],
+        "spec": spec,
+        "config": config,
+        "changes": None if baseline is None else config_changes(config, baseline),
+        "validation": {
+            "cell": {k: val[k] for k in (*CELL_METRICS, "n")},
+            "patients": validation_patients(
+                outputs["labels"], outputs["probs"], dataset.validation.slide_ids
+            ),
+        },
+        "validation_names_sha256": run_splits["validation"]["names_sha256"],
+        "evaluated": {
+            "checkpoint": report["training"]["evaluated_checkpoint"],
+            "step": report["training"]["evaluated_step"],
+            "test_time_augmentation": report["training"]["test_time_augmentation"],
+        },
+        "epochs": report["training"]["epochs"],
+        "wall_seconds": fold["wall_time_s"],
+        "warnings": fold.get("warnings") or [],
+        "provenance": _provenance(report),
+        "recorded": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    patient = report.get("test_patient") or {}
+    test = {
+        "recipe": recipe,
+        "fold": fold["fold"],
+        "cell": {k: report["test"][k] for k in (*CELL_METRICS, "f1", "n")},
+        "patients": {k: patient.get(k) for k in _TEST_PATIENT} if patient else None,
+        "test_slides": fold.get("test_slides"),
+        "calibration": report.get("calibration"),
+    }
+    return summary, test
+
+
+def is_recorded(record_dir: str, fold_dir: str) -> bool:
+    """Whether `fold_dir`'s evaluation is the one recorded for its fold (report.json only)."""
+    fold_json = os.path.join(fold_dir, crossval.FOLD_JSON)
+    if not os.path.isfile(fold_json):
+        return False
+    k = run_folder.read_json(fold_json)["fold"]
+    done = read_recipe(record_dir).get(k)
+    if done is None:
+        return False
+    report = run_folder.read_report(fold_dir)
+    return done["evaluated"]["step"] == report["training"]["evaluated_step"] and all(
+        done["validation"]["cell"][m] == report["validation"][m] for m in CELL_METRICS
+    )
+
+
+def record_finished_folds(
+    workdir: str, record_dir: str, *, baseline: dict | None = None, data_location=None
+) -> list[int]:
+    """Records every finished patient-level fold of `workdir` that `record_dir` lacks.
+
+    Args:
+      workdir: a cross-validation folder (`crossval.run_crossval`'s, folds in fold_K/).
+      record_dir: the recipe's folder in the search (its name is the recipe's).
+      baseline, data_location: as `summarize_fold` takes them.
+
+    Returns:
+      The folds recorded now.
+    """
+    recipe = os.path.basename(os.path.normpath(record_dir))
+    names = os.listdir(workdir) if os.path.isdir(workdir) else []
+    folds = sorted(int(m.group(1)) for m in map(_FOLD_DIR.match, names) if m)
+    recorded = []
+    for k in folds:
+        fold_dir = os.path.join(workdir, f"fold_{k}")
+        # Unfinished (or running now): it is recorded once it is done.
+        if not os.path.isfile(os.path.join(fold_dir, crossval.FOLD_JSON)):
+            continue
+        if is_recorded(record_dir, fold_dir):
+            continue
+        summary, test = summarize_fold(
+            fold_dir, recipe, baseline=baseline, data_location=data_location
+        )
+        if record_fold(record_dir, summary, test):
+            recorded.append(k)
+    return recorded
