@@ -4,6 +4,8 @@ r"""Trains and evaluates a malaria cell classifier; writes everything to the wor
   python -m experiments.malaria --config=experiments/configs/smoke.py --workdir=/tmp/smoke
   python -m experiments.malaria --config=experiments/configs/default.py \
       --config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/folder
+  python -m experiments.malaria --config=experiments/configs/finetune.py \
+      --config.data.source=folder --config.data.dir=PATH --workdir=runs/mine  # any classes
 
 Any config field can be overridden with `--config.FIELD=VALUE`. The whole config is validated
 before any work: a field that cannot work (an unknown key, a wrong type, a value out of range)

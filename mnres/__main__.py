@@ -19,6 +19,7 @@ import numpy as np
 
 import mnres
 from mnres import models, run_folder
+from mnres.data.config import MALARIA_CLASSES as CLASS_NAMES
 from mnres.evaluation import calibration
 from mnres.models import params
 
@@ -37,7 +38,7 @@ def _positive(kind):
 
 
 def _probability(text: str) -> float:
-    """An argparse type: a threshold on p(parasitized), in [0, 1]."""
+    """An argparse type: a threshold on p(parasitized) (p(class 1)), in [0, 1]."""
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text} must be a probability in [0, 1]")
@@ -113,10 +114,18 @@ def _evaluation_crops(args, classifier):
     from mnres.data import sources
 
     if args.evaluate is not True:
-        listing = sources.list_folder(args.evaluate)  # Parasitized/ + Uninfected/, or one line
+        names = classifier.class_names
+        # Parasitized/ + Uninfected/, or the run's class folders, in the model's order.
+        listing = sources.list_folder(args.evaluate, None if names == CLASS_NAMES else names)
+        if listing["class_names"] != names:
+            raise ValueError(
+                f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
+                f"model's {names}"
+            )
         images = _decode_all(listing["paths"], classifier.image_size)
         return args.evaluate, images, listing["labels"]
-    fix = "give --evaluate DIR (a folder holding Parasitized/ and Uninfected/)"
+    fix = "give --evaluate DIR (a folder holding Parasitized/ and Uninfected/, or the run's "
+    fix += "class folders)"
     test = _run_split(classifier, "test", "--evaluate needs labelled crops", fix)
     return "test split", test.images, test.labels
 
@@ -197,7 +206,14 @@ def _predict(args) -> int:
     shipped = model is None or model in pretrained.SHIPPED
     model = model or pretrained.SHIPPED[0]
     folder = str(pretrained.shipped_folder(model)) if shipped else model
-    threshold = args.threshold
+    names = predict.model_class_names(folder)
+    if len(names) > 2 and (args.operating_point or args.threshold is not None):
+        flag = "--operating-point" if args.operating_point else "--threshold"
+        raise ValueError(
+            f"{flag} needs a model of two classes; {model} has {len(names)} "
+            f"({', '.join(names)}) and calls each image its most probable class"
+        )
+    threshold = 0.5 if args.threshold is None else args.threshold
     if args.operating_point:
         threshold = predict.operating_threshold(folder, args.operating_point)
     if shipped:
@@ -210,17 +226,30 @@ def _predict(args) -> int:
         predictor = predict.load_predictor(model, checkpoint=args.checkpoint)
     rows = predict.predict_files(predictor, images, threshold=threshold)
     slides = predict.slide_summary(rows, threshold=threshold)
+    if len(names) > 2:
+        threshold = None  # the most probable class is called
     if args.json:
         out = {"model": predictor.name, "threshold": threshold, "images": rows, "slides": slides}
+        if not predictor.malaria:
+            out["class_names"] = list(names)
         print(json.dumps(out, indent=2))
     else:
-        print(f"model: {predictor.name}\nparasitized iff p >= {threshold:.4g}\n")
+        print(f"model: {predictor.name}\n{_rule(names, threshold)}\n")
         print(predict.format_table(rows, slides))
     if all(r["error"] is not None for r in rows):
         print(f"error: not one of the {len(rows)} input(s) could be read as an image (each "
               "row says why)", file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def _rule(names, threshold) -> str:
+    """How predict calls a crop, in one line."""
+    if tuple(names) == CLASS_NAMES:
+        return f"parasitized iff p >= {threshold:.4g}"
+    if len(names) == 2:
+        return f"{names[1]} iff p({names[1]}) >= {threshold:.4g}, else {names[0]}"
+    return f"label: the most probable of {len(names)} classes ({', '.join(names)})"
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -290,7 +319,7 @@ def build_parser(prog: str = "python -m mnres") -> argparse.ArgumentParser:
         const=True,
         metavar="DIR",
         help="accuracy, parity and latency of each file on DIR (Parasitized/ + "
-        "Uninfected/), or without DIR on the run's test split",
+        "Uninfected/, or the run's class folders), or without DIR on the run's test split",
     )
 
     pred = add(
@@ -322,13 +351,15 @@ def build_parser(prog: str = "python -m mnres") -> argparse.ArgumentParser:
     )
     cut = pred.add_mutually_exclusive_group()
     cut.add_argument(
-        "--threshold", type=_probability, default=0.5, help="parasitized when p >= this"
+        "--threshold",
+        type=_probability,
+        help="parasitized (class 1 of a two-class model) when p >= this (default: 0.5)",
     )
     cut.add_argument(
         "--operating-point",
         choices=calibration.OPERATING_POINTS,
         help="the threshold that gave 95%%/98%% specificity on the model's "
-        "validation split (its calibration.json)",
+        "validation split (its calibration.json); two-class models only",
     )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
     for command, handler in ((summary, _summary), (export, _export), (pred, _predict)):

@@ -91,7 +91,11 @@ def validate(config) -> None:
             f"config.data.image_size={size} is smaller than MobileNets allow: their five "
             f"stride-2 stages need >= {mobilenet.MIN_IMAGE_SIZE} px."
         )
-    _check_block(config.data, data_config.default_config(), "config.data", data_config.check)
+    data_fields = data_config.default_config()
+    with data_fields.unlocked():  # fields a data block may add (class_names)
+        for field in data_config.OPTIONAL_FIELDS:
+            data_fields[field] = None
+    _check_block(config.data, data_fields, "config.data", data_config.check)
     _check_block(config.optimizer, optim.default_config(), "config.optimizer", optim.check)
     _check_model(config.model)
 
@@ -237,7 +241,20 @@ def _check_model(model_config) -> None:
             f"its layers {layers[0]} ... {layers[-1]} (python -m mnres summary {name}), or None."
         ) from None
     pretrained = model_config.get("pretrained")
-    if pretrained == "imagenet":  # Keras' published file, downloaded at the start of training
+    if pretrained in _shipped():  # the weights shipped with mnres: the same network
+        from mnres import pretrained as pretrained_lib
+
+        try:
+            pretrained_lib.check_fields(
+                model, models.from_config(pretrained_lib.shipped_config(pretrained).model),
+                f"config.model.pretrained={pretrained!r}: the shipped weights",
+            )  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(
+                f"{e}: set those config.model fields, or use 'imagenet' or a Keras weights "
+                "file (.h5)."
+            ) from None
+    elif pretrained == "imagenet":  # Keras' published file, downloaded at the start of training
         from mnres.models import imagenet_weights
 
         try:
@@ -255,9 +272,15 @@ def _check_model(model_config) -> None:
     elif pretrained and not os.path.isfile(pretrained):
         raise ConfigError(
             f"config.model.pretrained={pretrained!r} does not exist: give 'imagenet' (Keras' "
-            "published ImageNet weights, downloaded once) or a Keras weights file (.h5), or "
-            "leave it unset to train from scratch."
+            "published ImageNet weights, downloaded once), 'malaria' (the model shipped with "
+            "mnres) or a Keras weights file (.h5), or leave it unset to train from scratch."
         )
+
+
+def _shipped() -> tuple[str, ...]:
+    from mnres import pretrained as pretrained_lib
+
+    return pretrained_lib.SHIPPED
 
 
 def _check_model_numbers(model_config) -> None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnres.data.augment import dihedral_views, preprocess
+from mnres.data.config import MALARIA_CLASSES
 
 
 def classify(model, variables, images, *, tta: bool = False) -> jnp.ndarray:
@@ -92,6 +93,18 @@ class Classifier:
     image_size: int
     metadata: dict = dataclasses.field(default_factory=dict)  # source run, step, model
     config: Any = None  # the run's resolved config, when loaded from a run
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The name of each output, in order: `metadata['class_names']`, else the run config's
+        `data.class_names`, else the malaria pair for two outputs ('class_0', ... for more)."""
+        names = self.metadata.get("class_names")
+        if not names and self.config is not None and "data" in self.config:
+            names = self.config.data.get("class_names")
+        if names:
+            return tuple(str(n) for n in names)
+        k = getattr(self.model, "num_classes", 2)
+        return MALARIA_CLASSES if k == 2 else tuple(f"class_{c}" for c in range(k))
 
     @property
     def test_time_augmentation(self) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from mnres import models
+from mnres.data import config as data_config
 from mnres.inference import Classifier
 from mnres.training import checkpoint, tensorboard
 
@@ -268,26 +269,42 @@ def open_tensorboard(workdir: str, step: int) -> tensorboard.Writer:
     return tensorboard.Writer(os.path.join(workdir, TENSORBOARD_DIR), step)
 
 
-def write_predictions(workdir: str, split, probs) -> None:
-    """Writes `predictions_test.csv`: name, slide_id, label, P(parasitized) per example.
+def write_predictions(workdir: str, split, probs, class_names=data_config.MALARIA_CLASSES) -> None:
+    """Writes `predictions_test.csv`: name, slide_id, label and the probabilities per example.
 
     Args:
       workdir: the run folder.
       split: the `mnres.data.Split` scored (names, slide ids, labels, in order).
-      probs: float [N], P(parasitized) of each example.
+      probs: float [N], P(class 1) of each example (column `prob_parasitized` for the malaria
+        pair, `prob_<class 1>` for another pair), or [N, K] for K classes (the column
+        `predicted`, the most probable class's index, then one `prob_<class>` per class).
+      class_names: the classes, in label order.
     """
+    probs = np.asarray(probs)
     with open(os.path.join(workdir, PREDICTIONS_CSV), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["name", "slide_id", "label", "prob_parasitized"])
+        if probs.ndim == 1:
+            writer.writerow(["name", "slide_id", "label", f"prob_{class_names[1]}"])
+            for row in zip(split.names, split.slide_ids, split.labels, probs, strict=True):
+                writer.writerow([row[0], row[1], int(row[2]), f"{float(row[3]):.6f}"])
+            return
+        writer.writerow(
+            ["name", "slide_id", "label", "predicted", *(f"prob_{c}" for c in class_names)]
+        )
         for row in zip(split.names, split.slide_ids, split.labels, probs, strict=True):
-            writer.writerow([row[0], row[1], int(row[2]), f"{float(row[3]):.6f}"])
+            cells = [f"{float(p):.6f}" for p in row[3]]
+            writer.writerow([row[0], row[1], int(row[2]), int(np.argmax(row[3])), *cells])
 
 
-def write_test_outputs(workdir: str, *, log_odds, labels, slide_ids, names) -> None:
-    """Writes `test_outputs.npz`: the test split's log-odds, labels, slide ids and names [N]."""
+def write_test_outputs(
+    workdir: str, *, labels, slide_ids, names, log_odds=None, logits=None
+) -> None:
+    """Writes `test_outputs.npz`: the test split's log-odds (two classes) or logits [N, K] (more
+    classes), labels, slide ids and names [N]."""
+    scores = {"log_odds": log_odds} if logits is None else {"logits": logits}
     np.savez_compressed(
         os.path.join(workdir, TEST_OUTPUTS_NPZ),
-        log_odds=log_odds,
+        **scores,
         labels=labels,
         slide_ids=np.asarray(slide_ids, str),
         names=np.asarray(names, str),
@@ -295,7 +312,7 @@ def write_test_outputs(workdir: str, *, log_odds, labels, slide_ids, names) -> N
 
 
 def read_test_outputs(workdir: str) -> dict[str, np.ndarray]:
-    """`test_outputs.npz` as {'log_odds', 'labels', 'slide_ids', 'names'} arrays."""
+    """`test_outputs.npz` as {'log_odds' (or 'logits'), 'labels', 'slide_ids', 'names'} arrays."""
     with np.load(os.path.join(workdir, TEST_OUTPUTS_NPZ)) as outputs:
         return {name: outputs[name] for name in outputs.files}
 
@@ -380,7 +397,8 @@ def load_run(workdir: str, *, which: str = "best") -> Classifier:
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint {which!r}: use 'best' or 'latest'")
     config = read_config(workdir)
-    model = models.from_config(config.model)
+    # The classes are the data's (config.json's data.class_names; unset: the malaria pair).
+    model = models.from_config(config.model, num_classes=len(data_config.class_names(config.data)))
     size = int(config.data.image_size)
     expected = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)

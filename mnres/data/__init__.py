@@ -1,7 +1,9 @@
 """Malaria cell images: three sources, slide-level splits with a manifest, batches, augmentation.
 
 Labels: 1 = parasitized (the positive class), 0 = uninfected, for every source (TFDS
-`malaria` uses 0 = parasitized; it is mapped).
+`malaria` uses 0 = parasitized; it is mapped). A folder of other classes, one subfolder per
+class (`mnres.data.folders`), labels each image with its class's index, classes sorted by name;
+`Dataset.class_names` names them.
 """
 
 from mnres.data.config import default_config

@@ -6,8 +6,24 @@ import ml_collections
 from ml_collections import config_dict
 
 SOURCES = ("tfds", "folder", "synthetic")
-SPLIT_BY = ("slide", "image")
+SPLIT_BY = ("slide", "image", "auto")
 SPLIT_NAMES = ("train", "validation", "test")
+# The malaria labels: index = label, 1 = parasitized (the positive class).
+MALARIA_CLASSES = ("uninfected", "parasitized")
+# Fields a data block may hold beyond `default_config()`'s. `class_names` is set by the folder
+# source's ImageFolder layout (and by the training loop in config.json) only where the classes
+# are not the malaria pair, so malaria configs and their run folders stay as they were.
+OPTIONAL_FIELDS = ("class_names",)
+
+
+def class_names(data_config) -> tuple[str, ...]:
+    """The class names a data block (or a run's config.json `data`) fixes, in label order.
+
+    Unset (None, or absent as in every malaria config) means the malaria pair
+    `MALARIA_CLASSES`.
+    """
+    names = data_config.get("class_names") if data_config is not None else None
+    return tuple(str(n) for n in names) if names else MALARIA_CLASSES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -17,12 +33,14 @@ def default_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     # Where the cells come from: 'tfds' (TFDS `malaria`), 'folder' (the NIH/Kaggle
-    # `Parasitized/` + `Uninfected/` layout) or 'synthetic' (drawn cells, offline, seconds).
+    # `Parasitized/` + `Uninfected/` layout, or one subfolder per class of any classes) or
+    # 'synthetic' (drawn cells, offline, seconds).
     c.source = "tfds"
     c.dir = config_dict.placeholder(str)  # folder source: searched at any depth.
     c.test_dir = config_dict.placeholder(str)  # folder source: an external test set.
     # Folder and synthetic sources: 'slide' keeps every slide (patient) in one split;
-    # 'image' splits cells independently (slides leak between splits).
+    # 'image' splits cells independently (slides leak between splits); 'auto': 'slide' when
+    # file names carry NIH slide ids, else 'image'.
     c.split_by = "slide"
     c.split_fractions = (0.8, 0.1, 0.1)  # (train, validation, test), sums to 1.
     # TFDS source: slice strings (e.g. 'train[:80%]'); unset ones come from split_fractions.
@@ -56,7 +74,24 @@ def check(config) -> None:
     if config.split_by not in SPLIT_BY:
         raise ValueError(
             f'Unknown config.data.split_by={config.split_by!r}: use "slide" (no patient in two '
-            'splits) or "image".'
+            'splits), "image" or "auto" (by slide when file names carry NIH slide ids).'
+        )
+    names = config.get("class_names")
+    if names is not None and (
+        isinstance(names, str)
+        or len(names) < 2
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ValueError(
+            f"config.data.class_names={names!r} must be None (the names come from the data) "
+            "or two or more distinct folder names in label order, e.g. "
+            "--config.data.class_names=\"('cat', 'dog')\"."
+        )
+    if names is not None and config.source != "folder" and class_names(config) != MALARIA_CLASSES:
+        raise ValueError(
+            f"config.data.class_names={tuple(names)!r}: the {config.source} source has the "
+            f"malaria classes {MALARIA_CLASSES}; other classes need --config.data.source=folder."
         )
     fractions = tuple(config.split_fractions)
     if (
@@ -79,6 +114,6 @@ def check(config) -> None:
     if config.source == "folder" and not config.dir:
         raise ValueError(
             'config.data.source="folder" needs config.data.dir: the folder that holds '
-            "Parasitized/ and Uninfected/ (e.g. the extracted NIH cell_images.zip), e.g. "
-            "--config.data.dir=PATH/cell_images."
+            "Parasitized/ and Uninfected/ (e.g. the extracted NIH cell_images.zip), or one "
+            "subfolder per class, e.g. --config.data.dir=PATH/cell_images."
         )

@@ -1,28 +1,31 @@
 """The three sources (tfds, folder, synthetic) behind one call: `load_dataset(config, seed)`.
 
-Every source gives RGB uint8 images resized to `config.image_size`, int32 labels with
-1 = parasitized (the positive class) and 0 = uninfected, and slide ids where known.
+Every source gives RGB uint8 images resized to `config.image_size`, int32 labels and slide ids
+where known. Malaria labels are 1 = parasitized (the positive class) and 0 = uninfected; a
+folder in the ImageFolder layout (one subfolder per class, any classes) labels each image
+with its class's index, classes sorted by name (`list_folder`).
 """
 
 import os
-import re
 
 import numpy as np
+from absl import logging
 
 from mnres.data import decode, synthetic
 from mnres.data.config import SPLIT_NAMES, check
+
+# The folder layouts live in mnres.data.folders; these names are their 0.1 home.
+from mnres.data.folders import CLASS_FOLDERS, IMAGE_SUFFIXES, list_folder, slide_id  # noqa: F401
 from mnres.data.splits import (
+    CLASS_NAMES,
     Dataset,
     Split,
     build_manifest,
     checked_dataset,
+    resolve_split_by,
     split_indices,
     take_splits,
 )
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-CLASS_FOLDERS = {"parasitized": 1, "uninfected": 0}  # folder name (any case) -> label.
-_SLIDE_ID = re.compile(r"^(.+?)_?thin", re.IGNORECASE)
 
 _ALTERNATIVES = (
     "Offline, use the folder source on an extracted copy of the NIH cell_images.zip:\n"
@@ -48,74 +51,8 @@ def load_dataset(data_config, seed: int) -> Dataset:
     return loader[data_config.source](data_config, seed)
 
 
-def slide_id(file_name: str) -> str:
-    """NIH slide id: the file-name prefix before 'ThinF' / '_thinF' / 'thin_original'.
-
-    'C100P61ThinF_IMG_..._cell_165.png' -> 'C100P61', 'C1_thinF_...' -> 'C1',
-    'C3thin_original_...' -> 'C3'; '' when the name has no such prefix.
-    """
-    match = _SLIDE_ID.match(os.path.basename(file_name))
-    return match.group(1) if match else ""
-
-
-def list_folder(root: str) -> dict:
-    """Finds `Parasitized/` and `Uninfected/` folders at any depth below `root`.
-
-    Returns a dict of name-sorted arrays: paths, names (relative, '/'-separated), labels,
-    slide_ids, and `duplicates`: files ignored because a shallower class folder already holds
-    a file of that name (the Kaggle copy nests `cell_images/` inside itself).
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"config.data.dir={root!r} is not a directory. Point it at the extracted NIH "
-            "cell_images.zip (the folder holding Parasitized/ and Uninfected/), or use "
-            "--config.data.source=synthetic."
-        )
-    class_dirs = []
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
-        label = CLASS_FOLDERS.get(os.path.basename(dirpath).lower())
-        if label is not None and dirpath != root:
-            class_dirs.append((os.path.relpath(dirpath, root).count(os.sep), dirpath, label))
-    found = {label for _, _, label in class_dirs}
-    missing = [name.capitalize() for name, label in CLASS_FOLDERS.items() if label not in found]
-    if missing:
-        raise FileNotFoundError(
-            f"No {' or '.join(m + '/' for m in missing)} folder found below {root!r}. The folder "
-            "source expects the NIH/Kaggle layout .../Parasitized/*.png and .../Uninfected/*.png "
-            "(at any depth); point config.data.dir at the extracted cell_images.zip, or use "
-            "--config.data.source=synthetic."
-        )
-    seen, rows, duplicates = set(), [], 0
-    for _, dirpath, label in sorted(class_dirs):
-        for file_name in sorted(os.listdir(dirpath)):
-            path = os.path.join(dirpath, file_name)
-            if not file_name.lower().endswith(IMAGE_SUFFIXES) or not os.path.isfile(path):
-                continue
-            if (label, file_name) in seen:
-                duplicates += 1
-                continue
-            seen.add((label, file_name))
-            rows.append((os.path.relpath(path, root).replace(os.sep, "/"), path, label))
-    if not rows:
-        raise ValueError(
-            f"The Parasitized/ and Uninfected/ folders below {root!r} hold no images "
-            f"({', '.join(IMAGE_SUFFIXES)}). Point config.data.dir at the extracted "
-            "cell_images.zip, or use --config.data.source=synthetic."
-        )
-    rows.sort()
-    names = np.array([r[0] for r in rows])
-    return {
-        "names": names,
-        "paths": [r[1] for r in rows],
-        "labels": np.array([r[2] for r in rows], np.int32),
-        "slide_ids": np.array([slide_id(n) for n in names]),
-        "duplicates": duplicates,
-    }
-
-
 def _decode_folder(root: str, config, desc: str):
-    listing = list_folder(root)
+    listing = list_folder(root, config.get("class_names"))
     fingerprints = []
     for path in listing["paths"]:
         st = os.stat(path)
@@ -137,18 +74,25 @@ def _decode_folder(root: str, config, desc: str):
     split = Split(
         images, listing["labels"][kept], listing["slide_ids"][kept], listing["names"][kept]
     )
-    return split, skipped, listing["duplicates"]
+    return split, skipped, listing
 
 
 def _load_folder(config, seed: int) -> Dataset:
-    pool, skipped, duplicates = _decode_folder(config.dir, config, "decoding " + config.dir)
+    pool, skipped, listing = _decode_folder(config.dir, config, "decoding " + config.dir)
+    class_names = listing["class_names"]
     fractions = tuple(config.split_fractions)
-    extra = {"dir": config.dir, "duplicates_ignored": duplicates}
+    extra = {"dir": config.dir, "duplicates_ignored": listing["duplicates"]}
     check_fractions = fractions
     if config.test_dir:
-        test, test_skipped, test_duplicates = _decode_folder(
+        test, test_skipped, test_listing = _decode_folder(
             config.test_dir, config, "decoding " + config.test_dir
         )
+        if test_listing["class_names"] != class_names:
+            raise ValueError(
+                f"config.data.test_dir={config.test_dir!r} has the classes "
+                f"{test_listing['class_names']}, config.data.dir {class_names}: give both the "
+                "same class folders."
+            )
         # The test fraction is unused: train and validation share all of config.data.dir.
         fractions = (
             fractions[0] / (fractions[0] + fractions[1]),
@@ -157,8 +101,9 @@ def _load_folder(config, seed: int) -> Dataset:
         )
         check_fractions = (*fractions[:2], 1.0)
         skipped = skipped + [dict(s, name="test_dir:" + s["name"]) for s in test_skipped]
-        extra.update(test_dir=config.test_dir, test_duplicates_ignored=test_duplicates)
-    parts = split_indices(pool.labels, pool.slide_ids, fractions, config.split_by, seed)
+        extra.update(test_dir=config.test_dir, test_duplicates_ignored=test_listing["duplicates"])
+    split_by = _split_rule(config, pool)
+    parts = split_indices(pool.labels, pool.slide_ids, fractions, split_by, seed)
     splits = take_splits(pool, parts)
     if config.test_dir:
         splits["test"] = Split(
@@ -167,7 +112,27 @@ def _load_folder(config, seed: int) -> Dataset:
             test.slide_ids,
             np.array(["test_dir:" + n for n in test.names]),
         )
-    return _checked(splits, check_fractions, config, seed, "folder", skipped, extra)
+    return _checked(
+        splits, check_fractions, config, seed, "folder", skipped, extra, split_by, class_names
+    )
+
+
+def _split_rule(config, pool: Split) -> str:
+    """`config.split_by`, with 'auto' resolved from the pool's slide ids (logged)."""
+    split_by = resolve_split_by(config.split_by, pool.slide_ids)
+    if config.split_by == "auto":
+        slides = len({s for s in pool.slide_ids if s})
+        if split_by == "slide":
+            logging.info(
+                "config.data.split_by='auto': %d slides in the file names (NIH naming), so no "
+                "slide is in two splits.", slides,
+            )  # fmt: skip
+        else:
+            logging.info(
+                "config.data.split_by='auto': none of the %d file names carries an NIH slide "
+                "id, so the split is by image (stratified by class).", len(pool),
+            )  # fmt: skip
+    return split_by
 
 
 def _load_synthetic(config, seed: int) -> Dataset:
@@ -176,22 +141,29 @@ def _load_synthetic(config, seed: int) -> Dataset:
     )
     names = np.array([f"synthetic:{i:06d}" for i in range(len(labels))])
     fractions = tuple(config.split_fractions)
-    parts = split_indices(labels, slides, fractions, config.split_by, seed)
-    splits = take_splits(Split(images, labels, slides, names), parts)
+    pool = Split(images, labels, slides, names)
+    split_by = _split_rule(config, pool)
+    splits = take_splits(pool, split_indices(labels, slides, fractions, split_by, seed))
     extra = {"synthetic_size": config.synthetic_size, "num_slides": config.num_slides}
-    return _checked(splits, fractions, config, seed, "synthetic", [], extra)
+    return _checked(splits, fractions, config, seed, "synthetic", [], extra, split_by)
 
 
-def _checked(splits, check_fractions, config, seed, source, skipped, extra) -> Dataset:
-    """`checked_dataset` of a folder or synthetic split by `config.split_by`."""
+def _checked(
+    splits, check_fractions, config, seed, source, skipped, extra, split_by, class_names=None
+) -> Dataset:
+    """`checked_dataset` of a folder or synthetic split by `split_by` (`config.split_by`, with
+    'auto' resolved; the manifest then records that it was asked for)."""
+    if config.split_by == "auto":
+        extra = {**extra, "split_by_requested": "auto"}
     return checked_dataset(
         splits,
         check_fractions,
-        f"split by {config.split_by}",
+        f"split by {split_by}",
+        class_names or CLASS_NAMES,
         source=source,
         seed=seed,
         image_size=config.image_size,
-        split_by=config.split_by,
+        split_by=split_by,
         skipped=skipped,
         extra=extra,
     )

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
-from mnres.data.config import SPLIT_NAMES
+from mnres.data.config import MALARIA_CLASSES, SPLIT_NAMES
 
-CLASS_NAMES = ("uninfected", "parasitized")  # index = label: 1 = parasitized (positive).
+CLASS_NAMES = MALARIA_CLASSES  # index = label: 1 = parasitized (positive).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Split:
     """Decoded examples of one split, in a fixed order."""
 
     images: np.ndarray  # uint8 [N, S, S, 3], resized to config.image_size, decoded once.
-    labels: np.ndarray  # int32 [N], 1 = parasitized, 0 = uninfected.
+    labels: np.ndarray  # int32 [N], the class index (malaria: 1 = parasitized, 0 = uninfected).
     slide_ids: np.ndarray  # str [N], '' where unknown (tfds).
     names: np.ndarray  # str [N], stable example ids (relative file path, 'tfds:train:123').
 
@@ -38,6 +38,14 @@ class Dataset:
     validation: Split
     test: Split
     manifest: dict  # JSON-able; see `build_manifest`.
+    # Label = index: the malaria pair, or the class folders of an ImageFolder layout.
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+
+def class_names_of(dataset) -> tuple[str, ...]:
+    """A dataset's classes in label order; the malaria pair for a `Dataset`-like object that
+    names none (a library caller's own)."""
+    return tuple(getattr(dataset, "class_names", CLASS_NAMES))
 
 
 def names_sha256(names) -> str:
@@ -45,11 +53,24 @@ def names_sha256(names) -> str:
     return hashlib.sha256("\n".join(str(n) for n in names).encode("utf-8")).hexdigest()
 
 
+def resolve_split_by(split_by: str, slide_ids) -> str:
+    """'slide' or 'image': `split_by`, with 'auto' read as 'slide' iff some slide id is known."""
+    if split_by != "auto":
+        return split_by
+    return "slide" if any(str(s) for s in slide_ids) else "image"
+
+
+def num_classes_of(labels) -> int:
+    """The classes labels index: at least 2, else one more than the largest label."""
+    labels = np.asarray(labels)
+    return max(2, int(labels.max()) + 1) if len(labels) else 2
+
+
 def split_indices(labels, slide_ids, fractions, split_by: str, seed: int) -> list[np.ndarray]:
     """Sorted index arrays, one per fraction: whole slides (`split_by='slide'`) or cells ('image').
 
     Args:
-      labels: int [N], 1 = parasitized.
+      labels: int [N], class indices (malaria: 1 = parasitized).
       slide_ids: str [N]; used by 'slide' only ('' = a cell without a slide is its own group).
       fractions: the share of cells each part gets (any number of parts, e.g. k folds).
       split_by: 'slide' (`split_by_slide`) or 'image' (`split_by_image`).
@@ -70,20 +91,33 @@ def take_splits(pool: Split, parts) -> dict:
     return {name: pool.take(idx) for name, idx in zip(SPLIT_NAMES, parts, strict=True)}
 
 
-def checked_dataset(splits: dict, check_fractions, how: str, **manifest_fields) -> Dataset:
+def checked_dataset(
+    splits: dict, check_fractions, how: str, class_names=CLASS_NAMES, **manifest_fields
+) -> Dataset:
     """The `Dataset` of `splits`, after `check_classes`, with its manifest.
 
     Args:
       splits: {'train', 'validation', 'test'} -> `Split`.
       check_fractions: per split; a split with fraction 0 may be empty (see `check_classes`).
       how: how the splits were made, for the error message (e.g. 'split by slide').
+      class_names: the name of each label, in label order (default: the malaria pair).
       **manifest_fields: the keyword arguments of `build_manifest` (source, seed, ...).
 
     Returns:
-      The `Dataset`; raises ValueError if a split that should hold examples lacks a class.
+      The `Dataset`; raises ValueError if a split that should hold examples lacks a class, or a
+      label has no name.
     """
-    check_classes(splits, check_fractions, how)
-    return Dataset(**splits, manifest=build_manifest(splits, **manifest_fields))
+    class_names = tuple(class_names)
+    for name, split in splits.items():
+        if len(split) and int(np.max(split.labels)) >= len(class_names):
+            raise ValueError(
+                f"The {name} split has labels up to {int(np.max(split.labels))}, but the data "
+                f"names {len(class_names)} classes ({', '.join(class_names)}): only the training "
+                "command (experiments.malaria) takes data of other classes."
+            )
+    check_classes(splits, check_fractions, how, class_names)
+    manifest = build_manifest(splits, class_names=class_names, **manifest_fields)
+    return Dataset(**splits, manifest=manifest, class_names=class_names)
 
 
 def split_by_image(labels, fractions, seed: int) -> list[np.ndarray]:
@@ -91,7 +125,7 @@ def split_by_image(labels, fractions, seed: int) -> list[np.ndarray]:
     labels = np.asarray(labels)
     rng = np.random.default_rng([seed, 0x1A6E])
     parts = [[] for _ in fractions]
-    for label in (0, 1):
+    for label in range(num_classes_of(labels)):
         idx = np.flatnonzero(labels == label)
         idx = idx[rng.permutation(len(idx))]
         bounds = np.cumsum([0, *_counts(len(idx), fractions)])
@@ -117,8 +151,9 @@ def _counts(n: int, fractions) -> list[int]:
 def split_by_slide(labels, slide_ids, fractions, seed: int) -> list[np.ndarray]:
     """Assigns whole slides to splits; returns sorted index arrays (train, val, test).
 
-    Slides are stratified: slides with at least one parasitized cell (infected patients) and
-    uninfected-only slides are placed separately. Within a stratum, slides are taken in a
+    Slides are stratified: with two classes, slides with at least one cell of class 1
+    (infected patients) and the others are placed separately; with more, slides are grouped
+    by their majority class (the lowest label of a tie). Within a stratum, slides are taken in a
     random order (from `seed`) and each goes to the split that most lacks cells of the
     classes it holds, relative to `fractions`; of `_TRIALS` such orders the one whose
     per-class counts come closest to `fractions` wins. No slide is in two splits. A cell
@@ -127,15 +162,20 @@ def split_by_slide(labels, slide_ids, fractions, seed: int) -> list[np.ndarray]:
     labels = np.asarray(labels)
     groups = np.asarray([s if s else f"\0{i}" for i, s in enumerate(slide_ids)])
     uniq, inverse = np.unique(groups, return_inverse=True)
+    classes = num_classes_of(labels)
     per_class = np.stack(
-        [np.bincount(inverse[labels == c], minlength=len(uniq)) for c in (0, 1)], -1
-    ).astype(np.float64)  # [slides, 2]
-    infected = per_class[:, 1] > 0
+        [np.bincount(inverse[labels == c], minlength=len(uniq)) for c in range(classes)], -1
+    ).astype(np.float64)  # [slides, classes]
+    if classes == 2:
+        stratum_of, strata = per_class[:, 1] > 0, (True, False)  # infected patients first
+    else:
+        stratum_of = np.argmax(per_class, -1)
+        strata = np.unique(stratum_of)
     rng = np.random.default_rng([seed, 0x511DE])
     fractions = np.asarray(fractions, np.float64)
     split_of_group = np.full(len(uniq), -1)
-    for stratum in (True, False):
-        members = np.flatnonzero(infected == stratum)
+    for stratum in strata:
+        members = np.flatnonzero(stratum_of == stratum)
         best = None
         for _ in range(_TRIALS):
             order = members[rng.permutation(len(members))]
@@ -153,7 +193,7 @@ _TRIALS = 64
 def _place_slides(per_class, fractions):
     """Greedy placement of slides (rows: cells per class) in the given order."""
     totals = np.maximum(per_class.sum(0), 1)
-    target = fractions[:, None] * per_class.sum(0) / totals  # [splits, 2], as shares.
+    target = fractions[:, None] * per_class.sum(0) / totals  # [splits, classes], as shares.
     filled = np.zeros_like(target)
     assignment = np.zeros(len(per_class), np.int64)
     for i, cells in enumerate(per_class / totals):
@@ -165,18 +205,19 @@ def _place_slides(per_class, fractions):
     return assignment, float(np.abs(filled - target).sum())
 
 
-def check_classes(splits: dict, fractions, how: str) -> None:
+def check_classes(splits: dict, fractions, how: str, class_names=CLASS_NAMES) -> None:
     """Raises ValueError if a split that should hold examples lacks a class."""
+    unit = "cells" if tuple(class_names) == CLASS_NAMES else "images"
     for name, fraction in zip(SPLIT_NAMES, fractions, strict=True):
         split = splits[name]
         if fraction <= 0 and len(split) == 0:
             continue
-        missing = [CLASS_NAMES[c] for c in (0, 1) if not np.any(split.labels == c)]
+        missing = [n for c, n in enumerate(class_names) if not np.any(split.labels == c)]
         if missing:
             by_slide = "slide" in how
             raise ValueError(
-                f"The {name} split ({how}) has no {' or '.join(missing)} cells: there are too "
-                f"few {'slides' if by_slide else 'cells'} for these split fractions. Use more "
+                f"The {name} split ({how}) has no {' or '.join(missing)} {unit}: there are too "
+                f"few {'slides' if by_slide else unit} for these split fractions. Use more "
                 "data, larger fractions for the small splits"
                 f"{', or --config.data.split_by=image' if by_slide else ''}."
             )
@@ -191,13 +232,16 @@ def build_manifest(
     split_by: str,
     skipped: list,
     extra: dict | None = None,
+    class_names=CLASS_NAMES,
 ) -> dict:
     """JSON-able description of a dataset split.
 
     Per split: counts per class, sorted slide ids, and the sha256 of the ordered example ids
     (equal hashes = the same examples in the same order). Also the files skipped as unreadable,
-    and which slides (if any) appear in more than one split.
+    and which slides (if any) appear in more than one split. Classes other than the malaria
+    pair are listed under `class_names` (label = index); the malaria pair is implied.
     """
+    class_names = tuple(class_names)
     manifest = {
         "source": source,
         "seed": int(seed),
@@ -207,6 +251,12 @@ def build_manifest(
         "uses 0 = parasitized and is mapped to 1.",
         "splits": {},
     }
+    if class_names != CLASS_NAMES:
+        manifest["class_names"] = list(class_names)
+        manifest["label_convention"] = (
+            "label = index into class_names: the class folders, sorted by name (the ImageFolder "
+            "order of torchvision and keras) unless config.data.class_names orders them"
+        )
     slides_of = {}
     for name in SPLIT_NAMES:
         split = splits[name]
@@ -215,7 +265,7 @@ def build_manifest(
         slides_of[name] = set(slides)
         manifest["splits"][name] = {
             "num_examples": int(len(labels)),
-            "counts": {c: int(np.sum(labels == i)) for i, c in enumerate(CLASS_NAMES)},
+            "counts": {c: int(np.sum(labels == i)) for i, c in enumerate(class_names)},
             "num_slides": len(slides),
             "slide_ids": slides,
             "names_sha256": names_sha256(split.names),

@@ -7,7 +7,8 @@ Every exported model is one function, uint8 RGB crops of any size -> class proba
 - inside the graph the crop is resized the way training decoded it
   (`mnres.inference.resize_like_training`), scaled by x / 127.5 - 1 and classified by
   `mnres.inference.classify`, with the 8-view test-time augmentation when the run used it;
-- output float32 [B, num_classes] softmax probabilities; class 1 = parasitized.
+- output float32 [B, num_classes] softmax probabilities, in the order of the run's classes
+  (the sidecar's `class_names`; for the malaria model class 1 = parasitized).
 
 So a phone app feeds camera crops directly. Export always uses the grouped-convolution
 depthwise formulation (TFLite then emits DEPTHWISE_CONV_2D) and float32 compute, whatever the
@@ -35,11 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnres import provenance, run_folder
+from mnres.data.config import MALARIA_CLASSES
 
 # `resize_like_training` is re-exported: `export.resize_like_training` is its 0.1 path.
 from mnres.inference import Classifier, resize_like_training  # noqa: F401
 
-CLASS_NAMES = ("uninfected", "parasitized")  # label 1 = parasitized, as in mnres.data
+# The malaria classes (label 1 = parasitized, as in mnres.data); a run of other classes exports
+# its own (`Classifier.class_names`).
+CLASS_NAMES = MALARIA_CLASSES
 TFLITE_INPUT_SHAPE = "(1, h, w, 3)"
 STABLEHLO_INPUT_SHAPE = "(b, h, w, 3)"
 # The StableHLO artifact runs on any of these (lowering needs none of the hardware).
@@ -146,11 +150,14 @@ def _write_metadata(path: str, classifier: Classifier, **extra) -> None:
         manifest = run_folder.read_manifest(run)
     if run and os.path.isfile(os.path.join(run, run_folder.REPORT_JSON)):
         report = run_folder.read_report(run)
+    names = classifier.class_names
     meta = {
         "image_size": classifier.image_size,
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(names),
         "input": "uint8 RGB [batch, height, width, 3], any height and width",
-        "output": "float32 softmax probabilities [batch, classes]; class 1 = parasitized",
+        "output": "float32 softmax probabilities [batch, classes]; class 1 = parasitized"
+        if names == CLASS_NAMES
+        else "float32 softmax probabilities [batch, classes], in the order of class_names",
         **classifier.metadata,
         **extra,
         "provenance": provenance.collect(manifest=manifest),

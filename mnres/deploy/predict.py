@@ -4,6 +4,11 @@
   rows = predict_files(predictor, find_images(["cells/", "more/*.png"]))
   print(format_table(rows, slide_summary(rows)))
 
+A model of other classes than the malaria pair (a run fine-tuned on a folder of class
+subfolders) labels each crop with its most probable class by name (for two classes: class 1
+iff its probability reaches the threshold) and gives that probability; per-slide summaries
+are the malaria model's.
+
 Crops are decoded as training decodes them (`mnres.data.decode.decode_image`: RGB, longer
 side to the model's size, centred on black) when the model's size is known, so a checkpoint
 and its exports see the same pixels. An unreadable file becomes a row with an `error`, never a
@@ -23,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from mnres import run_folder
+from mnres.data import config as data_config
 from mnres.data import decode
 from mnres.data.sources import IMAGE_SUFFIXES, slide_id
 from mnres.deploy import export
@@ -34,17 +40,33 @@ MODEL_SUFFIXES = (".tflite", ".onnx", *STABLEHLO_SUFFIXES)
 
 @dataclass
 class Predictor:
-    """A model as a function uint8 crops -> parasitized probability."""
+    """A model as a function uint8 crops -> class probabilities."""
 
     name: str  # where it came from, for messages
     kind: str  # 'checkpoint', 'stablehlo', 'tflite' or 'onnx'
     image_size: int | None  # crops are decoded to S x S; None: at their own size
     run: Any  # uint8 [B, S, S, 3] (or a list of crops) -> probabilities [B, C]
     batch_size: int = 64
+    class_names: tuple[str, ...] = export.CLASS_NAMES  # the outputs' classes, in order
+
+    @property
+    def malaria(self) -> bool:
+        """Whether the classes are the malaria pair (class 1 = parasitized)."""
+        return tuple(self.class_names) == export.CLASS_NAMES
 
     def parasitized(self, images) -> np.ndarray:
         """Probabilities of class 1 (parasitized), float [B]."""
         return np.asarray(self.run(images))[:, 1]
+
+
+def model_class_names(path: str) -> tuple[str, ...]:
+    """The classes of a model path without loading it: a run folder's config.json, an exported
+    file's sidecar; the malaria pair when neither names them."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, run_folder.CONFIG_JSON)):
+            return data_config.class_names(run_folder.read_config(path).data)
+        return export.CLASS_NAMES
+    return tuple(export.read_metadata(path).get("class_names") or export.CLASS_NAMES)
 
 
 def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64) -> Predictor:
@@ -61,15 +83,17 @@ def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64)
             f"{'/'.join(STABLEHLO_SUFFIXES)} StableHLO export"
         )
     size = export.read_metadata(path).get("image_size")
+    names = model_class_names(path)
     try:
         if path.endswith(".tflite"):
             model = export.load_tflite(path)
             # An S x S model resizes other crops itself; any-size models resize in the graph.
-            return Predictor(path, "tflite", size or model.input_size, model, 1)
+            return Predictor(path, "tflite", size or model.input_size, model, 1, names)
         if path.endswith(STABLEHLO_SUFFIXES):
-            return Predictor(path, "stablehlo", size, export.load_stablehlo(path), batch_size)
+            run = export.load_stablehlo(path)
+            return Predictor(path, "stablehlo", size, run, batch_size, names)
         if path.endswith(".onnx"):
-            return Predictor(path, "onnx", size, export.load_onnx(path), batch_size)
+            return Predictor(path, "onnx", size, export.load_onnx(path), batch_size, names)
     except ImportError as e:
         raise ValueError(f"running {path} needs {e.name}: pip install {e.name}") from e
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line, not a trace
@@ -96,7 +120,9 @@ def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Pred
 
     serve = jax.jit(export.serving_function(classifier))
     run = lambda images: np.asarray(serve(np.asarray(images, np.uint8)))
-    return Predictor(name, "checkpoint", classifier.image_size, run, batch_size)
+    return Predictor(
+        name, "checkpoint", classifier.image_size, run, batch_size, classifier.class_names
+    )
 
 
 def operating_threshold(model_path: str, point: str) -> float:
@@ -198,26 +224,34 @@ def _read(path: str, size: int | None) -> np.ndarray:
 def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> list[dict]:
     """One row per file: file, slide_id, label, prob_parasitized, error (None when read).
 
+    A model of other classes than the malaria pair gives rows of file, slide_id, label (the
+    class called), prob (its probability), probs ({class: probability}) and error.
+
     Args:
       predictor: from `load_predictor`.
       paths: image files.
-      threshold: a cell is called parasitized when its probability is >= threshold.
+      threshold: two classes: a crop is called class 1 (parasitized) when its probability is
+        >= threshold. More classes: unused, a crop is called its most probable class.
     """
+    malaria = predictor.malaria
+    scores = {"prob_parasitized": None} if malaria else {"prob": None, "probs": None}
     rows = [
-        {"file": p, "slide_id": slide_id(p), "label": None, "prob_parasitized": None,
-         "error": None}
-        for p in paths
-    ]  # fmt: skip
+        {"file": p, "slide_id": slide_id(p), "label": None, **scores, "error": None} for p in paths
+    ]
     # Same-size crops batch together (all of them when the predictor has a fixed size).
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush():
-        if pending:
+        if pending and malaria:
             probs = predictor.parasitized([image for _, image in pending])
             for (i, _), p in zip(pending, probs, strict=True):
                 rows[i]["prob_parasitized"] = float(p)
                 rows[i]["label"] = export.CLASS_NAMES[int(p >= threshold)]
-            pending.clear()
+        elif pending:
+            probs = np.asarray(predictor.run([image for _, image in pending]), np.float64)
+            for (i, _), p in zip(pending, probs, strict=True):
+                rows[i].update(_called(p, predictor.class_names, threshold))
+        pending.clear()
 
     for i, row in enumerate(rows):
         if not os.path.isfile(row["file"]):  # an input `find_images` found nothing for
@@ -235,15 +269,29 @@ def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> lis
     return rows
 
 
+def _called(probs, class_names, threshold: float) -> dict:
+    """The row fields of one crop of a model of other classes: label, prob, probs."""
+    if len(probs) == 2:
+        label = int(probs[1] >= threshold)
+    else:
+        label = int(np.argmax(probs))
+    return {
+        "label": class_names[label],
+        "prob": float(probs[label]),
+        "probs": {name: float(p) for name, p in zip(class_names, probs, strict=True)},
+    }
+
+
 def slide_summary(rows, *, threshold: float = 0.5) -> list[dict]:
     """Per slide id (rows whose file name carries one): cells, parasitized count and fraction.
 
     Whether a patient is infected is a call on that fraction; the training report's
-    `test_patient` section gives the fraction threshold chosen on validation.
+    `test_patient` section gives the fraction threshold chosen on validation. Only rows of the
+    malaria model count (other classes have no parasitized fraction).
     """
     by_slide: dict[str, list[float]] = {}
     for row in rows:
-        if row["slide_id"] and row["error"] is None:
+        if row["slide_id"] and row["error"] is None and "prob_parasitized" in row:
             by_slide.setdefault(row["slide_id"], []).append(row["prob_parasitized"])
     summary = []
     for slide, probs in sorted(by_slide.items()):
@@ -264,14 +312,17 @@ def slide_summary(rows, *, threshold: float = 0.5) -> list[dict]:
 def format_table(rows, summary=()) -> str:
     """Plain-text tables of the rows and, when there is one, the per-slide summary."""
     width = max([len("file")] + [len(r["file"]) for r in rows])
-    lines = [f"{'file':<{width}}  {'slide':<10} {'label':<12} {'p(parasitized)':>14}"]
+    malaria = all("prob_parasitized" in r for r in rows)
+    key, title = ("prob_parasitized", "p(parasitized)") if malaria else ("prob", "p(label)")
+    label_width = max([12] + [len(r["label"]) + 1 for r in rows if r["label"]])
+    lines = [f"{'file':<{width}}  {'slide':<10} {'label':<{label_width}} {title:>14}"]
     for r in rows:
         if r["error"]:
             lines.append(f"{r['file']:<{width}}  {r['slide_id'] or '-':<10} error: {r['error']}")
         else:
             lines.append(
-                f"{r['file']:<{width}}  {r['slide_id'] or '-':<10} {r['label']:<12} "
-                f"{r['prob_parasitized']:>14.4f}"
+                f"{r['file']:<{width}}  {r['slide_id'] or '-':<10} {r['label']:<{label_width}} "
+                f"{r[key]:>14.4f}"
             )
     if summary:
         lines += ["", f"{'slide':<10} {'cells':>6} {'parasitized':>12} {'fraction':>9} "
@@ -294,6 +345,14 @@ def probabilities(predictor: Predictor, images) -> np.ndarray:
     )
 
 
+def class_probabilities(predictor: Predictor, images) -> np.ndarray:
+    """Probabilities [N, C] of uint8 crops [N, H, W, 3], in predictor-sized batches."""
+    n, step = len(images), predictor.batch_size
+    return np.concatenate(
+        [np.asarray(predictor.run(images[i : i + step])) for i in range(0, n, step)]
+    )
+
+
 def latency_ms(predictor: Predictor, image, runs: int = 50) -> float:
     """Median wall time of one batch-1 prediction (after two warm-up calls), in ms."""
     batch = np.asarray(image, np.uint8)[None]
@@ -313,17 +372,23 @@ def compare(predictors: dict, images, labels, *, threshold: float = 0.5) -> list
     Args:
       predictors: {name: Predictor}; the first is the reference (the JAX model).
       images: uint8 [N, S, S, 3] crops the models never trained on.
-      labels: int [N], 1 = parasitized.
+      labels: int [N], 1 = parasitized (class indices for more than two classes, whose accuracy
+        is of the most probable class).
     """
     labels = np.asarray(labels)
     rows, reference = [], None
     for name, predictor in predictors.items():
-        probs = probabilities(predictor, images)
+        if len(predictor.class_names) == 2:
+            probs = probabilities(predictor, images)
+            accuracy = float(np.mean((probs >= threshold) == (labels == 1)))
+        else:
+            probs = class_probabilities(predictor, images)
+            accuracy = float(np.mean(np.argmax(probs, -1) == labels))
         reference = probs if reference is None else reference
         rows.append(
             {
                 "model": name,
-                "accuracy": float(np.mean((probs >= threshold) == (labels == 1))),
+                "accuracy": accuracy,
                 "max_abs_diff": float(np.max(np.abs(probs - reference), initial=0.0)),
                 "latency_ms": latency_ms(predictor, images[0]),
             }

@@ -17,6 +17,10 @@ Every training run with a validation split writes ``calibration.json`` beside it
 
   {"temperature": T, "threshold_at_spec_95": t95, "threshold_at_spec_98": t98,
    "threshold_scale": "...", "validation": {...}, "test": {...}}
+
+For data of more than two classes the temperature is fitted the same way on the K-class
+logits; operating points, which need a positive class, are left out (``num_classes`` and
+``operating_points`` say so) and the ECE is the top-label one over the K classes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 import scipy.optimize
 
 from mnres import run_folder
-from mnres.evaluation import metrics
+from mnres.evaluation import metrics, multiclass
 
 # File names in the run folder (owned by mnres.run_folder).
 CALIBRATION_JSON = run_folder.CALIBRATION_JSON
@@ -132,6 +136,11 @@ def calibrated_probs(logits, temperature: float) -> np.ndarray:
     return np.exp(_log_softmax(logits / temperature)[:, 1])
 
 
+def calibrated_class_probs(logits, temperature: float) -> np.ndarray:
+    """softmax(logits / T), float64 [N, K]; [N] input is read as binary log-odds."""
+    return multiclass.softmax(_as_logits(logits) / temperature)
+
+
 def calibrate_probs(probs, temperature: float) -> np.ndarray:
     """Temperature-scales probabilities when only they are known (exports output softmax).
 
@@ -162,12 +171,15 @@ def threshold_for(record: dict, operating_point: str) -> float | None:
 
 def report_summary(record: dict) -> dict:
     """The flat test-split figures of a record, as reports and cross-validation tables show them:
-    temperature, ECE before/after, and per point threshold, sensitivity, specificity."""
+    temperature, ECE before/after, and per point threshold, sensitivity, specificity (two
+    classes only)."""
     summary = {
         "temperature": record["temperature"],
         "ece_before": record["test"]["ece_before"],
         "ece_after": record["test"]["ece_after"],
     }
+    if record.get("num_classes", 2) != 2:
+        return summary
     for point in POINT_KEYS:
         for key in ("threshold", "sensitivity", "specificity"):
             summary[f"{key}_at_{point}"] = record["test"][f"at_{point}"][key]
@@ -178,16 +190,19 @@ def calibrate(val_logits, val_labels, test_logits=None, test_labels=None, n_bins
     """Fits T and the operating points on validation; measures both on test if given.
 
     Args:
-      val_logits, test_logits: binary logits [N, 2].
-      val_labels, test_labels: int [N], 1 = parasitized.
+      val_logits, test_logits: binary logits [N, 2] (or [N] log-odds), or logits [N, K].
+      val_labels, test_labels: int [N], 1 = parasitized (class indices for K classes).
       n_bins: ECE bins.
 
     Returns:
       The calibration.json record: temperature, threshold_at_spec_95/98 (uncalibrated
       P(parasitized) scale; None if validation lacks a class), threshold_scale, and per split
       nll/ece before and after scaling and, on test, the sensitivity and specificity reached
-      with the validation thresholds.
+      with the validation thresholds. For K > 2 classes: temperature, num_classes, and per
+      split nll/ece before and after scaling (`calibrate_multiclass`).
     """
+    if _as_logits(val_logits).shape[1] != 2:
+        return calibrate_multiclass(val_logits, val_labels, test_logits, test_labels, n_bins)
     temperature = fit_temperature(val_logits, val_labels)
     record = {"temperature": temperature}
     val_probs = calibrated_probs(val_logits, 1.0)
@@ -222,6 +237,32 @@ def calibrate(val_logits, val_labels, test_logits=None, test_labels=None, n_bins
     return record
 
 
+def calibrate_multiclass(val_logits, val_labels, test_logits=None, test_labels=None, n_bins=15):
+    """`calibrate` for logits [N, K] of K > 2 classes: the temperature and the NLL and top-label
+    ECE before and after scaling; no operating points (they need a positive class)."""
+    temperature = fit_temperature(val_logits, val_labels)
+    k = _as_logits(val_logits).shape[1]
+    record = {
+        "temperature": temperature,
+        "num_classes": k,
+        "operating_points": f"none: thresholds at a specificity need two classes, not {k}",
+    }
+    splits = {"validation": (val_logits, val_labels)}
+    if test_logits is not None:
+        splits["test"] = (test_logits, test_labels)
+    for name, (logits, labels) in splits.items():
+        before = calibrated_class_probs(logits, 1.0)
+        after = calibrated_class_probs(logits, temperature)
+        record[name] = {
+            "n": int(len(labels)),
+            "nll_before": negative_log_likelihood(logits, labels, 1.0),
+            "nll_after": negative_log_likelihood(logits, labels, temperature),
+            "ece_before": multiclass.expected_calibration_error(labels, before, n_bins),
+            "ece_after": multiclass.expected_calibration_error(labels, after, n_bins),
+        }
+    return record
+
+
 # The run folder writes and reads the record (0.1 names).
 write_calibration = run_folder.write_calibration
 read_calibration = run_folder.read_calibration
@@ -233,7 +274,7 @@ def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) 
     Args:
       workdir: the run folder.
       record: from `calibrate`.
-      test_labels, test_logits: the test split's labels and logits [N, 2] (or log-odds [N]).
+      test_labels, test_logits: the test split's labels and logits [N, K] (or log-odds [N]).
 
     Returns:
       The path of calibration.json.
@@ -241,10 +282,13 @@ def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) 
     from mnres.evaluation import report
 
     path = write_calibration(workdir, record)
+    binary = _as_logits(test_logits).shape[1] == 2
     for temperature, name in (
         (1.0, RELIABILITY_UNCALIBRATED_PNG),
         (record["temperature"], RELIABILITY_CALIBRATED_PNG),
     ):
-        probs = calibrated_probs(test_logits, temperature)
+        # Two classes: P(class 1), as before; K classes: the softmax rows [N, K].
+        scale = calibrated_probs if binary else calibrated_class_probs
+        probs = scale(test_logits, temperature)
         report.plot_reliability(test_labels, probs, os.path.join(workdir, name))
     return path

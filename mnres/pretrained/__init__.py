@@ -3,6 +3,7 @@
   pretrained = mnres.load_pretrained("malaria")      # offline: package data
   pretrained.model, pretrained.variables, pretrained.preprocessing
   probs = pretrained.classifier.serve(uint8_crops)  # [B, 2]; class 1 = parasitized
+  backbone = mnres.load_pretrained("malaria", num_classes=5)  # a new 5-class head, to fine-tune
   mnres.list_pretrained()                            # what there is, shipped or downloadable
 
 The shipped model is `experiments/configs/default.py` trained on the development slides of the
@@ -20,8 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from mnres import run_folder
+from mnres.data import config as data_config
 from mnres.inference import Classifier
 
 SHIPPED = ("malaria",)
@@ -130,8 +133,9 @@ def load_pretrained(
         'mobilenet_v1_1.0_224.imagenet' (downloaded once into `cache_dir`).
       model: a model to load the weights into instead of the one they were trained as; it may
         differ only in fields that change no parameter (formulation, dtype, dropout, ...).
-      num_classes: ImageNet weights only: None keeps ImageNet's 1000-class top; a number gives a
-        new classifier of that size at its initial values (for fine-tuning).
+      num_classes: None keeps the weights' own classifier (ImageNet's 1000 classes, malaria's
+        2); another number gives a new classifier of that size at its initial values on the
+        pretrained backbone (for fine-tuning). A `model` with another class count gets one too.
       cache_dir: ImageNet weights only: the download cache (default: `$MNRES_CACHE`, else
         ~/.cache/mnres).
 
@@ -139,9 +143,11 @@ def load_pretrained(
       ValueError: an unknown name, or a `model` whose fields differ (the error names them).
     """
     if name in SHIPPED:
-        if num_classes is not None and num_classes != 2:
-            raise ValueError(f"{name!r} has 2 classes; fine-tune it for {num_classes}")
-        return _load_shipped(name, model)
+        if model is not None and num_classes is not None and model.num_classes != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} but the model given has {model.num_classes} classes"
+            )
+        return _load_shipped(name, model, num_classes)
     if name.endswith(".imagenet"):
         return _load_imagenet(name, model, num_classes, cache_dir)
     known = ", ".join(SHIPPED) + ", or an ImageNet name from mnres.list_pretrained()"
@@ -166,23 +172,93 @@ def check_fields(model, expected, what: str) -> None:
         raise ValueError(f"{what} need {'; '.join(differ)}")
 
 
-def _load_shipped(name: str, model) -> Pretrained:
+def shipped_config(name: str = "malaria"):
+    """The training config (config.json) of a shipped model."""
+    return run_folder.read_config(shipped_folder(name))
+
+
+def shipped_classes(name: str = "malaria") -> tuple[str, ...]:
+    """The classes a shipped model was trained on, in output order."""
+    return data_config.class_names(shipped_config(name).data)
+
+
+def with_shipped_weights(name: str, model, variables: dict, *, new_head: bool) -> dict:
+    """`variables` of `model` with the shipped weights `name` put in.
+
+    Args:
+      name: a shipped model ('malaria').
+      model: the model `variables` are of: the shipped one's fields, but for those that change
+        no parameter and, with `new_head`, the number of classes.
+      variables: {'params', 'batch_stats'} of `model`, e.g. a fresh `model.init`.
+      new_head: keep the classifier of `variables` (for other classes) instead of the shipped
+        one; every other layer comes from the shipped weights.
+
+    Returns:
+      The new variables (plain dicts).
+
+    Raises:
+      ValueError: a field of `model` differs from the shipped model's (the error names it), or
+        the classifier does not fit without `new_head`.
+    """
     import flax.serialization
 
     from mnres import models
 
     folder = shipped_folder(name)
     config = run_folder.read_config(folder)
-    expected = models.from_config(config.model)
-    if model is not None:
+    classes = len(data_config.class_names(config.data))
+    what = f"the shipped {name!r} weights"
+    expected = models.from_config(config.model, num_classes=model.num_classes)
+    check_fields(model, expected, what)
+    if not new_head and model.num_classes != classes:
+        raise ValueError(f"{what} have {classes} classes, this model {model.num_classes}")
+    stored = flax.serialization.msgpack_restore((folder / WEIGHTS).read_bytes())
+    head = model.classifier_name
+    merged = {
+        collection: {
+            layer: value if new_head and layer == head else stored.get(collection, {}).get(layer)
+            for layer, value in layers.items()
+        }
+        for collection, layers in variables.items()
+    }
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), variables)
+    run_folder.check_fits(merged, shapes, f"{folder / WEIGHTS}", config.model.name)
+    return merged
+
+
+def initial_classifier(classifier: dict, seed: int = 0) -> dict:
+    """A classifier's {'kernel', 'bias'} at initial values like those `model.init` gives an
+    mnres model's (`mobilenet._MobileNet._head`: Glorot-uniform kernel, zero bias), without
+    compiling the whole model's init."""
+    kernel, bias = classifier["kernel"], classifier["bias"]
+    init = nn.initializers.glorot_uniform()
+    return {
+        "kernel": init(jax.random.key(seed), kernel.shape, kernel.dtype),
+        "bias": jnp.zeros(bias.shape, bias.dtype),
+    }
+
+
+def _load_shipped(name: str, model, num_classes: int | None) -> Pretrained:
+    from mnres import models
+
+    folder = shipped_folder(name)
+    config = run_folder.read_config(folder)
+    classes = data_config.class_names(config.data)
+    num_classes = num_classes or (model.num_classes if model is not None else len(classes))
+    expected = models.from_config(config.model, num_classes=num_classes)
+    if model is not None:  # before any tracing: a field that differs is named at once
         check_fields(model, expected, f"the shipped {name!r} weights")
     model = model or expected
     size = int(config.data.image_size)
+    new_head = num_classes != len(classes)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     )
-    variables = flax.serialization.msgpack_restore((folder / WEIGHTS).read_bytes())
-    run_folder.check_fits(variables, dict(shapes), f"{folder / WEIGHTS}", config.model.name)
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if new_head:  # the classifier at initial values, the rest shipped (below)
+        head = model.classifier_name
+        variables["params"][head] = initial_classifier(variables["params"][head])
+    variables = with_shipped_weights(name, model, variables, new_head=new_head)
     tta = bool(config.get("test_time_augmentation"))
     return Pretrained(
         name=name,
@@ -190,7 +266,8 @@ def _load_shipped(name: str, model) -> Pretrained:
         variables=variables,
         image_size=size,
         preprocessing=preprocessing_facts(size, tta),
-        calibration=run_folder.read_calibration(folder),
+        # The temperature and operating points are the shipped classifier's.
+        calibration=None if new_head else run_folder.read_calibration(folder),
         card=run_folder.read_json(folder / CARD_JSON),
         folder=str(folder),
         config=config,

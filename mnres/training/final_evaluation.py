@@ -1,7 +1,11 @@
 """The end of a run: the chosen checkpoint on validation and test, its report and outputs.
 
 Called by `mnres.training.loop.train_and_evaluate` once training is done; it reads the `Run`
-that the loop built and writes through `mnres.run_folder`.
+that the loop built and writes through `mnres.run_folder`. Two classes (the malaria pair, or
+any pair with class 1 as the positive class) get the binary report: threshold metrics, ROC,
+patient level, operating points. More classes get accuracy, per-class precision and recall,
+the confusion matrix and the macro one-vs-rest AUC (`mnres.evaluation.multiclass`), and a
+temperature without operating points.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import jax
 from absl import logging
 
 from mnres import data, provenance, run_folder
-from mnres.data.splits import CLASS_NAMES
+from mnres.data.splits import CLASS_NAMES, class_names_of
 from mnres.deploy import export
 from mnres.evaluation import calibration as calibration_lib
-from mnres.evaluation import metrics, report
+from mnres.evaluation import metrics, multiclass, report
 from mnres.models import params as params_lib
 from mnres.training import steps
 from mnres.training.steps import TrainState
@@ -61,9 +65,8 @@ def calibrate(evaluation: Evaluation) -> dict | None:
     val, test = evaluation.validation, evaluation.test
     if not val:
         return None
-    record = calibration_lib.calibrate(
-        val["log_odds"], val["labels"], test["log_odds"], test["labels"]
-    )
+    key = "log_odds" if "log_odds" in val else "logits"  # two classes: the exact log-odds
+    record = calibration_lib.calibrate(val[key], val["labels"], test[key], test["labels"])
     record.update(checkpoint=evaluation.checkpoint, step=evaluation.step)
     return record
 
@@ -79,6 +82,7 @@ def build_report(
     """The report of a run (report.json): config, model, data, training, history, metrics."""
     config, ds, model = run.config, run.ds, run.model
     val, test = evaluation.validation, evaluation.test
+    names = class_names_of(ds)
     size = config.data.image_size
     counts = params_lib.count_params(model, (1, size, size, 3))
     result = {
@@ -95,7 +99,10 @@ def build_report(
         "data": {
             "source": config.data.source,
             "image_size": size,
-            "split_by": config.data.split_by,
+            # 'auto' is reported as the rule it chose (the manifest's).
+            "split_by": ds.manifest.get("split_by")
+            if config.data.split_by == "auto"
+            else config.data.split_by,
             "num_train": len(ds.train),
             "num_validation": len(ds.validation),
             "num_test": len(ds.test),
@@ -116,12 +123,14 @@ def build_report(
             "wall_seconds_this_run": wall_seconds,
         },
         "history": run.history,
-        "test": _cell_metrics(test),
-        "validation": _cell_metrics(val) if val else None,
-        "test_patient": _test_patient_metrics(ds, val, test),
+        "test": _cell_metrics(test, names),
+        "validation": _cell_metrics(val, names) if val else None,
+        "test_patient": _test_patient_metrics(ds, val, test) if len(names) == 2 else None,
         # A model that cannot be used says so here (and in the log), not only in its numbers.
         "warnings": training_warnings(run, evaluation),
     }
+    if tuple(names) != CLASS_NAMES:  # the malaria pair is implied, as in the manifest
+        result["data"]["class_names"] = list(names)
     if calibrated:
         result["calibration"] = calibration_lib.report_summary(calibrated)
     # Versions, commit, device, CPU instruction sets, XLA flags, manifest hash: mnres.provenance.
@@ -149,9 +158,9 @@ def training_warnings(run: Run, evaluation: Evaluation) -> list[str]:
             "config.num_epochs."
         )
         return found
-    val = evaluation.validation
+    val, names = evaluation.validation, class_names_of(run.ds)
     split, outputs = ("validation", val) if val else ("test", evaluation.test)
-    spread = metrics.output_collapse(outputs["labels"], outputs["probs"])
+    spread = _collapse(outputs)
     fix = (
         "likely BatchNorm running statistics that lag the network (config.model.bn_momentum "
         f"{config.model.bn_momentum:g} over {run.total_steps} steps: leave it unset or lower "
@@ -159,21 +168,30 @@ def training_warnings(run: Run, evaluation: Evaluation) -> list[str]:
         f"{config.optimizer.learning_rate:g})"
     )
     if spread["collapsed"]:
+        # Two classes: the spread of P(class 1); more: of the most-called class's probability.
+        of = names[1] if len(names) == 2 else names[spread["called_class"]]
         found.append(
-            f"The model gives nearly one output for every {split} crop (std of P(parasitized) "
+            f"The model gives nearly one output for every {split} crop (std of P({of}) "
             f"{spread['std']:.4f}, {100 * spread['called_share']:.1f}% called "
-            f"{CLASS_NAMES[spread['called_class']]}): {fix}."
+            f"{names[spread['called_class']]}): {fix}."
         )
     accuracies = [r["val_accuracy"] for r in run.history if r.get("val_accuracy") is not None]
     if val and accuracies:
-        prior = metrics.output_collapse(val["labels"], val["probs"])
+        prior = _collapse(val)
         if max(accuracies) <= prior["prior"] + 1e-9:
             found.append(
                 f"Validation accuracy never beat the class prior: best {max(accuracies):.4f} in "
                 f"{len(accuracies)} epochs, {prior['prior']:.4f} for always calling "
-                f"{CLASS_NAMES[prior['prior_class']]}: {fix}."
+                f"{names[prior['prior_class']]}: {fix}."
             )
     return found
+
+
+def _collapse(outputs: dict) -> dict:
+    """`output_collapse` of a split's outputs: on P(class 1) for two classes, else on all."""
+    if "probs" in outputs:
+        return metrics.output_collapse(outputs["labels"], outputs["probs"])
+    return multiclass.output_collapse(outputs["labels"], multiclass.softmax(outputs["logits"]))
 
 
 def log_warnings(warnings: list[str]) -> None:
@@ -196,29 +214,41 @@ def _test_patient_metrics(ds: data.Dataset, val: dict | None, test: dict) -> dic
     return metrics.patient_metrics(test["labels"], test["probs"], ds.test.slide_ids, fraction)
 
 
-def _cell_metrics(outputs: dict) -> dict:
-    """`metrics.binary_metrics` of a split's outputs, with its mean loss."""
-    return {**metrics.binary_metrics(outputs["labels"], outputs["probs"]), "loss": outputs["loss"]}
+def _cell_metrics(outputs: dict, class_names) -> dict:
+    """`metrics.binary_metrics` of a split's outputs (`multiclass.classification_metrics` for
+    more than two classes), with its mean loss."""
+    if "probs" in outputs:
+        found = metrics.binary_metrics(outputs["labels"], outputs["probs"])
+    else:
+        probs = multiclass.softmax(outputs["logits"])
+        found = multiclass.classification_metrics(outputs["labels"], probs, class_names)
+    return {**found, "loss": outputs["loss"]}
 
 
 def write_outputs(run: Run, result: dict, evaluation: Evaluation, calibrated) -> None:
     """Writes the test predictions and outputs, calibration, plots and report (chief only)."""
     if jax.process_index() != 0:
         return
-    workdir, test, split = run.workdir, evaluation.test, run.ds.test
-    run_folder.write_predictions(workdir, split, test["probs"])
+    workdir, test, split, names = run.workdir, evaluation.test, run.ds.test, class_names_of(run.ds)
+    binary = "probs" in test
+    # Two classes: P(class 1) and the log-odds; more: the softmax rows and the logits.
+    probs = test["probs"] if binary else multiclass.softmax(test["logits"])
+    scores = {"log_odds": test["log_odds"]} if binary else {"logits": test["logits"]}
+    run_folder.write_predictions(workdir, split, probs, names)
     run_folder.write_test_outputs(
-        workdir, log_odds=test["log_odds"], labels=test["labels"], slide_ids=split.slide_ids,
-        names=split.names,
-    )  # fmt: skip
+        workdir, **scores, labels=test["labels"], slide_ids=split.slide_ids, names=split.names
+    )
     if calibrated:
-        calibration_lib.write_run_calibration(workdir, calibrated, test["labels"], test["log_odds"])
+        calibration_lib.write_run_calibration(
+            workdir, calibrated, test["labels"], next(iter(scores.values()))
+        )
     # int8 export calibrates on these crops, so it needs no training data later.
     run_folder.write_calibration_sample(workdir, export.calibration_images(run.ds.train))
     path = lambda name: os.path.join(workdir, name)
     report.plot_history(run.history, path(run_folder.HISTORY_PNG))
     report.plot_confusion_matrix(
-        result["test"]["confusion_matrix"], path(run_folder.CONFUSION_MATRIX_PNG)
+        result["test"]["confusion_matrix"], path(run_folder.CONFUSION_MATRIX_PNG), names
     )
-    report.plot_roc(test["labels"], test["probs"], path(run_folder.ROC_PNG))
+    if binary:
+        report.plot_roc(test["labels"], test["probs"], path(run_folder.ROC_PNG), class_names=names)
     report.write_report(workdir, result)  # last: report.md links the plots written before it

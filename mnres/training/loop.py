@@ -33,16 +33,27 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
 from flax import linen as nn
 
 from mnres import config_validation, data, models, run_folder
+from mnres.data.splits import class_names_of
 from mnres.models import params as params_lib
-from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps, tensorboard
+from mnres.training import (
+    bn_momentum,
+    checkpoint,
+    final_evaluation,
+    optim,
+    steps,
+    tensorboard,
+    warm_start,
+)
 from mnres.training.steps import TrainState
+
+# The 0.1 name of the pretrained-weights loader (`mnres.training.warm_start`).
+_load_pretrained = warm_start.load_pretrained
 
 # The 0.1 name of the file (`mnres.train.TEST_OUTPUTS_NPZ`); the run folder owns it.
 TEST_OUTPUTS_NPZ = run_folder.TEST_OUTPUTS_NPZ
@@ -142,21 +153,6 @@ class Run:
         )
 
 
-def _model_config(model_config):
-    """`config.model`, unfrozen when there are no pretrained weights to keep (logged)."""
-    if model_config.get("freeze_through") and not model_config.get("pretrained"):
-        logging.warning(
-            "Training every layer: config.model.freeze_through=%r keeps layers at their "
-            "pretrained values, but config.model.pretrained ('imagenet' or a Keras weights "
-            "file) is not set, so they would stay at their random initialisation.",
-            model_config.freeze_through,
-        )
-        model_config = model_config.copy_and_resolve_references()
-        with model_config.unlocked():
-            model_config.freeze_through = None
-    return model_config
-
-
 def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     """Writes config.json and manifest.json; builds the model, optimizer and a fresh state."""
     config_validation.validate(config)  # every field, before any work (ConfigError)
@@ -166,13 +162,19 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
     config_validation.check_train_split(config, ds)
     per_epoch = data.steps_per_epoch(ds.train, config.batch_size)
-    # config.json holds the momentum trained with: the run reloads into the same model.
+    # config.json holds the momentum trained with and the data's classes: the run reloads into
+    # the same model.
     config, picked, warning = bn_momentum.resolve(config, per_epoch * config.num_epochs)
+    config = warm_start.with_class_names(config, ds)
     if _is_chief():
         run_folder.write_config(workdir, config)
         run_folder.write_manifest(workdir, ds)
     # config.platform (e.g. tpu.py) names where the steps run: the formulation is chosen for it.
-    model = models.from_config(_model_config(config.model), platform=config.get("platform"))
+    model = models.from_config(
+        warm_start.model_config(config.model),
+        num_classes=len(class_names_of(ds)),
+        platform=config.get("platform"),
+    )
     mesh = steps.make_mesh()
     size = config.data.image_size
     shapes = params_lib.abstract_variables(model, (1, size, size, 3))
@@ -195,34 +197,6 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     return run
 
 
-def _load_pretrained(
-    model_config, model, state: TrainState, image_size: int | None = None
-) -> TrainState:
-    """`config.model.pretrained` loaded into a fresh state: a Keras `.h5` path, or 'imagenet'.
-
-    'imagenet' takes Keras' published file for config.model.name/alpha and `image_size`
-    (`mnres.models.imagenet_weights.choose_weights`; None: the 224 px file), downloaded once into
-    `$MNRES_CACHE` (default ~/.cache/mnres). The log names the file and its sha256.
-    """
-    pretrained = model_config.get("pretrained")
-    if not pretrained:
-        return state
-    from mnres.models import imagenet_weights  # reads .h5 with h5py; only needed here
-
-    path, sha256 = imagenet_weights.resolve(
-        pretrained, model_config.name, model_config.get("alpha", 1.0),
-        image_size or imagenet_weights.DEFAULT_SIZE,
-    )  # fmt: skip
-    variables, loaded = imagenet_weights.load_checked(
-        model, {"params": state.params, "batch_stats": state.batch_stats}, path
-    )
-    logging.info("Pretrained weights (%s): %s, sha256 %s. %s", pretrained, path, sha256, loaded)
-    shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats))
-    params, batch_stats = jax.device_put((variables["params"], variables["batch_stats"]), shardings)
-    ema_params = jax.tree.map(jnp.copy, params) if state.ema_params else {}
-    return state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
-
-
 def _restore_or_start(run: Run) -> None:
     """Resumes from the latest checkpoint (and its history), or starts from pretrained weights."""
     config, ckpts = run.config, run.ckpts
@@ -231,8 +205,8 @@ def _restore_or_start(run: Run) -> None:
         run.state = TrainState.from_dict(ckpts.restore(run.state.to_dict()))
         logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
     else:
-        run.state = _load_pretrained(
-            config.model, run.model, run.state, image_size=config.data.image_size
+        run.state = warm_start.load_pretrained(
+            config.model, run.model, run.state, config.data.image_size, class_names_of(run.ds)
         )
     # Rows logged after the checkpoint are trained again: they are dropped from metrics.jsonl.
     run.history = run_folder.read_history(run.workdir, last_step=start or 0)

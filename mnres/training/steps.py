@@ -185,15 +185,18 @@ def make_train_step(
 def _eval_step(state: TrainState, batch, *, model, tta):
     variables = {"params": state.eval_params, "batch_stats": state.batch_stats}
     logits = classify(model, variables, preprocess(batch["image"]), tta=tta)
-    return {
-        "prob": jax.nn.softmax(logits)[:, 1],
-        # Binary log-odds log p1/p0: exact where the float32 probability saturates, so that
-        # temperature scaling can be fitted on them.
-        "log_odds": logits[:, 1] - logits[:, 0],
+    out = {
+        "logits": logits,  # [B, K]
         "loss": cross_entropy(logits, batch["label"]),
         "label": batch["label"],
         "mask": batch["mask"],
     }
+    if logits.shape[-1] == 2:
+        # P(class 1), and the binary log-odds log p1/p0: exact where the float32 probability
+        # saturates, so that temperature scaling can be fitted on them.
+        out["prob"] = jax.nn.softmax(logits)[:, 1]
+        out["log_odds"] = logits[:, 1] - logits[:, 0]
+    return out
 
 
 def make_eval_step(model, mesh, *, tta: bool = False):
@@ -211,12 +214,13 @@ def make_eval_step(model, mesh, *, tta: bool = False):
 
 
 def evaluate(eval_step, state: TrainState, split, batch_size: int, mesh) -> dict:
-    """Positive-class probabilities and losses for every example of `split`, exactly once.
+    """Logits, probabilities and losses for every example of `split`, exactly once.
 
     Returns:
-      {'labels': int32 [N], 'probs': float32 [N] P(parasitized), 'log_odds': float32 [N]
-       log P(parasitized)/P(uninfected), 'loss': mean cross-entropy,
-       'accuracy': at threshold 0.5}; arrays in the split's order.
+      {'labels': int32 [N], 'logits': float32 [N, K], 'loss': mean cross-entropy, 'accuracy'};
+      for two classes also 'probs': float32 [N] P(class 1) (P(parasitized)) and 'log_odds':
+      float32 [N] log P(class 1)/P(class 0), with 'accuracy' at threshold 0.5 on 'probs'; for
+      more, 'accuracy' is of the most probable class. Arrays in the split's order.
     """
     outputs = [
         eval_step(state, shard_batch(batch, mesh))
@@ -227,18 +231,21 @@ def evaluate(eval_step, state: TrainState, split, batch_size: int, mesh) -> dict
         raise ValueError("cannot evaluate an empty split")
     mask = np.concatenate([o["mask"] for o in host])
     labels = np.concatenate([o["label"] for o in host])[mask]
-    probs = np.concatenate([o["prob"] for o in host])[mask].astype(np.float32)
-    log_odds = np.concatenate([o["log_odds"] for o in host])[mask].astype(np.float32)
+    logits = np.concatenate([o["logits"] for o in host])[mask].astype(np.float32)
     loss = np.concatenate([o["loss"] for o in host])[mask]
     if len(labels) != len(split) or not np.array_equal(labels, split.labels):
         raise AssertionError(
             f"evaluation saw {len(labels)} examples of a split of {len(split)}; "
             "eval batches must cover every example exactly once"
         )
+    result = {"labels": labels, "logits": logits, "loss": float(np.mean(loss, dtype=np.float64))}
+    if logits.shape[1] != 2:
+        return {**result, "accuracy": float(np.mean(np.argmax(logits, -1) == labels))}
+    probs = np.concatenate([o["prob"] for o in host])[mask].astype(np.float32)
+    log_odds = np.concatenate([o["log_odds"] for o in host])[mask].astype(np.float32)
     return {
-        "labels": labels,
+        **result,
         "probs": probs,
         "log_odds": log_odds,
-        "loss": float(np.mean(loss, dtype=np.float64)),
         "accuracy": float(np.mean((probs >= 0.5) == (labels == 1))),
     }
