@@ -306,6 +306,11 @@ def calibration_bins(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> d
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     confidence = np.maximum(probs, 1.0 - probs)
     correct = (probs >= 0.5).astype(np.int64) == labels
+    return reliability_bins(confidence, correct, n_bins)
+
+
+def reliability_bins(confidence, correct, n_bins: int) -> dict[str, list]:
+    """Equal-width bins of the called class's confidence, with its accuracy per bin."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Right-closed bins: index b holds (edges[b], edges[b + 1]].
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
@@ -323,7 +328,11 @@ def calibration_bins(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> d
 
 def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> float:
     """Top-label ECE (Guo et al. 2017): sum over bins of |bin| / N * |accuracy - confidence|."""
-    bins = calibration_bins(labels, probs, n_bins)
+    return binned_calibration_error(calibration_bins(labels, probs, n_bins))
+
+
+def binned_calibration_error(bins: dict[str, list]) -> float:
+    """ECE of reliability bins: sum over bins of |bin| / N * |accuracy - confidence|."""
     n = sum(bins["count"])
     return float(
         sum(

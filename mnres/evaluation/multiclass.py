@@ -21,6 +21,7 @@ import numpy as np
 import scipy.stats
 from numpy.typing import ArrayLike
 
+from mnres.evaluation import metrics
 from mnres.evaluation.metrics import COLLAPSE_SHARE, COLLAPSE_STD
 
 
@@ -132,33 +133,12 @@ def calibration_bins(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> d
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     confidence = probs.max(-1)
     correct = np.argmax(probs, -1) == labels
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    out = {"lower": [], "upper": [], "count": [], "confidence": [], "accuracy": []}
-    for b in range(n_bins):
-        mask = index == b
-        count = int(mask.sum())
-        out["lower"].append(float(edges[b]))
-        out["upper"].append(float(edges[b + 1]))
-        out["count"].append(count)
-        out["confidence"].append(float(confidence[mask].mean()) if count else None)
-        out["accuracy"].append(float(correct[mask].mean()) if count else None)
-    return out
+    return metrics.reliability_bins(confidence, correct, n_bins)
 
 
 def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> float:
     """Top-label ECE: sum over bins of |bin| / N * |accuracy - confidence|."""
-    bins = calibration_bins(labels, probs, n_bins)
-    n = sum(bins["count"])
-    return float(
-        sum(
-            count / n * abs(acc - conf)
-            for count, acc, conf in zip(
-                bins["count"], bins["accuracy"], bins["confidence"], strict=True
-            )
-            if count
-        )
-    )
+    return metrics.binned_calibration_error(calibration_bins(labels, probs, n_bins))
 
 
 def output_collapse(labels: ArrayLike, probs: ArrayLike) -> dict[str, Any]:
