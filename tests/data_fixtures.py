@@ -85,3 +85,16 @@ SLIDES = {
     **{f"C{k}P{k + 60}": (6, 3) for k in range(1, 9)},
     **{f"C{k}N": (0, 6) for k in range(20, 24)},
 }
+
+
+def tiny_crossval_config():
+    """The smoke config cut to a few-second fold: 480 synthetic cells on 24 slides, 1 epoch."""
+    from experiments.configs import smoke
+
+    config = smoke.get_config()
+    config.data.synthetic_size = 480
+    config.data.num_slides = 24
+    config.num_epochs = 1
+    config.progress_bar = False
+    config.async_checkpointing = False
+    return config

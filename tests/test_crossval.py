@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from data_fixtures import tiny_crossval_config
 from PIL import Image
 
 from experiments.configs import smoke
@@ -126,20 +127,10 @@ def test_plot_slide_fractions(tmp_path):
                                  for s in slides], str(path))  # fmt: skip
 
 
-def _tiny_config():
-    config = smoke.get_config()
-    config.data.synthetic_size = 480
-    config.data.num_slides = 24
-    config.num_epochs = 1
-    config.progress_bar = False
-    config.async_checkpointing = False
-    return config
-
-
 @pytest.mark.slow
 def test_crossval_resumes_after_an_interrupted_fold(tmp_path, monkeypatch):
     """Fold 0 alone (an interrupted run), then the rest: fold 0 is not trained again (~60 s)."""
-    config, workdir = _tiny_config(), str(tmp_path / "cv")
+    config, workdir = tiny_crossval_config(), str(tmp_path / "cv")
     trained = []
     real = train.train_and_evaluate
 

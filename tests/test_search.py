@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from data_fixtures import tiny_crossval_config
 
 from experiments import ablation
 from experiments.configs import default, smoke
@@ -211,12 +212,7 @@ def test_validation_patients_leave_each_patient_out():
 
 
 def _tiny_config(tmp_path):
-    config = smoke.get_config()
-    config.data.synthetic_size = 480
-    config.data.num_slides = 24
-    config.num_epochs = 1
-    config.progress_bar = False
-    config.async_checkpointing = False
+    config = tiny_crossval_config()
     config.test_time_augmentation = True
     config.data.cache_dir = str(tmp_path / "cache")  # a machine path that must not be recorded
     return config
