@@ -103,7 +103,7 @@ def golden_logits(classifier, paths) -> dict:
     """{crop file name: [logit uninfected, logit parasitized]}, as `predict` decodes crops."""
     from mnres.data import decode
 
-    images = np.stack([decode.decode_image(p, classifier.image_size) for p in paths])
+    images = decode.decode_files(paths, classifier.image_size)
     logits = classifier.logits(images)
     return {pathlib.Path(p).name: [round(float(v), 6) for v in row] for p, row in zip(
         paths, logits, strict=True)}  # fmt: skip

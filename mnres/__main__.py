@@ -86,21 +86,16 @@ def _export(args) -> int:
     return 0
 
 
-def _decode_all(paths, size: int):
-    from mnres.data import decode
-
-    return np.stack([decode.decode_image(p, size) for p in paths])
-
-
 def _calibration_crops(args, classifier):
     """int8 calibration crops: --calibration-dir, else the run's stored sample, else its data."""
+    from mnres.data import decode
     from mnres.deploy import export, predict
 
     size, count = classifier.image_size, args.calibration_images
     if args.calibration_dir:
         paths = predict.find_images([args.calibration_dir])
         chosen = np.random.default_rng(0).permutation(len(paths))[:count]
-        return _decode_all([paths[i] for i in sorted(chosen)], size)
+        return decode.decode_files([paths[i] for i in sorted(chosen)], size)
     stored = run_folder.read_calibration_sample(args.run)
     if stored is not None:
         return stored[:count]
@@ -111,7 +106,7 @@ def _calibration_crops(args, classifier):
 
 def _evaluation_crops(args, classifier):
     """(what, uint8 crops, labels) for --evaluate: a labelled folder, else the run's test split."""
-    from mnres.data import sources
+    from mnres.data import decode, sources
 
     if args.evaluate is not True:
         names = classifier.class_names
@@ -122,7 +117,7 @@ def _evaluation_crops(args, classifier):
                 f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
                 f"model's {names}"
             )
-        images = _decode_all(listing["paths"], classifier.image_size)
+        images = decode.decode_files(listing["paths"], classifier.image_size)
         return args.evaluate, images, listing["labels"]
     fix = "give --evaluate DIR (a folder holding Parasitized/ and Uninfected/, or the run's "
     fix += "class folders)"

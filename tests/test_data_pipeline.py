@@ -114,6 +114,19 @@ def test_decode_converts_modes_and_keeps_aspect_ratio():
         decode.decode_image(b"not an image", 6)
 
 
+def test_decode_files_keeps_order_and_raises_on_an_unreadable_file(tmp_path):
+    paths = []
+    for i, level in enumerate((10, 200)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(paths[-1])
+    images = decode.decode_files(paths, 4)
+    assert images.shape == (2, 4, 4, 3) and images[0].max() == 10 and images[1].min() == 200
+    assert decode.decode_files([], 4).shape == (0, 4, 4, 3)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(OSError):  # not skipped: the images would no longer match the names
+        decode.decode_files([paths[0], tmp_path / "bad.png"], 4)
+
+
 def test_preprocess_matches_keras_scaling():
     x = np.array([0, 127, 255], np.uint8).reshape(1, 1, 3, 1).repeat(3, -1)
     np.testing.assert_allclose(

@@ -34,7 +34,7 @@ def shipped():
 @pytest.fixture(scope="module")
 def sample_images(shipped):
     paths = sample.sample_cells()
-    images = np.stack([decode.decode_image(p, shipped.image_size) for p in paths])
+    images = decode.decode_files(paths, shipped.image_size)
     return paths, images, np.array(sample.sample_labels(paths))
 
 

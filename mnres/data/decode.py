@@ -63,6 +63,17 @@ def decode_image(source, image_size: int) -> np.ndarray:
     return np.asarray(image, np.uint8)
 
 
+def decode_files(paths, image_size: int) -> np.ndarray:
+    """uint8 [N, S, S, 3] of `paths`, in order; an unreadable file raises (unlike `decode_all`).
+
+    For a handful of crops a user named (predict, calibration, golden files), where skipping
+    one silently would misalign images and names.
+    """
+    if not len(paths):
+        return np.zeros((0, image_size, image_size, 3), np.uint8)
+    return np.stack([decode_image(p, image_size) for p in paths])
+
+
 def decode_all(
     sources, names, image_size: int, *, num_workers: int = 0, desc: str = "decoding"
 ) -> tuple[np.ndarray, np.ndarray, list]:

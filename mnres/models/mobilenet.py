@@ -363,7 +363,8 @@ def from_config(
     Args:
       model_config: `config.model` (a ConfigDict or a mapping, e.g. from a run's config.json);
         the 0.1 key `depthwise_implementation` is read as `conv_formulation`.
-      num_classes: classifier outputs.
+      num_classes: classifier outputs. `config.model` does not hold them: a run's config has
+        `len(mnres.data.config.class_names(config.data))` (2 for the malaria pair).
       bn_momentum: replaces `model_config.bn_momentum`. None there means unset: the training
         loop picks it from the run's step count (`mnres.training.bn_momentum.pick_bn_momentum`),
         elsewhere it is `BN_MOMENTUM_UNSET`.

@@ -13,6 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+# Model fields that change no parameter and not what the weights compute on a given input
+# (numerics, training-only behaviour): two models that differ only in these share weights.
+# `input_normalization` is not among them: it changes the pixels the weights were fitted to.
+PARAMETER_FREE_FIELDS = frozenset({
+    "parent", "name", "conv_formulation", "depthwise_implementation", "dtype", "bn_momentum",
+    "dropout", "freeze_through",
+})  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:

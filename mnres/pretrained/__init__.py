@@ -34,9 +34,6 @@ GOLDEN = "sample_logits.json"  # the bundled crops' log-odds, to catch preproces
 CARD_JSON = "model_card.json"
 SHIPPED_FILES = (WEIGHTS, run_folder.CONFIG_JSON, run_folder.CALIBRATION_JSON, INT8, GOLDEN,
                  CARD_JSON)  # fmt: skip
-# Module fields that change no parameter: a model may differ in them and still take the weights.
-_FREE_FIELDS = {"parent", "name", "conv_formulation", "depthwise_implementation", "dtype",
-                "bn_momentum", "dropout", "freeze_through"}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +156,8 @@ def check_fields(model, expected, what: str) -> None:
 
     Fields that change no parameter (the conv formulation, dtype, dropout, ...) may differ.
     """
+    from mnres.models.params import PARAMETER_FREE_FIELDS
+
     if type(model) is not type(expected):
         raise ValueError(
             f"{what} are for a {type(expected).__name__}; this model is a {type(model).__name__}"
@@ -166,7 +165,8 @@ def check_fields(model, expected, what: str) -> None:
     differ = [
         f"{f.name}={getattr(expected, f.name)!r} (this model has {getattr(model, f.name)!r})"
         for f in dataclasses.fields(expected)
-        if f.name not in _FREE_FIELDS and getattr(model, f.name) != getattr(expected, f.name)
+        if f.name not in PARAMETER_FREE_FIELDS
+        and getattr(model, f.name) != getattr(expected, f.name)
     ]
     if differ:
         raise ValueError(f"{what} need {'; '.join(differ)}")
