@@ -60,6 +60,10 @@ def validate(config) -> None:
     smoothing = config.get("label_smoothing", 0.0)
     if not _is_number(smoothing) or not 0 <= smoothing < 1:
         raise ConfigError(f"config.label_smoothing={smoothing!r} must be in [0, 1), e.g. 0.1.")
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        alpha = config.get(field, 0.0)
+        if not _is_number(alpha) or alpha < 0:
+            raise ConfigError(f"config.{field}={alpha!r} must be >= 0 (0: off), e.g. 0.2.")
     ema = config.get("ema_decay")
     if ema is not None and (not _is_number(ema) or not 0 < ema < 1):
         raise ConfigError(

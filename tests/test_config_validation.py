@@ -110,6 +110,8 @@ CASES = [
     ("dropout", _set("model.dropout", 1.0), ["config.model.dropout=1.0", "[0, 1)"]),
     ("ema_decay", _set("ema_decay", 1.5), ["config.ema_decay=1.5", "(0, 1)"]),
     ("label_smoothing", _set("label_smoothing", 1.0), ["config.label_smoothing=1.0", "[0, 1)"]),
+    ("mixup_alpha", _set("mixup_alpha", -0.2), ["config.mixup_alpha=-0.2", ">= 0"]),
+    ("cutmix_alpha", _set("cutmix_alpha", "1"), ["config.cutmix_alpha='1'", ">= 0"]),
     (
         "eval_checkpoint",
         _set("eval_checkpoint", "latest"),

@@ -127,6 +127,40 @@ def test_decode_files_keeps_order_and_raises_on_an_unreadable_file(tmp_path):
         decode.decode_files([paths[0], tmp_path / "bad.png"], 4)
 
 
+def test_mixup_blends_a_batch_with_its_reverse():
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+    mixed, lam = augment.mix(x, jax.random.key(0), mixup_alpha=0.4)
+    assert 0.0 <= float(lam) <= 1.0
+    np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x[::-1], rtol=1e-6, atol=1e-6)
+
+
+def test_cutmix_pastes_one_box_whose_share_is_one_minus_lam():
+    # Distinct values: every pixel tells which image it came from.
+    x = jnp.arange(2 * 16 * 16 * 1, dtype=jnp.float32).reshape(2, 16, 16, 1)
+    for seed in range(5):
+        mixed, lam = augment.mix(x, jax.random.key(seed), cutmix_alpha=1.0)
+        from_other = np.asarray(mixed[0] == x[1])[..., 0]
+        assert np.all(from_other | np.asarray(mixed[0] == x[0])[..., 0])
+        assert float(lam) == pytest.approx(1 - from_other.mean())
+        rows, cols = np.nonzero(from_other)
+        if len(rows):  # one axis-aligned box
+            assert from_other[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+
+
+def test_mix_with_both_picks_one_and_refuses_neither():
+    x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+    kinds = set()
+    for seed in range(12):
+        mixed, lam = augment.mix(x, jax.random.key(seed), mixup_alpha=0.4, cutmix_alpha=1.0)
+        blended = np.allclose(mixed, lam * x + (1 - lam) * x[::-1], atol=1e-6)
+        pasted = np.all((mixed == x) | (mixed == x[::-1]))
+        assert blended or pasted
+        kinds.add("mixup" if not pasted else "cutmix")
+    assert kinds == {"mixup", "cutmix"}
+    with pytest.raises(ValueError, match="one or both > 0"):
+        augment.mix(x, jax.random.key(0))
+
+
 def test_preprocess_matches_keras_scaling():
     x = np.array([0, 127, 255], np.uint8).reshape(1, 1, 3, 1).repeat(3, -1)
     np.testing.assert_allclose(

@@ -173,6 +173,26 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert np.isfinite(float(metrics["loss_sum"]))
 
 
+def test_mixing_weights_the_two_losses_and_leaves_a_plain_batch_alone(with_dropout):
+    model, state, tx, mesh = with_dropout
+    batch = _batch()
+    same = {  # one image and one label throughout: mixed with its reverse, it is unchanged
+        "image": np.repeat(batch["image"][:1], len(batch["label"]), axis=0),
+        "label": np.zeros_like(batch["label"]),
+    }
+    unaugmented = _data_config()  # augmentation would make the copies differ
+    unaugmented.update(flip=False, rot90=False, brightness=0, contrast=0, saturation=0, hue=0)
+    losses = {}
+    for name, mixing in (("plain", {}), ("mixup", {"mixup_alpha": 0.4, "cutmix_alpha": 1.0})):
+        train_step = steps.make_train_step(model, tx, unaugmented, mesh, **mixing)
+        for what, b in (("same", same), ("varied", batch)):
+            _, m = train_step(jax.tree.map(jnp.copy, state), steps.shard_batch(b, mesh))
+            losses[name, what] = float(m["loss_sum"])
+    assert losses["mixup", "same"] == pytest.approx(losses["plain", "same"], rel=1e-5)
+    assert abs(losses["mixup", "varied"] - losses["plain", "varied"]) > 1e-3
+    assert np.isfinite(losses["mixup", "varied"])
+
+
 def test_label_smoothing_moves_the_target_off_one_hot():
     logits = jnp.array([[10.0, -10.0]])
     plain = optim.cross_entropy(logits, jnp.array([0]))

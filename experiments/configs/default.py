@@ -59,6 +59,9 @@ def get_config(arg=None):
     config.optimizer.weight_decay = 1e-2
     config.optimizer.grad_clip_norm = 1.0
     config.label_smoothing = 0.0
+    # Mixup / CutMix Beta parameters (mnres.data.augment.mix); 0 is off.
+    config.mixup_alpha = 0.0
+    config.cutmix_alpha = 0.0
     # Evaluate (and export) a moving average of the weights with this decay; None: the weights.
     config.ema_decay = ml_collections.config_dict.placeholder(float)
     # Final evaluation (and export) averages the logits over the 8 symmetries of each crop: it

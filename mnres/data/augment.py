@@ -118,3 +118,59 @@ def _colour_jitter(x, keys, brightness, contrast, saturation, hue):
         for d in range(3)
     ]
     return jnp.clip(jnp.stack(out, -1), 0.0, 1.0) * 2.0 - 1.0
+
+
+def mix(x, rng, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+    """Mixup or CutMix of a batch with its own reverse, one mixing weight per batch (as timm).
+
+    Mixup (Zhang et al. 2018) blends whole images: lam * x + (1 - lam) * x[::-1]. CutMix (Yun
+    et al. 2019) pastes a box of x[::-1] covering about (1 - lam) of the image. lam is drawn
+    from Beta(alpha, alpha); with both alphas > 0 each call picks one of the two at random.
+    The loss is then lam * CE(labels) + (1 - lam) * CE(labels[::-1]) (the cross-entropy is
+    linear in its targets, so this equals the loss of the mixed one-hot targets).
+
+    Args:
+      x: float images [B, S, S, C] (after `augment`).
+      rng: a jax PRNG key.
+      mixup_alpha, cutmix_alpha: Beta parameters; 0 switches that method off.
+
+    Returns:
+      (mixed images, lam): lam is the exact weight of x in the result (for CutMix, 1 minus the
+      pasted box's share of the pixels).
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0 or not (mixup_alpha or cutmix_alpha):
+        raise ValueError(
+            f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}: give one or both > 0"
+        )
+    k_pick, k_mixup, k_cutmix, k_y, k_x = jax.random.split(rng, 5)
+    other = x[::-1]
+    results = []
+    if mixup_alpha:
+        lam = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha)
+        results.append((lam * x + (1.0 - lam) * other, lam))
+    if cutmix_alpha:
+        results.append(_cutmix(x, other, jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha),
+                               k_y, k_x))  # fmt: skip
+    if len(results) == 1:
+        return results[0]
+    use_cutmix = jax.random.bernoulli(k_pick, 0.5)
+    (mixed_a, lam_a), (mixed_b, lam_b) = results
+    return jnp.where(use_cutmix, mixed_b, mixed_a), jnp.where(use_cutmix, lam_b, lam_a)
+
+
+def _cutmix(x, other, lam, k_y, k_x):
+    """x with a box of `other` whose sides are sqrt(1 - lam) of the image's, centred anywhere
+    (clipped at the edges); returns (images, the share of pixels still from x)."""
+    height, width = x.shape[1], x.shape[2]
+    ratio = jnp.sqrt(1.0 - lam)
+    cy = jax.random.randint(k_y, (), 0, height)
+    cx = jax.random.randint(k_x, (), 0, width)
+    half_h = jnp.round(ratio * height / 2).astype(jnp.int32)
+    half_w = jnp.round(ratio * width / 2).astype(jnp.int32)
+    y0, y1 = jnp.clip(cy - half_h, 0, height), jnp.clip(cy + half_h, 0, height)
+    x0, x1 = jnp.clip(cx - half_w, 0, width), jnp.clip(cx + half_w, 0, width)
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # [S, S]
+    mixed = jnp.where(box[None, :, :, None], other, x)
+    return mixed, 1.0 - jnp.mean(box.astype(jnp.float32))

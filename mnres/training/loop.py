@@ -293,6 +293,8 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
         run.mesh,
         label_smoothing=config.get("label_smoothing", 0.0),
         ema_decay=config.get("ema_decay"),
+        mixup_alpha=config.get("mixup_alpha", 0.0),
+        cutmix_alpha=config.get("cutmix_alpha", 0.0),
     )
     eval_step = steps.make_eval_step(run.model, run.mesh)
     batch_size = config.batch_size

@@ -21,7 +21,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mnres import data
-from mnres.data.augment import augment, preprocess
+from mnres.data.augment import augment, mix, preprocess
 from mnres.inference import classify
 from mnres.training.optim import cross_entropy
 
@@ -53,6 +53,10 @@ class TrainState:
     def from_dict(cls, d: dict) -> TrainState:
         return cls(**{k: d.get(k, {}) if k == "ema_params" else d[k] for k in _STATE_FIELDS})
 
+
+# The mixing key is fold_in(step key, _MIX_STREAM), apart from the augmentation and dropout
+# keys split from the step key: a run without mixing draws exactly as before.
+_MIX_STREAM = 2
 
 _STATE_FIELDS = ("params", "batch_stats", "opt_state", "step", "rng", "ema_params")
 
@@ -106,11 +110,16 @@ def init_state(model, tx, image_size: int, seed: int, mesh, *, ema: bool = False
     return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
 
 
-def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoothing, ema_decay):
+def _train_step(
+    state: TrainState, batch, *, model, tx, data_config, label_smoothing, ema_decay, mixing
+):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
     images = augment(batch["image"], aug_rng, data_config)
     labels = batch["label"]
+    lam = 1.0
+    if mixing:  # a key of its own, so the other draws stay as they are without mixing
+        images, lam = mix(images, jax.random.fold_in(rng, _MIX_STREAM), *mixing)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -118,6 +127,9 @@ def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoot
             variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng}
         )
         loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+        if mixing:  # the cross-entropy of the mixed targets, by linearity
+            reverse = jnp.mean(cross_entropy(logits, labels[::-1], label_smoothing))
+            loss = lam * loss + (1.0 - lam) * reverse
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -150,12 +162,22 @@ def _train_step(state: TrainState, batch, *, model, tx, data_config, label_smoot
 
 
 def make_train_step(
-    model, tx, data_config, mesh, *, label_smoothing: float = 0.0, ema_decay: float | None = None
+    model,
+    tx,
+    data_config,
+    mesh,
+    *,
+    label_smoothing: float = 0.0,
+    ema_decay: float | None = None,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
 ):
     """`train_step(state, batch) -> (state, metrics)`, compiled once; donates `state`.
 
     A state made with `init_state(..., ema=True)` also updates its weights' moving average
-    with `ema_decay` (in (0, 1), e.g. 0.999), which it then needs.
+    with `ema_decay` (in (0, 1), e.g. 0.999), which it then needs. `mixup_alpha` and
+    `cutmix_alpha` > 0 mix each batch with its reverse (`mnres.data.augment.mix`); the
+    metrics' `correct` then still counts against the unmixed labels.
 
     Augmentation and dropout use `fold_in(state.rng, state.step)`, so a step's randomness
     depends only on the seed and the step number and a resumed run repeats it exactly.
@@ -172,6 +194,7 @@ def make_train_step(
         data_config=data_config,
         label_smoothing=label_smoothing,
         ema_decay=ema_decay,
+        mixing=(mixup_alpha, cutmix_alpha) if (mixup_alpha or cutmix_alpha) else None,
     )
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(
