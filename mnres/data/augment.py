@@ -144,18 +144,21 @@ def mix(x, rng, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
         )
     k_pick, k_mixup, k_cutmix, k_y, k_x = jax.random.split(rng, 5)
     other = x[::-1]
-    results = []
-    if mixup_alpha:
+
+    def mixup(x):
         lam = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha)
-        results.append((lam * x + (1.0 - lam) * other, lam))
-    if cutmix_alpha:
-        results.append(_cutmix(x, other, jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha),
-                               k_y, k_x))  # fmt: skip
-    if len(results) == 1:
-        return results[0]
-    use_cutmix = jax.random.bernoulli(k_pick, 0.5)
-    (mixed_a, lam_a), (mixed_b, lam_b) = results
-    return jnp.where(use_cutmix, mixed_b, mixed_a), jnp.where(use_cutmix, lam_b, lam_a)
+        return lam * x + (1.0 - lam) * other, lam
+
+    def cutmix(x):
+        lam = jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha)
+        return _cutmix(x, other, lam, k_y, k_x)
+
+    if not cutmix_alpha:
+        return mixup(x)
+    if not mixup_alpha:
+        return cutmix(x)
+    # One of the two per call: a cond runs only the branch taken.
+    return jax.lax.cond(jax.random.bernoulli(k_pick, 0.5), cutmix, mixup, x)
 
 
 def _cutmix(x, other, lam, k_y, k_x):
