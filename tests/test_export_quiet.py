@@ -114,3 +114,11 @@ def test_quiet_converter_restores_the_logger_levels():
         assert logger.level == logging.INFO
     finally:
         logger.setLevel(before)
+
+
+def test_tensorflow_import_notes_are_dropped_wherever_they_sit_in_the_line(capfd):
+    with export._filtered_stderr(export.IMPORT_NOISE):
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are...\n")
+        os.write(2, b"I0000 00:00:1.0 port.cc:153] oneDNN custom operations are on. You may...\n")
+        os.write(2, b"ImportError: a real failure\n")
+    assert capfd.readouterr().err.splitlines() == ["ImportError: a real failure"]

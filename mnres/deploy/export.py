@@ -62,6 +62,9 @@ def serving_function(classifier: Classifier):
 # Lines the TFLite converter writes straight to the process's stderr, past TensorFlow's log
 # levels (int8 calibration, TF 2.21); `_quiet_converter` drops them and passes on the rest.
 CONVERTER_NOISE = ("fully_quantize: ",)
+# Lines TensorFlow's import writes before its logging is set up, past TF_CPP_MIN_LOG_LEVEL (TF
+# 2.21 where oneDNN is on, AMD EPYC CPUs for one); dropped unless the user chose a log level.
+IMPORT_NOISE = ("absl::InitializeLog() is called", "oneDNN custom operations are on")
 
 
 def _import_tensorflow():
@@ -71,9 +74,13 @@ def _import_tensorflow():
     and CPU feature notes, the converter's "Ignored output_format" and "Estimated count of
     arithmetic ops"); it only counts before TensorFlow is first imported in the process.
     """
-    if not _tf_log_level_chosen():
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import tensorflow as tf
+    if _tf_log_level_chosen():
+        import tensorflow as tf
+
+        return tf
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    with _filtered_stderr(IMPORT_NOISE):
+        import tensorflow as tf
 
     return tf
 
@@ -112,7 +119,8 @@ def _quiet_converter():
 
 @contextlib.contextmanager
 def _filtered_stderr(noise: tuple[str, ...]):
-    """Holds what is written to file descriptor 2; writes it back less the lines in `noise`."""
+    """Holds what is written to file descriptor 2; writes it back less the lines holding any of
+    the strings in `noise`."""
     try:
         saved = os.dup(2)
     except OSError:  # no stderr to hold
@@ -129,7 +137,7 @@ def _filtered_stderr(noise: tuple[str, ...]):
             os.close(saved)
             held.seek(0)
             kept = [line for line in held.read().splitlines(keepends=True)
-                    if not line.decode(errors="replace").startswith(noise)]  # fmt: skip
+                    if not any(n in line.decode(errors="replace") for n in noise)]  # fmt: skip
             if kept:
                 os.write(2, b"".join(kept))
 
