@@ -60,6 +60,11 @@ def validate(config) -> None:
     smoothing = config.get("label_smoothing", 0.0)
     if not _is_number(smoothing) or not 0 <= smoothing < 1:
         raise ConfigError(f"config.label_smoothing={smoothing!r} must be in [0, 1), e.g. 0.1.")
+    q = config.get("generalized_ce_q", 0.0)
+    if not _is_number(q) or not 0 <= q <= 1:
+        raise ConfigError(
+            f"config.generalized_ce_q={q!r} must be in [0, 1] (0: the cross-entropy), e.g. 0.7."
+        )
     for field in ("mixup_alpha", "cutmix_alpha"):
         alpha = config.get(field, 0.0)
         if not _is_number(alpha) or alpha < 0:

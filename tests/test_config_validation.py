@@ -111,6 +111,7 @@ CASES = [
     ("ema_decay", _set("ema_decay", 1.5), ["config.ema_decay=1.5", "(0, 1)"]),
     ("label_smoothing", _set("label_smoothing", 1.0), ["config.label_smoothing=1.0", "[0, 1)"]),
     ("mixup_alpha", _set("mixup_alpha", -0.2), ["config.mixup_alpha=-0.2", ">= 0"]),
+    ("generalized_ce_q", _set("generalized_ce_q", 1.5), ["config.generalized_ce_q=1.5", "[0, 1]"]),
     ("cutmix_alpha", _set("cutmix_alpha", "1"), ["config.cutmix_alpha='1'", ">= 0"]),
     (
         "eval_checkpoint",

@@ -193,6 +193,42 @@ def test_mixing_weights_the_two_losses_and_leaves_a_plain_batch_alone(with_dropo
     assert np.isfinite(losses["mixup", "varied"])
 
 
+def test_generalized_cross_entropy_spans_cross_entropy_to_absolute_error():
+    logits = jnp.array([[2.0, -1.0], [0.3, 0.1], [-4.0, 3.0]])
+    labels = jnp.array([0, 1, 0])
+    p_true = jax.nn.softmax(logits)[jnp.arange(3), labels]
+    ce = optim.cross_entropy(logits, labels)
+    np.testing.assert_allclose(optim.cross_entropy(logits, labels, q=1e-4), ce, rtol=1e-3)
+    np.testing.assert_allclose(optim.cross_entropy(logits, labels, q=1.0), 1 - p_true, rtol=1e-6)
+    assert (optim.cross_entropy(logits, labels, q=0.7) < ce).all()  # (1 - p^q)/q < -log p
+
+
+def test_generalized_cross_entropy_lets_a_confidently_wrong_label_pull_less():
+    def gradient(logit, q):
+        loss = lambda z: optim.cross_entropy(jnp.array([[z, -z]]), jnp.array([1]), q=q)[0]
+        return float(jax.grad(loss)(logit))
+
+    # Label 1 against logits that say class 0, more and more confidently (p_1 down to e^-200).
+    for q, expected in ((0.0, "grows"), (0.7, "fades")):
+        pulls = [abs(gradient(z, q)) for z in (0.5, 3.0, 100.0)]
+        assert all(np.isfinite(pulls)), pulls
+        if expected == "grows":
+            assert pulls[0] < pulls[1] < pulls[2]
+        else:
+            assert pulls[1] < pulls[0] and pulls[2] < 1e-6, pulls
+
+
+def test_train_step_trains_on_the_generalized_cross_entropy(with_dropout):
+    model, state, tx, mesh = with_dropout
+    batch = steps.shard_batch(_batch(), mesh)
+    losses = {}
+    for q in (0.0, 0.7):
+        train_step = steps.make_train_step(model, tx, _data_config(), mesh, generalized_ce_q=q)
+        _, m = train_step(jax.tree.map(jnp.copy, state), batch)
+        losses[q] = float(m["loss_sum"])
+    assert np.isfinite(losses[0.7]) and losses[0.7] < losses[0.0]
+
+
 def test_label_smoothing_moves_the_target_off_one_hot():
     logits = jnp.array([[10.0, -10.0]])
     plain = optim.cross_entropy(logits, jnp.array([0]))

@@ -59,6 +59,9 @@ def get_config(arg=None):
     config.optimizer.weight_decay = 1e-2
     config.optimizer.grad_clip_norm = 1.0
     config.label_smoothing = 0.0
+    # > 0: train on the generalized cross-entropy (mnres.training.optim.cross_entropy), which a
+    # mislabelled crop pulls less; 0 is the cross-entropy.
+    config.generalized_ce_q = 0.0
     # Mixup / CutMix Beta parameters (mnres.data.augment.mix); 0 is off.
     config.mixup_alpha = 0.0
     config.cutmix_alpha = 0.0

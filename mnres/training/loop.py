@@ -292,6 +292,7 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
         config.data,
         run.mesh,
         label_smoothing=config.get("label_smoothing", 0.0),
+        generalized_ce_q=config.get("generalized_ce_q", 0.0),
         ema_decay=config.get("ema_decay"),
         mixup_alpha=config.get("mixup_alpha", 0.0),
         cutmix_alpha=config.get("cutmix_alpha", 0.0),

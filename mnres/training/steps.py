@@ -111,7 +111,16 @@ def init_state(model, tx, image_size: int, seed: int, mesh, *, ema: bool = False
 
 
 def _train_step(
-    state: TrainState, batch, *, model, tx, data_config, label_smoothing, ema_decay, mixing
+    state: TrainState,
+    batch,
+    *,
+    model,
+    tx,
+    data_config,
+    label_smoothing,
+    loss_q,
+    ema_decay,
+    mixing,
 ):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
@@ -126,9 +135,9 @@ def _train_step(
         (logits, _), updates = model.apply(
             variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng}
         )
-        loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
-        if mixing:  # the cross-entropy of the mixed targets, by linearity
-            reverse = jnp.mean(cross_entropy(logits, labels[::-1], label_smoothing))
+        loss = jnp.mean(cross_entropy(logits, labels, label_smoothing, loss_q))
+        if mixing:  # the loss of the mixed targets, by linearity in the targets
+            reverse = jnp.mean(cross_entropy(logits, labels[::-1], label_smoothing, loss_q))
             loss = lam * loss + (1.0 - lam) * reverse
         return loss, (logits, updates["batch_stats"])
 
@@ -168,6 +177,7 @@ def make_train_step(
     mesh,
     *,
     label_smoothing: float = 0.0,
+    generalized_ce_q: float = 0.0,
     ema_decay: float | None = None,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
@@ -177,7 +187,8 @@ def make_train_step(
     A state made with `init_state(..., ema=True)` also updates its weights' moving average
     with `ema_decay` (in (0, 1), e.g. 0.999), which it then needs. `mixup_alpha` and
     `cutmix_alpha` > 0 mix each batch with its reverse (`mnres.data.augment.mix`); the
-    metrics' `correct` then still counts against the unmixed labels.
+    metrics' `correct` then still counts against the unmixed labels. `generalized_ce_q` in
+    (0, 1] trains on the generalized cross-entropy instead (`optim.cross_entropy`).
 
     Augmentation and dropout use `fold_in(state.rng, state.step)`, so a step's randomness
     depends only on the seed and the step number and a resumed run repeats it exactly.
@@ -193,6 +204,7 @@ def make_train_step(
         tx=tx,
         data_config=data_config,
         label_smoothing=label_smoothing,
+        loss_q=generalized_ce_q,
         ema_decay=ema_decay,
         mixing=(mixup_alpha, cutmix_alpha) if (mixup_alpha or cutmix_alpha) else None,
     )
