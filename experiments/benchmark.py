@@ -12,11 +12,12 @@ installed (`pip install 'mnres[bench]'`). Every run is its own subprocess, one a
 with its threads pinned to the cores; the table ends with the ratios mnres / peer.
 
 Every framework runs under the same process-level allocator settings (`--allocator`): glibc's
-default, or freed memory kept (`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`
+default; freed memory kept (`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`
 in the worker's environment, the settings of `mnres.host_memory.keep_freed_memory()`, which
-XLA's steps need to stop page-faulting). Ratios compare runs of the same mode only; `both` runs
-every configuration in both modes and also prints what keeping freed memory changes per
-framework, speed and peak memory.
+XLA's steps need to stop page-faulting); or huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`:
+glibc's default, its memory marked for transparent huge pages). Ratios compare runs of the same
+mode only; `both` runs every configuration in the first two modes, `all` in the three, and each
+prints what a mode changes against the default per framework, speed and peak memory.
 
 Timings are only worth something on an otherwise idle machine: each row records how many cores
 other processes kept busy just before it started and while it ran, and the table warns when
@@ -66,9 +67,10 @@ _AUGMENT = flags.DEFINE_bool("augment", False, "mnres: keep the training augment
 _ALLOCATOR = flags.DEFINE_enum(
     "allocator",
     "both",
-    ["default", "kept", "both"],
+    ["default", "kept", "huge_pages", "both", "all"],
     "glibc malloc settings of every framework's process: 'default', 'kept' (freed memory kept "
-    "for reuse, as mnres.host_memory.keep_freed_memory() sets it) or 'both', one after the other.",
+    "for reuse, as mnres.host_memory.keep_freed_memory() sets it), 'huge_pages' (malloc asks for "
+    "transparent huge pages), 'both' (default and kept) or 'all', one after the other.",
 )
 _KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory",
@@ -88,7 +90,13 @@ WORKERS = {
     "keras": "experiments.peers.keras_worker",
 }
 PEER_PACKAGES = {"pytorch": ("torch",), "keras": ("keras", "tensorflow")}
-ALLOCATOR_MODES = {"default": ["default"], "kept": ["kept"], "both": ["default", "kept"]}
+ALLOCATOR_MODES = {
+    "default": ["default"],
+    "kept": ["kept"],
+    "huge_pages": ["huge_pages"],
+    "both": ["default", "kept"],
+    "all": ["default", "kept", "huge_pages"],
+}
 # Distributions whose versions the JSON records (the workers report their own, too).
 VERSIONS = (
     "mnres", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "keras", "tensorflow",
@@ -260,7 +268,7 @@ def _cell(result: dict, key: str, fmt: str) -> str:
 
 
 COLUMNS = (
-    ("malloc", 7, None),
+    ("malloc", 10, None),
     ("run", 15, None),
     ("model", 14, None),
     ("px", 4, None),
@@ -351,18 +359,18 @@ def ratio_lines(results: list[dict]) -> list[str]:
 
 
 def allocator_lines(results: list[dict]) -> list[str]:
-    """kept / default for every run that ran in both modes: what keeping freed memory changes."""
+    """mode / default for every run that also ran on the default allocator: what a mode changes."""
     ok = [r for r in results if "error" not in r]
     default = {(_label(r), _key(r)): r for r in ok if r["spec"]["allocator"] == "default"}
     lines = []
-    for kept in (r for r in ok if r["spec"]["allocator"] == "kept"):
-        base = default.get((_label(kept), _key(kept)))
-        parts = _ratios(kept, base) if base else []
+    for run in (r for r in ok if r["spec"]["allocator"] != "default"):
+        base = default.get((_label(run), _key(run)))
+        parts = _ratios(run, base) if base else []
         if parts:
-            model, size, batch = _key(kept)
+            model, size, batch = _key(run)
             lines.append(
-                f"kept / default: {_label(kept)} ({model}, {size} px, batch {batch}): "
-                + ", ".join(parts)
+                f"{run['spec']['allocator']} / default: {_label(run)} ({model}, {size} px, "
+                f"batch {batch}): " + ", ".join(parts)
             )
     return lines
 
@@ -485,6 +493,7 @@ def environment_facts(threads: int) -> dict:
         "cores": workload.cores(),
         "threads": threads or workload.cores(),
         "libc": libc,
+        "transparent_huge_pages": workload.transparent_huge_pages(),
         "versions": versions,
         "malloc": {
             mode: workload.malloc_settings(workload.allocator_environment(mode, {}))

@@ -156,7 +156,27 @@ def test_plan_runs_every_framework_in_every_allocator_mode():
     ]
 
 
+def test_huge_pages_mode_is_compared_with_its_own_mode_and_against_the_default():
+    results = [
+        _result("mnres", 30.0, 6.0, peak_mb=3000.0, allocator="default"),
+        _result("pytorch", 40.0, 6.0, peak_mb=2000.0, allocator="default"),
+        _result("mnres", 60.0, 5.0, peak_mb=3000.0, allocator="huge_pages"),
+        _result("pytorch", 50.0, 6.0, peak_mb=2000.0, allocator="huge_pages"),
+    ]
+    table = benchmark.format_table(results)
+    assert "huge_pages: mnres/shifted / pytorch (mobilenet_v2, 128 px, batch 64): train 1.20x" in (
+        table
+    )
+    assert "huge_pages / default: mnres/shifted (mobilenet_v2, 128 px, batch 64): train 2.00x" in (
+        table
+    )
+    assert [row.split()[0] for row in table.splitlines()[1:5]] == [
+        "default", "default", "huge_pages", "huge_pages"
+    ]  # fmt: skip
+
+
 def test_allocator_modes_and_the_older_flag():
+    assert benchmark.allocator_modes("all", False, None) == ["default", "kept", "huge_pages"]
     assert benchmark.allocator_modes("both", False, None) == ["default", "kept"]
     assert benchmark.allocator_modes("kept", True, None) == ["kept"]
     assert benchmark.allocator_modes("both", False, False) == ["default"]
@@ -190,8 +210,22 @@ def test_every_framework_gets_the_same_malloc_environment():
         env = benchmark.worker_environment(spec, inherited)
         assert workload.allocator_of(env) == "kept", framework
         assert env["OMP_NUM_THREADS"] == "2"
+    huge = workload.allocator_environment("huge_pages", inherited)
+    assert huge["GLIBC_TUNABLES"] == "glibc.cpu.hwcaps=-AVX2:glibc.malloc.hugetlb=1"
+    assert not any(k.startswith("MALLOC_") for k in huge)
+    assert workload.allocator_of(huge) == "huge_pages"
+    assert workload.allocator_of({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"}) == "other"
     with pytest.raises(ValueError, match="allocator"):
         workload.allocator_environment("jemalloc", {})
+
+
+def test_the_kernels_huge_page_mode_is_read_from_its_bracketed_word(tmp_path, monkeypatch):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(workload, "THP_SETTING", str(setting))
+    assert workload.transparent_huge_pages() == "madvise"
+    monkeypatch.setattr(workload, "THP_SETTING", str(tmp_path / "absent"))
+    assert workload.transparent_huge_pages() is None
 
 
 def test_a_worker_refuses_to_run_under_another_allocator(monkeypatch, capsys):
@@ -259,7 +293,12 @@ def test_benchmark_command_writes_table_and_json(tmp_path):
     report = json.loads(out.read_text())
     assert report["allocators"] == ["default", "kept"]
     assert report["versions"]["jax"] and report["cpu"] and report["threads"] >= 1
-    assert report["malloc"] == {"default": {}, "kept": host_memory.ENVIRONMENT}
+    assert report["malloc"] == {
+        "default": {},
+        "kept": host_memory.ENVIRONMENT,
+        "huge_pages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    }
+    assert "transparent_huge_pages" in report
     assert isinstance(report["warnings"], list)
     rows = report["results"]
     assert [(r["framework"], r["spec"]["allocator"]) for r in rows] == [

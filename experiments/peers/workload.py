@@ -6,9 +6,10 @@ been computed, and hands them to `measure`. This module imports no framework, so
 peak memory is its own framework's.
 
 Process-level settings are the same for every framework: the benchmark starts each worker
-under glibc's default allocator or with freed memory kept (`KEPT_MALLOC`, the environment form
-of `mnres.host_memory.keep_freed_memory()`); no worker changes its allocator itself, and each
-reports the settings it ran under.
+under glibc's default allocator, with freed memory kept (`KEPT_MALLOC`, the environment form
+of `mnres.host_memory.keep_freed_memory()`) or with malloc asking for transparent huge pages
+(`HUGE_PAGES_MALLOC`); no worker changes its allocator itself, and each reports the settings it
+ran under.
 
 Protocol: `python -m experiments.peers.<worker> '<spec as JSON>'` prints one line
 `RESULT <json>` on stdout; the benchmark reads it.
@@ -49,7 +50,7 @@ DEFAULT_SPEC = {
 }
 
 
-ALLOCATORS = ("default", "kept")
+ALLOCATORS = ("default", "kept", "huge_pages")
 # mnres.host_memory.ENVIRONMENT, repeated here so that no worker imports mnres to read it.
 KEPT_MALLOC = {
     "MALLOC_ARENA_MAX": "1",
@@ -57,6 +58,11 @@ KEPT_MALLOC = {
     "MALLOC_TRIM_THRESHOLD_": "-1",
 }
 _TUNABLES = "GLIBC_TUNABLES"
+# glibc >= 2.35: malloc marks the memory it maps for transparent huge pages (madvise), so a
+# buffer faults in 2 MiB at a time instead of 4 KiB; a no-op where the kernel's THP mode is
+# 'never' (`transparent_huge_pages()` says which).
+HUGE_PAGES_MALLOC = {_TUNABLES: "glibc.malloc.hugetlb=1"}
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _without_malloc_settings(env) -> dict:
@@ -76,7 +82,12 @@ def allocator_environment(allocator: str, env) -> dict:
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
     env = _without_malloc_settings(env)
-    return {**env, **KEPT_MALLOC} if allocator == "kept" else env
+    if allocator == "kept":
+        return {**env, **KEPT_MALLOC}
+    if allocator == "huge_pages":  # beside the other (non-malloc) tunables, if any
+        tunables = [t for t in (env.get(_TUNABLES, ""), HUGE_PAGES_MALLOC[_TUNABLES]) if t]
+        return {**env, _TUNABLES: ":".join(tunables)}
+    return env
 
 
 def malloc_settings(env=None) -> dict:
@@ -90,11 +101,25 @@ def malloc_settings(env=None) -> dict:
 
 
 def allocator_of(env=None) -> str:
-    """'default', 'kept', or 'other' (some other malloc settings) for `env`'s settings."""
+    """'default', 'kept', 'huge_pages', or 'other' (other malloc settings) for `env`."""
     settings = malloc_settings(env)
     if not settings:
         return "default"
-    return "kept" if settings == KEPT_MALLOC else "other"
+    for name, wanted in (("kept", KEPT_MALLOC), ("huge_pages", HUGE_PAGES_MALLOC)):
+        if settings == wanted:
+            return name
+    return "other"
+
+
+def transparent_huge_pages() -> str | None:
+    """The kernel's THP mode ('always', 'madvise', 'never'), None where it does not say."""
+    try:
+        with open(THP_SETTING) as f:
+            text = f.read()
+    except OSError:
+        return None
+    chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else None
 
 
 def cores() -> int:
@@ -189,15 +214,17 @@ def run_worker(build: Callable[[dict], tuple[dict, tuple]]) -> None:
     spec = resolve(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
     allocator = allocator_of()
     if spec["allocator"] not in (None, allocator):
-        settings = " ".join(f"{k}={v}" for k, v in KEPT_MALLOC.items())
+        kept = " ".join(f"{k}={v}" for k, v in KEPT_MALLOC.items())
+        huge = " ".join(f"{k}={v}" for k, v in HUGE_PAGES_MALLOC.items())
         sys.exit(
             f"the spec asks for the {spec['allocator']!r} allocator, but this process runs under "
-            f"{allocator!r} ({malloc_settings() or 'no malloc variables'}); 'kept' is {settings} "
-            "in the environment, 'default' none of them"
+            f"{allocator!r} ({malloc_settings() or 'no malloc variables'}); 'kept' is {kept} "
+            f"in the environment, 'huge_pages' {huge}, 'default' none of them"
         )
     process = {
         "allocator": allocator,
         "malloc_settings": malloc_settings(),
+        "transparent_huge_pages": transparent_huge_pages(),
         "cores_pinned": cores(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
