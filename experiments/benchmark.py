@@ -95,7 +95,7 @@ ALLOCATOR_MODES = {
     "kept": ["kept"],
     "huge_pages": ["huge_pages"],
     "both": ["default", "kept"],
-    "all": ["default", "kept", "huge_pages"],
+    "all": list(workload.ALLOCATORS),
 }
 # Distributions whose versions the JSON records (the workers report their own, too).
 VERSIONS = (

@@ -50,7 +50,6 @@ DEFAULT_SPEC = {
 }
 
 
-ALLOCATORS = ("default", "kept", "huge_pages")
 # mnres.host_memory.ENVIRONMENT, repeated here so that no worker imports mnres to read it.
 KEPT_MALLOC = {
     "MALLOC_ARENA_MAX": "1",
@@ -62,6 +61,9 @@ _TUNABLES = "GLIBC_TUNABLES"
 # buffer faults in 2 MiB at a time instead of 4 KiB; a no-op where the kernel's THP mode is
 # 'never' (`transparent_huge_pages()` says which).
 HUGE_PAGES_MALLOC = {_TUNABLES: "glibc.malloc.hugetlb=1"}
+# The malloc settings of each allocator mode, as set in a worker's environment.
+MALLOC_SETTINGS = {"default": {}, "kept": KEPT_MALLOC, "huge_pages": HUGE_PAGES_MALLOC}
+ALLOCATORS = tuple(MALLOC_SETTINGS)
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -82,11 +84,10 @@ def allocator_environment(allocator: str, env) -> dict:
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
     env = _without_malloc_settings(env)
-    if allocator == "kept":
-        return {**env, **KEPT_MALLOC}
-    if allocator == "huge_pages":  # beside the other (non-malloc) tunables, if any
-        tunables = [t for t in (env.get(_TUNABLES, ""), HUGE_PAGES_MALLOC[_TUNABLES]) if t]
-        return {**env, _TUNABLES: ":".join(tunables)}
+    for key, value in MALLOC_SETTINGS[allocator].items():
+        if key == _TUNABLES:  # beside the other (non-malloc) tunables, if any
+            value = ":".join(t for t in (env.get(key, ""), value) if t)
+        env[key] = value
     return env
 
 
@@ -103,9 +104,7 @@ def malloc_settings(env=None) -> dict:
 def allocator_of(env=None) -> str:
     """'default', 'kept', 'huge_pages', or 'other' (other malloc settings) for `env`."""
     settings = malloc_settings(env)
-    if not settings:
-        return "default"
-    for name, wanted in (("kept", KEPT_MALLOC), ("huge_pages", HUGE_PAGES_MALLOC)):
+    for name, wanted in MALLOC_SETTINGS.items():
         if settings == wanted:
             return name
     return "other"
@@ -214,12 +213,14 @@ def run_worker(build: Callable[[dict], tuple[dict, tuple]]) -> None:
     spec = resolve(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
     allocator = allocator_of()
     if spec["allocator"] not in (None, allocator):
-        kept = " ".join(f"{k}={v}" for k, v in KEPT_MALLOC.items())
-        huge = " ".join(f"{k}={v}" for k, v in HUGE_PAGES_MALLOC.items())
+        modes = ", ".join(
+            f"{name!r} is " + (" ".join(f"{k}={v}" for k, v in wanted.items()) or "none of them")
+            for name, wanted in MALLOC_SETTINGS.items()
+        )
         sys.exit(
             f"the spec asks for the {spec['allocator']!r} allocator, but this process runs under "
-            f"{allocator!r} ({malloc_settings() or 'no malloc variables'}); 'kept' is {kept} "
-            f"in the environment, 'huge_pages' {huge}, 'default' none of them"
+            f"{allocator!r} ({malloc_settings() or 'no malloc variables'}); in the environment, "
+            f"{modes}"
         )
     process = {
         "allocator": allocator,

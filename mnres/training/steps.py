@@ -118,7 +118,7 @@ def _train_step(
     tx,
     data_config,
     label_smoothing,
-    loss_q,
+    generalized_ce_q,
     ema_decay,
     mixing,
 ):
@@ -135,10 +135,13 @@ def _train_step(
         (logits, _), updates = model.apply(
             variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng}
         )
-        loss = jnp.mean(cross_entropy(logits, labels, label_smoothing, loss_q))
+
+        def mean_loss(targets):
+            return jnp.mean(cross_entropy(logits, targets, label_smoothing, generalized_ce_q))
+
+        loss = mean_loss(labels)
         if mixing:  # the loss of the mixed targets, by linearity in the targets
-            reverse = jnp.mean(cross_entropy(logits, labels[::-1], label_smoothing, loss_q))
-            loss = lam * loss + (1.0 - lam) * reverse
+            loss = lam * loss + (1.0 - lam) * mean_loss(labels[::-1])
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -204,7 +207,7 @@ def make_train_step(
         tx=tx,
         data_config=data_config,
         label_smoothing=label_smoothing,
-        loss_q=generalized_ce_q,
+        generalized_ce_q=generalized_ce_q,
         ema_decay=ema_decay,
         mixing=(mixup_alpha, cutmix_alpha) if (mixup_alpha or cutmix_alpha) else None,
     )
