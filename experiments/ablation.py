@@ -252,7 +252,9 @@ def validation_tables(found: dict, baseline: dict, describe, choice=None) -> str
         lines.append(_row([
             name + (" (chosen)" if choice and choice["recipe"] == name else ""),
             f"{len(s['folds'])}/{s['num_folds']}" + ("" if s["complete"] else " (partial)"),
-            describe(first["config"], baseline),
+            # An ensemble of recorded recipes is named by its members, not by config fields.
+            first["changes"] if "ensemble" in first["config"]
+            else describe(first["config"], baseline),
             first["epochs"],
             "8 views" if first["evaluated"]["test_time_augmentation"] else "-",
             _pm(s["wall_seconds"], 1 / 60, 1),

@@ -26,8 +26,8 @@ from mnres.evaluation.search import (
     record_fold,
 )
 
-_TEST_PATIENT = ("n_patients", "n_infected", "accuracy", "sensitivity", "specificity", "auc",
-                 "fraction_threshold", "errors")  # fmt: skip
+TEST_PATIENT = ("n_patients", "n_infected", "accuracy", "sensitivity", "specificity", "auc",
+                "fraction_threshold", "errors")  # fmt: skip
 # The agreement asked of the recomputed validation outputs with report.json: the same weights
 # on the same crops, up to the last bits of XLA's arithmetic on another CPU.
 _AGREE_CELLS, _AGREE_AUC = 2, 1e-3
@@ -184,7 +184,7 @@ def summarize_fold(
         "recipe": recipe,
         "fold": fold["fold"],
         "cell": {k: report["test"][k] for k in (*CELL_METRICS, "f1", "n")},
-        "patients": {k: patient.get(k) for k in _TEST_PATIENT} if patient else None,
+        "patients": {k: patient.get(k) for k in TEST_PATIENT} if patient else None,
         "test_slides": fold.get("test_slides"),
         "calibration": report.get("calibration"),
     }

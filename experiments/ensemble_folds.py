@@ -1,0 +1,68 @@
+r"""Scores an ensemble of recorded recipes fold by fold, and records it as a recipe of the search.
+
+  python -m experiments.ensemble_folds --data_dir=PATH/cell_images \
+      --member=gray_world=runs/search/gray_world --member=mixup=runs/search/mixup \
+      --record=experiments/results/search/ensemble_gray_world_mixup
+
+Fold K's ensemble averages the log-odds of the members' fold-K runs (each trained on fold K's
+training slides only, so no member has seen fold K's validation or test slides). A member is a
+recipe recorded in the same search folder as --record, with the cross-validation workdir that
+holds its recorded runs; a fold is scored once every member's run of it is the recorded one, and
+the folds recorded already are skipped. Nothing is trained: it costs the members' inference on
+each fold's validation split. The tables then show it beside the trained recipes
+(`python -m experiments.ablation --search=experiments/results/search`), its wall time the sum of
+its members' training.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+import experiments
+from mnres import config_validation
+from mnres.evaluation import ensemble_folds
+
+flags.DEFINE_multi_string(
+    "member", None, "RECIPE=WORKDIR: a recorded recipe and its cross-validation workdir."
+)
+flags.DEFINE_string(
+    "record", None, "The ensemble's folder in the search (experiments/results/search/NAME)."
+)
+flags.DEFINE_string("data_dir", None, "Where the cell images lie on this machine (cell_images/).")
+flags.DEFINE_string("cache_dir", None, "The decoded-image cache, if the members used one.")
+flags.mark_flags_as_required(["member", "record"])
+FLAGS = flags.FLAGS
+
+
+def parse_members(specs: list[str]) -> dict[str, str]:
+    """{recipe: workdir} of `RECIPE=WORKDIR` specs (at least two, each recipe once)."""
+    members = {}
+    for spec in specs:
+        name, sep, workdir = spec.partition("=")
+        if not sep or not name or not workdir:
+            raise app.UsageError(f"--member={spec}: expected RECIPE=WORKDIR")
+        if name in members:
+            raise app.UsageError(f"--member {name} is given twice")
+        members[name] = workdir
+    if len(members) < 2:
+        raise app.UsageError("an ensemble needs at least two --member")
+    return members
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    members = parse_members(FLAGS.member)
+    experiments.quiet_expected_info_logs()
+    location = {"dir": FLAGS.data_dir, "cache_dir": FLAGS.cache_dir}
+    try:
+        done = ensemble_folds.record_ensemble(FLAGS.record, members, location)
+    except (FileNotFoundError, ValueError) as e:
+        if logging.vlog_is_on(1):
+            raise
+        sys.exit(f"error: {e}")
+    logging.info("Recorded folds %s in %s.", done or "(none new)", FLAGS.record)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_validation.parse_command_line)
