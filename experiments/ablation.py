@@ -71,8 +71,9 @@ flags.DEFINE_string(
 FLAGS = flags.FLAGS
 
 # Where the data lives, how the run is executed and how it is shown say nothing about the
-# recipe; test-time augmentation has a column of its own.
+# recipe; test-time augmentation has a column of its own, and so has a run's split seed.
 _IGNORED = search.NOT_RECIPE | {"test_time_augmentation"}
+_IGNORED_BY_RUNS = _IGNORED | {"seed"}
 
 
 def _baseline(path: str) -> dict:
@@ -119,9 +120,10 @@ def validation_table(runs, baseline: dict) -> str:
         r = load(run)
         val, training = r["validation"] or {}, r["training"]
         wall = training.get("wall_seconds_this_run")
+        changed = search.config_changes(_as_given(r), baseline, _IGNORED_BY_RUNS)
         lines.append(
             f"| {os.path.basename(os.path.normpath(run))} | {r['config'].get('seed')} "
-            f"| {changes(_as_given(r), baseline)} | {training['epochs']} "
+            f"| {changed} | {training['epochs']} "
             f"| {'8 views' if r['config'].get('test_time_augmentation') else '-'} "
             f"| {_num(wall and wall / 60, 1)} | {_pct(val.get('accuracy'))} "
             f"| {_num(val.get('auc'), 4)} "

@@ -40,6 +40,12 @@ config_validation.define_config_flag(os.path.join(_CONFIGS, "default.py"))
 flags.DEFINE_string("workdir", None, "Output folder; default: runs/crossval_<config file name>.")
 flags.DEFINE_integer("num_folds", 5, "Number of folds (k).")
 flags.DEFINE_list("folds", None, "Fold indices to run in this call (default: all).")
+flags.DEFINE_integer(
+    "fold_seed",
+    None,
+    "The seed that cuts the folds (default: --config.seed). Keep it while changing "
+    "--config.seed to train other weights on the same folds, e.g. per-fold ensemble members.",
+)
 flags.DEFINE_bool("patient_level", True, "Run the folds split by slide (patient).")
 flags.DEFINE_bool("image_level", True, "Also run the folds split by image, for comparison.")
 flags.DEFINE_string(
@@ -80,7 +86,7 @@ def _record_fold(fold_dir: str, dataset) -> None:
 
 def _unrecorded(config, folds) -> list[int]:
     """The folds to run: those asked for that the recipe's folder does not hold yet."""
-    spec = crossval.fold_spec(config, FLAGS.num_folds, "slide")
+    spec = crossval.fold_spec(config, FLAGS.num_folds, "slide", FLAGS.fold_seed)
     search.check_same_recipe(FLAGS.record, search.recipe_config(config), spec)
     recorded = search.read_recipe(FLAGS.record)
     wanted = range(FLAGS.num_folds) if folds is None else folds
@@ -117,6 +123,7 @@ def _run(config, workdir: str, folds) -> None:
         compare_image_level=FLAGS.image_level
         and (not FLAGS.record or FLAGS["image_level"].present),
         after_fold=_record_fold if FLAGS.record else None,
+        fold_seed=FLAGS.fold_seed,
     )
     if FLAGS.record:  # folds that finished in an earlier call, before they could be recorded
         _record_finished(workdir, config)

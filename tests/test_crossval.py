@@ -67,6 +67,38 @@ def test_fold_dataset_keeps_patients_apart():
     assert sorted(seen_test) == sorted(pool.names)  # every cell tested exactly once
 
 
+def test_a_fold_seed_keeps_the_folds_while_the_training_seed_changes(tmp_path, monkeypatch):
+    """--fold_seed: other weights on the same slides (the members of a per-fold ensemble)."""
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def start(config, workdir, ds, spec, fold):  # stands in for training
+        seen[workdir] = (
+            spec["seed"],
+            config.seed,
+            sorted(ds.validation.names),
+            sorted(ds.test.names),
+        )
+        raise Started
+
+    monkeypatch.setattr(crossval, "run_fold", start)
+    for seed, fold_seed in ((0, None), (1, 0), (1, None)):
+        config = smoke.get_config()
+        config.seed = seed
+        with pytest.raises(Started):
+            workdir = str(tmp_path / f"{seed}_{fold_seed}")
+            crossval.run_crossval(config, workdir, num_folds=3, folds=[0],
+                                  compare_image_level=False, fold_seed=fold_seed)  # fmt: skip
+    base, kept, other = (
+        seen[str(tmp_path / f"{name}" / "fold_0")] for name in ("0_None", "1_0", "1_None")
+    )
+    assert kept[:2] == (0, 1) and kept[2:] == base[2:]  # seed 1 trains on seed 0's folds
+    assert other[0] == 1 and other[3] != base[3]  # without it, seed 1 cuts other folds
+
+
 def test_summarize_and_aggregate():
     s = crossval.summarize([0.9, 0.8, None, 1.0])
     assert s["mean"] == pytest.approx(0.9) and s["n"] == 3

@@ -121,15 +121,20 @@ def fold_dataset(pool: Split, folds, fold: int, spec: dict, pool_manifest=None) 
     )
 
 
-def fold_spec(config, num_folds: int, split_by: str) -> dict:
+def fold_spec(config, num_folds: int, split_by: str, fold_seed: int | None = None) -> dict:
     """What decides the folds: {num_folds, split_by, validation_fraction, seed, source,
-    image_size} (each fold's fold_spec.json adds its index)."""
+    image_size} (each fold's fold_spec.json adds its index).
+
+    `seed` cuts the folds and their validation slides: `fold_seed`, or config.seed when None.
+    A run with another config.seed on the same folds (a fold seed kept) trains other weights
+    on the same slides, e.g. the members of a per-fold ensemble.
+    """
     train_fraction, val_fraction, _ = tuple(config.data.split_fractions)
     return {
         "num_folds": int(num_folds),
         "split_by": split_by,
         "validation_fraction": float(val_fraction / (train_fraction + val_fraction)),
-        "seed": int(config.seed),
+        "seed": int(config.seed if fold_seed is None else fold_seed),
         "source": config.data.source,
         "image_size": int(config.data.image_size),
     }
@@ -241,9 +246,9 @@ def _pooled(workdir: str, summaries: list[dict], by_slide: bool) -> dict:
     return pooled
 
 
-def _run_folds(config, workdir, num_folds, folds_to_run, split_by, after_fold) -> list[dict]:
+def _run_folds(config, workdir, spec, folds_to_run, after_fold) -> list[dict]:
     """Runs the missing folds among `folds_to_run`; returns the summaries of every done fold."""
-    spec = fold_spec(config, num_folds, split_by)
+    num_folds, split_by = spec["num_folds"], spec["split_by"]
     done = {}
     pool = assignment = manifest = None
     for fold in range(num_folds):
@@ -262,8 +267,8 @@ def _run_folds(config, workdir, num_folds, folds_to_run, split_by, after_fold) -
         if fold not in folds_to_run:
             continue
         if pool is None:
-            pool, manifest = load_pool(config.data, config.seed)
-            assignment = assign_folds(pool.labels, pool.slide_ids, num_folds, config.seed,
+            pool, manifest = load_pool(config.data, spec["seed"])
+            assignment = assign_folds(pool.labels, pool.slide_ids, num_folds, spec["seed"],
                                       split_by)  # fmt: skip
         ds = fold_dataset(pool, assignment, fold, spec, manifest)
         logging.info(
@@ -285,6 +290,7 @@ def run_crossval(
     patient_level: bool = True,
     compare_image_level: bool = True,
     after_fold=None,
+    fold_seed: int | None = None,
 ) -> dict:
     """Runs (or resumes) patient-level k-fold cross-validation; writes crossval.json/.md.
 
@@ -299,6 +305,7 @@ def run_crossval(
       compare_image_level: also run the same folds split by image (in image_level/).
       after_fold: called as `after_fold(fold_dir, dataset)` when a patient-level fold has
         finished in this call (e.g. to record it for a recipe search, `mnres.evaluation.search`).
+      fold_seed: the seed that cuts the folds (`fold_spec`); None: config.seed.
 
     Returns:
       The crossval.json dict: per-fold summaries and mean/std ('folds', 'aggregate',
@@ -313,24 +320,26 @@ def run_crossval(
         raise ValueError(f"folds {bad} are not in 0..{num_folds - 1}")
     if not (patient_level or compare_image_level):
         raise ValueError("nothing to run: enable patient-level or image-level folds")
-    # The folds lock their own folders (fold_K/.lock): no run waits for this lock.
-    with run_folder.lock(workdir):
-        return _crossval(config, workdir, num_folds, folds_to_run, patient_level,
-                         compare_image_level, after_fold)  # fmt: skip
-
-
-def _crossval(
-    config, workdir, num_folds, folds_to_run, patient_level, compare_image_level, after_fold
-):
-    """`run_crossval` once the workdir is locked: the folds, then crossval.json and .md."""
-    result = {"num_folds": num_folds, "config": config.to_dict()}
     runs = [("slide", workdir)] if patient_level else []
     if compare_image_level:
         runs.append(("image", os.path.join(workdir, IMAGE_LEVEL_DIR)))
-    for split_by, run_dir in runs:
+    runs = [
+        (fold_spec(config, num_folds, split_by, fold_seed), run_dir) for split_by, run_dir in runs
+    ]
+    # The folds lock their own folders (fold_K/.lock): no run waits for this lock.
+    with run_folder.lock(workdir):
+        return _crossval(config, workdir, runs, folds_to_run, after_fold)
+
+
+def _crossval(config, workdir, runs, folds_to_run, after_fold):
+    """`run_crossval` once the workdir is locked: the folds of each (spec, folder) of `runs`,
+    then crossval.json and .md."""
+    result = {"num_folds": runs[0][0]["num_folds"], "config": config.to_dict()}
+    for spec, run_dir in runs:
+        split_by = spec["split_by"]
         hook = after_fold if split_by == "slide" else None
-        summaries = _run_folds(config, run_dir, num_folds, folds_to_run, split_by, hook)
-        section = {"folds": summaries, "complete": len(summaries) == num_folds}
+        summaries = _run_folds(config, run_dir, spec, folds_to_run, hook)
+        section = {"folds": summaries, "complete": len(summaries) == spec["num_folds"]}
         if summaries:
             section["aggregate"] = aggregate(summaries)
             pooled = _pooled(run_dir, summaries, split_by == "slide")

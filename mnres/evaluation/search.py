@@ -41,8 +41,10 @@ EXECUTION_FIELDS = frozenset({
     "keep_checkpoints", "distributed.enabled", "distributed.coordinator_address",
     "distributed.num_processes", "distributed.process_id", "distributed.cpu_collectives",
 })  # fmt: skip
-# Fields that pick the data and folds (recorded in each fold's spec), not the training recipe.
-NOT_RECIPE = EXECUTION_FIELDS | {"data.source", "seed"}
+# Fields that pick the data (recorded in each fold's spec), not the training recipe. The seed
+# is the recipe's: it starts the weights and the batch order, and the folds unless a fold seed
+# (in the spec) is given.
+NOT_RECIPE = EXECUTION_FIELDS | {"data.source"}
 
 
 _ABSENT = object()
