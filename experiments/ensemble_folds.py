@@ -9,7 +9,14 @@ training slides only, so no member has seen fold K's validation or test slides).
 recipe recorded in the same search folder as --record, with the cross-validation workdir that
 holds its recorded runs; a fold is scored once every member's run of it is the recorded one, and
 the folds recorded already are skipped. Nothing is trained: it costs the members' inference on
-each fold's validation split. The tables then show it beside the trained recipes
+each fold's validation split. --slide_prior replaces the training prevalence by each slide's
+(`mnres.evaluation.slide_prior`); with it, one member is enough:
+
+  python -m experiments.ensemble_folds --data_dir=PATH/cell_images --slide_prior \
+      --member=gray_world=runs/search/gray_world \
+      --record=experiments/results/search/gray_world_slide_prior
+
+The tables then show it beside the trained recipes
 (`python -m experiments.ablation --search=experiments/results/search`), its wall time the sum of
 its members' training.
 """
@@ -30,12 +37,15 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("data_dir", None, "Where the cell images lie on this machine (cell_images/).")
 flags.DEFINE_string("cache_dir", None, "The decoded-image cache, if the members used one.")
+flags.DEFINE_bool(
+    "slide_prior", False, "Each slide's prevalence in place of the training split's (Bayes' rule)."
+)
 flags.mark_flags_as_required(["member", "record"])
 FLAGS = flags.FLAGS
 
 
-def parse_members(specs: list[str]) -> dict[str, str]:
-    """{recipe: workdir} of `RECIPE=WORKDIR` specs (at least two, each recipe once)."""
+def parse_members(specs: list[str], least: int = 2) -> dict[str, str]:
+    """{recipe: workdir} of `RECIPE=WORKDIR` specs (at least `least`, each recipe once)."""
     members = {}
     for spec in specs:
         name, sep, workdir = spec.partition("=")
@@ -44,19 +54,19 @@ def parse_members(specs: list[str]) -> dict[str, str]:
         if name in members:
             raise app.UsageError(f"--member {name} is given twice")
         members[name] = workdir
-    if len(members) < 2:
-        raise app.UsageError("an ensemble needs at least two --member")
+    if len(members) < least:
+        raise app.UsageError("an ensemble needs at least two --member (one with --slide_prior)")
     return members
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    members = parse_members(FLAGS.member)
+    members = parse_members(FLAGS.member, least=1 if FLAGS.slide_prior else 2)
     experiments.quiet_expected_info_logs()
     location = {"dir": FLAGS.data_dir, "cache_dir": FLAGS.cache_dir}
     try:
-        done = ensemble_folds.record_ensemble(FLAGS.record, members, location)
+        done = ensemble_folds.record_ensemble(FLAGS.record, members, location, FLAGS.slide_prior)
     except (FileNotFoundError, ValueError) as e:
         if logging.vlog_is_on(1):
             raise

@@ -11,7 +11,7 @@ from data_fixtures import tiny_crossval_config
 from experiments import ablation
 from experiments.configs import default
 from mnres import run_folder
-from mnres.evaluation import crossval, ensemble_folds, fold_summary, metrics, search
+from mnres.evaluation import crossval, ensemble_folds, fold_summary, metrics, search, slide_prior
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +77,7 @@ def test_the_test_patients_use_the_threshold_chosen_on_validation():
     [
         (["gray_world"], "expected RECIPE=WORKDIR"),
         (["a=runs/a", "a=runs/b"], "--member a is given twice"),
+        (["a=runs/a"], "at least two --member (one with --slide_prior)"),
         (["a=runs/a", "b=runs/b"], "a has no recorded fold"),
     ],
 )
@@ -114,6 +115,18 @@ def test_an_ensemble_of_one_run_twice_scores_as_that_run(tmp_path):
     report = run_folder.read_report(os.path.join(workdir, "fold_0"))
     test = run_folder.read_json(os.path.join(record, "fold_0_test.json"))
     assert test["cell"]["accuracy"] == pytest.approx(report["test"]["accuracy"], abs=1e-6)
+    # One member with the slide prior: the member's validation log-odds, each slide moved.
+    prior_record = str(search_dir / "a_slide_prior")
+    assert ensemble_folds.record_ensemble(prior_record, {"a": workdir}, {}, True) == [0]
+    adjusted = search.read_recipe(prior_record)[0]
+    assert adjusted["changes"] == "a, slide prior"
+    fold_dir = os.path.join(workdir, "fold_0")
+    ds = crossval.dataset_for_run(fold_dir, run_folder.read_config(fold_dir))
+    outputs = fold_summary.validation_outputs(fold_dir, report, ds.validation)
+    z = slide_prior.adjust(outputs["log_odds"], ds.validation.slide_ids, np.mean(ds.train.labels))
+    expected = metrics.binary_metrics(outputs["labels"], 1 / (1 + np.exp(-z)))
+    for key in ("accuracy", "auc", "sensitivity"):
+        assert adjusted["validation"]["cell"][key] == pytest.approx(expected[key])
     # Recorded folds are skipped; a member whose runs are missing leaves the fold unscored.
     assert ensemble_folds.record_ensemble(record, members, {}) == []
     elsewhere = {"a": workdir, "b": str(tmp_path / "missing")}

@@ -7,10 +7,12 @@ validation and test slides are new to all of them. The members differ by recipe 
 normalisation, a loss, an augmentation) or by anything else that leaves the folds alone.
 
 The ensemble averages the members' log-odds of each crop (each member with its own test-time
-augmentation). Its record has the fields of a trained recipe's (`fold_summary.summarize_fold`):
-the validation figures and patient decisions it is compared on, the sealed test figures, and as
-its wall time the sum of its members' (training them is its cost). `record_ensemble` scores and
-records the folds whose members are all recorded (`python -m experiments.ensemble_folds`).
+augmentation); with the slide prior, each slide's prevalence then replaces the training
+split's (`mnres.evaluation.slide_prior`), and one member's runs can be scored that way too.
+Its record has the fields of a trained recipe's (`fold_summary.summarize_fold`): the validation
+figures and patient decisions it is compared on, the sealed test figures, and as its wall time
+the sum of its members' (training them is its cost). `record_ensemble` scores and records the
+folds whose members are all recorded (`python -m experiments.ensemble_folds`).
 """
 
 from __future__ import annotations
@@ -22,15 +24,28 @@ import numpy as np
 from absl import logging
 
 from mnres import provenance, run_folder
-from mnres.evaluation import calibration, crossval, fold_summary, metrics, search
+from mnres.evaluation import calibration, crossval, fold_summary, metrics, search, slide_prior
 from mnres.evaluation.search import CELL_METRICS
 
 COMBINE = "mean_log_odds"
 
 
-def ensemble_config(members) -> dict:
+def ensemble_config(members, use_slide_prior: bool = False) -> dict:
     """The recipe config of an ensemble: its members' recipe names and how they are combined."""
-    return {"ensemble": {"members": list(members), "combine": COMBINE}}
+    return {
+        "ensemble": {"members": list(members), "combine": COMBINE, "slide_prior": use_slide_prior}
+    }
+
+
+def describe(members, use_slide_prior: bool = False) -> str:
+    """The ensemble's changes, as the search table names them."""
+    members = list(members)
+    text = members[0] if len(members) == 1 else f"ensemble of {', '.join(members)} (mean log-odds)"
+    return text + (", slide prior" if use_slide_prior else "")
+
+
+def _sigmoid(log_odds) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(log_odds, np.float64)))
 
 
 def mean_log_odds(outputs: list[dict], what: str) -> dict:
@@ -51,8 +66,11 @@ def mean_log_odds(outputs: list[dict], what: str) -> dict:
         if not same:
             raise ValueError(f"the members scored different {what} crops: not one fold's split")
     log_odds = np.mean([np.asarray(o["log_odds"], np.float64) for o in outputs], axis=0)
-    probs = 1.0 / (1.0 + np.exp(-log_odds))
-    return {"labels": np.asarray(first["labels"]), "log_odds": log_odds, "probs": probs}
+    return {
+        "labels": np.asarray(first["labels"]),
+        "log_odds": log_odds,
+        "probs": _sigmoid(log_odds),
+    }
 
 
 def score(val: dict, val_slide_ids, test: dict, test_slide_ids) -> tuple[dict, dict]:
@@ -78,7 +96,9 @@ def score(val: dict, val_slide_ids, test: dict, test_slide_ids) -> tuple[dict, d
     return validation, tested
 
 
-def summarize_ensemble_fold(members: dict[str, tuple[dict, str]], recipe: str, dataset):
+def summarize_ensemble_fold(
+    members: dict[str, tuple[dict, str]], recipe: str, dataset, use_slide_prior: bool = False
+):
     """The record of fold K of an ensemble: (validation summary, test summary).
 
     Args:
@@ -86,6 +106,7 @@ def summarize_ensemble_fold(members: dict[str, tuple[dict, str]], recipe: str, d
         must be the recorded run (`fold_summary.is_recorded`).
       recipe: the ensemble's name in the search.
       dataset: the fold's rebuilt `Dataset` (`crossval.dataset_for_run`).
+      use_slide_prior: replace the training prevalence by each slide's (`slide_prior.adjust`).
 
     Raises:
       ValueError: members of other folds or splits, or outputs that disagree with a member's
@@ -108,6 +129,12 @@ def summarize_ensemble_fold(members: dict[str, tuple[dict, str]], recipe: str, d
         test_outputs.append(outputs)
     val = mean_log_odds(val_outputs, "validation")
     test = mean_log_odds(test_outputs, "test")
+    prevalence = float(np.mean(dataset.train.labels))
+    if use_slide_prior:
+        for split, slide_ids in ((val, dataset.validation.slide_ids),
+                                 (test, test_outputs[0]["slide_ids"])):  # fmt: skip
+            split["log_odds"] = slide_prior.adjust(split["log_odds"], slide_ids, prevalence)
+            split["probs"] = _sigmoid(split["log_odds"])
     validation, tested = score(
         val, dataset.validation.slide_ids, test, test_outputs[0]["slide_ids"]
     )
@@ -117,8 +144,9 @@ def summarize_ensemble_fold(members: dict[str, tuple[dict, str]], recipe: str, d
         "fold": first["fold"],
         "num_folds": first["num_folds"],
         "spec": first["spec"],
-        "config": ensemble_config(recorded),
-        "changes": f"ensemble of {', '.join(recorded)} (mean log-odds)",
+        "config": ensemble_config(recorded, use_slide_prior),
+        "changes": describe(recorded, use_slide_prior),
+        "train_prevalence": prevalence,
         "members": {
             name: {k: s[k] for k in ("changes", "evaluated", "wall_seconds", "provenance")}
             for name, s in recorded.items()
@@ -183,7 +211,9 @@ def ready_members(search_dir: str, members: dict[str, str], fold: int):
     return found, None
 
 
-def record_ensemble(record_dir: str, members: dict[str, str], data_location: dict) -> list[int]:
+def record_ensemble(
+    record_dir: str, members: dict[str, str], data_location: dict, use_slide_prior: bool = False
+) -> list[int]:
     """Scores and records every fold of an ensemble that is ready and not recorded yet.
 
     Args:
@@ -191,6 +221,7 @@ def record_ensemble(record_dir: str, members: dict[str, str], data_location: dic
         its sibling folders.
       members: {member recipe: its cross-validation workdir (fold_K/ folders)}.
       data_location: config.data fields (dir, cache_dir) that say where the data lie here.
+      use_slide_prior: each slide's prevalence in place of the training split's.
 
     Returns:
       The folds recorded now. A fold some member has not recorded, or whose run is not in its
@@ -202,7 +233,7 @@ def record_ensemble(record_dir: str, members: dict[str, str], data_location: dic
     search_dir = os.path.dirname(os.path.normpath(record_dir))
     recipe = os.path.basename(os.path.normpath(record_dir))
     spec = _spec(search_dir, members)
-    search.check_same_recipe(record_dir, ensemble_config(members), spec)
+    search.check_same_recipe(record_dir, ensemble_config(members, use_slide_prior), spec)
     recorded_before = search.read_recipe(record_dir)
     done = []
     for k in range(spec["num_folds"]):
@@ -217,7 +248,7 @@ def record_ensemble(record_dir: str, members: dict[str, str], data_location: dic
         with config.data.unlocked():
             config.data.update({key: v for key, v in data_location.items() if v})
         dataset = crossval.dataset_for_run(first_dir, config)
-        summary, test = summarize_ensemble_fold(ready, recipe, dataset)
+        summary, test = summarize_ensemble_fold(ready, recipe, dataset, use_slide_prior)
         search.record_fold(record_dir, summary, test)
         logging.info(
             "Recorded fold %d of %s: validation accuracy %.4f, AUC %.4f.",
