@@ -20,7 +20,7 @@ import numpy as np
 import mnres
 from mnres import models, run_folder
 from mnres.data.config import MALARIA_CLASSES as CLASS_NAMES
-from mnres.evaluation import calibration
+from mnres.evaluation import calibration, slide_prior
 from mnres.models import params
 
 
@@ -220,16 +220,32 @@ def _predict(args) -> int:
                 print(f"warning: {warning}", file=sys.stderr)
         predictor = predict.load_predictor(model, checkpoint=args.checkpoint)
     rows = predict.predict_files(predictor, images, threshold=threshold)
+    prior = None
+    if args.slide_prior:
+        if not predictor.malaria:
+            raise ValueError(f"--slide-prior needs the malaria pair of classes; {model} has "
+                             f"{', '.join(names)}")  # fmt: skip
+        # The shipped model's training split, like the NIH set, is about half parasitized.
+        prevalence = (None if shipped else predict.training_prevalence(folder)) or 0.5
+        adjusted = predict.apply_slide_prior(rows, prevalence, threshold=threshold)
+        prior = {"train_prevalence": prevalence, "slides_adjusted": adjusted}
     slides = predict.slide_summary(rows, threshold=threshold)
     if len(names) > 2:
         threshold = None  # the most probable class is called
     if args.json:
         out = {"model": predictor.name, "threshold": threshold, "images": rows, "slides": slides}
+        if prior is not None:
+            out["slide_prior"] = prior
         if not predictor.malaria:
             out["class_names"] = list(names)
         print(json.dumps(out, indent=2))
     else:
-        print(f"model: {predictor.name}\n{_rule(names, threshold)}\n")
+        print(f"model: {predictor.name}\n{_rule(names, threshold)}")
+        if prior is not None:
+            print(f"slide prior: {len(prior['slides_adjusted'])} slide(s) of "
+                  f"{slide_prior.MIN_CROPS}+ crops adjusted to their own prevalence (training "
+                  f"split: {prior['train_prevalence']:.3f})")  # fmt: skip
+        print()
         print(predict.format_table(rows, slides))
     if all(r["error"] is not None for r in rows):
         print(f"error: not one of the {len(rows)} input(s) could be read as an image (each "
@@ -355,6 +371,13 @@ def build_parser(prog: str = "python -m mnres") -> argparse.ArgumentParser:
         choices=calibration.OPERATING_POINTS,
         help="the threshold that gave 95%%/98%% specificity on the model's "
         "validation split (its calibration.json); two-class models only",
+    )
+    pred.add_argument(
+        "--slide-prior",
+        action="store_true",
+        help="move each crop's p by its slide's fraction of crops called parasitized, in place "
+        f"of the training split's (slides of {slide_prior.MIN_CROPS}+ crops; slide ids from "
+        "NIH file names)",
     )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
     for command, handler in ((summary, _summary), (export, _export), (pred, _predict)):

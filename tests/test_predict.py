@@ -274,3 +274,48 @@ def test_serving_predict_evaluation_and_gradcam_classify_alike(classifier, tmp_p
             np.testing.assert_allclose(probs, answers[tta]["serving"], atol=1e-5, err_msg=name)
     # Each path did average the 8 views: one view answers otherwise.
     assert np.max(np.abs(answers[True]["serving"] - answers[False]["serving"])) > 1e-4
+
+
+def _row(slide, p, error=None):
+    return {"file": f"{slide}_cell.png", "slide_id": slide, "label": None,
+            "prob_parasitized": None if error else p, "error": error}  # fmt: skip
+
+
+def test_slide_prior_moves_each_slide_by_its_called_fraction():
+    # Slide A: 20 of 25 crops called parasitized, so a doubtful crop (0.4) there is called
+    # parasitized after all; slide B has too few crops to say anything of its patient.
+    rows = [_row("A", 0.9) for _ in range(20)] + [_row("A", 0.4) for _ in range(5)]
+    rows += [_row("B", 0.4) for _ in range(5)] + [_row("", 0.4), _row("A", None, error="bad")]
+    assert predict.apply_slide_prior(rows, 0.5, threshold=0.5) == ["A"]
+    shift = np.log(0.8 / 0.2)  # logit(20/25) - logit(0.5)
+    assert rows[20]["prob_parasitized"] == pytest.approx(
+        1 / (1 + np.exp(-(np.log(0.4 / 0.6) + shift)))
+    )
+    assert rows[20]["label"] == "parasitized" and rows[0]["prob_parasitized"] > 0.9
+    assert all(r["prob_parasitized"] == 0.4 for r in rows[25:31])  # B and the unknown slide
+    assert rows[-1]["prob_parasitized"] is None  # an unreadable file stays unscored
+
+
+def test_training_prevalence_comes_from_the_runs_manifest(tmp_path):
+    manifest = {"splits": {"train": {"counts": {"parasitized": 30, "uninfected": 70}}}}
+    run_folder.write_json(str(tmp_path / "manifest.json"), manifest)
+    (tmp_path / "export").mkdir()
+    assert predict.training_prevalence(str(tmp_path)) == pytest.approx(0.3)
+    assert predict.training_prevalence(str(tmp_path / "export" / "model.tflite")) == 0.3
+    assert predict.training_prevalence(str(tmp_path / "export")) is None
+
+
+def test_predict_command_applies_the_slide_prior(run, tmp_path, capsys):
+    images = synthetic.draw_cells(24, 48, 1, 5)[0]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"C100P61ThinF_IMG_20150918_1441_cell_{i}.png")
+    assert main(["predict", run, str(tmp_path), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["predict", run, str(tmp_path), "--json", "--slide-prior"]) == 0
+    prior = json.loads(capsys.readouterr().out)
+    assert prior["slide_prior"] == {"train_prevalence": 0.5, "slides_adjusted": ["C100P61"]}
+    p = np.array([r["prob_parasitized"] for r in plain["images"]])
+    f = np.clip(np.mean(p >= 0.5), 0.01, 0.99)
+    expected = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + np.log(f / (1 - f)))))
+    got = [r["prob_parasitized"] for r in prior["images"]]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -13,14 +13,20 @@ def _logit(p):
 def test_each_slide_moves_by_its_called_fraction():
     log_odds = np.array([2.0, 1.0, 0.5, -1.0, -3.0, -2.0, -0.5, 0.3])
     slides = np.array(["A", "A", "A", "A", "B", "B", "B", ""])
-    adjusted = slide_prior.adjust(log_odds, slides, train_prevalence=0.5)
+    adjusted = slide_prior.adjust(log_odds, slides, train_prevalence=0.5, min_crops=1)
     # A: 3 of 4 crops called parasitized; B: none, so its prevalence is clipped to 0.01.
     np.testing.assert_allclose(adjusted[:4], log_odds[:4] + _logit(0.75))
     np.testing.assert_allclose(adjusted[4:7], log_odds[4:7] + _logit(slide_prior.CLIP))
     assert adjusted[7] == log_odds[7]  # no slide id: unchanged
     # Against a training split with 40% parasitized crops, the same slide moves further.
-    again = slide_prior.adjust(log_odds, slides, train_prevalence=0.4)
+    again = slide_prior.adjust(log_odds, slides, train_prevalence=0.4, min_crops=1)
     np.testing.assert_allclose(again[:4], log_odds[:4] + _logit(0.75) - _logit(0.4))
+    # A slide of fewer crops than min_crops says too little of its patient: unchanged.
+    few = slide_prior.adjust(log_odds, slides, train_prevalence=0.5, min_crops=4)
+    np.testing.assert_allclose(few[:4], adjusted[:4])
+    np.testing.assert_array_equal(few[4:], log_odds[4:])
+    assert slide_prior.MIN_CROPS == 20
+    np.testing.assert_array_equal(slide_prior.adjust(log_odds, slides, 0.5), log_odds)
 
 
 def test_it_helps_where_prevalence_differs_by_patient():

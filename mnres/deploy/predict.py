@@ -32,7 +32,7 @@ from mnres.data import config as data_config
 from mnres.data import decode
 from mnres.data.sources import IMAGE_SUFFIXES, slide_id
 from mnres.deploy import export
-from mnres.evaluation import calibration
+from mnres.evaluation import calibration, slide_prior
 
 STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
 MODEL_SUFFIXES = (".tflite", ".onnx", *STABLEHLO_SUFFIXES)
@@ -280,6 +280,51 @@ def _called(probs, class_names, threshold: float) -> dict:
         "prob": float(probs[label]),
         "probs": {name: float(p) for name, p in zip(class_names, probs, strict=True)},
     }
+
+
+def training_prevalence(model_path: str) -> float | None:
+    """The fraction of parasitized crops in the training split of the model's run.
+
+    Read from the run's manifest.json: in a run folder, or for an exported file beside it or
+    one folder up (`export` writes to RUN/export/). None when there is none (the shipped model,
+    a file copied on its own).
+    """
+    if os.path.isdir(model_path):
+        folders = [model_path]
+    else:
+        folder = os.path.dirname(os.path.abspath(model_path))
+        folders = [folder, os.path.dirname(folder)]
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, run_folder.MANIFEST_JSON)):
+            counts = run_folder.read_manifest(folder)["splits"]["train"].get("counts") or {}
+            total = sum(counts.values())
+            if total and "parasitized" in counts:
+                return counts["parasitized"] / total
+    return None
+
+
+def apply_slide_prior(rows, train_prevalence: float, *, threshold: float = 0.5) -> list[str]:
+    """Each slide's prevalence in place of the training split's (`slide_prior.adjust`).
+
+    The P(parasitized) of every read crop with a slide id is moved by its slide's fraction of
+    crops called parasitized (P >= 0.5) and called again at `threshold`; crops without a slide
+    id, and slides of fewer than `slide_prior.MIN_CROPS` crops, keep theirs.
+
+    Returns:
+      The ids of the slides adjusted.
+    """
+    scored = [r for r in rows if r["error"] is None and r.get("prob_parasitized") is not None]
+    if not scored:
+        return []
+    probs = np.clip([r["prob_parasitized"] for r in scored], 1e-7, 1 - 1e-7)
+    slide_ids = np.array([r["slide_id"] or "" for r in scored])
+    adjusted = slide_prior.adjust(np.log(probs) - np.log1p(-probs), slide_ids, train_prevalence)
+    for row, z in zip(scored, adjusted, strict=True):
+        p = float(1.0 / (1.0 + np.exp(-z)))
+        row["prob_parasitized"] = p
+        row["label"] = export.CLASS_NAMES[int(p >= threshold)]
+    ids, counts = np.unique(slide_ids[slide_ids != ""], return_counts=True)
+    return [str(s) for s, n in zip(ids, counts, strict=True) if n >= slide_prior.MIN_CROPS]
 
 
 def slide_summary(rows, *, threshold: float = 0.5) -> list[dict]:
