@@ -10,7 +10,8 @@ recipe recorded in the same search folder as --record, with the cross-validation
 holds its recorded runs; a fold is scored once every member's run of it is the recorded one, and
 the folds recorded already are skipped. Nothing is trained: it costs the members' inference on
 each fold's validation split. --slide_prior replaces the training prevalence by each slide's
-(`mnres.evaluation.slide_prior`); with it, one member is enough:
+(`mnres.evaluation.slide_prior`), and --checkpoint=latest scores the weights at the end of each
+member's training in place of its best checkpoint; with either, one member is enough:
 
   python -m experiments.ensemble_folds --data_dir=PATH/cell_images --slide_prior \
       --member=gray_world=runs/search/gray_world \
@@ -40,6 +41,13 @@ flags.DEFINE_string("cache_dir", None, "The decoded-image cache, if the members 
 flags.DEFINE_bool(
     "slide_prior", False, "Each slide's prevalence in place of the training split's (Bayes' rule)."
 )
+flags.DEFINE_enum(
+    "checkpoint",
+    "best",
+    ["best", "latest"],
+    "The members' checkpoint scored: the one each run evaluated (best per-epoch validation "
+    "accuracy), or the weights at the end of training.",
+)
 flags.mark_flags_as_required(["member", "record"])
 FLAGS = flags.FLAGS
 
@@ -55,18 +63,22 @@ def parse_members(specs: list[str], least: int = 2) -> dict[str, str]:
             raise app.UsageError(f"--member {name} is given twice")
         members[name] = workdir
     if len(members) < least:
-        raise app.UsageError("an ensemble needs at least two --member (one with --slide_prior)")
+        raise app.UsageError(
+            "an ensemble needs at least two --member (one with --slide_prior or "
+            "--checkpoint=latest)"
+        )
     return members
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    members = parse_members(FLAGS.member, least=1 if FLAGS.slide_prior else 2)
+    scoring = ensemble_folds.Scoring(FLAGS.slide_prior, FLAGS.checkpoint)
+    members = parse_members(FLAGS.member, least=1 if scoring != ensemble_folds.Scoring() else 2)
     experiments.quiet_expected_info_logs()
     location = {"dir": FLAGS.data_dir, "cache_dir": FLAGS.cache_dir}
     try:
-        done = ensemble_folds.record_ensemble(FLAGS.record, members, location, FLAGS.slide_prior)
+        done = ensemble_folds.record_ensemble(FLAGS.record, members, location, scoring)
     except (FileNotFoundError, ValueError) as e:
         if logging.vlog_is_on(1):
             raise

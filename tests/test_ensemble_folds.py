@@ -77,7 +77,7 @@ def test_the_test_patients_use_the_threshold_chosen_on_validation():
     [
         (["gray_world"], "expected RECIPE=WORKDIR"),
         (["a=runs/a", "a=runs/b"], "--member a is given twice"),
-        (["a=runs/a"], "at least two --member (one with --slide_prior)"),
+        (["a=runs/a"], "at least two --member (one with --slide_prior or"),
         (["a=runs/a", "b=runs/b"], "a has no recorded fold"),
     ],
 )
@@ -117,7 +117,8 @@ def test_an_ensemble_of_one_run_twice_scores_as_that_run(tmp_path):
     assert test["cell"]["accuracy"] == pytest.approx(report["test"]["accuracy"], abs=1e-6)
     # One member with the slide prior: the member's validation log-odds, each slide moved.
     prior_record = str(search_dir / "a_slide_prior")
-    assert ensemble_folds.record_ensemble(prior_record, {"a": workdir}, {}, True) == [0]
+    with_prior = ensemble_folds.Scoring(slide_prior=True)
+    assert ensemble_folds.record_ensemble(prior_record, {"a": workdir}, {}, with_prior) == [0]
     adjusted = search.read_recipe(prior_record)[0]
     assert adjusted["changes"] == "a, slide prior"
     fold_dir = os.path.join(workdir, "fold_0")
@@ -127,6 +128,20 @@ def test_an_ensemble_of_one_run_twice_scores_as_that_run(tmp_path):
     expected = metrics.binary_metrics(outputs["labels"], 1 / (1 + np.exp(-z)))
     for key in ("accuracy", "auc", "sensitivity"):
         assert adjusted["validation"]["cell"][key] == pytest.approx(expected[key])
+    # The weights at the end of training: their outputs, not the run's evaluated checkpoint's.
+    latest = ensemble_folds.Scoring(checkpoint="latest")
+    assert ensemble_folds.record_ensemble(
+        str(search_dir / "a_latest"), {"a": workdir}, {}, latest
+    ) == [0]
+    last = search.read_recipe(str(search_dir / "a_latest"))[0]
+    assert last["changes"] == "a, latest checkpoint" and last["evaluated"]["checkpoint"] == "latest"
+    classifier = run_folder.load_run(fold_dir, which="latest")
+    logits = classifier.logits(ds.validation.images).astype(np.float64)
+    probs = 1 / (1 + np.exp(-(logits[:, 1] - logits[:, 0])))
+    expected = metrics.binary_metrics(ds.validation.labels, probs)
+    assert last["validation"]["cell"]["auc"] == pytest.approx(expected["auc"])
+    with pytest.raises(ValueError, match="'best' or 'latest'"):
+        ensemble_folds.Scoring(checkpoint="first")
     # Recorded folds are skipped; a member whose runs are missing leaves the fold unscored.
     assert ensemble_folds.record_ensemble(record, members, {}) == []
     elsewhere = {"a": workdir, "b": str(tmp_path / "missing")}

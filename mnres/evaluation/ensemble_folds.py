@@ -17,6 +17,7 @@ folds whose members are all recorded (`python -m experiments.ensemble_folds`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 
@@ -30,18 +31,37 @@ from mnres.evaluation.search import CELL_METRICS
 COMBINE = "mean_log_odds"
 
 
-def ensemble_config(members, use_slide_prior: bool = False) -> dict:
-    """The recipe config of an ensemble: its members' recipe names and how they are combined."""
-    return {
-        "ensemble": {"members": list(members), "combine": COMBINE, "slide_prior": use_slide_prior}
-    }
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """How the members' runs are scored.
+
+    slide_prior: each slide's prevalence in place of the training split's (`slide_prior`).
+    checkpoint: 'best' (the checkpoint each run evaluated, chosen by per-epoch validation
+      accuracy) or 'latest' (the weights at the end of training, chosen by nothing).
+    """
+
+    slide_prior: bool = False
+    checkpoint: str = "best"
+
+    def __post_init__(self):
+        if self.checkpoint not in ("best", "latest"):
+            raise ValueError(f"checkpoint {self.checkpoint!r}: use 'best' or 'latest'")
 
 
-def describe(members, use_slide_prior: bool = False) -> str:
+def ensemble_config(members, scoring: Scoring = Scoring()) -> dict:
+    """The recipe config of an ensemble: its members' recipe names and how they are scored."""
+    config = {"members": list(members), "combine": COMBINE, "slide_prior": scoring.slide_prior}
+    if scoring.checkpoint != "best":  # records made before the option have none
+        config["checkpoint"] = scoring.checkpoint
+    return {"ensemble": config}
+
+
+def describe(members, scoring: Scoring = Scoring()) -> str:
     """The ensemble's changes, as the search table names them."""
     members = list(members)
     text = members[0] if len(members) == 1 else f"ensemble of {', '.join(members)} (mean log-odds)"
-    return text + (", slide prior" if use_slide_prior else "")
+    text += ", latest checkpoint" if scoring.checkpoint == "latest" else ""
+    return text + (", slide prior" if scoring.slide_prior else "")
 
 
 def _sigmoid(log_odds) -> np.ndarray:
@@ -96,8 +116,39 @@ def score(val: dict, val_slide_ids, test: dict, test_slide_ids) -> tuple[dict, d
     return validation, tested
 
 
+def _latest_outputs(fold_dir: str, dataset) -> tuple[dict, dict]:
+    """Validation and test outputs of a run's weights at the end of training."""
+    report = run_folder.read_report(fold_dir)
+    classifier = run_folder.load_run(fold_dir, which="latest")
+    if classifier.metadata["step"] != report["training"]["total_steps"]:
+        raise ValueError(f"{fold_dir}: its latest checkpoint is not the end of its training")
+    batch = int(run_folder.read_config(fold_dir).eval_batch_size)
+    outputs = []
+    for split in (dataset.validation, dataset.test):
+        logits = classifier.logits(split.images, batch_size=batch).astype(np.float64)
+        outputs.append({
+            "labels": np.asarray(split.labels),
+            "log_odds": logits[:, 1] - logits[:, 0],
+            "names": np.asarray(split.names),
+            "slide_ids": np.asarray(split.slide_ids),
+        })  # fmt: skip
+    return outputs[0], outputs[1]
+
+
+def _member_outputs(fold_dir: str, dataset, checkpoint: str) -> tuple[dict, dict]:
+    """A member run's (validation, test) outputs from the checkpoint `checkpoint` names."""
+    if checkpoint == "latest":
+        return _latest_outputs(fold_dir, dataset)
+    report = run_folder.read_report(fold_dir)
+    val = fold_summary.validation_outputs(fold_dir, report, dataset.validation)
+    test = run_folder.read_test_outputs(fold_dir)
+    if "log_odds" not in test:
+        raise ValueError(f"{fold_dir} is not a two-class run: ensembles average log-odds")
+    return val, test
+
+
 def summarize_ensemble_fold(
-    members: dict[str, tuple[dict, str]], recipe: str, dataset, use_slide_prior: bool = False
+    members: dict[str, tuple[dict, str]], recipe: str, dataset, scoring: Scoring = Scoring()
 ):
     """The record of fold K of an ensemble: (validation summary, test summary).
 
@@ -106,7 +157,8 @@ def summarize_ensemble_fold(
         must be the recorded run (`fold_summary.is_recorded`).
       recipe: the ensemble's name in the search.
       dataset: the fold's rebuilt `Dataset` (`crossval.dataset_for_run`).
-      use_slide_prior: replace the training prevalence by each slide's (`slide_prior.adjust`).
+      scoring: the checkpoint scored, and whether each slide's prevalence replaces the
+        training split's (`slide_prior.adjust`).
 
     Raises:
       ValueError: members of other folds or splits, or outputs that disagree with a member's
@@ -121,16 +173,13 @@ def summarize_ensemble_fold(
             raise ValueError(f"member {name} is another fold or split than {first['recipe']}")
     val_outputs, test_outputs = [], []
     for _, fold_dir in members.values():
-        report = run_folder.read_report(fold_dir)
-        val_outputs.append(fold_summary.validation_outputs(fold_dir, report, dataset.validation))
-        outputs = run_folder.read_test_outputs(fold_dir)
-        if "log_odds" not in outputs:
-            raise ValueError(f"{fold_dir} is not a two-class run: ensembles average log-odds")
-        test_outputs.append(outputs)
+        val, test = _member_outputs(fold_dir, dataset, scoring.checkpoint)
+        val_outputs.append(val)
+        test_outputs.append(test)
     val = mean_log_odds(val_outputs, "validation")
     test = mean_log_odds(test_outputs, "test")
     prevalence = float(np.mean(dataset.train.labels))
-    if use_slide_prior:
+    if scoring.slide_prior:
         for split, slide_ids in ((val, dataset.validation.slide_ids),
                                  (test, test_outputs[0]["slide_ids"])):  # fmt: skip
             split["log_odds"] = slide_prior.adjust(split["log_odds"], slide_ids, prevalence)
@@ -144,8 +193,8 @@ def summarize_ensemble_fold(
         "fold": first["fold"],
         "num_folds": first["num_folds"],
         "spec": first["spec"],
-        "config": ensemble_config(recorded, use_slide_prior),
-        "changes": describe(recorded, use_slide_prior),
+        "config": ensemble_config(recorded, scoring),
+        "changes": describe(recorded, scoring),
         "train_prevalence": prevalence,
         "members": {
             name: {k: s[k] for k in ("changes", "evaluated", "wall_seconds", "provenance")}
@@ -154,7 +203,7 @@ def summarize_ensemble_fold(
         "validation": validation,
         "validation_names_sha256": first["validation_names_sha256"],
         "evaluated": {
-            "checkpoint": "members",
+            "checkpoint": "members" if scoring.checkpoint == "best" else scoring.checkpoint,
             "step": None,
             "test_time_augmentation": all(
                 s["evaluated"]["test_time_augmentation"] for s in recorded.values()
@@ -212,7 +261,7 @@ def ready_members(search_dir: str, members: dict[str, str], fold: int):
 
 
 def record_ensemble(
-    record_dir: str, members: dict[str, str], data_location: dict, use_slide_prior: bool = False
+    record_dir: str, members: dict[str, str], data_location: dict, scoring: Scoring = Scoring()
 ) -> list[int]:
     """Scores and records every fold of an ensemble that is ready and not recorded yet.
 
@@ -221,7 +270,7 @@ def record_ensemble(
         its sibling folders.
       members: {member recipe: its cross-validation workdir (fold_K/ folders)}.
       data_location: config.data fields (dir, cache_dir) that say where the data lie here.
-      use_slide_prior: each slide's prevalence in place of the training split's.
+      scoring: how the members' runs are scored (`Scoring`).
 
     Returns:
       The folds recorded now. A fold some member has not recorded, or whose run is not in its
@@ -233,7 +282,7 @@ def record_ensemble(
     search_dir = os.path.dirname(os.path.normpath(record_dir))
     recipe = os.path.basename(os.path.normpath(record_dir))
     spec = _spec(search_dir, members)
-    search.check_same_recipe(record_dir, ensemble_config(members, use_slide_prior), spec)
+    search.check_same_recipe(record_dir, ensemble_config(members, scoring), spec)
     recorded_before = search.read_recipe(record_dir)
     done = []
     for k in range(spec["num_folds"]):
@@ -248,7 +297,7 @@ def record_ensemble(
         with config.data.unlocked():
             config.data.update({key: v for key, v in data_location.items() if v})
         dataset = crossval.dataset_for_run(first_dir, config)
-        summary, test = summarize_ensemble_fold(ready, recipe, dataset, use_slide_prior)
+        summary, test = summarize_ensemble_fold(ready, recipe, dataset, scoring)
         search.record_fold(record_dir, summary, test)
         logging.info(
             "Recorded fold %d of %s: validation accuracy %.4f, AUC %.4f.",
