@@ -90,7 +90,10 @@ def validation_outputs(fold_dir: str, report: dict, split) -> dict:
     logits = classifier.logits(split.images, batch_size=int(config.eval_batch_size))
     log_odds = logits[:, 1].astype(np.float64) - logits[:, 0]
     probs = 1.0 / (1.0 + np.exp(-log_odds))
-    again, reported = metrics.binary_metrics(split.labels, probs), report["validation"]
+    # Compared in float32, as the run computed its figures: a confident model's P(parasitized)
+    # rounds to 1.0 there, and those ties move its AUC by more than the arithmetic of two CPUs.
+    again = metrics.binary_metrics(split.labels, probs.astype(np.float32))
+    reported = report["validation"]
     cells = abs(again["accuracy"] - reported["accuracy"]) * again["n"]
     auc = abs((again["auc"] or 0.0) - (reported["auc"] or 0.0))
     if again["n"] != reported["n"] or cells > _AGREE_CELLS + 0.5 or auc > _AGREE_AUC:
