@@ -12,6 +12,7 @@ from data_fixtures import tiny_crossval_config
 from experiments import ablation
 from experiments.configs import default, smoke
 from mnres import run_folder
+from mnres.data.splits import Split
 from mnres.evaluation import crossval, fold_summary, metrics, search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,3 +286,32 @@ def test_the_command_skips_recorded_folds_in_any_workdir(tmp_path):
     config.model.alpha = 0.5  # another recipe under the same name is refused before training
     with pytest.raises(search.SearchError, match=r"another recipe \(model.alpha differ\)"):
         search.check_same_recipe(str(record), search.recipe_config(config), spec)
+
+
+def test_the_agreement_check_compares_as_the_run_computed(monkeypatch):
+    """A confident model's P(parasitized) rounds to 1.0 in float32, as the run computes it:
+    the recomputed outputs tie there too, so its AUC agrees with report.json's."""
+    import ml_collections
+
+    log_odds = np.array([30.0, 25.0, 20.0, -1.0, 2.0, -30.0])
+    labels = np.array([0, 1, 1, 0, 1, 0])  # the most confident crop is uninfected
+    logits = np.stack([np.zeros_like(log_odds), log_odds], axis=1).astype(np.float32)
+
+    class Loaded:
+        metadata = {"step": 5}
+
+        def logits(self, images, batch_size):
+            return logits
+
+    monkeypatch.setattr(run_folder, "load_run", lambda fold_dir, which: Loaded())
+    config = ml_collections.ConfigDict({"eval_batch_size": 8})
+    monkeypatch.setattr(run_folder, "read_config", lambda fold_dir: config)
+    reported = metrics.binary_metrics(labels, (1 / (1 + np.exp(-log_odds))).astype(np.float32))
+    exact = metrics.binary_metrics(labels, 1 / (1 + np.exp(-log_odds)))
+    assert abs(exact["auc"] - reported["auc"]) > 0.1  # the ties matter here
+    split = Split(
+        np.zeros((6, 8, 8, 3), np.uint8), labels, np.array(["S"] * 6), np.array(["c"] * 6)
+    )
+    report = {"training": {"evaluated_step": 5}, "validation": reported}
+    outputs = fold_summary.validation_outputs("fold", report, split)
+    np.testing.assert_allclose(outputs["log_odds"], log_odds)
