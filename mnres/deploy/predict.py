@@ -125,6 +125,15 @@ def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Pred
     )
 
 
+def _run_folders(model_path: str) -> list[str]:
+    """Where a model's run files lie: a run folder itself; for an exported file, its folder and
+    the one above (`export` writes to RUN/export/)."""
+    if os.path.isdir(model_path):
+        return [model_path]
+    folder = os.path.dirname(os.path.abspath(model_path))
+    return [folder, os.path.dirname(folder)]
+
+
 def operating_threshold(model_path: str, point: str) -> float:
     """The threshold on P(parasitized) that gave `point` ('spec95': 95% specificity) on the
     validation split of the model's training run, from its calibration.json.
@@ -135,11 +144,7 @@ def operating_threshold(model_path: str, point: str) -> float:
     Raises:
       ValueError: no calibration.json, or the run's validation split could not give the point.
     """
-    if os.path.isdir(model_path):
-        folders = [model_path]
-    else:
-        folder = os.path.dirname(os.path.abspath(model_path))
-        folders = [folder, os.path.dirname(folder)]
+    folders = _run_folders(model_path)
     for folder in folders:
         record = run_folder.read_calibration(folder)
         if record is not None:
@@ -289,11 +294,7 @@ def training_prevalence(model_path: str) -> float | None:
     one folder up (`export` writes to RUN/export/). None when there is none (the shipped model,
     a file copied on its own).
     """
-    if os.path.isdir(model_path):
-        folders = [model_path]
-    else:
-        folder = os.path.dirname(os.path.abspath(model_path))
-        folders = [folder, os.path.dirname(folder)]
+    folders = _run_folders(model_path)
     for folder in folders:
         if os.path.isfile(os.path.join(folder, run_folder.MANIFEST_JSON)):
             counts = run_folder.read_manifest(folder)["splits"]["train"].get("counts") or {}
