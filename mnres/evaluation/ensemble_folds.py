@@ -64,10 +64,6 @@ def describe(members, scoring: Scoring = Scoring()) -> str:
     return text + (", slide prior" if scoring.slide_prior else "")
 
 
-def _sigmoid(log_odds) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(log_odds, np.float64)))
-
-
 def mean_log_odds(outputs: list[dict], what: str) -> dict:
     """{'labels', 'log_odds', 'probs'} averaged over members' outputs of the same crops.
 
@@ -89,7 +85,7 @@ def mean_log_odds(outputs: list[dict], what: str) -> dict:
     return {
         "labels": np.asarray(first["labels"]),
         "log_odds": log_odds,
-        "probs": _sigmoid(log_odds),
+        "probs": calibration.calibrated_probs(log_odds, 1.0),
     }
 
 
@@ -125,10 +121,10 @@ def _latest_outputs(fold_dir: str, dataset) -> tuple[dict, dict]:
     batch = int(run_folder.read_config(fold_dir).eval_batch_size)
     outputs = []
     for split in (dataset.validation, dataset.test):
-        logits = classifier.logits(split.images, batch_size=batch).astype(np.float64)
+        logits = classifier.logits(split.images, batch_size=batch)
         outputs.append({
             "labels": np.asarray(split.labels),
-            "log_odds": logits[:, 1] - logits[:, 0],
+            "log_odds": calibration.log_odds(logits),
             "names": np.asarray(split.names),
             "slide_ids": np.asarray(split.slide_ids),
         })  # fmt: skip
@@ -183,7 +179,7 @@ def summarize_ensemble_fold(
         for split, slide_ids in ((val, dataset.validation.slide_ids),
                                  (test, test_outputs[0]["slide_ids"])):  # fmt: skip
             split["log_odds"] = slide_prior.adjust(split["log_odds"], slide_ids, prevalence)
-            split["probs"] = _sigmoid(split["log_odds"])
+            split["probs"] = calibration.calibrated_probs(split["log_odds"], 1.0)
     validation, tested = score(
         val, dataset.validation.slide_ids, test, test_outputs[0]["slide_ids"]
     )
