@@ -63,9 +63,58 @@ def _patients(metrics: dict | None) -> dict | None:
     return out
 
 
+REPRODUCE_ONE = (
+    "python -m experiments.malaria --config=experiments/configs/default.py "
+    "--config.data.source=folder --config.data.dir=PATH/cell_images{changes} --workdir=runs/{run}"
+)
+
+
+def _members(report) -> list[dict] | None:
+    """Each member of an ensemble run: its run name and its changes to default.py (None for a
+    single run)."""
+    from experiments.configs import default
+    from mnres.evaluation import search
+
+    ensemble = report["config"].get("ensemble")
+    if not ensemble:
+        return None
+    baseline = default.get_config().to_dict()
+    members = []
+    for member, trained in zip(ensemble["members"], report["training"]["members"], strict=True):
+        config = search.recipe_config(member["config"], momentum_picked=True)
+        members.append({
+            "run": member["run"],
+            "changes": search.config_changes(config, baseline),
+            "evaluated_step": trained["evaluated_step"],
+            "steps": trained["total_steps"],
+            "wall_seconds": trained["wall_seconds_this_run"],
+        })  # fmt: skip
+    return members
+
+
+def _reproduce(members) -> str:
+    """The commands that make the shipped files from the development slides."""
+    if not members:
+        runs, last = [REPRODUCE_ONE.format(changes="", run="shipped")], "runs/shipped"
+    else:
+        runs = [
+            REPRODUCE_ONE.format(
+                changes="".join(f" --config.{c}" for c in m["changes"].split(", ") if "=" in c),
+                run=m["run"],
+            )
+            for m in members
+        ]
+        member_flags = " ".join(f"--member=runs/{m['run']}" for m in members)
+        runs.append(f"python -m experiments.ensemble_run {member_flags} --workdir=runs/shipped")
+        last = "runs/shipped"
+    return " && ".join([*runs, f"python -m experiments.package_model --workdir={last}"])
+
+
 def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
     """The card (a JSON-ready dict) of the run that `report` and `manifest` describe."""
     config, training, prov = report["config"], report["training"], report.get("provenance", {})
+    members = _members(report)
+    prior = report.get("slide_prior") or {}
     splits = manifest["splits"]
     split = {
         name: {
@@ -81,7 +130,8 @@ def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
         "model": {
             **{k: report["model"].get(k) for k in ("name", "alpha", "total_params", "bn_momentum")},
             "image_size": report["data"]["image_size"],
-            "dtype": config["model"].get("dtype"),
+            "dtype": (config["model"].get("members") or [config["model"]])[0].get("dtype"),
+            "members": members,
         },
         "preprocessing": {
             "resize": "longer side to image_size (antialiased), centred on black to a square",
@@ -115,10 +165,26 @@ def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
             "splits). Figures on the test slides, each crop averaged over its 8 symmetries when "
             "test_time_augmentation is on, threshold 0.5; a patient is called infected when the "
             "fraction of its crops called parasitized reaches fraction_threshold, chosen on the "
-            "validation slides.",
+            "validation slides."
+            + (
+                " With the slide prior (`mnres predict --slide-prior`), as here, each slide's "
+                "crops are read with the slide's own fraction called parasitized in place of "
+                "the training split's (Bayes' rule; slides of 20 crops or more)."
+                if prior.get("applied")
+                else ""
+            ),
             "validation_cells": _cells(report.get("validation")),
             "test_cells": _cells(report.get("test")),
             "test_patients": _patients(report.get("test_patient")),
+            # Figures with each slide's prevalence (`predict --slide-prior`), and without it.
+            "slide_prior": bool(prior.get("applied")),
+            "train_prevalence": prior.get("train_prevalence"),
+            "without_slide_prior": {
+                "test_cells": _cells(prior["without"]["test"]),
+                "test_patients": _patients(prior["without"]["test_patient"]),
+            }
+            if prior.get("applied")
+            else None,
             "warnings": report.get("warnings", []),
         },
         "calibration": {
@@ -134,10 +200,40 @@ def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
             "files": list(sample),
         },
         "files_sha256": dict(file_hashes),
-        "reproduce": "python -m experiments.malaria --config=experiments/configs/default.py "
-        "--config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/shipped "
-        "&& python -m experiments.package_model --workdir=runs/shipped",
+        "reproduce": _reproduce(members),
     }
+
+
+def _model_line(model: dict) -> str:
+    size = f"{model['image_size']} px, {model['total_params']:,} parameters, {model['dtype']}"
+    if not model.get("members"):
+        return (
+            f"- {model['name']}, alpha {model['alpha']}, {size}; BatchNorm momentum "
+            f"{model['bn_momentum']}."
+        )
+    runs = "; ".join(f"`{m['run']}`: {m['changes']}" for m in model["members"])
+    return (
+        f"- An ensemble of {len(model['members'])} networks, the mean of their logits "
+        f"(`mnres.models.Ensemble`): {size} in all. Each is `experiments/configs/default.py`'s "
+        f"network and training with one change ({runs})."
+    )
+
+
+def _training_line(model: dict, training: dict) -> str:
+    if not model.get("members"):
+        return (
+            f"`experiments/configs/default.py`: {training['epochs']} epochs, "
+            f"{training['steps']:,} steps; evaluated checkpoint: "
+            f"{training['evaluated_checkpoint']} (step {training['evaluated_step']:,})."
+        )
+    steps = ", ".join(
+        f"`{m['run']}` step {m['evaluated_step']:,} of {m['steps']:,}" for m in model["members"]
+    )
+    return (
+        f"`experiments/configs/default.py` with each member's change, {training['epochs']} "
+        f"epochs each on the same split, then `experiments.ensemble_run`; each member at its "
+        f"best checkpoint ({steps})."
+    )
 
 
 def _pct(value) -> str:
@@ -165,9 +261,7 @@ def markdown(card: dict) -> str:
         "",
         "## Model",
         "",
-        f"- {model['name']}, alpha {model['alpha']}, {model['image_size']} px, "
-        f"{model['total_params']:,} parameters, {model['dtype']}; BatchNorm momentum "
-        f"{model['bn_momentum']}.",
+        _model_line(model),
         f"- Input: {card['preprocessing']['resize']}; {card['preprocessing']['scale']}; "
         "test-time augmentation (8 symmetries) "
         f"{'on' if card['preprocessing']['test_time_augmentation'] else 'off'}.",
@@ -194,9 +288,8 @@ def markdown(card: dict) -> str:
         "",
         "## Training",
         "",
-        f"`experiments/configs/default.py`: {training['epochs']} epochs, {training['steps']:,} "
-        f"steps; evaluated checkpoint: {training['evaluated_checkpoint']} (step "
-        f"{training['evaluated_step']:,}). The whole command took "
+        f"{_training_line(model, training)} The whole "
+        f"{'commands' if model.get('members') else 'command'} took "
         f"{(training['wall_seconds'] or 0) / 60:.1f} min on a {cpu.get('logical_cores', '?')}-core "
         f"{cpu.get('model', 'CPU')} {'CPU' if training['platform'] == 'cpu' else training['platform']}"  # noqa: E501
         f", with mnres {versions.get('mnres')}, jax {versions.get('jax')}, flax "
@@ -229,13 +322,25 @@ def markdown(card: dict) -> str:
                 f"| {name} | {m['n']:,} | {_pct(m['accuracy'])} | {auc} | "
                 f"{_pct(m['sensitivity'])} | {_pct(m['specificity'])} |"
             )
+    without = evaluation.get("without_slide_prior")
+    if without:
+        m = without["test_cells"]
+        lines.append(
+            f"| test, without the slide prior | {m['n']:,} | {_pct(m['accuracy'])} | "
+            f"{m['auc']:.4f} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} |"
+        )
     p = evaluation["test_patients"]
     if p:
         lines += [
             "",
             f"Test patients: {p['correct']} of {p['n_patients']} decisions right "
             f"({p['n_infected']} infected, {p['n_uninfected']} uninfected; a slide is called "
-            f"infected when at least {p['fraction_threshold']:.3f} of its crops are).",
+            f"infected when at least {p['fraction_threshold']:.3f} of its crops are)"
+            + (
+                f"; {without['test_patients']['correct']} without the slide prior."
+                if without
+                else "."
+            ),
         ]
     lines += [
         "",

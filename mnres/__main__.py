@@ -225,8 +225,8 @@ def _predict(args) -> int:
         if not predictor.malaria:
             raise ValueError(f"--slide-prior needs the malaria pair of classes; {model} has "
                              f"{', '.join(names)}")  # fmt: skip
-        # The shipped model's training split, like the NIH set, is about half parasitized.
-        prevalence = (None if shipped else predict.training_prevalence(folder)) or 0.5
+        # A shipped model's card holds it; a run's manifest, or 0.5 (the NIH set's, about).
+        prevalence = predict.training_prevalence(folder) or 0.5
         adjusted = predict.apply_slide_prior(rows, prevalence, threshold=threshold)
         prior = {"train_prevalence": prevalence, "slides_adjusted": adjusted}
     slides = predict.slide_summary(rows, threshold=threshold)

@@ -113,7 +113,12 @@ class Classifier:
 
     def for_export(self) -> Classifier:
         """The same weights with grouped depthwise convs and float32 compute."""
-        model = self.model.clone(conv_formulation="grouped", dtype=None)
+        overrides = {"conv_formulation": "grouped", "dtype": None}
+        model = (
+            self.model.clone_members(**overrides)
+            if hasattr(self.model, "clone_members")  # an ensemble: every member
+            else self.model.clone(**overrides)
+        )
         return dataclasses.replace(self, model=model)
 
     def classify(self, images) -> jnp.ndarray:

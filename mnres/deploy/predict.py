@@ -291,11 +291,14 @@ def training_prevalence(model_path: str) -> float | None:
     """The fraction of parasitized crops in the training split of the model's run.
 
     Read from the run's manifest.json: in a run folder, or for an exported file beside it or
-    one folder up (`export` writes to RUN/export/). None when there is none (the shipped model,
-    a file copied on its own).
+    one folder up (`export` writes to RUN/export/); for a shipped model, from its card. None
+    when there is none (a file copied on its own, a card without it).
     """
     folders = _run_folders(model_path)
     for folder in folders:
+        card = os.path.join(folder, "model_card.json")  # a shipped model's folder
+        if os.path.isfile(card):
+            return run_folder.read_json(card)["evaluation"].get("train_prevalence")
         if os.path.isfile(os.path.join(folder, run_folder.MANIFEST_JSON)):
             counts = run_folder.read_manifest(folder)["splits"]["train"].get("counts") or {}
             total = sum(counts.values())

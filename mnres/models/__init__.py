@@ -1,6 +1,7 @@
 """The networks: layers, the MobileNet blocks, the models as tables, parameters, Keras weights."""
 
 from mnres.models.blocks import DepthwiseSeparable, InvertedResidual
+from mnres.models.ensemble import Ensemble
 from mnres.models.layers import ConvBN, DepthwiseConv2D, PointwiseConv, make_divisible
 from mnres.models.mobilenet import (
     MOBILENET_V1_BLOCKS,
@@ -20,6 +21,7 @@ __all__ = [
     "ConvBN",
     "DepthwiseConv2D",
     "DepthwiseSeparable",
+    "Ensemble",
     "InvertedResidual",
     "MobileNetV1",
     "MobileNetV2",

@@ -362,7 +362,8 @@ def from_config(
 
     Args:
       model_config: `config.model` (a ConfigDict or a mapping, e.g. from a run's config.json);
-        the 0.1 key `depthwise_implementation` is read as `conv_formulation`.
+        the 0.1 key `depthwise_implementation` is read as `conv_formulation`. Name 'ensemble'
+        builds an `mnres.models.ensemble.Ensemble` of its `members` (one config.model each).
       num_classes: classifier outputs. `config.model` does not hold them: a run's config has
         `len(mnres.data.config.class_names(config.data))` (2 for the malaria pair).
       bn_momentum: replaces `model_config.bn_momentum`. None there means unset: the training
@@ -379,6 +380,13 @@ def from_config(
     fields = dict(model_config)
     name = fields.pop("name")
     fields.pop("pretrained", None)
+    if name == "ensemble":  # {'name': 'ensemble', 'members': [each member's config.model]}
+        from mnres.models.ensemble import Ensemble
+
+        return Ensemble(tuple(
+            from_config(member, num_classes, bn_momentum=bn_momentum, platform=platform)
+            for member in fields["members"]
+        ))  # fmt: skip
     if fields.get("depthwise_implementation") is not None:
         warnings.warn(
             "config.model.depthwise_implementation is deprecated; use "

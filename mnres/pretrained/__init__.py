@@ -26,6 +26,7 @@ from flax import linen as nn
 from mnres import run_folder
 from mnres.data import config as data_config
 from mnres.inference import Classifier
+from mnres.models import ensemble
 
 SHIPPED = ("malaria",)
 WEIGHTS = "weights.msgpack"  # flax.serialization msgpack: read by the core install
@@ -208,11 +209,15 @@ def with_shipped_weights(name: str, model, variables: dict, *, new_head: bool) -
     config = run_folder.read_config(folder)
     classes = len(data_config.class_names(config.data))
     what = f"the shipped {name!r} weights"
-    expected = models.from_config(config.model, num_classes=model.num_classes)
+    member = shipped_member(name, model)
+    model_config = config.model if member is None else config.model.members[member]
+    expected = models.from_config(model_config, num_classes=model.num_classes)
     check_fields(model, expected, what)
     if not new_head and model.num_classes != classes:
         raise ValueError(f"{what} have {classes} classes, this model {model.num_classes}")
     stored = flax.serialization.msgpack_restore((folder / WEIGHTS).read_bytes())
+    if member is not None:
+        stored = ensemble.member_variables(stored, member)
     head = model.classifier_name
     merged = {
         collection: {
@@ -222,8 +227,36 @@ def with_shipped_weights(name: str, model, variables: dict, *, new_head: bool) -
         for collection, layers in variables.items()
     }
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), variables)
-    run_folder.check_fits(merged, shapes, f"{folder / WEIGHTS}", config.model.name)
+    run_folder.check_fits(merged, shapes, f"{folder / WEIGHTS}", model_config.name)
     return merged
+
+
+def shipped_member(name: str, model=None) -> int | None:
+    """Which member of a shipped ensemble `model` is (None: not an ensemble, or the whole one).
+
+    A shipped ensemble (`mnres.models.Ensemble`) is loaded whole; a single network, e.g. one to
+    fine-tune, gets the weights of the first member with its parameter fields (member 0 when
+    no model is given). `model=None` with the shipped classes loads the whole ensemble.
+
+    Raises:
+      ValueError: `model` is none of the members (each member's differing fields named).
+    """
+    from mnres import models
+
+    config = shipped_config(name)
+    if config.model.name != "ensemble" or isinstance(model, ensemble.Ensemble):
+        return None
+    if model is None:
+        return 0
+    found = []
+    for index, member in enumerate(config.model.members):
+        expected = models.from_config(member, num_classes=model.num_classes)
+        try:
+            check_fields(model, expected, f"member {index} of the shipped {name!r} ensemble")
+            return index
+        except ValueError as e:
+            found.append(str(e))
+    raise ValueError("; ".join(found))
 
 
 def initial_classifier(classifier: dict, seed: int = 0) -> dict:
@@ -245,7 +278,11 @@ def _load_shipped(name: str, model, num_classes: int | None) -> Pretrained:
     config = run_folder.read_config(folder)
     classes = data_config.class_names(config.data)
     num_classes = num_classes or (model.num_classes if model is not None else len(classes))
-    expected = models.from_config(config.model, num_classes=num_classes)
+    # An ensemble is loaded whole, unless a single network (or a new classifier) is asked for.
+    whole = model is None and num_classes == len(classes)
+    member = None if whole else shipped_member(name, model)
+    model_config = config.model if member is None else config.model.members[member]
+    expected = models.from_config(model_config, num_classes=num_classes)
     if model is not None:  # before any tracing: a field that differs is named at once
         check_fields(model, expected, f"the shipped {name!r} weights")
     model = model or expected
@@ -266,8 +303,8 @@ def _load_shipped(name: str, model, num_classes: int | None) -> Pretrained:
         variables=variables,
         image_size=size,
         preprocessing=preprocessing_facts(size, tta),
-        # The temperature and operating points are the shipped classifier's.
-        calibration=None if new_head else run_folder.read_calibration(folder),
+        # The temperature and operating points are the shipped classifier's (a member has none).
+        calibration=None if new_head or member is not None else run_folder.read_calibration(folder),
         card=run_folder.read_json(folder / CARD_JSON),
         folder=str(folder),
         config=config,

@@ -1,0 +1,62 @@
+r"""Combines finished training runs of one slide split into an ensemble run: one model.
+
+  python -m experiments.malaria --config=experiments/configs/default.py \
+      --config.data.source=folder --config.data.dir=PATH/cell_images \
+      --config.model.input_normalization=gray_world --workdir=runs/gray_world
+  python -m experiments.malaria --config=experiments/configs/default.py \
+      --config.data.source=folder --config.data.dir=PATH/cell_images \
+      --config.mixup_alpha=0.2 --workdir=runs/mixup
+  python -m experiments.ensemble_run --member=runs/gray_world --member=runs/mixup \
+      --workdir=runs/ensemble
+
+The ensemble run's model averages its members' logits (`mnres.models.Ensemble`); it is
+evaluated on the members' validation and test slides and written as a run folder
+(config.json, checkpoints/, report.json, calibration.json, ...), so `mnres predict`,
+`mnres export` and `experiments.package_model` take it as one model. Nothing is trained. Its
+figures read each slide with its own prevalence (`--slide_prior`, on by default: the recipe the
+patient cross-validation chose, docs/results.md); the figures without it are in report.json
+under `slide_prior`.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+import experiments
+from mnres import config_validation
+from mnres.evaluation import ensemble_run
+
+flags.DEFINE_multi_string("member", None, "A finished training run (its workdir); two or more.")
+flags.DEFINE_string("workdir", None, "The ensemble run's folder (new).")
+flags.DEFINE_string("data_dir", None, "Where the members' cell images lie now (cell_images/).")
+flags.DEFINE_bool(
+    "slide_prior", True, "Report each slide's crops with its own prevalence (Bayes' rule)."
+)
+flags.mark_flags_as_required(["member", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    experiments.quiet_expected_info_logs()
+    try:
+        report = ensemble_run.combine(
+            FLAGS.member, FLAGS.workdir, data_dir=FLAGS.data_dir, slide_prior=FLAGS.slide_prior
+        )
+    except (ValueError, FileNotFoundError) as e:
+        if logging.vlog_is_on(1):
+            raise
+        sys.exit(f"error: {e}")
+    test, patients = report["test"], report["test_patient"]
+    right = round(patients["accuracy"] * patients["n_patients"])
+    print(
+        f"{FLAGS.workdir}: test accuracy {100 * test['accuracy']:.2f}%, AUC {test['auc']:.4f}, "
+        f"sensitivity {100 * test['sensitivity']:.2f}%, specificity "
+        f"{100 * test['specificity']:.2f}%; patients {right} of {patients['n_patients']} right"
+        + (" (slide prior)" if report["slide_prior"]["applied"] else "")
+    )
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_validation.parse_command_line)
