@@ -27,7 +27,10 @@ NOT_A_DIAGNOSTIC_DEVICE = (
 )
 FAILURE_MODES = (
     "Infected patients with few parasitized crops: a slide is called infected from the fraction "
-    "of its crops called parasitized, so a low-parasitaemia patient can be called uninfected.",
+    "of its crops called parasitized, so a low-parasitaemia patient can be called uninfected. The "
+    "slide prior (`predict --slide-prior`) moves such a slide's crops further toward uninfected "
+    "and can take that patient's decision with it (the test patients below, with and without "
+    "it; results.md).",
     "Dark or unusual stains, debris, platelets or white cells over a red cell, and crops cut "
     "by another segmentation than the NIH set's: out of its training distribution.",
     "Label noise: some crops of the NIH set look mislabelled, which caps the agreement any "
@@ -337,7 +340,8 @@ def markdown(card: dict) -> str:
             f"({p['n_infected']} infected, {p['n_uninfected']} uninfected; a slide is called "
             f"infected when at least {p['fraction_threshold']:.3f} of its crops are)"
             + (
-                f"; {without['test_patients']['correct']} without the slide prior."
+                f"; {without['test_patients']['correct']} of {p['n_patients']} without the "
+                "slide prior."
                 if without
                 else "."
             ),
@@ -345,7 +349,13 @@ def markdown(card: dict) -> str:
     lines += [
         "",
         "These are figures on 16 held-out development slides, one split; "
-        "[results.md](results.md) has the cross-validated and independent figures of this recipe.",
+        + (
+            "[results.md](results.md#the-chosen-recipe-and-its-test-folds) has this recipe's "
+            "5-fold patient cross-validation, and the independent evaluation of `default.py`."
+            if model.get("members")
+            else "[results.md](results.md) has the cross-validated and independent figures of "
+            "this recipe."
+        ),
         "",
         "## Calibration",
         "",
