@@ -154,14 +154,21 @@ def test_malaria_folders_keep_their_labels_and_manifest(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    """The shipped malaria model's variables, as stored."""
+def stored():
+    """The shipped malaria model's variables, as stored (an ensemble's: every member's)."""
     path = pretrained.shipped_folder("malaria") / pretrained.WEIGHTS
     return flax.serialization.msgpack_restore(path.read_bytes())
 
 
-def test_load_pretrained_malaria_with_other_classes_gives_a_new_head(shipped):
+def stored_for(stored, model):
+    """The stored weights a single network loads: those of the shipped member it is."""
+    member = pretrained.shipped_member("malaria", model)
+    return stored if member is None else mnres.models.ensemble.member_variables(stored, member)
+
+
+def test_load_pretrained_malaria_with_other_classes_gives_a_new_head(stored):
     three = mnres.load_pretrained("malaria", num_classes=3)
+    shipped = stored_for(stored, three.model)
     assert three.model.num_classes == 3 and three.calibration is None
     head = three.variables["params"]["predictions"]
     assert head["kernel"].shape == (1280, 3) and not np.any(head["bias"])
@@ -184,10 +191,11 @@ def _state(model, size=32):
 
 
 @pytest.mark.parametrize("classes", [("bird", "cat", "dog"), ("cat", "dog"), None])
-def test_training_starts_from_the_malaria_backbone(classes, shipped, caplog):
+def test_training_starts_from_the_malaria_backbone(classes, stored, caplog):
     config = finetune.get_config()
     k = len(classes) if classes else 2
     model = mnres.models.from_config(config.model, num_classes=k)
+    shipped = stored_for(stored, model)
     state = _state(model)
     with caplog.at_level(logging.INFO):
         loaded = warm_start.load_pretrained(config.model, model, state, 32, classes)
@@ -343,7 +351,7 @@ def test_three_classes_export_and_predict_name_the_classes(three_class_run, caps
 
 
 @pytest.mark.slow
-def test_finetune_config_trains_three_classes_from_the_malaria_weights(tmp_path, shipped, caplog):
+def test_finetune_config_trains_three_classes_from_the_malaria_weights(tmp_path, stored, caplog):
     write_class_folder(tmp_path / "data", {"bird": 12, "cat": 12, "dog": 12})
     config = finetune.get_config()
     config.data.dir, config.data.image_size = str(tmp_path / "data"), 32
@@ -355,7 +363,8 @@ def test_finetune_config_trains_three_classes_from_the_malaria_weights(tmp_path,
     assert "starts from its initialisation" in caplog.text
     assert report["data"]["class_names"] == ["bird", "cat", "dog"]
     assert np.array(report["test"]["confusion_matrix"]).shape == (3, 3)
-    trained = run_folder.load_run(str(tmp_path / "run")).variables["params"]
+    run = run_folder.load_run(str(tmp_path / "run"))
+    trained, shipped = run.variables["params"], stored_for(stored, run.model)
     # Three steps at 5e-4 from the shipped weights: still close to them, far from an init.
     first, start = trained["stem"]["Conv1"]["kernel"], shipped["params"]["stem"]["Conv1"]["kernel"]
     assert np.corrcoef(np.ravel(first), np.ravel(start))[0, 1] > 0.9

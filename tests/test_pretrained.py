@@ -191,3 +191,31 @@ def test_the_shipped_model_loads_and_predicts_in_a_fresh_process_without_network
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "image(s) predicted, 0 unreadable" in result.stdout
+
+
+def test_the_shipped_ensemble_loads_whole_or_as_the_member_a_network_is(shipped, sample_images):
+    _, images, _ = sample_images
+    images = images[:6]
+    assert isinstance(shipped.model, models.Ensemble)
+    members = shipped.config.model.members
+    whole = shipped.classifier.logits(images)
+    each = []
+    for member in members:
+        net = models.from_config(member)
+        loaded = mnres.load_pretrained("malaria", model=net)
+        assert loaded.calibration is None  # the ensemble's temperature is not a member's
+        each.append(loaded.classifier.logits(images))
+    np.testing.assert_allclose(whole, np.mean(each, axis=0), atol=1e-4)
+    # A new classifier without a network named: the first member's backbone.
+    three = mnres.load_pretrained("malaria", num_classes=3)
+    assert three.model.num_classes == 3
+    assert three.model.input_normalization == members[0]["input_normalization"]
+
+
+def test_predict_reads_the_slide_prior_prevalence_from_the_shipped_card(capsys):
+    assert main(["predict", "--sample", "--json", "--slide-prior"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    card = run_folder.read_json(pretrained.shipped_folder() / pretrained.CARD_JSON)
+    prevalence = card["evaluation"]["train_prevalence"]
+    assert 0.45 < prevalence < 0.55 and prevalence != 0.5
+    assert out["slide_prior"]["train_prevalence"] == prevalence

@@ -218,7 +218,7 @@ def with_shipped_weights(name: str, model, variables: dict, *, new_head: bool) -
     stored = flax.serialization.msgpack_restore((folder / WEIGHTS).read_bytes())
     if member is not None:
         stored = ensemble.member_variables(stored, member)
-    head = model.classifier_name
+    head = model.classifier_name if new_head else None  # an ensemble has no one classifier
     merged = {
         collection: {
             layer: value if new_head and layer == head else stored.get(collection, {}).get(layer)
@@ -227,7 +227,7 @@ def with_shipped_weights(name: str, model, variables: dict, *, new_head: bool) -
         for collection, layers in variables.items()
     }
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), variables)
-    run_folder.check_fits(merged, shapes, f"{folder / WEIGHTS}", model_config.name)
+    run_folder.check_fits(merged, shapes, f"{folder / WEIGHTS}", model_config["name"])
     return merged
 
 
