@@ -72,19 +72,21 @@ REPRODUCE_ONE = (
 )
 
 
-def _members(report) -> list[dict] | None:
-    """Each member of an ensemble run: its run name and its changes to default.py (None for a
-    single run)."""
+def _members(report) -> tuple[list[dict] | None, list[list[str]]]:
+    """Each member of an ensemble run (its run name, its changes to default.py, its steps) and
+    the `--config.` flags of those changes; (None, []) for a single run."""
     from experiments.configs import default
     from mnres.evaluation import search
 
     ensemble = report["config"].get("ensemble")
     if not ensemble:
-        return None
+        return None, []
     baseline = default.get_config().to_dict()
-    members = []
+    members, flags = [], []
     for member, trained in zip(ensemble["members"], report["training"]["members"], strict=True):
         config = search.recipe_config(member["config"], momentum_picked=True)
+        changed = search.changed_fields(config, baseline)
+        flags.append([f"--config.{key}={value}" for key, value in changed.items()])
         members.append({
             "run": member["run"],
             "changes": search.config_changes(config, baseline),
@@ -92,31 +94,27 @@ def _members(report) -> list[dict] | None:
             "steps": trained["total_steps"],
             "wall_seconds": trained["wall_seconds_this_run"],
         })  # fmt: skip
-    return members
+    return members, flags
 
 
-def _reproduce(members) -> str:
+def _reproduce(members, flags) -> str:
     """The commands that make the shipped files from the development slides."""
     if not members:
-        runs, last = [REPRODUCE_ONE.format(changes="", run="shipped")], "runs/shipped"
+        runs = [REPRODUCE_ONE.format(changes="", run="shipped")]
     else:
         runs = [
-            REPRODUCE_ONE.format(
-                changes="".join(f" --config.{c}" for c in m["changes"].split(", ") if "=" in c),
-                run=m["run"],
-            )
-            for m in members
+            REPRODUCE_ONE.format(changes="".join(f" {f}" for f in member_flags), run=m["run"])
+            for m, member_flags in zip(members, flags, strict=True)
         ]
-        member_flags = " ".join(f"--member=runs/{m['run']}" for m in members)
-        runs.append(f"python -m experiments.ensemble_run {member_flags} --workdir=runs/shipped")
-        last = "runs/shipped"
-    return " && ".join([*runs, f"python -m experiments.package_model --workdir={last}"])
+        member_args = " ".join(f"--member=runs/{m['run']}" for m in members)
+        runs.append(f"python -m experiments.ensemble_run {member_args} --workdir=runs/shipped")
+    return " && ".join([*runs, "python -m experiments.package_model --workdir=runs/shipped"])
 
 
 def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
     """The card (a JSON-ready dict) of the run that `report` and `manifest` describe."""
     config, training, prov = report["config"], report["training"], report.get("provenance", {})
-    members = _members(report)
+    members, member_flags = _members(report)
     prior = report.get("slide_prior") or {}
     splits = manifest["splits"]
     split = {
@@ -203,7 +201,7 @@ def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
             "files": list(sample),
         },
         "files_sha256": dict(file_hashes),
-        "reproduce": _reproduce(members),
+        "reproduce": _reproduce(members, member_flags),
     }
 
 
@@ -317,21 +315,17 @@ def markdown(card: dict) -> str:
         "| slides | crops | accuracy | AUC | sensitivity | specificity |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("validation", "test"):
-        m = evaluation[f"{name}_cells"]
+    without = evaluation.get("without_slide_prior")
+    rows = [("validation", evaluation["validation_cells"]), ("test", evaluation["test_cells"])]
+    if without:
+        rows.append(("test, without the slide prior", without["test_cells"]))
+    for name, m in rows:
         if m:
             auc = "-" if m["auc"] is None else f"{m['auc']:.4f}"
             lines.append(
                 f"| {name} | {m['n']:,} | {_pct(m['accuracy'])} | {auc} | "
                 f"{_pct(m['sensitivity'])} | {_pct(m['specificity'])} |"
             )
-    without = evaluation.get("without_slide_prior")
-    if without:
-        m = without["test_cells"]
-        lines.append(
-            f"| test, without the slide prior | {m['n']:,} | {_pct(m['accuracy'])} | "
-            f"{m['auc']:.4f} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} |"
-        )
     p = evaluation["test_patients"]
     if p:
         lines += [

@@ -254,14 +254,14 @@ def _check_model(model_config) -> None:
         from mnres import pretrained as pretrained_lib
 
         try:
-            # A shipped ensemble: the member that is this network (each one's fields named).
-            member = pretrained_lib.shipped_member(pretrained, model)
-            shipped = pretrained_lib.shipped_config(pretrained).model
-            pretrained_lib.check_fields(
-                model,
-                models.from_config(shipped if member is None else shipped.members[member]),
-                f"config.model.pretrained={pretrained!r}: the shipped weights",
-            )
+            # A shipped ensemble: shipped_member finds the member that is this network (or
+            # names each one's differing fields); one network: its fields are checked here.
+            if pretrained_lib.shipped_member(pretrained, model) is None:
+                pretrained_lib.check_fields(
+                    model,
+                    models.from_config(pretrained_lib.shipped_config(pretrained).model),
+                    f"config.model.pretrained={pretrained!r}: the shipped weights",
+                )
         except ValueError as e:
             raise ConfigError(
                 f"{e}: set those config.model fields, or use 'imagenet' or a Keras weights "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mnres import run_folder
+from mnres import pretrained, run_folder
 from mnres.data import config as data_config
 from mnres.data import decode
 from mnres.data.sources import IMAGE_SUFFIXES, slide_id
@@ -296,7 +296,7 @@ def training_prevalence(model_path: str) -> float | None:
     """
     folders = _run_folders(model_path)
     for folder in folders:
-        card = os.path.join(folder, "model_card.json")  # a shipped model's folder
+        card = os.path.join(folder, pretrained.CARD_JSON)  # a shipped model's folder
         if os.path.isfile(card):
             return run_folder.read_json(card)["evaluation"].get("train_prevalence")
         if os.path.isfile(os.path.join(folder, run_folder.MANIFEST_JSON)):

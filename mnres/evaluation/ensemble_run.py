@@ -21,10 +21,12 @@ import ml_collections
 import numpy as np
 
 from mnres import data, provenance, run_folder
-from mnres.evaluation import calibration, metrics
+from mnres.data.splits import class_names_of
+from mnres.evaluation import calibration
 from mnres.evaluation import slide_prior as slide_prior_lib
 from mnres.models import ensemble
 from mnres.models import params as params_lib
+from mnres.training import final_evaluation
 
 SPLITS = ("train", "validation", "test")
 
@@ -36,19 +38,26 @@ def _check_members(member_dirs, manifests, configs) -> None:
         raise ValueError(f"an ensemble needs two or more runs, got {len(member_dirs)}")
     first = member_dirs[0]
     for d, manifest, config in zip(member_dirs[1:], manifests[1:], configs[1:], strict=True):
-        for split in SPLITS:
-            ours = manifest["splits"][split].get("names_sha256")
-            theirs = manifests[0]["splits"][split].get("names_sha256")
-            if ours is None or ours != theirs:
-                raise ValueError(
-                    f"{d} and {first} were not trained on the same {split} crops (their "
-                    "manifest.json differ): members must share the data, seed and split"
-                )
+        split = _other_split(manifest, manifests[0])
+        if split:
+            raise ValueError(
+                f"{d} and {first} were not trained on the same {split} crops (their "
+                "manifest.json differ): members must share the data, seed and split"
+            )
         if _answer(config) != _answer(configs[0]):
             raise ValueError(
                 f"{d} and {first} differ in image size, classes or test-time augmentation: "
                 "an ensemble gives one answer to one question"
             )
+
+
+def _other_split(manifest: dict, reference: dict) -> str | None:
+    """The first split whose crops (names_sha256) differ between two manifests, else None."""
+    for split in SPLITS:
+        ours = manifest["splits"][split].get("names_sha256")
+        if ours is None or ours != reference["splits"][split].get("names_sha256"):
+            return split
+    return None
 
 
 def _answer(config) -> tuple:
@@ -96,16 +105,12 @@ def _scored(outputs: dict, slide_ids, train_prevalence: float | None) -> dict:
 
 
 def _figures(val: dict, test: dict, ds) -> dict:
-    """Cell figures of both splits and the test patients, the threshold chosen on validation."""
-    fraction = metrics.choose_fraction_threshold(
-        val["labels"], val["probs"], ds.validation.slide_ids
-    )
+    """Cell figures of both splits and the test patients, as a training run reports them."""
+    names = class_names_of(ds)
     return {
-        "validation": {**metrics.binary_metrics(val["labels"], val["probs"]), "loss": val["loss"]},
-        "test": {**metrics.binary_metrics(test["labels"], test["probs"]), "loss": test["loss"]},
-        "test_patient": metrics.patient_metrics(
-            test["labels"], test["probs"], ds.test.slide_ids, fraction
-        ),
+        "validation": final_evaluation.cell_metrics(val, names),
+        "test": final_evaluation.cell_metrics(test, names),
+        "test_patient": final_evaluation.test_patient_metrics(ds, val, test),
     }
 
 
@@ -138,14 +143,12 @@ def combine(
     if data_dir:
         config.data.dir = os.path.abspath(data_dir)
     ds = data.load_dataset(config.data, config.seed)
-    for split in SPLITS:
-        if ds.manifest["splits"][split]["names_sha256"] != manifests[0]["splits"][split][
-            "names_sha256"
-        ]:  # fmt: skip
-            raise ValueError(
-                f"the {split} crops under {config.data.dir} are not the members' (manifest.json): "
-                "give --data_dir, the folder the members were trained on"
-            )
+    split = _other_split(ds.manifest, manifests[0])
+    if split:
+        raise ValueError(
+            f"the {split} crops under {config.data.dir} are not the members' (manifest.json): "
+            "give --data_dir, the folder the members were trained on"
+        )
 
     variables = ensemble.combine_variables([jax.device_get(m.variables) for m in members])
     os.makedirs(workdir, exist_ok=True)

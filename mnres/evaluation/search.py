@@ -75,16 +75,21 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(config: dict, baseline: dict, ignored=NOT_RECIPE) -> str:
-    """`key=value` for every field of `config` that differs from `baseline` (flat or nested)."""
+def changed_fields(config: dict, baseline: dict, ignored=NOT_RECIPE) -> dict:
+    """{flat key: value} of every field of `config` that differs from `baseline`, sorted."""
     flat, base = flatten(config), flatten(baseline)
-    diff = [
-        f"{key}={flat[key]}"
+    return {
+        key: flat[key]
         for key in sorted(flat)
         # A key the baseline lacks is a new option; one the config lacks predates it.
         if key not in ignored and flat[key] != base.get(key)
-    ]
-    return ", ".join(diff) or "(baseline)"
+    }
+
+
+def config_changes(config: dict, baseline: dict, ignored=NOT_RECIPE) -> str:
+    """`key=value` for every field of `config` that differs from `baseline` (flat or nested)."""
+    diff = changed_fields(config, baseline, ignored)
+    return ", ".join(f"{key}={value}" for key, value in diff.items()) or "(baseline)"
 
 
 def recipe_config(config, momentum_picked: bool = False) -> dict:

@@ -123,9 +123,9 @@ def build_report(
             "wall_seconds_this_run": wall_seconds,
         },
         "history": run.history,
-        "test": _cell_metrics(test, names),
-        "validation": _cell_metrics(val, names) if val else None,
-        "test_patient": _test_patient_metrics(ds, val, test) if len(names) == 2 else None,
+        "test": cell_metrics(test, names),
+        "validation": cell_metrics(val, names) if val else None,
+        "test_patient": test_patient_metrics(ds, val, test) if len(names) == 2 else None,
         # A model that cannot be used says so here (and in the log), not only in its numbers.
         "warnings": training_warnings(run, evaluation),
     }
@@ -202,7 +202,7 @@ def log_warnings(warnings: list[str]) -> None:
         )
 
 
-def _test_patient_metrics(ds: data.Dataset, val: dict | None, test: dict) -> dict | None:
+def test_patient_metrics(ds: data.Dataset, val: dict | None, test: dict) -> dict | None:
     """Patient-level test metrics, the fraction threshold chosen on validation; None when the
     slide ids are unknown (tfds) or there is no validation split."""
     known = lambda split: len(split) and all(s for s in split.slide_ids)
@@ -214,7 +214,7 @@ def _test_patient_metrics(ds: data.Dataset, val: dict | None, test: dict) -> dic
     return metrics.patient_metrics(test["labels"], test["probs"], ds.test.slide_ids, fraction)
 
 
-def _cell_metrics(outputs: dict, class_names) -> dict:
+def cell_metrics(outputs: dict, class_names) -> dict:
     """`metrics.binary_metrics` of a split's outputs (`multiclass.classification_metrics` for
     more than two classes), with its mean loss."""
     if "probs" in outputs:
