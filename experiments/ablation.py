@@ -9,7 +9,7 @@ validation metrics: the figures a recipe is chosen on. `--test` summarises the t
 finished runs (e.g. one recipe on three slide splits) as mean +/- sample std; keep it for the
 recipe that validation chose. --out also writes the table to a markdown file.
 
-A recipe search by patient-level cross-validation (mnres.evaluation.search) is read from its
+A recipe search by patient-level cross-validation (experiments.search.records) is read from its
 committed fold records, never from figures typed in:
 
   python -m experiments.ablation --search=experiments/results/search            # validation
@@ -32,8 +32,8 @@ import numpy as np
 import scipy.stats
 from absl import app, flags
 
+from experiments.search import records as search
 from mnres import config_validation
-from mnres.evaluation import search
 
 flags.DEFINE_string(
     "baseline",
@@ -169,7 +169,7 @@ def test_table(runs) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# A recipe search's tables, from its recorded folds (mnres.evaluation.search).
+# A recipe search's tables, from its recorded folds (experiments.search.records).
 
 _SEARCH_COLUMNS = (  # header, validation figure, scale, digits
     ("val acc %", "accuracy", 100, 2),

@@ -18,7 +18,7 @@ A recipe search (docs/results.md, "Choosing the recipe by patient cross-validati
       --workdir=runs/search/default --record=experiments/results/search/default
 
 --record=SEARCH/RECIPE summarises each finished patient-level fold into that folder (its
-validation figures and patient decisions, its sealed test figures; mnres.evaluation.search),
+validation figures and patient decisions, its sealed test figures; experiments.search.records),
 to be committed. Folds recorded there are not run again, so the same command resumes in
 another workdir or on another machine; with --record the image-level folds run only if
 --image_level is given. --summarize_only records the finished folds of --workdir, training
@@ -32,8 +32,11 @@ from absl import app, flags, logging
 
 import experiments
 from experiments.configs import default
+from experiments.search import fold_summary
+from experiments.search import records as search
 from mnres import config_validation, host_memory
-from mnres.evaluation import crossval, fold_summary, search
+from mnres.data import folds as folds_lib
+from mnres.training import crossval
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 config_validation.define_config_flag(os.path.join(_CONFIGS, "default.py"))
@@ -86,7 +89,7 @@ def _record_fold(fold_dir: str, dataset) -> None:
 
 def _unrecorded(config, folds) -> list[int]:
     """The folds to run: those asked for that the recipe's folder does not hold yet."""
-    spec = crossval.fold_spec(config, FLAGS.num_folds, "slide", FLAGS.fold_seed)
+    spec = folds_lib.fold_spec(config, FLAGS.num_folds, "slide", FLAGS.fold_seed)
     search.check_same_recipe(FLAGS.record, search.recipe_config(config), spec)
     recorded = search.read_recipe(FLAGS.record)
     wanted = range(FLAGS.num_folds) if folds is None else folds

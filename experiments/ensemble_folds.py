@@ -10,7 +10,7 @@ recipe recorded in the same search folder as --record, with the cross-validation
 holds its recorded runs; a fold is scored once every member's run of it is the recorded one, and
 the folds recorded already are skipped. Nothing is trained: it costs the members' inference on
 each fold's validation split. --slide_prior replaces the training prevalence by each slide's
-(`mnres.evaluation.slide_prior`), and --checkpoint=latest scores the weights at the end of each
+(`mnres.metrics.slide_prior`), and --checkpoint=latest scores the weights at the end of each
 member's training in place of its best checkpoint; with either, one member is enough:
 
   python -m experiments.ensemble_folds --data_dir=PATH/cell_images --slide_prior \
@@ -27,8 +27,8 @@ import sys
 from absl import app, flags, logging
 
 import experiments
+from experiments.search import ensemble_folds
 from mnres import config_validation
-from mnres.evaluation import ensemble_folds
 
 flags.DEFINE_multi_string(
     "member", None, "RECIPE=WORKDIR: a recorded recipe and its cross-validation workdir."

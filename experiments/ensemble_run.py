@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 import experiments
 from mnres import config_validation
-from mnres.evaluation import ensemble_run
+from mnres.training import ensemble as ensemble_run
 
 flags.DEFINE_multi_string("member", None, "A finished training run (its workdir); two or more.")
 flags.DEFINE_string("workdir", None, "The ensemble run's folder (new).")

@@ -17,7 +17,8 @@ from absl import app, flags, logging
 
 import experiments
 from mnres import config_validation, run_folder
-from mnres.evaluation import crossval, gradcam
+from mnres.data import folds as folds_lib
+from mnres.reporting import gradcam
 
 flags.DEFINE_string("workdir", None, "A training run folder (config.json, checkpoints/).")
 flags.DEFINE_string("out", None, "PNG to write; default WORKDIR/gradcam.png.")
@@ -41,7 +42,7 @@ def main(argv):
     out = FLAGS.out or os.path.join(FLAGS.workdir, gradcam.GRADCAM_PNG)
     try:
         classifier = run_folder.load_run(FLAGS.workdir, which=FLAGS.checkpoint)
-        ds = crossval.dataset_for_run(FLAGS.workdir, classifier.config)
+        ds = folds_lib.dataset_for_run(FLAGS.workdir, classifier.config)
         result = gradcam.explain_split(
             classifier,
             getattr(ds, FLAGS.split),

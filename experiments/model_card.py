@@ -7,7 +7,7 @@ files' hashes and the bundled sample's names; `markdown` renders the page. Both 
 
 from __future__ import annotations
 
-from mnres.pretrained import CARD_JSON, GOLDEN, INT8, WEIGHTS
+from mnres.weights.shipped import CARD_JSON, GOLDEN, INT8, WEIGHTS
 
 HASHED_FILES = (WEIGHTS, "config.json", "calibration.json", INT8, GOLDEN)
 # The bundled crops come from the training slides: a demo and a check of the shipped files, not
@@ -76,7 +76,7 @@ def _members(report) -> tuple[list[dict] | None, list[list[str]]]:
     """Each member of an ensemble run (its run name, its changes to default.py, its steps) and
     the `--config.` flags of those changes; (None, []) for a single run."""
     from experiments.configs import default
-    from mnres.evaluation import search
+    from experiments.search import records as search
 
     ensemble = report["config"].get("ensemble")
     if not ensemble:
@@ -256,7 +256,7 @@ def markdown(card: dict) -> str:
         " -->",
         "",
         "`mnres.load_pretrained('malaria')`; `python -m mnres predict --sample`. The same facts "
-        "as JSON: `mnres/pretrained/malaria/model_card.json`.",
+        "as JSON: `mnres/weights/malaria/model_card.json`.",
         "",
         f"**{card['not_a_diagnostic_device']}**",
         "",
@@ -304,7 +304,7 @@ def markdown(card: dict) -> str:
         "```",
         "",
         "On the same CPU instruction set with the same versions the weights come out bit for bit "
-        "the same (`mnres/pretrained/malaria/model_card.json` holds their sha256); elsewhere, "
+        "the same (`mnres/weights/malaria/model_card.json` holds their sha256); elsewhere, "
         "XLA's kernels differ in rounding and the figures move within the run-to-run spread "
         "given in [results.md](results.md).",
         "",

@@ -7,7 +7,7 @@
   python -m experiments.package_model --card_only
 
 Writes
-- mnres/pretrained/malaria/: weights.msgpack (float32, the evaluated checkpoint), config.json,
+- mnres/weights/malaria/: weights.msgpack (float32, the evaluated checkpoint), config.json,
   calibration.json, model_int8.tflite (+ its .json sidecar), sample_logits.json (the golden
   log-odds of the bundled crops) and model_card.json;
 - mnres/data/sample_cells/: about 250 crops from the run's training slides, losslessly

@@ -14,9 +14,9 @@ from mnres.models import (
     create_model,
     make_divisible,
 )
-from mnres.models.keras_weights import LoadReport, load_keras_weights
+from mnres.weights.keras import LoadReport, load_keras_weights
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _moved.install()
 
@@ -24,10 +24,10 @@ _moved.install()
 def __getattr__(name: str):
     # `load_pretrained` and `list_pretrained` import the run-folder code on first use.
     if name in ("load_pretrained", "list_pretrained"):
-        from mnres import pretrained
+        from mnres.weights import shipped as pretrained
 
         return getattr(pretrained, name)
-    # `mnres.params`, `mnres.calibration`, ...: the 0.1 module paths, imported on first use.
+    # `mnres.params`, `mnres.calibration`, ...: the 0.1 module paths, which warn (mnres._moved).
     if f"mnres.{name}" in _moved.MOVED:
         return _moved.module(name)
     raise AttributeError(f"module 'mnres' has no attribute {name!r}")

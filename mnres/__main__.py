@@ -20,7 +20,7 @@ import numpy as np
 import mnres
 from mnres import models, run_folder
 from mnres.data.config import MALARIA_CLASSES as CLASS_NAMES
-from mnres.evaluation import calibration, slide_prior
+from mnres.metrics import calibration, slide_prior
 from mnres.models import params
 
 
@@ -185,8 +185,8 @@ def _looks_like_model(item: str) -> bool:
 
 
 def _predict(args) -> int:
-    from mnres import pretrained
     from mnres.deploy import predict
+    from mnres.weights import shipped as pretrained
 
     inputs, model = list(args.inputs), args.model
     if model is None and len(inputs) > (0 if args.sample else 1) and _looks_like_model(inputs[0]):

@@ -251,7 +251,7 @@ def _check_model(model_config) -> None:
         ) from None
     pretrained = model_config.get("pretrained")
     if pretrained in _shipped():  # the weights shipped with mnres: the same network
-        from mnres import pretrained as pretrained_lib
+        from mnres.weights import shipped as pretrained_lib
 
         try:
             # A shipped ensemble: shipped_member finds the member that is this network (or
@@ -268,7 +268,7 @@ def _check_model(model_config) -> None:
                 "file (.h5)."
             ) from None
     elif pretrained == "imagenet":  # Keras' published file, downloaded at the start of training
-        from mnres.models import imagenet_weights
+        from mnres.weights import imagenet as imagenet_weights
 
         try:
             imagenet_weights.choose_weights(name, model_config.get("alpha", 1.0))
@@ -291,7 +291,7 @@ def _check_model(model_config) -> None:
 
 
 def _shipped() -> tuple[str, ...]:
-    from mnres import pretrained as pretrained_lib
+    from mnres.weights import shipped as pretrained_lib
 
     return pretrained_lib.SHIPPED
 

@@ -332,7 +332,7 @@ def read_calibration_sample(workdir: str) -> np.ndarray | None:
 
 
 def write_calibration(workdir: str, record: dict) -> str:
-    """Writes `calibration.json` (a `mnres.evaluation.calibration.calibrate` record); its path."""
+    """Writes `calibration.json` (a `mnres.metrics.calibration.calibrate` record); its path."""
     path = os.path.join(workdir, CALIBRATION_JSON)
     write_json(path, record)
     return path

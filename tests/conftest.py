@@ -1,7 +1,7 @@
 """Fixtures shared by the export, predict and inference tests: a tiny saved run and its model.
 
 The run is a MobileNetV2 (alpha 0.35, 32 px) with random weights, saved through
-`mnres.checkpoint` as a training run would save it; nothing is trained. Its config is the
+`mnres.training.checkpoint` as a training run would save it; nothing is trained. Its config is the
 default experiment's, so it was "evaluated" with the 8-view test-time augmentation.
 
 Test modules import the plain names (`IMAGE_SIZE`, `HAS_TFLITE`, `needs_tflite`, `make_run`)

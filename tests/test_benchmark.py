@@ -10,7 +10,8 @@ from absl import app
 
 from experiments import benchmark
 from experiments.peers import workload
-from mnres import host_memory, models, params
+from mnres import host_memory, models
+from mnres.models import params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

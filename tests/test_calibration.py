@@ -8,7 +8,8 @@ import sklearn.metrics as skm
 from scipy import optimize
 from sklearn.linear_model import LogisticRegression
 
-from mnres.evaluation import calibration, metrics
+from mnres import metrics, run_folder
+from mnres.metrics import calibration
 
 
 def _overconfident(seed, n=2000, scale=3.0):
@@ -136,9 +137,9 @@ def test_calibrate_record(tmp_path):
         assert at["specificity"] > spec - 0.03
     assert record["test"]["ece_after"] < record["test"]["ece_before"]
     assert record["validation"]["nll_after"] <= record["validation"]["nll_before"]
-    calibration.write_calibration(str(tmp_path), record)
-    assert calibration.read_calibration(str(tmp_path)) == json.loads(json.dumps(record))
-    assert calibration.read_calibration(str(tmp_path / "missing")) is None
+    run_folder.write_calibration(str(tmp_path), record)
+    assert run_folder.read_calibration(str(tmp_path)) == json.loads(json.dumps(record))
+    assert run_folder.read_calibration(str(tmp_path / "missing")) is None
 
 
 def test_calibrate_without_a_validation_class():

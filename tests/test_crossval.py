@@ -9,8 +9,11 @@ from data_fixtures import tiny_crossval_config
 from PIL import Image
 
 from experiments.configs import smoke
-from mnres import crossval, report, train
+from mnres.data import folds as folds_lib
 from mnres.data import synthetic
+from mnres.reporting import report
+from mnres.training import crossval
+from mnres.training import loop as train
 
 
 def _cells(n=3000, num_slides=40, seed=0):
@@ -21,7 +24,7 @@ def _cells(n=3000, num_slides=40, seed=0):
 @pytest.mark.parametrize("num_folds", [2, 5])
 def test_slide_folds_are_disjoint_stratified_and_cover_everything(num_folds):
     labels, slides = _cells()
-    folds = crossval.assign_folds(labels, slides, num_folds, seed=0)
+    folds = folds_lib.assign_folds(labels, slides, num_folds, seed=0)
     assert folds.min() == 0 and folds.max() == num_folds - 1  # every cell in one fold
     for slide in np.unique(slides):
         assert len(np.unique(folds[slides == slide])) == 1, slide  # no patient in two folds
@@ -33,31 +36,31 @@ def test_slide_folds_are_disjoint_stratified_and_cover_everything(num_folds):
         assert 0 < n_infected < len(fold_slides)
         share = np.mean(folds == k)
         assert abs(share - 1 / num_folds) < 0.5 / num_folds
-    np.testing.assert_array_equal(folds, crossval.assign_folds(labels, slides, num_folds, 0))
+    np.testing.assert_array_equal(folds, folds_lib.assign_folds(labels, slides, num_folds, 0))
 
 
 def test_image_folds_and_errors():
     labels, slides = _cells(600, 10)
-    folds = crossval.assign_folds(labels, slides, 3, seed=0, split_by="image")
+    folds = folds_lib.assign_folds(labels, slides, 3, seed=0, split_by="image")
     for k in range(3):
         assert abs(np.mean(labels[folds == k]) - np.mean(labels)) < 0.01  # stratified by class
     with pytest.raises(ValueError, match="slide id"):
-        crossval.assign_folds(labels, np.full(len(labels), ""), 3, seed=0)
+        folds_lib.assign_folds(labels, np.full(len(labels), ""), 3, seed=0)
     with pytest.raises(ValueError, match="at least 2"):
-        crossval.assign_folds(labels, slides, 1, seed=0)
+        folds_lib.assign_folds(labels, slides, 1, seed=0)
     with pytest.raises(ValueError, match="empty"):
-        crossval.assign_folds(labels[:40], slides[:40], 30, seed=0)
+        folds_lib.assign_folds(labels[:40], slides[:40], 30, seed=0)
 
 
 def test_fold_dataset_keeps_patients_apart():
     config = smoke.get_config()
-    pool, manifest = crossval.load_pool(config.data, config.seed)
-    folds = crossval.assign_folds(pool.labels, pool.slide_ids, 3, config.seed)
-    spec = crossval.fold_spec(config, 3, "slide")
+    pool, manifest = folds_lib.load_pool(config.data, config.seed)
+    folds = folds_lib.assign_folds(pool.labels, pool.slide_ids, 3, config.seed)
+    spec = folds_lib.fold_spec(config, 3, "slide")
     assert spec["validation_fraction"] == pytest.approx(0.1 / 0.9)
     seen_test = []
     for k in range(3):
-        ds = crossval.fold_dataset(pool, folds, k, spec, manifest)
+        ds = folds_lib.fold_dataset(pool, folds, k, spec, manifest)
         parts = [set(ds.train.slide_ids), set(ds.validation.slide_ids), set(ds.test.slide_ids)]
         assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
         assert len(ds.train) + len(ds.validation) + len(ds.test) == len(pool)
@@ -204,7 +207,7 @@ def test_crossval_resumes_after_an_interrupted_fold(tmp_path, monkeypatch):
     assert {"temperature", "threshold_at_spec_95", "threshold_at_spec_98"} <= set(record)
 
     # The fold's splits are rebuilt from the run folder (for Grad-CAM and export).
-    rebuilt = crossval.dataset_for_run(os.path.join(workdir, "fold_1"), config)
+    rebuilt = folds_lib.dataset_for_run(os.path.join(workdir, "fold_1"), config)
     manifest = json.load(open(os.path.join(workdir, "fold_1", "manifest.json")))
     assert rebuilt.manifest["splits"] == manifest["splits"]
 

@@ -10,8 +10,12 @@ from data_fixtures import tiny_crossval_config
 
 from experiments import ablation
 from experiments.configs import default
-from mnres import run_folder
-from mnres.evaluation import crossval, ensemble_folds, fold_summary, metrics, search, slide_prior
+from experiments.search import ensemble_folds, fold_summary
+from experiments.search import records as search
+from mnres import metrics, run_folder
+from mnres.data import folds as folds_lib
+from mnres.metrics import slide_prior
+from mnres.training import crossval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,7 +126,7 @@ def test_an_ensemble_of_one_run_twice_scores_as_that_run(tmp_path):
     adjusted = search.read_recipe(prior_record)[0]
     assert adjusted["changes"] == "a, slide prior"
     fold_dir = os.path.join(workdir, "fold_0")
-    ds = crossval.dataset_for_run(fold_dir, run_folder.read_config(fold_dir))
+    ds = folds_lib.dataset_for_run(fold_dir, run_folder.read_config(fold_dir))
     outputs = fold_summary.validation_outputs(fold_dir, report, ds.validation)
     z = slide_prior.adjust(outputs["log_odds"], ds.validation.slide_ids, np.mean(ds.train.labels))
     expected = metrics.binary_metrics(outputs["labels"], 1 / (1 + np.exp(-z)))

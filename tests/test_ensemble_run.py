@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from data_fixtures import tiny_crossval_config
 
-from mnres import run_folder
-from mnres.evaluation import calibration, ensemble_run, metrics, slide_prior
+from mnres import metrics, run_folder
+from mnres.metrics import calibration, slide_prior
 from mnres.models import ensemble, from_config
+from mnres.training import ensemble as ensemble_run
 from mnres.training import loop
 
 

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import smoke
-from mnres import calibration, checkpoint, metrics, optim, train
+from mnres import metrics, run_folder
+from mnres.metrics import calibration
+from mnres.training import checkpoint, optim
+from mnres.training import loop as train
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = "experiments/configs/smoke.py"
@@ -157,7 +160,7 @@ def test_short_run_writes_every_output(short_run):
 
 def test_short_run_stores_its_calibration_and_operating_points(short_run):
     report = json.loads((short_run / "report.json").read_text())
-    record = calibration.read_calibration(str(short_run))
+    record = run_folder.read_calibration(str(short_run))
     assert record["step"] == report["training"]["evaluated_step"] and record["temperature"] > 0
     outputs = np.load(short_run / "test_outputs.npz")
     assert outputs["labels"].tolist() == [

@@ -22,8 +22,10 @@ import pytest
 from conftest import IMAGE_SIZE, needs_tflite
 
 from experiments.configs import smoke
-from mnres import export, inference, models, run_folder, train
+from mnres import inference, models, run_folder
 from mnres.data import decode, synthetic
+from mnres.deploy import export
+from mnres.training import loop as train
 
 # Crops of three sizes (square as trained, tall, wide), four of each: one compile per size.
 CROP_SHAPES = ((IMAGE_SIZE, IMAGE_SIZE), (45, 27), (21, 40))

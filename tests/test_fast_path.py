@@ -12,8 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mnres import data, models, optim, steps
-from mnres import params as params_lib
+from mnres import data, models
+from mnres.models import params as params_lib
+from mnres.training import optim, steps
 
 SIZE, BATCH = 32, 8
 
@@ -24,7 +25,7 @@ def _group_counts(program_text: str) -> list[int]:
 
 
 def _lowered_train_step(formulation: str):
-    """The train step of `mnres.steps` for a one-block MobileNet, lowered for abstract inputs."""
+    """The train step of `mnres.training.steps` for a one-block MobileNet, lowered abstractly."""
     model = models.from_config(
         ml_collections.ConfigDict(
             dict(

@@ -16,14 +16,17 @@ from PIL import Image
 
 import mnres
 from experiments.configs import finetune, smoke
-from mnres import config_validation, data, pretrained, run_folder
+from mnres import config_validation, data, metrics, run_folder
 from mnres.__main__ import main
 from mnres.data import splits
 from mnres.deploy import predict
-from mnres.evaluation import calibration, metrics, multiclass, report
+from mnres.metrics import calibration, multiclass
 from mnres.models.params import abstract_variables
-from mnres.training import loop, warm_start
+from mnres.reporting import report
+from mnres.training import loop
 from mnres.training.steps import TrainState
+from mnres.weights import shipped as pretrained
+from mnres.weights import transfer as warm_start
 
 COLOURS = {"bird": (200, 40, 40), "cat": (40, 200, 40), "dog": (40, 40, 200)}
 

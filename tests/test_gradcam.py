@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 import mnres
-from mnres import gradcam
 from mnres.data import synthetic
 from mnres.data.augment import preprocess
+from mnres.reporting import gradcam
 
 
 def _tiny(num_blocks=3):

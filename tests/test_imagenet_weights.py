@@ -26,10 +26,10 @@ import pytest
 import mnres
 from experiments.configs import paper
 from mnres import config_validation
-from mnres.models import imagenet_weights as iw
 from mnres.models.params import abstract_variables
 from mnres.training import loop
 from mnres.training.steps import TrainState
+from mnres.weights import imagenet as iw
 
 h5py = pytest.importorskip("h5py")
 

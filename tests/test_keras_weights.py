@@ -13,10 +13,10 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # TensorFlow may be installed too
 import jax
 import numpy as np
 import pytest
-from mnres.keras_weights import LoadReport, load_keras_weights
-from mnres.params import abstract_variables
 
 import mnres
+from mnres.models.params import abstract_variables
+from mnres.weights.keras import LoadReport, load_keras_weights
 
 h5py = pytest.importorskip("h5py")  # Keras depends on it; the legacy-file test needs only it
 

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from mnres.layers import ConvBN, DepthwiseConv2D, make_divisible
 
-from mnres import layers
+from mnres.models import layers
+from mnres.models.layers import ConvBN, DepthwiseConv2D, make_divisible
 
 
 @pytest.mark.parametrize(

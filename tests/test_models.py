@@ -13,7 +13,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 import mnres
-from mnres import params as mparams
+from mnres.models import params as mparams
 
 # Keras' `model.summary()` totals (params + BatchNorm moving statistics), fixed by the
 # keras.applications models; the seed network's by the seed paper.

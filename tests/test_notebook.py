@@ -28,8 +28,8 @@ KERNEL = "mnres-test-python"
 def _shipped_model_ready() -> bool:
     """Whether `python -m mnres predict --sample` has its model and crops in this checkout."""
     try:
-        from mnres import pretrained
         from mnres.data import sample
+        from mnres.weights import shipped as pretrained
 
         pretrained.shipped_folder("malaria")
         return bool(sample.sample_cells())

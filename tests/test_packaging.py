@@ -11,8 +11,8 @@ import pytest
 from data_fixtures import REPO
 
 import mnres
-from mnres import pretrained
 from mnres.data import sample
+from mnres.weights import shipped as pretrained
 
 
 def test_the_version_is_written_once():
@@ -46,12 +46,12 @@ def test_the_wheel_carries_its_package_data_and_predicts_from_a_fresh_venv(tmp_p
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("mnres/py.typed", "mnres/run_folder.py", "mnres/inference.py",
                    "mnres/models/mobilenet.py", "mnres/training/loop.py",
-                   "mnres/evaluation/crossval.py", "mnres/deploy/predict.py"):  # fmt: skip
+                   "mnres/training/crossval.py", "mnres/deploy/predict.py"):  # fmt: skip
         assert module in names, module
     metadata = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "mnres = mnres.__main__:main" in zipfile.ZipFile(wheel).read(metadata).decode()
     for name in pretrained.SHIPPED_FILES:  # package data, with .tflite and .png not ignored
-        assert f"mnres/pretrained/malaria/{name}" in names, name
+        assert f"mnres/weights/malaria/{name}" in names, name
     crops = [n for n in names if n.startswith("mnres/data/sample_cells/") and n.endswith(".png")]
     assert len(crops) == len(sample.sample_cells())
     # Installed into a fresh venv (its dependencies from this environment), run from elsewhere:

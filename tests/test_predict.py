@@ -11,10 +11,13 @@ import pytest
 from conftest import HAS_TFLITE, needs_tflite
 from PIL import Image
 
-from mnres import calibration, export, gradcam, predict, run_folder, steps
+from mnres import run_folder
 from mnres.__main__ import main
 from mnres.data import synthetic
 from mnres.data.splits import Split
+from mnres.deploy import export, predict
+from mnres.reporting import gradcam
+from mnres.training import steps
 
 SLIDES = ("C100P61", "C39P4")
 
@@ -209,7 +212,7 @@ def test_operating_point_takes_the_threshold_of_the_runs_calibration(run, cells,
     calibrated.mkdir()
     for name in ("checkpoints", "config.json"):
         os.symlink(os.path.join(run, name), calibrated / name)
-    calibration.write_calibration(
+    run_folder.write_calibration(
         str(calibrated),
         {"temperature": 1.0, "threshold_at_spec_95": cut, "threshold_at_spec_98": None},
     )
@@ -230,7 +233,7 @@ def test_operating_threshold_of_an_export_comes_from_its_run(tmp_path):
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     (run / "export" / "model_int8.tflite").write_bytes(b"")
-    calibration.write_calibration(
+    run_folder.write_calibration(
         str(run), {"temperature": 1.0, "threshold_at_spec_95": 0.3, "threshold_at_spec_98": 0.7}
     )
     exported = str(run / "export" / "model_int8.tflite")

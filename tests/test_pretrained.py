@@ -17,10 +17,11 @@ import pytest
 
 import mnres
 from experiments import model_card, package_model
-from mnres import models, pretrained, run_folder
+from mnres import models, run_folder
 from mnres.__main__ import main
 from mnres.data import decode, sample
 from mnres.data.sources import slide_id
+from mnres.weights import shipped as pretrained
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEV_SLIDES = REPO.parent / "shared" / "data" / "malaria_dev_slides.txt"

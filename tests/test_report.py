@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnres.evaluation import metrics, report
+from mnres import metrics
+from mnres.reporting import report
 
 
 def _predictions(seed=0, n=300):

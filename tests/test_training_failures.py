@@ -19,9 +19,8 @@ from PIL import Image
 
 from experiments.configs import default, paper, smoke
 from mnres import __main__ as cli
-from mnres import config_validation, data, models, run_folder
+from mnres import config_validation, data, metrics, models, run_folder
 from mnres.data import synthetic
-from mnres.evaluation import metrics
 from mnres.training import bn_momentum, final_evaluation, loop
 
 needs_mini = pytest.mark.skipif(

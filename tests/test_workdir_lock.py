@@ -12,7 +12,7 @@ from test_experiment import REPO, SHORT, SMOKE, results, run_experiment, without
 
 from experiments.configs import smoke
 from mnres import run_folder
-from mnres.evaluation import crossval
+from mnres.training import crossval
 
 # Takes the lock of argv[1], says so, and holds it until killed.
 HOLD_LOCK = """

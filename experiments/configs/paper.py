@@ -17,7 +17,7 @@ around blocks 7-11, frozen through `conv_pw_9` on top of pretrained Keras weight
   ... --config.model.pretrained=PATH/mobilenet_1_0_224_tf_no_top.h5
 
 'imagenet' takes the file Keras publishes for config.data.image_size (128, 160, 192 or 224 px),
-else the 224 px one (mnres.models.imagenet_weights.choose_weights); the log names the file and
+else the 224 px one (mnres.weights.imagenet.choose_weights); the log names the file and
 its sha256. With the weights the network has 1,635,522 parameters: 545,282 trainable and
 1,090,240 non-trainable (the frozen layers and every BatchNorm statistic). Without
 `config.model.pretrained` every layer is trained and the log says why: freezing randomly

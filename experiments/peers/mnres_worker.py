@@ -1,4 +1,4 @@
-"""mnres worker: the real compiled train and eval steps of `mnres.steps`, synthetic batches.
+"""mnres worker: the compiled train and eval steps of `mnres.training.steps`, synthetic batches.
 
 The optimizer is the default experiment config's (AdamW, clipping, warmup-cosine schedule,
 freeze mask); augmentation is off unless the spec asks for it, because the peers have none.

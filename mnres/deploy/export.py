@@ -13,7 +13,7 @@ Every exported model is one function, uint8 RGB crops of any size -> class proba
 So a phone app feeds camera crops directly. Export always uses the grouped-convolution
 depthwise formulation (TFLite then emits DEPTHWISE_CONV_2D) and float32 compute, whatever the
 training used: the parameters are the same in every formulation. Each exported file gets a
-sidecar `FILE.json` (image size, classes, source run, provenance) that `mnres.predict` reads.
+sidecar `FILE.json` (image size, classes, source run, provenance) that `mnres.deploy.predict` reads.
 
 StableHLO is `jax.export`. TFLite goes through `jax2tf` (StableHLO inside a TF function) and
 the TFLite converter, and runs with `ai-edge-litert`; ONNX (optional) goes through `jax2onnx`

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mnres import pretrained, run_folder
+from mnres import run_folder
 from mnres.data import config as data_config
 from mnres.data import decode
 from mnres.data.sources import IMAGE_SUFFIXES, slide_id
 from mnres.deploy import export
-from mnres.evaluation import calibration, slide_prior
+from mnres.metrics import calibration, slide_prior
+from mnres.weights import shipped as pretrained
 
 STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
 MODEL_SUFFIXES = (".tflite", ".onnx", *STABLEHLO_SUFFIXES)

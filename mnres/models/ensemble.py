@@ -2,7 +2,7 @@
 
 With two classes the mean of the members' logits has the mean of their log-odds as its
 log-odds (logit 1 - logit 0 is linear), which is what the per-fold ensembles of the recipe
-search score (`mnres.evaluation.ensemble_folds`). An `Ensemble` is a Flax module like the
+search score (`experiments.search.ensemble_folds`). An `Ensemble` is a Flax module like the
 others, so a run folder, `load_pretrained`, `predict` and the exports take it as they take one
 network; its variables hold each member's under `members_0`, `members_1`, ...
 """

@@ -4,7 +4,7 @@ Called by `mnres.training.loop.train_and_evaluate` once training is done; it rea
 that the loop built and writes through `mnres.run_folder`. Two classes (the malaria pair, or
 any pair with class 1 as the positive class) get the binary report: threshold metrics, ROC,
 patient level, operating points. More classes get accuracy, per-class precision and recall,
-the confusion matrix and the macro one-vs-rest AUC (`mnres.evaluation.multiclass`), and a
+the confusion matrix and the macro one-vs-rest AUC (`mnres.metrics.multiclass`), and a
 temperature without operating points.
 """
 
@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 import jax
 from absl import logging
 
-from mnres import data, provenance, run_folder
+from mnres import data, metrics, provenance, run_folder
 from mnres.data.splits import CLASS_NAMES, class_names_of
 from mnres.deploy import export
-from mnres.evaluation import calibration as calibration_lib
-from mnres.evaluation import metrics, multiclass, report
+from mnres.metrics import calibration as calibration_lib
+from mnres.metrics import multiclass
 from mnres.models import params as params_lib
+from mnres.reporting import report
 from mnres.training import steps
 from mnres.training.steps import TrainState
 
@@ -239,7 +240,7 @@ def write_outputs(run: Run, result: dict, evaluation: Evaluation, calibrated) ->
         workdir, **scores, labels=test["labels"], slide_ids=split.slide_ids, names=split.names
     )
     if calibrated:
-        calibration_lib.write_run_calibration(
+        report.write_run_calibration(
             workdir, calibrated, test["labels"], next(iter(scores.values()))
         )
     # int8 export calibrates on these crops, so it needs no training data later.

@@ -7,7 +7,7 @@ resolved config), `manifest.json` (the split manifest), `metrics.jsonl` (one row
 `predictions_test.csv`, `test_outputs.npz` (test log-odds, labels, slide ids, names), the plots
 (`history.png`, `confusion_matrix.png`, `roc.png`) and, with a validation split,
 `calibration.json` (temperature, thresholds for 95%/98% specificity; see
-`mnres.evaluation.calibration`) with its reliability diagrams. Re-running with the same workdir
+`mnres.metrics.calibration`) with its reliability diagrams. Re-running with the same workdir
 resumes from the latest checkpoint; because the data order and every random draw are functions
 of (seed, step), a run killed at any moment and resumed ends with the same metrics as one that
 was never stopped.
@@ -41,21 +41,14 @@ from flax import linen as nn
 from mnres import config_validation, data, models, run_folder
 from mnres.data.splits import class_names_of
 from mnres.models import params as params_lib
-from mnres.training import (
-    bn_momentum,
-    checkpoint,
-    final_evaluation,
-    optim,
-    steps,
-    tensorboard,
-    warm_start,
-)
+from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps, tensorboard
 from mnres.training.steps import TrainState
+from mnres.weights import transfer as warm_start
 
-# The 0.1 name of the pretrained-weights loader (`mnres.training.warm_start`).
+# The 0.1 name of the pretrained-weights loader (`mnres.weights.transfer`).
 _load_pretrained = warm_start.load_pretrained
 
-# The 0.1 name of the file (`mnres.train.TEST_OUTPUTS_NPZ`); the run folder owns it.
+# The 0.1 name of the file (`mnres.training.loop.TEST_OUTPUTS_NPZ`); the run folder owns it.
 TEST_OUTPUTS_NPZ = run_folder.TEST_OUTPUTS_NPZ
 # Every field of the run folder that measures time (metrics.jsonl rows, report.json "training"):
 # the only ones that differ between two runs of one command on one machine.
@@ -428,7 +421,7 @@ def train_and_evaluate(
       after_step: called with the step number after every training step (tests use it to
         kill the process at a known step).
       dataset: the splits to use instead of `data.load_dataset(config.data, config.seed)`
-        (e.g. one cross-validation fold, see `mnres.evaluation.crossval`).
+        (e.g. one cross-validation fold, see `mnres.training.crossval`).
 
     Returns:
       The report dict (also written as report.json).

@@ -4,7 +4,7 @@ One code path for every machine: a 1-D `('data',)` mesh over all devices (of all
 the batch sharded along it, the state replicated, `jax.jit` with donated state buffers; no
 pmap. BatchNorm statistics are means over the global batch because the model sees the whole,
 sharded batch. Each process feeds only its own slice of the global batch
-(`jax.make_array_from_process_local_data`). The loop that drives them is `mnres.train`.
+(`jax.make_array_from_process_local_data`). The loop that drives them is `mnres.training.loop`.
 """
 
 from __future__ import annotations

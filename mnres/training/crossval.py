@@ -12,14 +12,14 @@ split hides.
 
 Layout of `workdir`::
 
-  fold_0/ ... fold_{k-1}/   one training run each (mnres.train), plus fold_spec.json,
+  fold_0/ ... fold_{k-1}/   one training run each (mnres.training.loop), plus fold_spec.json,
                             calibration.json, test_outputs.npz and fold.json (written last)
   image_level/fold_*/       the image-level comparison, same files
   crossval.json, crossval.md, reliability_*.png, slide_fractions.png
 
 A fold whose fold.json exists is done and skipped, so a run interrupted after fold 3 goes on
 with fold 4; a fold interrupted mid-training resumes from its own checkpoints. A recipe search
-records each finished patient-level fold in a committed folder (`mnres.evaluation.search`).
+records each finished patient-level fold in a committed folder (`experiments.search.records`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import time
 import numpy as np
 from absl import logging
 
-from mnres import data, run_folder
-from mnres.data.splits import Dataset, Split, checked_dataset, split_indices, take_splits
-from mnres.evaluation import calibration, metrics, report
+from mnres import metrics, run_folder
+from mnres.data import folds as folds_lib
+from mnres.data.folds import FOLD_SPEC_JSON
+from mnres.data.splits import Dataset
+from mnres.metrics import calibration
+from mnres.reporting import report
 from mnres.training import loop as train
 
-FOLD_SPEC_JSON = "fold_spec.json"
 FOLD_JSON = "fold.json"
 CROSSVAL_JSON = "crossval.json"
 CROSSVAL_MD = "crossval.md"
@@ -44,112 +46,10 @@ IMAGE_LEVEL_DIR = "image_level"
 CELL_METRICS = ("accuracy", "sensitivity", "specificity", "f1", "auc", "mcc")
 PATIENT_METRICS = ("accuracy", "sensitivity", "specificity")
 _PNGS = (
-    calibration.RELIABILITY_UNCALIBRATED_PNG,
-    calibration.RELIABILITY_CALIBRATED_PNG,
+    run_folder.RELIABILITY_UNCALIBRATED_PNG,
+    run_folder.RELIABILITY_CALIBRATED_PNG,
     SLIDE_FRACTIONS_PNG,
 )
-
-
-def load_pool(data_config, seed: int) -> tuple[Split, dict]:
-    """Every cell of `data_config`'s source as one split, and that load's manifest."""
-    pool_config = data_config.copy_and_resolve_references()
-    with pool_config.unlocked():
-        pool_config.split_fractions = (1.0, 0.0, 0.0)
-        if pool_config.get("test_dir"):
-            logging.warning(
-                "Cross-validation ignores config.data.test_dir=%s.", data_config.test_dir
-            )
-            pool_config.test_dir = None
-    ds = data.load_dataset(pool_config, seed)
-    return ds.train, ds.manifest
-
-
-def assign_folds(labels, slide_ids, num_folds: int, seed: int, split_by: str = "slide"):
-    """Fold index (int64 [N]) of every cell: by slide, stratified by patient, or by image."""
-    if num_folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
-    if split_by == "slide" and not all(slide_ids):
-        raise ValueError(
-            "Patient-level folds need a slide id for every cell; this source has none "
-            "(TFDS malaria). Use the folder source (--config.data.source=folder "
-            "--config.data.dir=PATH/cell_images), or image-level folds only "
-            "(experiments.crossval --nopatient_level)."
-        )
-    parts = split_indices(labels, slide_ids, [1.0 / num_folds] * num_folds, split_by, seed)
-    folds = np.full(len(labels), -1, np.int64)
-    for k, idx in enumerate(parts):
-        folds[idx] = k
-    empty = [k for k in range(num_folds) if not np.any(folds == k)]
-    if empty:
-        raise ValueError(
-            f"folds {empty} are empty: {len(set(slide_ids))} slides are too few for "
-            f"{num_folds} folds; use fewer folds"
-        )
-    return folds
-
-
-def fold_dataset(pool: Split, folds, fold: int, spec: dict, pool_manifest=None) -> Dataset:
-    """Run `fold`'s splits: test = that fold; the others cut into train and validation.
-
-    Args:
-      pool: every cell (`load_pool`).
-      folds: `assign_folds` of the pool.
-      fold: which fold is the test split.
-      spec: {num_folds, split_by, validation_fraction, seed, source, image_size}.
-      pool_manifest: the pool's manifest, for its list of skipped files.
-
-    Returns:
-      The fold's `Dataset`, its manifest with the spec under 'crossval'.
-    """
-    rest = np.flatnonzero(folds != fold)
-    fractions = (1.0 - spec["validation_fraction"], spec["validation_fraction"])
-    train_part, val_part = split_indices(
-        pool.labels[rest], pool.slide_ids[rest], fractions, spec["split_by"], spec["seed"]
-    )
-    parts = (rest[train_part], rest[val_part], np.flatnonzero(folds == fold))
-    how = f"cross-validation fold {fold} of {spec['num_folds']}, split by {spec['split_by']}"
-    return checked_dataset(
-        take_splits(pool, parts),
-        (1.0, 1.0, 1.0),
-        how,
-        source=spec["source"],
-        seed=spec["seed"],
-        image_size=spec["image_size"],
-        split_by=spec["split_by"],
-        skipped=(pool_manifest or {}).get("skipped", []),
-        extra={"crossval": dict(spec, fold=fold)},
-    )
-
-
-def fold_spec(config, num_folds: int, split_by: str, fold_seed: int | None = None) -> dict:
-    """What decides the folds: {num_folds, split_by, validation_fraction, seed, source,
-    image_size} (each fold's fold_spec.json adds its index).
-
-    `seed` cuts the folds and their validation slides: `fold_seed`, or config.seed when None.
-    A run with another config.seed on the same folds (a fold seed kept) trains other weights
-    on the same slides, e.g. the members of a per-fold ensemble.
-    """
-    train_fraction, val_fraction, _ = tuple(config.data.split_fractions)
-    return {
-        "num_folds": int(num_folds),
-        "split_by": split_by,
-        "validation_fraction": float(val_fraction / (train_fraction + val_fraction)),
-        "seed": int(config.seed if fold_seed is None else fold_seed),
-        "source": config.data.source,
-        "image_size": int(config.data.image_size),
-    }
-
-
-def dataset_for_run(workdir: str, config) -> Dataset:
-    """The splits a run trained on: its cross-validation fold if it is one, else config.data's."""
-    path = os.path.join(workdir, FOLD_SPEC_JSON)
-    if not os.path.isfile(path):
-        return data.load_dataset(config.data, config.seed)
-    spec = run_folder.read_json(path)
-    pool, manifest = load_pool(config.data, spec["seed"])
-    folds = assign_folds(pool.labels, pool.slide_ids, spec["num_folds"], spec["seed"],
-                         spec["split_by"])  # fmt: skip
-    return fold_dataset(pool, folds, spec["fold"], spec, manifest)
 
 
 def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
@@ -267,10 +167,11 @@ def _run_folds(config, workdir, spec, folds_to_run, after_fold) -> list[dict]:
         if fold not in folds_to_run:
             continue
         if pool is None:
-            pool, manifest = load_pool(config.data, spec["seed"])
-            assignment = assign_folds(pool.labels, pool.slide_ids, num_folds, spec["seed"],
-                                      split_by)  # fmt: skip
-        ds = fold_dataset(pool, assignment, fold, spec, manifest)
+            pool, manifest = folds_lib.load_pool(config.data, spec["seed"])
+            assignment = folds_lib.assign_folds(
+                pool.labels, pool.slide_ids, num_folds, spec["seed"], split_by
+            )
+        ds = folds_lib.fold_dataset(pool, assignment, fold, spec, manifest)
         logging.info(
             "Fold %d/%d (%s): %d train / %d validation / %d test cells.",
             fold, num_folds, split_by, len(ds.train), len(ds.validation), len(ds.test),
@@ -295,7 +196,7 @@ def run_crossval(
     """Runs (or resumes) patient-level k-fold cross-validation; writes crossval.json/.md.
 
     Args:
-      config: the experiment ConfigDict (as `mnres.train.train_and_evaluate` takes it).
+      config: the experiment ConfigDict (as `mnres.training.loop.train_and_evaluate` takes it).
       workdir: the cross-validation folder; one subfolder per fold.
       num_folds: k.
       folds: the fold indices to run in this call (None: all); finished folds are skipped
@@ -304,7 +205,7 @@ def run_crossval(
         without slide ids such as TFDS malaria).
       compare_image_level: also run the same folds split by image (in image_level/).
       after_fold: called as `after_fold(fold_dir, dataset)` when a patient-level fold has
-        finished in this call (e.g. to record it for a recipe search, `mnres.evaluation.search`).
+        finished in this call (e.g. to record it for a recipe search, `experiments.search.records`).
       fold_seed: the seed that cuts the folds (`fold_spec`); None: config.seed.
 
     Returns:
@@ -324,7 +225,8 @@ def run_crossval(
     if compare_image_level:
         runs.append(("image", os.path.join(workdir, IMAGE_LEVEL_DIR)))
     runs = [
-        (fold_spec(config, num_folds, split_by, fold_seed), run_dir) for split_by, run_dir in runs
+        (folds_lib.fold_spec(config, num_folds, split_by, fold_seed), run_dir)
+        for split_by, run_dir in runs
     ]
     # The folds lock their own folders (fold_K/.lock): no run waits for this lock.
     with run_folder.lock(workdir):
@@ -347,9 +249,9 @@ def _crossval(config, workdir, runs, folds_to_run, after_fold):
             section["pooled"] = pooled
             if run_dir == runs[0][1]:  # the plots show the main comparison's folds
                 report.plot_reliability(labels, probs, os.path.join(
-                    workdir, calibration.RELIABILITY_UNCALIBRATED_PNG))  # fmt: skip
+                    workdir, run_folder.RELIABILITY_UNCALIBRATED_PNG))  # fmt: skip
                 report.plot_reliability(labels, calibrated, os.path.join(
-                    workdir, calibration.RELIABILITY_CALIBRATED_PNG))  # fmt: skip
+                    workdir, run_folder.RELIABILITY_CALIBRATED_PNG))  # fmt: skip
                 if pooled.get("slides"):
                     report.plot_slide_fractions(
                         pooled["slides"], os.path.join(workdir, SLIDE_FRACTIONS_PNG),

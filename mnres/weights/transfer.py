@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from absl import logging
 
 from mnres import config_validation, data
-from mnres import pretrained as pretrained_lib
 from mnres.data.splits import class_names_of
 from mnres.training.steps import TrainState
+from mnres.weights import shipped as pretrained_lib
 
 
 def model_config(model_config):
@@ -65,10 +65,10 @@ def load_pretrained(
     """`config.model.pretrained` loaded into a fresh state: 'malaria', 'imagenet' or a Keras
     `.h5` path.
 
-    'malaria' takes the weights shipped with mnres (`mnres.pretrained`); its classifier too when
-    the data's `class_names` are its classes (None: when the class counts agree), else the
+    'malaria' takes the weights shipped with mnres (`mnres.weights.shipped`); its classifier
+    too when the data's `class_names` are its classes (None: when the class counts agree), else the
     classifier keeps its initial values. 'imagenet' takes Keras' published file for
-    config.model.name/alpha and `image_size` (`mnres.models.imagenet_weights.choose_weights`;
+    config.model.name/alpha and `image_size` (`mnres.weights.imagenet.choose_weights`;
     None: the 224 px file), downloaded once into `$MNRES_CACHE` (default ~/.cache/mnres), with
     no classifier. The log names the weights, and a classifier that starts from its
     initialisation.
@@ -105,7 +105,7 @@ def load_pretrained(
 
 def _load_keras_file(model_config, model, variables, image_size, head: str) -> dict:
     """Keras weights ('imagenet', or a `.h5` path) in `variables`; logs the file and the head."""
-    from mnres.models import imagenet_weights  # reads .h5 with h5py; only needed here
+    from mnres.weights import imagenet as imagenet_weights  # reads .h5 with h5py; only needed here
 
     pretrained = model_config.pretrained
     path, sha256 = imagenet_weights.resolve(

@@ -6,7 +6,7 @@ figures, the patient decisions with the fraction threshold chosen on validation,
 and operating points. `load_run`, `predict`, `export` and `experiments.package_model` then take
 it as one model. With `slide_prior` (the recipe the patient cross-validation chose, see
 docs/results.md) the cell and patient figures read each slide's crops with its own prevalence
-(`mnres.evaluation.slide_prior`), as `predict --slide-prior` does; the figures without it sit
+(`mnres.metrics.slide_prior`), as `predict --slide-prior` does; the figures without it sit
 beside them. Calibration is always fitted on the outputs without it, since `predict` applies the
 temperature first and the slide prior after it.
 """
@@ -22,8 +22,8 @@ import numpy as np
 
 from mnres import data, provenance, run_folder
 from mnres.data.splits import class_names_of
-from mnres.evaluation import calibration
-from mnres.evaluation import slide_prior as slide_prior_lib
+from mnres.metrics import calibration
+from mnres.metrics import slide_prior as slide_prior_lib
 from mnres.models import ensemble
 from mnres.models import params as params_lib
 from mnres.training import final_evaluation
@@ -241,12 +241,12 @@ def combine(
         workdir, log_odds=raw["test"]["log_odds"], labels=test["labels"],
         slide_ids=ds.test.slide_ids, names=ds.test.names,
     )  # fmt: skip
+    from mnres.reporting import report as report_lib  # plots; matplotlib only here
+
     test_raw = raw["test"]
-    calibration.write_run_calibration(workdir, record, test_raw["labels"], test_raw["log_odds"])
+    report_lib.write_run_calibration(workdir, record, test_raw["labels"], test_raw["log_odds"])
     sample = run_folder.read_calibration_sample(member_dirs[0])
     if sample is not None:
         run_folder.write_calibration_sample(workdir, sample)
-    from mnres.evaluation import report as report_lib  # plots; matplotlib only here
-
     report_lib.write_report(workdir, result)
     return result

@@ -1,16 +1,19 @@
-"""report.json / report.md of a run (metrics are computed in mnres.evaluation.metrics and
-mnres.evaluation.multiclass; the plots are drawn by mnres.evaluation.plots).
+"""report.json / report.md of a run (metrics are computed in mnres.metrics and
+mnres.metrics.multiclass; the plots are drawn by mnres.reporting.plots).
 """
 
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from mnres import run_folder
 from mnres.data.config import MALARIA_CLASSES
+from mnres.metrics import calibration
 
-# The plots' 0.1 home: `report.plot_history`, ... (drawn in mnres.evaluation.plots).
-from mnres.evaluation.plots import (  # noqa: F401
+# The plots' 0.1 home: `report.plot_history`, ... (drawn in mnres.reporting.plots).
+from mnres.reporting.plots import (  # noqa: F401
     plot_confusion_matrix,
     plot_history,
     plot_reliability,
@@ -295,3 +298,27 @@ def write_report(workdir: str | os.PathLike[str], report: Mapping[str, Any]) -> 
 
 # Rows of metrics.jsonl (0.1 name; the run folder reads them).
 read_history = run_folder.read_history
+
+
+def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) -> str:
+    """Writes a run's ``calibration.json`` and reliability diagrams of its test split.
+
+    Args:
+      workdir: the run folder.
+      record: from `mnres.metrics.calibration.calibrate`.
+      test_labels, test_logits: the test split's labels and logits [N, K] (or log-odds [N]).
+
+    Returns:
+      The path of calibration.json.
+    """
+    path = run_folder.write_calibration(workdir, record)
+    binary = np.ndim(test_logits) == 1 or np.shape(test_logits)[1] == 2
+    for temperature, name in (
+        (1.0, run_folder.RELIABILITY_UNCALIBRATED_PNG),
+        (record["temperature"], run_folder.RELIABILITY_CALIBRATED_PNG),
+    ):
+        # Two classes: P(class 1), as before; K classes: the softmax rows [N, K].
+        scale = calibration.calibrated_probs if binary else calibration.calibrated_class_probs
+        probs = scale(test_logits, temperature)
+        plot_reliability(test_labels, probs, os.path.join(workdir, name))
+    return path

@@ -9,7 +9,7 @@
 The shipped model is `experiments/configs/default.py` trained on the development slides of the
 NIH set; its card (docs/model_card.md, `pretrained.card`) says how, and on what figures.
 ImageNet weights are Keras' published files, downloaded once into a cache
-(`mnres.models.imagenet_weights`).
+(`mnres.weights.imagenet`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def shipped_folder(name: str = "malaria") -> pathlib.Path:
     """
     if name not in SHIPPED:
         raise ValueError(f"no shipped model {name!r}: mnres ships {', '.join(SHIPPED)}")
-    folder = importlib.resources.files("mnres.pretrained") / name
+    folder = importlib.resources.files("mnres.weights") / name
     missing = [f for f in SHIPPED_FILES if not (folder / f).is_file()]
     if missing or not isinstance(folder, pathlib.Path):
         raise FileNotFoundError(
@@ -84,7 +84,7 @@ def list_pretrained() -> list[dict]:
     Each entry: name (for `load_pretrained`), kind ('shipped' or 'download'), model, alpha,
     image_size, and a description.
     """
-    from mnres.models import imagenet_weights
+    from mnres.weights import imagenet as imagenet_weights
 
     entries = []
     for name in SHIPPED:
@@ -325,7 +325,7 @@ def preprocessing_facts(image_size: int, tta: bool) -> dict:
 
 def _load_imagenet(name: str, model, num_classes, cache_dir) -> Pretrained:
     from mnres import models
-    from mnres.models import imagenet_weights
+    from mnres.weights import imagenet as imagenet_weights
 
     stem = name[: -len(".imagenet")]
     try:

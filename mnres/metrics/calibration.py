@@ -25,18 +25,13 @@ logits; operating points, which need a positive class, are left out (``num_class
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import scipy.optimize
 
-from mnres import run_folder
-from mnres.evaluation import metrics, multiclass
+from mnres import metrics
+from mnres.metrics import multiclass
 
 # File names in the run folder (owned by mnres.run_folder).
-CALIBRATION_JSON = run_folder.CALIBRATION_JSON
-RELIABILITY_UNCALIBRATED_PNG = run_folder.RELIABILITY_UNCALIBRATED_PNG
-RELIABILITY_CALIBRATED_PNG = run_folder.RELIABILITY_CALIBRATED_PNG
 SPECIFICITIES = (0.95, 0.98)
 # Record keys of the points ('spec_95') and the names `predict --operating-point` takes ('spec95').
 POINT_KEYS = tuple(f"spec_{round(100 * s)}" for s in SPECIFICITIES)
@@ -261,34 +256,3 @@ def calibrate_multiclass(val_logits, val_labels, test_logits=None, test_labels=N
             "ece_after": multiclass.expected_calibration_error(labels, after, n_bins),
         }
     return record
-
-
-# The run folder writes and reads the record (0.1 names).
-write_calibration = run_folder.write_calibration
-read_calibration = run_folder.read_calibration
-
-
-def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) -> str:
-    """Writes a run's ``calibration.json`` and reliability diagrams of its test split.
-
-    Args:
-      workdir: the run folder.
-      record: from `calibrate`.
-      test_labels, test_logits: the test split's labels and logits [N, K] (or log-odds [N]).
-
-    Returns:
-      The path of calibration.json.
-    """
-    from mnres.evaluation import report
-
-    path = write_calibration(workdir, record)
-    binary = _as_logits(test_logits).shape[1] == 2
-    for temperature, name in (
-        (1.0, RELIABILITY_UNCALIBRATED_PNG),
-        (record["temperature"], RELIABILITY_CALIBRATED_PNG),
-    ):
-        # Two classes: P(class 1), as before; K classes: the softmax rows [N, K].
-        scale = calibrated_probs if binary else calibrated_class_probs
-        probs = scale(test_logits, temperature)
-        report.plot_reliability(test_labels, probs, os.path.join(workdir, name))
-    return path

@@ -3,7 +3,7 @@
 `keras.applications` publishes ImageNet weights for MobileNet v1 (alpha 0.25-1.0) and v2 (alpha
 0.35-1.4) at a few input sizes, with and without the 1000-class classifier. This module names
 the file an mnres model takes (`choose_weights`), downloads it once into a cache (`fetch`) and
-loads it (`load_imagenet`, through `mnres.models.keras_weights.load_keras_weights`):
+loads it (`load_imagenet`, through `mnres.weights.keras.load_keras_weights`):
 
     model = mnres.create_model('paper')
     variables = model.init(rng, jnp.zeros((1, 128, 128, 3)), train=False)
@@ -378,7 +378,7 @@ def load_imagenet(
 
 def load_checked(model, variables, path: str | os.PathLike):
     """`load_keras_weights`, then a check that every layer but the classifier was loaded."""
-    from mnres.models.keras_weights import load_keras_weights
+    from mnres.weights.keras import load_keras_weights
 
     variables, report = load_keras_weights(model, variables, path)
     classifier = model.classifier_name if model.include_top else None

@@ -1,10 +1,10 @@
 """The record of one finished cross-validation fold, for the recipe search (`search`).
 
-`summarize_fold` reads a fold folder of `mnres.evaluation.crossval` (report.json, fold.json,
+`summarize_fold` reads a fold folder of `mnres.training.crossval` (report.json, fold.json,
 manifest.json, its checkpoints) and returns what `search.record_fold` commits: the validation
 summary a recipe is compared on and the sealed test summary. The run folder keeps no per-cell
 validation outputs, so they are recomputed from the checkpoint the run evaluated, on the fold's
-rebuilt validation split (`crossval.dataset_for_run`), and checked against report.json's
+rebuilt validation split (`folds_lib.dataset_for_run`), and checked against report.json's
 validation figures before the patient decisions are made from them.
 """
 
@@ -16,15 +16,16 @@ import re
 
 import numpy as np
 
-from mnres import run_folder
-from mnres.evaluation import crossval, metrics
-from mnres.evaluation.search import (
+from experiments.search.records import (
     CELL_METRICS,
     config_changes,
     read_recipe,
     recipe_config,
     record_fold,
 )
+from mnres import metrics, run_folder
+from mnres.data import folds as folds_lib
+from mnres.training import crossval
 
 TEST_PATIENT = ("n_patients", "n_infected", "accuracy", "sensitivity", "specificity", "auc",
                 "fraction_threshold", "errors")  # fmt: skip
@@ -132,7 +133,7 @@ def summarize_fold(
       fold_dir: WORKDIR/fold_K of `crossval.run_crossval` (fold.json written: finished).
       recipe: the recipe's name.
       baseline: a config dict the summary names its changes against.
-      dataset: the fold's `Dataset` if at hand; else rebuilt (`crossval.dataset_for_run`).
+      dataset: the fold's `Dataset` if at hand; else rebuilt (`folds_lib.dataset_for_run`).
       data_location: config.data fields (dir, cache_dir) that replace the run's to rebuild it.
 
     Raises:
@@ -149,7 +150,7 @@ def summarize_fold(
         config = run_folder.read_config(fold_dir)
         with config.data.unlocked():
             config.data.update({k: v for k, v in (data_location or {}).items() if v})
-        dataset = crossval.dataset_for_run(fold_dir, config)
+        dataset = folds_lib.dataset_for_run(fold_dir, config)
     run_splits = run_folder.read_manifest(fold_dir)["splits"]
     for name in ("validation", "test"):
         if dataset.manifest["splits"][name]["names_sha256"] != run_splits[name]["names_sha256"]:

@@ -1,6 +1,6 @@
 """Choosing a training recipe by patient-level cross-validation, the test folds sealed until then.
 
-A recipe (a config) is run as the folds of `mnres.evaluation.crossval`; each finished fold is
+A recipe (a config) is run as the folds of `mnres.training.crossval`; each finished fold is
 summarised into a search folder committed with the code, so a search resumes after an
 interruption, later or on another machine::
 
@@ -8,7 +8,7 @@ interruption, later or on another machine::
   SEARCH/RECIPE/fold_K_test.json  fold K's test figures: sealed, opened only by `read_test`
   SEARCH/choice.json              the chosen recipe and the validation table, written once
 
-The per-fold score (`mnres.evaluation.fold_summary`) is the final evaluation's validation
+The per-fold score (`experiments.search.fold_summary`) is the final evaluation's validation
 figures (report.json: cells called at P >= 0.5, with the run's test-time augmentation) and
 patient decisions on the fold's validation slides. The decisions follow the rule applied to
 test patients (infected iff the fraction of a slide's cells called parasitized exceeds a

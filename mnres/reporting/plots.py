@@ -13,7 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
-from mnres.evaluation import metrics, multiclass
+from mnres import metrics
+from mnres.metrics import multiclass
 
 
 def _save(fig, path):

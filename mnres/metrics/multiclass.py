@@ -1,6 +1,6 @@
 """Metrics of classifiers of K classes (numpy and scipy only), for data of more than two classes.
 
-The conventions of `mnres.evaluation.metrics`, for K classes:
+The conventions of `mnres.metrics`, for K classes:
 
 - ``probs`` is float [N, K], each row the softmax over the classes; a sample is called the most
   probable class (the lowest index of a tie, as ``np.argmax``).
@@ -21,8 +21,8 @@ import numpy as np
 import scipy.stats
 from numpy.typing import ArrayLike
 
-from mnres.evaluation import metrics
-from mnres.evaluation.metrics import COLLAPSE_SHARE, COLLAPSE_STD
+from mnres import metrics
+from mnres.metrics import COLLAPSE_SHARE, COLLAPSE_STD
 
 
 def _check(labels, probs):
@@ -126,7 +126,7 @@ def classification_metrics(
 def calibration_bins(labels: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> dict[str, list]:
     """Top-label reliability bins: confidence = the called (most probable) class's probability.
 
-    The bins of `mnres.evaluation.metrics.calibration_bins`, for K classes.
+    The bins of `mnres.metrics.calibration_bins`, for K classes.
     """
     labels, probs = _check(labels, probs)
     if n_bins < 1:
@@ -145,7 +145,7 @@ def output_collapse(labels: ArrayLike, probs: ArrayLike) -> dict[str, Any]:
     """How near a K-class model is to giving one output for every sample, and the class prior.
 
     Returns:
-      The keys of `mnres.evaluation.metrics.output_collapse`: std (of the most-called class's
+      The keys of `mnres.metrics.output_collapse`: std (of the most-called class's
       probability), called_class and called_share (the class called most and its share of the
       calls), prior_class and prior (the majority label and its share) and collapsed
       (``std < COLLAPSE_STD``, or ``called_share >= COLLAPSE_SHARE`` while that class's labels

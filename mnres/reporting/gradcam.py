@@ -187,7 +187,7 @@ def explain_split(
       {'layer', 'correct', 'misclassified' (indices into the split), 'accuracy',
        'probs' (P(parasitized) float64 [N] of every crop of the split), 'path'}.
     """
-    from mnres.evaluation import calibration
+    from mnres.metrics import calibration
 
     model, variables = classifier.model, classifier.variables
     probs = calibration.calibrated_probs(classifier.logits(split.images, batch_size), 1.0)

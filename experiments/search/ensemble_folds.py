@@ -2,13 +2,13 @@
 
 An ensemble of the 5 fold models has seen every fold's test slides. This one does not: the
 members of fold K are the fold-K runs of recipes already recorded in the search
-(`mnres.evaluation.search`), each trained on fold K's training slides only, so fold K's
+(`experiments.search.records`), each trained on fold K's training slides only, so fold K's
 validation and test slides are new to all of them. The members differ by recipe (a colour
 normalisation, a loss, an augmentation) or by anything else that leaves the folds alone.
 
 The ensemble averages the members' log-odds of each crop (each member with its own test-time
 augmentation); with the slide prior, each slide's prevalence then replaces the training
-split's (`mnres.evaluation.slide_prior`), and one member's runs can be scored that way too.
+split's (`mnres.metrics.slide_prior`), and one member's runs can be scored that way too.
 Its record has the fields of a trained recipe's (`fold_summary.summarize_fold`): the validation
 figures and patient decisions it is compared on, the sealed test figures, and as its wall time
 the sum of its members' (training them is its cost). `record_ensemble` scores and records the
@@ -24,9 +24,12 @@ import os
 import numpy as np
 from absl import logging
 
-from mnres import provenance, run_folder
-from mnres.evaluation import calibration, crossval, fold_summary, metrics, search, slide_prior
-from mnres.evaluation.search import CELL_METRICS
+from experiments.search import fold_summary
+from experiments.search import records as search
+from experiments.search.records import CELL_METRICS
+from mnres import metrics, provenance, run_folder
+from mnres.data import folds as folds_lib
+from mnres.metrics import calibration, slide_prior
 
 COMBINE = "mean_log_odds"
 
@@ -152,7 +155,7 @@ def summarize_ensemble_fold(
       members: {member recipe: (its recorded fold-K summary, its fold-K run folder)}; the folder
         must be the recorded run (`fold_summary.is_recorded`).
       recipe: the ensemble's name in the search.
-      dataset: the fold's rebuilt `Dataset` (`crossval.dataset_for_run`).
+      dataset: the fold's rebuilt `Dataset` (`folds_lib.dataset_for_run`).
       scoring: the checkpoint scored, and whether each slide's prevalence replaces the
         training split's (`slide_prior.adjust`).
 
@@ -292,7 +295,7 @@ def record_ensemble(
         config = run_folder.read_config(first_dir)
         with config.data.unlocked():
             config.data.update({key: v for key, v in data_location.items() if v})
-        dataset = crossval.dataset_for_run(first_dir, config)
+        dataset = folds_lib.dataset_for_run(first_dir, config)
         summary, test = summarize_ensemble_fold(ready, recipe, dataset, scoring)
         search.record_fold(record_dir, summary, test)
         logging.info(

@@ -1,1 +1,0 @@
-"""Evaluation: metrics, calibration, reports and plots, cross-validation, Grad-CAM."""

@@ -1,0 +1,1 @@
+"""Reporting: a run's report (report.json and report.md), plots and Grad-CAM."""

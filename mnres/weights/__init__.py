@@ -1,0 +1,1 @@
+"""Weights: the shipped malaria model, Keras ImageNet weights and warm starts."""
