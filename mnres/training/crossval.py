@@ -35,7 +35,7 @@ from mnres.data import folds as folds_lib
 from mnres.data.folds import FOLD_SPEC_JSON
 from mnres.data.splits import Dataset
 from mnres.metrics import calibration
-from mnres.reporting import report
+from mnres.reporting import plots
 from mnres.training import loop as train
 
 FOLD_JSON = "fold.json"
@@ -248,12 +248,12 @@ def _crossval(config, workdir, runs, folds_to_run, after_fold):
             labels, probs, calibrated = pooled.pop("arrays")
             section["pooled"] = pooled
             if run_dir == runs[0][1]:  # the plots show the main comparison's folds
-                report.plot_reliability(labels, probs, os.path.join(
+                plots.plot_reliability(labels, probs, os.path.join(
                     workdir, run_folder.RELIABILITY_UNCALIBRATED_PNG))  # fmt: skip
-                report.plot_reliability(labels, calibrated, os.path.join(
+                plots.plot_reliability(labels, calibrated, os.path.join(
                     workdir, run_folder.RELIABILITY_CALIBRATED_PNG))  # fmt: skip
                 if pooled.get("slides"):
-                    report.plot_slide_fractions(
+                    plots.plot_slide_fractions(
                         pooled["slides"], os.path.join(workdir, SLIDE_FRACTIONS_PNG),
                         title=f"Test slides of {len(summaries)} folds (each slide tested once)",
                     )  # fmt: skip
