@@ -304,28 +304,7 @@ def markdown(result: dict, pngs=()) -> str:
            if image_agg else ""),
         "",
     ]  # fmt: skip
-    main = "by patient" if by_patient else "by image"
-    header = ["Metric"] + [f"fold {s['fold']}" for s in folds] + [f"mean ± std ({main})"]
-    header += ["mean ± std (by image)"] if image_agg else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    rows = [(f"{key}", "cell", key, "test") for key in CELL_METRICS]
-    if agg["patient"]:
-        rows += [(f"patient {key}", "patient", key, "test_patient") for key in PATIENT_METRICS]
-    rows += [
-        ("temperature", "calibration", "temperature", "calibration"),
-        ("ECE before scaling", "calibration", "ece_before", "calibration"),
-        ("ECE after scaling", "calibration", "ece_after", "calibration"),
-        ("sensitivity at val. spec. 95%", "calibration", "sensitivity_at_spec_95", "calibration"),
-        ("specificity reached (95%)", "calibration", "specificity_at_spec_95", "calibration"),
-        ("sensitivity at val. spec. 98%", "calibration", "sensitivity_at_spec_98", "calibration"),
-        ("specificity reached (98%)", "calibration", "specificity_at_spec_98", "calibration"),
-    ]
-    for label, group, key, field in rows:
-        cells = [_value((s.get(field) or {}).get(key)) for s in folds]
-        row = [label, *cells, _pm(agg[group].get(key))]
-        if image_agg:
-            row.append(_pm(image_agg[group].get(key)))
-        lines.append("| " + " | ".join(row) + " |")
+    lines += _fold_table(folds, agg, image_agg, by_patient)
     lines += [""]
     pooled = primary.get("pooled") or {}
     if pooled.get("patient"):
@@ -346,3 +325,30 @@ def markdown(result: dict, pngs=()) -> str:
     for png in pngs:
         lines += [f"![{os.path.splitext(png)[0]}]({png})", ""]
     return "\n".join(lines)
+
+
+def _fold_table(folds, agg: dict, image_agg: dict | None, by_patient: bool) -> list[str]:
+    """crossval.md's table: a metric per row, a column per fold, then mean ± std."""
+    main = "by patient" if by_patient else "by image"
+    header = ["Metric"] + [f"fold {s['fold']}" for s in folds] + [f"mean ± std ({main})"]
+    header += ["mean ± std (by image)"] if image_agg else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [(f"{key}", "cell", key, "test") for key in CELL_METRICS]
+    if agg["patient"]:
+        rows += [(f"patient {key}", "patient", key, "test_patient") for key in PATIENT_METRICS]
+    rows += [
+        ("temperature", "calibration", "temperature", "calibration"),
+        ("ECE before scaling", "calibration", "ece_before", "calibration"),
+        ("ECE after scaling", "calibration", "ece_after", "calibration"),
+        ("sensitivity at val. spec. 95%", "calibration", "sensitivity_at_spec_95", "calibration"),
+        ("specificity reached (95%)", "calibration", "specificity_at_spec_95", "calibration"),
+        ("sensitivity at val. spec. 98%", "calibration", "sensitivity_at_spec_98", "calibration"),
+        ("specificity reached (98%)", "calibration", "specificity_at_spec_98", "calibration"),
+    ]
+    for label, group, key, field in rows:
+        cells = [_value((s.get(field) or {}).get(key)) for s in folds]
+        row = [label, *cells, _pm(agg[group].get(key))]
+        if image_agg:
+            row.append(_pm(image_agg[group].get(key)))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
