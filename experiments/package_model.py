@@ -68,9 +68,9 @@ def _without_machine_paths(obj, data_dir: str):
 
 def select_sample(data_dir: str, slides, per_class: int, seed: int = 0) -> list[str]:
     """`per_class` crops a class drawn uniformly from the crops of `slides` (sorted by name)."""
-    from mnres.data import sources
+    from mnres.data import folders
 
-    listing = sources.list_folder(data_dir)
+    listing = folders.list_folder(data_dir)
     rng = np.random.default_rng(seed)
     in_slides = np.isin(listing["slide_ids"], sorted(slides))
     chosen = []
@@ -114,6 +114,7 @@ def package(workdir: str, data_dir: str | None, per_class: int) -> None:
     import jax
 
     from mnres import data
+    from mnres.data.sample import calibration_images
     from mnres.deploy import export
 
     classifier = run_folder.load_run(workdir, which="best")
@@ -147,7 +148,7 @@ def package(workdir: str, data_dir: str | None, per_class: int) -> None:
         classifier,
         tflite,
         quantize="int8",
-        representative_images=export.calibration_images(train),
+        representative_images=calibration_images(train),
     )
     sidecar = run_folder.read_json(export.metadata_path(tflite))
     sidecar["run"] = "runs/" + os.path.basename(os.path.normpath(workdir))

@@ -88,8 +88,8 @@ def _export(args) -> int:
 
 def _calibration_crops(args, classifier):
     """int8 calibration crops: --calibration-dir, else the run's stored sample, else its data."""
-    from mnres.data import decode
-    from mnres.deploy import export, predict
+    from mnres.data import decode, sample
+    from mnres.deploy import predict
 
     size, count = classifier.image_size, args.calibration_images
     if args.calibration_dir:
@@ -101,17 +101,17 @@ def _calibration_crops(args, classifier):
         return stored[:count]
     train = _run_split(classifier, "train", "int8 calibration needs cell crops",
                        "give --calibration-dir DIR (any cell crops of this kind)")  # fmt: skip
-    return export.calibration_images(train, count)
+    return sample.calibration_images(train, count)
 
 
 def _evaluation_crops(args, classifier):
     """(what, uint8 crops, labels) for --evaluate: a labelled folder, else the run's test split."""
-    from mnres.data import decode, sources
+    from mnres.data import decode, folders
 
     if args.evaluate is not True:
         names = classifier.class_names
         # Parasitized/ + Uninfected/, or the run's class folders, in the model's order.
-        listing = sources.list_folder(args.evaluate, None if names == CLASS_NAMES else names)
+        listing = folders.list_folder(args.evaluate, None if names == CLASS_NAMES else names)
         if listing["class_names"] != names:
             raise ValueError(
                 f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
@@ -170,7 +170,7 @@ def _looks_like_model(item: str) -> bool:
     A run folder, a file that is not an image, or a missing path with a model file's suffix is
     a model; an image, a glob, a folder of images or a missing image path is an input.
     """
-    from mnres.data.sources import IMAGE_SUFFIXES
+    from mnres.data.folders import IMAGE_SUFFIXES
     from mnres.deploy import predict
 
     if glob.has_magic(item):

@@ -24,7 +24,6 @@ from absl import logging
 from mnres import models
 from mnres.data import config as data_config
 from mnres.inference import Classifier
-from mnres.training import checkpoint, tensorboard
 
 CONFIG_JSON = "config.json"
 MANIFEST_JSON = "manifest.json"
@@ -252,23 +251,6 @@ def _jsonl(row: dict) -> str:
     return json.dumps(row) + "\n"
 
 
-def open_checkpoints(workdir: str, **kwargs) -> checkpoint.Checkpoints:
-    """The run's `checkpoints/` (latest and best); kwargs go to `checkpoint.Checkpoints`."""
-    return checkpoint.Checkpoints(os.path.join(workdir, CHECKPOINTS_DIR), **kwargs)
-
-
-def open_tensorboard(workdir: str, step: int) -> tensorboard.Writer:
-    """A `mnres.training.tensorboard.Writer` into the run's `tensorboard/`, from `step` on.
-
-    The points its earlier files hold after `step` (logged after the checkpoint a run resumes
-    from) are dropped, as `write_history` drops rows of metrics.jsonl.
-
-    Raises:
-      ImportError: the tensorboard package is not installed (pip install 'mnres[tensorboard]').
-    """
-    return tensorboard.Writer(os.path.join(workdir, TENSORBOARD_DIR), step)
-
-
 def write_predictions(workdir: str, split, probs, class_names=data_config.MALARIA_CLASSES) -> None:
     """Writes `predictions_test.csv`: name, slide_id, label and the probabilities per example.
 
@@ -403,7 +385,10 @@ def load_run(workdir: str, *, which: str = "best") -> Classifier:
     expected = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     )
-    ckpts = open_checkpoints(workdir, async_save=False)
+    # The one reader of orbax checkpoints; the training package imports this module, hence here.
+    from mnres.training import checkpoint
+
+    ckpts = checkpoint.Checkpoints(checkpoint_dir, async_save=False)
     try:
         best = which == "best" and ckpts.best_step() is not None
         step = ckpts.best_step() if best else ckpts.latest_step()

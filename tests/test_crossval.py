@@ -11,7 +11,7 @@ from PIL import Image
 from experiments.configs import smoke
 from mnres.data import folds as folds_lib
 from mnres.data import synthetic
-from mnres.reporting import report
+from mnres.reporting import plots
 from mnres.training import crossval
 from mnres.training import loop as train
 
@@ -155,10 +155,10 @@ def test_plot_slide_fractions(tmp_path):
         for i, t in enumerate(np.r_[np.zeros(5), rng.uniform(0.3, 0.9, 10)])
     ]  # fmt: skip
     path = tmp_path / "slides.png"
-    report.plot_slide_fractions(slides, str(path))
+    plots.plot_slide_fractions(slides, str(path))
     with Image.open(path) as image:
         assert image.size[0] > 300
-    report.plot_slide_fractions([{k: v for k, v in s.items() if k != "predicted_infected"}
+    plots.plot_slide_fractions([{k: v for k, v in s.items() if k != "predicted_infected"}
                                  for s in slides], str(path))  # fmt: skip
 
 

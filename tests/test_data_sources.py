@@ -15,7 +15,7 @@ from data_fixtures import MINI_CELL_IMAGES, REPO, SLIDES, write_bad_files, write
 from PIL import Image
 
 from mnres import data
-from mnres.data import decode, sources
+from mnres.data import decode, folders, sources
 
 # Tests that mock TFDS' download also skip the check that the download host answers.
 NO_NETWORK_PROBE = mock.patch.object(sources, "_check_download_possible")
@@ -47,7 +47,7 @@ def folder_config(directory, **overrides):
     ],
 )
 def test_slide_id(file_name, slide):
-    assert sources.slide_id(file_name) == slide
+    assert folders.slide_id(file_name) == slide
 
 
 def test_folder_source_reads_nested_layout_and_survives_bad_files(tmp_path):
@@ -145,7 +145,7 @@ def test_all_images_corrupt_is_an_error(tmp_path):
 
 @pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="needs ../shared/data/malaria-mini")
 def test_real_mini_crops_labels_and_slides():
-    listing = sources.list_folder(str(MINI_CELL_IMAGES))
+    listing = folders.list_folder(str(MINI_CELL_IMAGES))
     names, labels, slides = listing["names"], listing["labels"], listing["slide_ids"]
     assert len(names) == 1000
     assert (labels == 1).sum() == 500 and (labels == 0).sum() == 500

@@ -7,7 +7,7 @@ import pytest
 from data_fixtures import MINI_CELL_IMAGES, SLIDES, write_cell_folder
 
 from mnres import data
-from mnres.data import sources, splits
+from mnres.data import folders, splits
 
 
 def synthetic_config(**overrides):
@@ -167,7 +167,7 @@ def test_too_few_slides_for_a_slide_split_names_the_fix(tmp_path):
 
 @pytest.mark.skipif(not MINI_CELL_IMAGES.is_dir(), reason="needs ../shared/data/malaria-mini")
 def test_real_mini_slide_split():
-    listing = sources.list_folder(str(MINI_CELL_IMAGES))
+    listing = folders.list_folder(str(MINI_CELL_IMAGES))
     for seed in range(3):
         parts = splits.split_by_slide(
             listing["labels"], listing["slide_ids"], (0.8, 0.1, 0.1), seed

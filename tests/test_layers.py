@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mnres.models import layers
+from mnres.models import layers, shifted
 from mnres.models.layers import ConvBN, DepthwiseConv2D, make_divisible
 
 
@@ -132,11 +132,11 @@ def test_shifted_backward_keeps_only_input_and_kernel(stride, padding):
     # Guards the hand-written backward pass: plain autodiff of the nine shifted windows keeps
     # all nine (XLA then writes each one out), which made the train step slower on CPU.
     x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
-    conv = functools.partial(layers.shifted_depthwise_conv, strides=stride, padding=padding)
+    conv = functools.partial(shifted.shifted_depthwise_conv, strides=stride, padding=padding)
     kept = _residual_sizes(conv, x, kernel)
     assert sorted(kept) == sorted([x.size, kernel.size])
     # The detector itself: the plain formula keeps a window per tap (9 x 1/stride**2 inputs).
-    plain = _residual_sizes(lambda x, k: layers._shifted_sum(x, k, stride, padding), x, kernel)
+    plain = _residual_sizes(lambda x, k: shifted._shifted_sum(x, k, stride, padding), x, kernel)
     assert sum(plain) > 2 * x.size
 
 
@@ -169,8 +169,10 @@ def test_auto_picks_shifted_on_cpu_and_rejects_unknown():
 
 
 def test_depthwise_implementation_names_still_work_for_one_release():
-    assert layers.DEPTHWISE_IMPLEMENTATIONS == layers.CONV_FORMULATIONS
-    assert layers.resolve_depthwise_implementation is layers.resolve_conv_formulation
+    with pytest.warns(DeprecationWarning, match="CONV_FORMULATIONS"):
+        assert layers.DEPTHWISE_IMPLEMENTATIONS == layers.CONV_FORMULATIONS
+    with pytest.warns(DeprecationWarning, match="resolve_conv_formulation"):
+        assert layers.resolve_depthwise_implementation is layers.resolve_conv_formulation
     with pytest.warns(DeprecationWarning, match="conv_formulation"):
         unit = ConvBN(8, "conv", "conv_bn", depthwise_implementation="grouped")
     assert (unit.conv_formulation, unit.depthwise_implementation) == ("grouped", None)

@@ -20,7 +20,7 @@ from experiments import model_card, package_model
 from mnres import models, run_folder
 from mnres.__main__ import main
 from mnres.data import decode, sample
-from mnres.data.sources import slide_id
+from mnres.data.folders import slide_id
 from mnres.weights import shipped as pretrained
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

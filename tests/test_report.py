@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnres import metrics
-from mnres.reporting import report
+from mnres import metrics, run_folder
+from mnres.reporting import plots, report
 
 
 def _predictions(seed=0, n=300):
@@ -48,7 +48,8 @@ def test_write_report_json_and_markdown(tmp_path):
     test = metrics.binary_metrics(labels, probs)
     test["ece"] = metrics.expected_calibration_error(labels, probs)
     config = ml_collections.ConfigDict({"model": {"name": "mobilenet_v2", "alpha": 0.35}})
-    report.plot_confusion_matrix(test["confusion_matrix"], tmp_path / report.CONFUSION_MATRIX_PNG)
+    cm_png = tmp_path / run_folder.CONFUSION_MATRIX_PNG
+    plots.plot_confusion_matrix(test["confusion_matrix"], cm_png)
     report.write_report(
         tmp_path,
         {
@@ -95,34 +96,32 @@ def test_read_history(tmp_path):
     # A resumed run repeats epoch 3, then dies mid-line.
     lines += [json.dumps({**rows[2], "val_accuracy": 0.99}), '{"epoch": 4, "train_lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    history = report.read_history(tmp_path)
+    history = run_folder.read_history(tmp_path)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[2]["val_accuracy"] == 0.99
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
     with pytest.raises(json.JSONDecodeError):
-        report.read_history(tmp_path)
+        run_folder.read_history(tmp_path)
 
 
 def test_plots_are_valid_pngs(tmp_path):
     labels, probs, _ = _predictions()
     cm = metrics.binary_metrics(labels, probs)["confusion_matrix"]
-    report.plot_history(_history(), tmp_path / "history.png")
-    report.plot_confusion_matrix(cm, tmp_path / "confusion_matrix.png")
-    report.plot_roc(labels, probs, tmp_path / "roc.png")
-    report.plot_reliability(labels, probs, tmp_path / "sub" / "reliability.png")
+    plots.plot_history(_history(), tmp_path / "history.png")
+    plots.plot_confusion_matrix(cm, tmp_path / "confusion_matrix.png")
+    plots.plot_roc(labels, probs, tmp_path / "roc.png")
+    plots.plot_reliability(labels, probs, tmp_path / "sub" / "reliability.png")
     for name in ("history.png", "confusion_matrix.png", "roc.png", "sub/reliability.png"):
         _assert_png(tmp_path / name)
 
 
 def test_plots_survive_edge_cases(tmp_path):
     # One class absent, a single epoch without validation, an empty class row.
-    report.plot_roc([1, 1, 1], [0.2, 0.6, 0.9], tmp_path / "roc.png")
-    report.plot_reliability([1, 1, 1], [0.5, 0.5, 0.5], tmp_path / "reliability.png")
-    report.plot_history(
-        [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8}], tmp_path / "h.png"
-    )
-    report.plot_history([], tmp_path / "empty.png")
-    report.plot_confusion_matrix([[0, 0], [3, 5]], tmp_path / "cm.png")
+    plots.plot_roc([1, 1, 1], [0.2, 0.6, 0.9], tmp_path / "roc.png")
+    plots.plot_reliability([1, 1, 1], [0.5, 0.5, 0.5], tmp_path / "reliability.png")
+    plots.plot_history([{"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8}], tmp_path / "h.png")
+    plots.plot_history([], tmp_path / "empty.png")
+    plots.plot_confusion_matrix([[0, 0], [3, 5]], tmp_path / "cm.png")
     for name in ("roc.png", "reliability.png", "h.png", "empty.png", "cm.png"):
         _assert_png(tmp_path / name)
 

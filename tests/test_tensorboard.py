@@ -205,7 +205,7 @@ def test_without_the_package_config_validation_says_what_to_install(monkeypatch)
     assert "\n" not in line
     assert line.startswith("config.tensorboard=True") and "pip install 'mnres[tensorboard]'" in line
     with pytest.raises(ImportError, match=r"pip install 'mnres\[tensorboard\]'"):
-        run_folder.open_tensorboard("unused", 0)
+        tb.Writer(os.path.join("unused", run_folder.TENSORBOARD_DIR), 0)
     config.tensorboard = False
     config_validation.validate(config)
 

@@ -6,6 +6,8 @@
 About 250 crops of the NIH thin-blood-smear set (Parasitized/ and Uninfected/ folders, NIH
 file names kept, so slide ids and labels are read as for the full set), chosen from the shipped
 model's training slides: a demo, not a test set. Source and licence: sample_cells/SOURCE.md.
+
+`calibration_images` draws the training crops a run keeps for int8 export.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import importlib.resources
 import pathlib
 
-from mnres.data.sources import CLASS_FOLDERS, IMAGE_SUFFIXES
+import numpy as np
+
+from mnres.data.folders import CLASS_FOLDERS, IMAGE_SUFFIXES
 
 SAMPLE_FOLDER = "sample_cells"
 
@@ -57,3 +61,9 @@ def sample_cells(label: str | None = None) -> list[str]:
 def sample_labels(paths) -> list[int]:
     """Labels (1 = parasitized) of bundled crops, from their class folder."""
     return [CLASS_FOLDERS[pathlib.Path(p).parent.name.lower()] for p in paths]
+
+
+def calibration_images(train, count: int = 256, seed: int = 0) -> np.ndarray:
+    """`count` random crops of a training split (uint8 [count, S, S, 3])."""
+    rng = np.random.default_rng(seed)
+    return train.images[rng.permutation(len(train))[:count]]

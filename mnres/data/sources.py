@@ -3,7 +3,7 @@
 Every source gives RGB uint8 images resized to `config.image_size`, int32 labels and slide ids
 where known. Malaria labels are 1 = parasitized (the positive class) and 0 = uninfected; a
 folder in the ImageFolder layout (one subfolder per class, any classes) labels each image
-with its class's index, classes sorted by name (`list_folder`).
+with its class's index, classes sorted by name (`mnres.data.folders.list_folder`).
 """
 
 import os
@@ -13,9 +13,7 @@ from absl import logging
 
 from mnres.data import decode, synthetic
 from mnres.data.config import SPLIT_NAMES, check
-
-# The folder layouts live in mnres.data.folders; these names are their 0.1 home.
-from mnres.data.folders import CLASS_FOLDERS, IMAGE_SUFFIXES, list_folder, slide_id  # noqa: F401
+from mnres.data.folders import list_folder
 from mnres.data.splits import (
     CLASS_NAMES,
     Dataset,

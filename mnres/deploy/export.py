@@ -378,12 +378,6 @@ FILE_NAMES = {
 _NEEDS = {"tflite": ("tensorflow",), "int8": ("tensorflow",), "onnx": ("jax2onnx", "onnxruntime")}
 
 
-def calibration_images(train, count: int = 256, seed: int = 0) -> np.ndarray:
-    """`count` random crops of a training split (uint8 [count, S, S, 3])."""
-    rng = np.random.default_rng(seed)
-    return train.images[rng.permutation(len(train))[:count]]
-
-
 def export_run(
     classifier: Classifier,
     out_dir: str,
@@ -395,7 +389,7 @@ def export_run(
     """Writes the chosen formats to `out_dir` (`FILE_NAMES`); returns {format: path}.
 
     int8 calibrates on `representative_images`, by default 256 crops of the run's training
-    split (`calibration_images`).
+    split (`mnres.data.sample.calibration_images`).
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
@@ -423,10 +417,11 @@ def export_run(
                 if classifier.config is None:
                     raise ValueError("int8 needs representative_images or a run's config")
                 from mnres import data
+                from mnres.data import sample
 
                 config = classifier.config
                 train = data.load_dataset(config.data, config.seed).train
-                representative_images = calibration_images(train)
+                representative_images = sample.calibration_images(train)
             paths[fmt] = export_tflite(
                 classifier,
                 path,

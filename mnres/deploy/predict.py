@@ -30,7 +30,7 @@ from PIL import Image
 from mnres import run_folder
 from mnres.data import config as data_config
 from mnres.data import decode
-from mnres.data.sources import IMAGE_SUFFIXES, slide_id
+from mnres.data.folders import IMAGE_SUFFIXES, slide_id
 from mnres.deploy import export
 from mnres.metrics import calibration, slide_prior
 from mnres.weights import shipped as pretrained

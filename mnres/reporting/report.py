@@ -1,5 +1,7 @@
-"""report.json / report.md of a run (metrics are computed in mnres.metrics and
-mnres.metrics.multiclass; the plots are drawn by mnres.reporting.plots).
+"""A run's report: report.json built once (`build_report`, for training and ensemble runs
+alike) and report.md beside it. The metrics are computed in `mnres.metrics` and
+`mnres.metrics.multiclass`; the plots are drawn by `mnres.reporting.plots`; the file names are
+`mnres.run_folder`'s.
 """
 
 import os
@@ -8,28 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from mnres import run_folder
+from mnres import metrics, provenance, run_folder
 from mnres.data.config import MALARIA_CLASSES
-from mnres.metrics import calibration
-
-# The plots' 0.1 home: `report.plot_history`, ... (drawn in mnres.reporting.plots).
-from mnres.reporting.plots import (  # noqa: F401
-    plot_confusion_matrix,
-    plot_history,
-    plot_reliability,
-    plot_roc,
-    plot_slide_fractions,
-)
-
-# File names in the workdir (owned by mnres.run_folder); report.md links every PNG present when
-# it is written.
-REPORT_JSON = run_folder.REPORT_JSON
-REPORT_MD = run_folder.REPORT_MD
-METRICS_JSONL = run_folder.METRICS_JSONL
-HISTORY_PNG = run_folder.HISTORY_PNG
-CONFUSION_MATRIX_PNG = run_folder.CONFUSION_MATRIX_PNG
-ROC_PNG = run_folder.ROC_PNG
-RELIABILITY_PNG = "reliability.png"
+from mnres.data.splits import class_names_of
+from mnres.metrics import calibration, multiclass
+from mnres.reporting.plots import plot_reliability
 
 _CELL_ROWS = [
     ("accuracy", "Accuracy"),
@@ -54,10 +39,6 @@ _PATIENT_ROWS = [
     ("n_infected", "Infected patients"),
     ("fraction_threshold", "Fraction threshold (from validation)"),
 ]
-
-
-# The 0.1 name of the conversion every JSON file of a run goes through.
-_to_json = run_folder.to_json_types
 
 
 def _fmt(value):
@@ -280,6 +261,86 @@ def _calibration_section(report):
     return lines + [""]
 
 
+def build_report(config, ds, figures: Mapping, calibrated: dict | None, sections: Mapping) -> dict:
+    """The report of a run (report.json), a training run's or an ensemble's.
+
+    Args:
+      config: the run's resolved config (config.json).
+      ds: the run's `mnres.data.Dataset`: sizes, classes and manifest.
+      figures: `figures` of the evaluated outputs (validation, test, test_patient).
+      calibrated: the `mnres.metrics.calibration.calibrate` record; None without validation.
+      sections: what only the caller knows: model, training, history, warnings (and an
+        ensemble's slide_prior and members).
+
+    Returns:
+      The config, data, figures, calibration summary and provenance, with `sections`.
+    """
+    result = {
+        "config": config.to_dict(),
+        "data": data_section(config, ds),
+        **figures,
+        **sections,
+    }
+    if calibrated:
+        result["calibration"] = calibration.report_summary(calibrated)
+    # Versions, commit, device, CPU instruction sets, XLA flags, manifest hash: mnres.provenance.
+    result["provenance"] = provenance.collect(manifest=ds.manifest)
+    return result
+
+
+def data_section(config, ds) -> dict:
+    """report.json's "data": source, image size, the split rule and the split sizes."""
+    section = {
+        "source": config.data.source,
+        "image_size": int(config.data.image_size),
+        # 'auto' is reported as the rule it chose (the manifest's).
+        "split_by": ds.manifest.get("split_by")
+        if config.data.split_by == "auto"
+        else config.data.split_by,
+        "num_train": len(ds.train),
+        "num_validation": len(ds.validation),
+        "num_test": len(ds.test),
+    }
+    names = class_names_of(ds)
+    if tuple(names) != MALARIA_CLASSES:  # the malaria pair is implied, as in the manifest
+        section["class_names"] = list(names)
+    return section
+
+
+def figures(ds, val: dict | None, test: dict) -> dict:
+    """The cell figures of validation (None without it) and test, and the test patients (two
+    classes; None otherwise), from a split's outputs {labels, probs or logits, loss}."""
+    names = class_names_of(ds)
+    return {
+        "validation": cell_metrics(val, names) if val else None,
+        "test": cell_metrics(test, names),
+        "test_patient": test_patient_metrics(ds, val, test) if len(names) == 2 else None,
+    }
+
+
+def cell_metrics(outputs: dict, class_names) -> dict:
+    """`metrics.binary_metrics` of a split's outputs (`multiclass.classification_metrics` for
+    more than two classes), with its mean loss."""
+    if "probs" in outputs:
+        found = metrics.binary_metrics(outputs["labels"], outputs["probs"])
+    else:
+        probs = multiclass.softmax(outputs["logits"])
+        found = multiclass.classification_metrics(outputs["labels"], probs, class_names)
+    return {**found, "loss": outputs["loss"]}
+
+
+def test_patient_metrics(ds, val: dict | None, test: dict) -> dict | None:
+    """Patient-level test metrics, the fraction threshold chosen on validation; None when the
+    slide ids are unknown (tfds) or there is no validation split."""
+    known = lambda split: len(split) and all(s for s in split.slide_ids)
+    if not (val and known(ds.validation) and known(ds.test)):
+        return None
+    fraction = metrics.choose_fraction_threshold(
+        val["labels"], val["probs"], ds.validation.slide_ids
+    )
+    return metrics.patient_metrics(test["labels"], test["probs"], ds.test.slide_ids, fraction)
+
+
 def write_report(workdir: str | os.PathLike[str], report: Mapping[str, Any]) -> None:
     """Writes ``report.json`` (the dict, as plain JSON) and a readable ``report.md`` to workdir.
 
@@ -294,10 +355,6 @@ def write_report(workdir: str | os.PathLike[str], report: Mapping[str, Any]) -> 
     os.makedirs(workdir, exist_ok=True)
     report = run_folder.to_json_types(report)
     run_folder.write_report(workdir, report, _markdown(report, run_folder.plot_files(workdir)))
-
-
-# Rows of metrics.jsonl (0.1 name; the run folder reads them).
-read_history = run_folder.read_history
 
 
 def write_run_calibration(workdir: str, record: dict, test_labels, test_logits) -> str:

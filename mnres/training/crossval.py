@@ -35,7 +35,7 @@ from mnres.data import folds as folds_lib
 from mnres.data.folds import FOLD_SPEC_JSON
 from mnres.data.splits import Dataset
 from mnres.metrics import calibration
-from mnres.reporting import report
+from mnres.reporting import plots
 from mnres.training import loop as train
 
 FOLD_JSON = "fold.json"
@@ -248,12 +248,12 @@ def _crossval(config, workdir, runs, folds_to_run, after_fold):
             labels, probs, calibrated = pooled.pop("arrays")
             section["pooled"] = pooled
             if run_dir == runs[0][1]:  # the plots show the main comparison's folds
-                report.plot_reliability(labels, probs, os.path.join(
+                plots.plot_reliability(labels, probs, os.path.join(
                     workdir, run_folder.RELIABILITY_UNCALIBRATED_PNG))  # fmt: skip
-                report.plot_reliability(labels, calibrated, os.path.join(
+                plots.plot_reliability(labels, calibrated, os.path.join(
                     workdir, run_folder.RELIABILITY_CALIBRATED_PNG))  # fmt: skip
                 if pooled.get("slides"):
-                    report.plot_slide_fractions(
+                    plots.plot_slide_fractions(
                         pooled["slides"], os.path.join(workdir, SLIDE_FRACTIONS_PNG),
                         title=f"Test slides of {len(summaries)} folds (each slide tested once)",
                     )  # fmt: skip
@@ -304,28 +304,7 @@ def markdown(result: dict, pngs=()) -> str:
            if image_agg else ""),
         "",
     ]  # fmt: skip
-    main = "by patient" if by_patient else "by image"
-    header = ["Metric"] + [f"fold {s['fold']}" for s in folds] + [f"mean ± std ({main})"]
-    header += ["mean ± std (by image)"] if image_agg else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    rows = [(f"{key}", "cell", key, "test") for key in CELL_METRICS]
-    if agg["patient"]:
-        rows += [(f"patient {key}", "patient", key, "test_patient") for key in PATIENT_METRICS]
-    rows += [
-        ("temperature", "calibration", "temperature", "calibration"),
-        ("ECE before scaling", "calibration", "ece_before", "calibration"),
-        ("ECE after scaling", "calibration", "ece_after", "calibration"),
-        ("sensitivity at val. spec. 95%", "calibration", "sensitivity_at_spec_95", "calibration"),
-        ("specificity reached (95%)", "calibration", "specificity_at_spec_95", "calibration"),
-        ("sensitivity at val. spec. 98%", "calibration", "sensitivity_at_spec_98", "calibration"),
-        ("specificity reached (98%)", "calibration", "specificity_at_spec_98", "calibration"),
-    ]
-    for label, group, key, field in rows:
-        cells = [_value((s.get(field) or {}).get(key)) for s in folds]
-        row = [label, *cells, _pm(agg[group].get(key))]
-        if image_agg:
-            row.append(_pm(image_agg[group].get(key)))
-        lines.append("| " + " | ".join(row) + " |")
+    lines += _fold_table(folds, agg, image_agg, by_patient)
     lines += [""]
     pooled = primary.get("pooled") or {}
     if pooled.get("patient"):
@@ -346,3 +325,30 @@ def markdown(result: dict, pngs=()) -> str:
     for png in pngs:
         lines += [f"![{os.path.splitext(png)[0]}]({png})", ""]
     return "\n".join(lines)
+
+
+def _fold_table(folds, agg: dict, image_agg: dict | None, by_patient: bool) -> list[str]:
+    """crossval.md's table: a metric per row, a column per fold, then mean ± std."""
+    main = "by patient" if by_patient else "by image"
+    header = ["Metric"] + [f"fold {s['fold']}" for s in folds] + [f"mean ± std ({main})"]
+    header += ["mean ± std (by image)"] if image_agg else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [(f"{key}", "cell", key, "test") for key in CELL_METRICS]
+    if agg["patient"]:
+        rows += [(f"patient {key}", "patient", key, "test_patient") for key in PATIENT_METRICS]
+    rows += [
+        ("temperature", "calibration", "temperature", "calibration"),
+        ("ECE before scaling", "calibration", "ece_before", "calibration"),
+        ("ECE after scaling", "calibration", "ece_after", "calibration"),
+        ("sensitivity at val. spec. 95%", "calibration", "sensitivity_at_spec_95", "calibration"),
+        ("specificity reached (95%)", "calibration", "specificity_at_spec_95", "calibration"),
+        ("sensitivity at val. spec. 98%", "calibration", "sensitivity_at_spec_98", "calibration"),
+        ("specificity reached (98%)", "calibration", "specificity_at_spec_98", "calibration"),
+    ]
+    for label, group, key, field in rows:
+        cells = [_value((s.get(field) or {}).get(key)) for s in folds]
+        row = [label, *cells, _pm(agg[group].get(key))]
+        if image_agg:
+            row.append(_pm(image_agg[group].get(key)))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines

@@ -20,15 +20,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnres import data, provenance, run_folder
-from mnres.data.splits import class_names_of
+from mnres import data, run_folder
 from mnres.metrics import calibration
 from mnres.metrics import slide_prior as slide_prior_lib
 from mnres.models import ensemble
 from mnres.models import params as params_lib
-from mnres.training import final_evaluation
+from mnres.reporting import report
+from mnres.training import checkpoint
 
 SPLITS = ("train", "validation", "test")
+SCORED = ("validation", "test")  # the splits the ensemble is evaluated on
 
 
 def _check_members(member_dirs, manifests, configs) -> None:
@@ -88,8 +89,18 @@ def ensemble_config(member_dirs, configs, *, slide_prior: bool) -> ml_collection
 
 
 def _outputs(classifier, split, batch_size: int) -> dict:
-    logits = classifier.logits(split.images, batch_size=batch_size)
+    logits = classifier.logits(split.images, batch_size=int(batch_size))
     return {"labels": np.asarray(split.labels), "log_odds": calibration.log_odds(logits)}
+
+
+def _scores(classifier, ds, batch_size: int):
+    """The ensemble's validation and test outputs: raw (log-odds), scored without and with each
+    slide's prior, and the training prevalence that prior replaces."""
+    raw = {s: _outputs(classifier, getattr(ds, s), batch_size) for s in SCORED}
+    prevalence = float(np.mean(ds.train.labels))
+    plain = {s: _scored(raw[s], getattr(ds, s).slide_ids, None) for s in SCORED}
+    with_prior = {s: _scored(raw[s], getattr(ds, s).slide_ids, prevalence) for s in SCORED}
+    return raw, plain, with_prior, prevalence
 
 
 def _scored(outputs: dict, slide_ids, train_prevalence: float | None) -> dict:
@@ -102,16 +113,6 @@ def _scored(outputs: dict, slide_ids, train_prevalence: float | None) -> dict:
     labels = outputs["labels"]
     loss = -np.mean(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps))
     return {"labels": labels, "log_odds": log_odds, "probs": probs, "loss": float(loss)}
-
-
-def _figures(val: dict, test: dict, ds) -> dict:
-    """Cell figures of both splits and the test patients, as a training run reports them."""
-    names = class_names_of(ds)
-    return {
-        "validation": final_evaluation.cell_metrics(val, names),
-        "test": final_evaluation.cell_metrics(test, names),
-        "test_patient": final_evaluation.test_patient_metrics(ds, val, test),
-    }
 
 
 def combine(
@@ -136,6 +137,54 @@ def combine(
     if os.path.exists(os.path.join(workdir, run_folder.CONFIG_JSON)):
         raise ValueError(f"{workdir} already holds a run: give a new --workdir")
     members = [run_folder.load_run(d) for d in member_dirs]
+    config, ds = _config_and_data(member_dirs, members, data_dir, slide_prior)
+    variables = ensemble.combine_variables([jax.device_get(m.variables) for m in members])
+    os.makedirs(workdir, exist_ok=True)
+    run_folder.write_config(workdir, config)
+    run_folder.write_manifest(workdir, ds)
+    with checkpoint.Checkpoints(
+        os.path.join(workdir, run_folder.CHECKPOINTS_DIR), async_save=False
+    ) as ckpts:
+        ckpts.save(0, variables, latest=True, best=True)
+    classifier = run_folder.load_run(workdir)  # what every consumer will load
+
+    raw, plain, with_prior, prevalence = _scores(classifier, ds, config.eval_batch_size)
+    record = calibration.calibrate(
+        raw["validation"]["log_odds"], raw["validation"]["labels"],
+        raw["test"]["log_odds"], raw["test"]["labels"],
+    )  # fmt: skip
+    record.update(checkpoint="best", step=0)
+
+    reports = [run_folder.read_report(d) for d in member_dirs]
+    figures = {
+        "plain": report.figures(ds, plain["validation"], plain["test"]),
+        "with_prior": report.figures(ds, with_prior["validation"], with_prior["test"]),
+    }
+    sections = {
+        "model": _model_section(classifier, variables, [m.config for m in members]),
+        "training": _training_section(
+            classifier, config, reports, combine_seconds=time.perf_counter() - start
+        ),
+        "history": [],
+        "slide_prior": {
+            "applied": bool(slide_prior),
+            "train_prevalence": prevalence,
+            "without": figures["plain"],
+            "with": figures["with_prior"],
+        },
+        "members": _members_section(config, reports),
+        "warnings": [w for r in reports for w in r.get("warnings", [])],
+    }
+    chosen = figures["with_prior" if slide_prior else "plain"]
+    result = report.build_report(config, ds, chosen, record, sections)
+    scored = (with_prior if slide_prior else plain)["test"]
+    _write_outputs(workdir, ds.test, scored, raw["test"], record, member_dirs[0])
+    report.write_report(workdir, result)
+    return result
+
+
+def _config_and_data(member_dirs, members, data_dir, slide_prior: bool):
+    """The ensemble's config and the members' data, checked to be one split of one question."""
     configs = [m.config for m in members]
     manifests = [run_folder.read_manifest(d) for d in member_dirs]
     _check_members(member_dirs, manifests, configs)
@@ -149,104 +198,68 @@ def combine(
             f"the {split} crops under {config.data.dir} are not the members' (manifest.json): "
             "give --data_dir, the folder the members were trained on"
         )
+    return config, ds
 
-    variables = ensemble.combine_variables([jax.device_get(m.variables) for m in members])
-    os.makedirs(workdir, exist_ok=True)
-    run_folder.write_config(workdir, config)
-    run_folder.write_manifest(workdir, ds)
-    with run_folder.open_checkpoints(workdir, async_save=False) as ckpts:
-        ckpts.save(0, variables, latest=True, best=True)
-    classifier = run_folder.load_run(workdir)  # what every consumer will load
 
-    batch = int(config.eval_batch_size)
-    raw = {s: _outputs(classifier, getattr(ds, s), batch) for s in ("validation", "test")}
-    prevalence = float(np.mean(ds.train.labels))
-    ids = {"validation": ds.validation.slide_ids, "test": ds.test.slide_ids}
-    plain = {s: _scored(raw[s], ids[s], None) for s in raw}
-    with_prior = {s: _scored(raw[s], ids[s], prevalence) for s in raw}
-    scored = with_prior if slide_prior else plain
-    record = calibration.calibrate(
-        raw["validation"]["log_odds"], raw["validation"]["labels"],
-        raw["test"]["log_odds"], raw["test"]["labels"],
+def _write_outputs(workdir, test_split, scored: dict, raw: dict, record: dict, first_member):
+    """The test predictions and outputs, calibration and the first member's int8 sample."""
+    run_folder.write_predictions(workdir, test_split, scored["probs"])
+    run_folder.write_test_outputs(
+        workdir, log_odds=raw["log_odds"], labels=scored["labels"],
+        slide_ids=test_split.slide_ids, names=test_split.names,
     )  # fmt: skip
-    record.update(checkpoint="best", step=0)
+    report.write_run_calibration(workdir, record, raw["labels"], raw["log_odds"])
+    sample = run_folder.read_calibration_sample(first_member)
+    if sample is not None:
+        run_folder.write_calibration_sample(workdir, sample)
 
-    reports = [run_folder.read_report(d) for d in member_dirs]
-    counts = params_lib.count_params(
-        classifier.model, (1, classifier.image_size, classifier.image_size, 3), variables
-    )
-    combine_seconds = time.perf_counter() - start
+
+def _model_section(classifier, variables, configs) -> dict:
+    """report.json's "model" of an ensemble: its members' networks and its parameters."""
+    size = classifier.image_size
+    counts = params_lib.count_params(classifier.model, (1, size, size, 3), variables)
+    return {
+        "name": "ensemble",
+        "members": [c.model.name for c in configs],
+        "alpha": configs[0].model.get("alpha"),
+        "total_params": counts.total,
+        "trainable_params": 0,
+        "bn_momentum": configs[0].model.get("bn_momentum"),
+    }
+
+
+def _training_section(classifier, config, reports, *, combine_seconds: float) -> dict:
+    """report.json's "training" of an ensemble: its members' runs and this combination."""
     member_seconds = sum(r["training"].get("wall_seconds_this_run") or 0 for r in reports)
-    result = {
-        "config": config.to_dict(),
-        "model": {
-            "name": "ensemble",
-            "members": [c.model.name for c in configs],
-            "alpha": configs[0].model.get("alpha"),
-            "total_params": counts.total,
-            "trainable_params": 0,
-            "bn_momentum": configs[0].model.get("bn_momentum"),
-        },
-        "data": {
-            "source": config.data.source,
-            "image_size": int(config.data.image_size),
-            "split_by": ds.manifest.get("split_by"),
-            "num_train": len(ds.train),
-            "num_validation": len(ds.validation),
-            "num_test": len(ds.test),
-        },
-        "training": {
-            **{k: reports[0]["training"][k] for k in ("epochs", "batch_size", "total_steps")},
-            "evaluated_checkpoint": "best",
-            "evaluated_step": 0,
-            "test_time_augmentation": classifier.test_time_augmentation,
-            "members": [
-                {
-                    "run": c["run"],
-                    **{
-                        k: r["training"].get(k)
-                        for k in ("total_steps", "evaluated_step", "wall_seconds_this_run")
-                    },
-                }
-                for c, r in zip(config.ensemble.members, reports, strict=True)
-            ],  # fmt: skip
-            "platform": jax.devices()[0].platform,
-            # The members' training commands and this combination, end to end.
-            "wall_seconds_this_run": member_seconds + combine_seconds,
-            "combine_seconds": combine_seconds,
-        },
-        "history": [],
-        **_figures(scored["validation"], scored["test"], ds),
-        "slide_prior": {
-            "applied": bool(slide_prior),
-            "train_prevalence": prevalence,
-            "without": _figures(plain["validation"], plain["test"], ds),
-            "with": _figures(with_prior["validation"], with_prior["test"], ds),
-        },
+    return {
+        **{k: reports[0]["training"][k] for k in ("epochs", "batch_size", "total_steps")},
+        "evaluated_checkpoint": "best",
+        "evaluated_step": 0,
+        "test_time_augmentation": classifier.test_time_augmentation,
         "members": [
             {
                 "run": c["run"],
-                "test": {k: r["test"][k] for k in ("accuracy", "auc")},
-                "provenance": r.get("provenance"),
+                **{
+                    k: r["training"].get(k)
+                    for k in ("total_steps", "evaluated_step", "wall_seconds_this_run")
+                },
             }
             for c, r in zip(config.ensemble.members, reports, strict=True)
         ],  # fmt: skip
-        "calibration": calibration.report_summary(record),
-        "warnings": [w for r in reports for w in r.get("warnings", [])],
-        "provenance": provenance.collect(manifest=ds.manifest),
+        "platform": jax.devices()[0].platform,
+        # The members' training commands and this combination, end to end.
+        "wall_seconds_this_run": member_seconds + combine_seconds,
+        "combine_seconds": combine_seconds,
     }
-    test = scored["test"]
-    run_folder.write_predictions(workdir, ds.test, test["probs"])
-    run_folder.write_test_outputs(
-        workdir, log_odds=raw["test"]["log_odds"], labels=test["labels"],
-        slide_ids=ds.test.slide_ids, names=ds.test.names,
-    )  # fmt: skip
-    from mnres.reporting import report as report_lib  # plots; matplotlib only here
 
-    test_raw = raw["test"]
-    report_lib.write_run_calibration(workdir, record, test_raw["labels"], test_raw["log_odds"])
-    sample = run_folder.read_calibration_sample(member_dirs[0])
-    if sample is not None:
-        run_folder.write_calibration_sample(workdir, sample)
-    report_lib.write_report(workdir, result)
-    return result
+
+def _members_section(config, reports) -> list[dict]:
+    """report.json's "members": each member's run, test figures and provenance."""
+    return [
+        {
+            "run": c["run"],
+            "test": {k: r["test"][k] for k in ("accuracy", "auc")},
+            "provenance": r.get("provenance"),
+        }
+        for c, r in zip(config.ensemble.members, reports, strict=True)
+    ]

@@ -1,34 +1,71 @@
 """The end of a run: the chosen checkpoint on validation and test, its report and outputs.
 
-Called by `mnres.training.loop.train_and_evaluate` once training is done; it reads the `Run`
-that the loop built and writes through `mnres.run_folder`. Two classes (the malaria pair, or
-any pair with class 1 as the positive class) get the binary report: threshold metrics, ROC,
-patient level, operating points. More classes get accuracy, per-class precision and recall,
-the confusion matrix and the macro one-vs-rest AUC (`mnres.metrics.multiclass`), and a
-temperature without operating points.
+`mnres.training.loop.train_and_evaluate` calls `finish` once training is done, with the
+`TrainedRun` it read off its run; everything is written through `mnres.run_folder`, the report
+by `mnres.reporting.report.build_report`. Two classes (the malaria pair, or any pair with class
+1 as the positive class) get the binary report: threshold metrics, ROC, patient level,
+operating points. More classes get accuracy, per-class precision and recall, the confusion
+matrix and the macro one-vs-rest AUC (`mnres.metrics.multiclass`), and a temperature without
+operating points.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING
+import time
 
 import jax
+import ml_collections
 from absl import logging
+from flax import linen as nn
 
-from mnres import data, metrics, provenance, run_folder
-from mnres.data.splits import CLASS_NAMES, class_names_of
-from mnres.deploy import export
+from mnres import data, metrics, run_folder
+from mnres.data import sample
+from mnres.data.splits import class_names_of
 from mnres.metrics import calibration as calibration_lib
 from mnres.metrics import multiclass
 from mnres.models import params as params_lib
-from mnres.reporting import report
-from mnres.training import steps
+from mnres.reporting import plots, report
+from mnres.training import checkpoint, steps
 from mnres.training.steps import TrainState
 
-if TYPE_CHECKING:  # the loop imports this module
-    from mnres.training.loop import Run
+
+@dataclasses.dataclass
+class TrainedRun:
+    """What the end of a run reads of the loop's run: its parts and how its training went."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    ds: data.Dataset
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    ckpts: checkpoint.Checkpoints
+    state: TrainState  # the last trained state
+    history: list[dict]  # metrics.jsonl's rows
+    step: int  # the host's copy of state.step
+    total_steps: int
+    bn_momentum_picked: bool  # the loop picked config.model.bn_momentum (the config left it None)
+    warnings: list[str]  # found before training (e.g. a momentum too slow for the run)
+
+
+def finish(run: TrainedRun, *, train_seconds: float, started: float) -> dict:
+    """Evaluates, reports and writes the outputs of a trained run; returns its report.
+
+    Args:
+      run: the trained run.
+      train_seconds: how long this command trained.
+      started: `time.perf_counter()` when the command started (before loading the data).
+    """
+    evaluation = evaluate_checkpoint(run)
+    wall_seconds = time.perf_counter() - started
+    calibrated = calibrate(evaluation)
+    result = build_report(
+        run, evaluation, calibrated, train_seconds=train_seconds, wall_seconds=wall_seconds
+    )
+    log_warnings(result["warnings"])
+    write_outputs(run, result, evaluation, calibrated)
+    return result
 
 
 @dataclasses.dataclass
@@ -42,7 +79,7 @@ class Evaluation:
     test: dict
 
 
-def evaluate_checkpoint(run: Run) -> Evaluation:
+def evaluate_checkpoint(run: TrainedRun) -> Evaluation:
     """Evaluates the checkpoint `config.eval_checkpoint` names on validation and test."""
     config, ckpts, state = run.config, run.ckpts, run.state
     source = config.get("eval_checkpoint", "best")
@@ -73,7 +110,7 @@ def calibrate(evaluation: Evaluation) -> dict | None:
 
 
 def build_report(
-    run: Run,
+    run: TrainedRun,
     evaluation: Evaluation,
     calibrated: dict | None,
     *,
@@ -81,13 +118,10 @@ def build_report(
     wall_seconds: float,
 ) -> dict:
     """The report of a run (report.json): config, model, data, training, history, metrics."""
-    config, ds, model = run.config, run.ds, run.model
-    val, test = evaluation.validation, evaluation.test
-    names = class_names_of(ds)
+    config, model = run.config, run.model
     size = config.data.image_size
     counts = params_lib.count_params(model, (1, size, size, 3))
-    result = {
-        "config": config.to_dict(),
+    sections = {
         "model": {
             "name": config.model.name,
             "alpha": config.model.get("alpha"),
@@ -96,17 +130,6 @@ def build_report(
             "frozen_layers": list(model.frozen_layers),
             "bn_momentum": config.model.bn_momentum,
             "bn_momentum_picked": run.bn_momentum_picked,  # from the step count, config unset
-        },
-        "data": {
-            "source": config.data.source,
-            "image_size": size,
-            # 'auto' is reported as the rule it chose (the manifest's).
-            "split_by": ds.manifest.get("split_by")
-            if config.data.split_by == "auto"
-            else config.data.split_by,
-            "num_train": len(ds.train),
-            "num_validation": len(ds.validation),
-            "num_test": len(ds.test),
         },
         "training": {
             "total_steps": run.total_steps,
@@ -124,22 +147,14 @@ def build_report(
             "wall_seconds_this_run": wall_seconds,
         },
         "history": run.history,
-        "test": cell_metrics(test, names),
-        "validation": cell_metrics(val, names) if val else None,
-        "test_patient": test_patient_metrics(ds, val, test) if len(names) == 2 else None,
         # A model that cannot be used says so here (and in the log), not only in its numbers.
         "warnings": training_warnings(run, evaluation),
     }
-    if tuple(names) != CLASS_NAMES:  # the malaria pair is implied, as in the manifest
-        result["data"]["class_names"] = list(names)
-    if calibrated:
-        result["calibration"] = calibration_lib.report_summary(calibrated)
-    # Versions, commit, device, CPU instruction sets, XLA flags, manifest hash: mnres.provenance.
-    result["provenance"] = provenance.collect(manifest=ds.manifest)
-    return result
+    figures = report.figures(run.ds, evaluation.validation, evaluation.test)
+    return report.build_report(config, run.ds, figures, calibrated, sections)
 
 
-def training_warnings(run: Run, evaluation: Evaluation) -> list[str]:
+def training_warnings(run: TrainedRun, evaluation: Evaluation) -> list[str]:
     """What makes the run's model unusable: no training, one output for every crop, validation
     no better than always calling the majority class; plus the loop's own (`run.warnings`).
 
@@ -203,30 +218,7 @@ def log_warnings(warnings: list[str]) -> None:
         )
 
 
-def test_patient_metrics(ds: data.Dataset, val: dict | None, test: dict) -> dict | None:
-    """Patient-level test metrics, the fraction threshold chosen on validation; None when the
-    slide ids are unknown (tfds) or there is no validation split."""
-    known = lambda split: len(split) and all(s for s in split.slide_ids)
-    if not (val and known(ds.validation) and known(ds.test)):
-        return None
-    fraction = metrics.choose_fraction_threshold(
-        val["labels"], val["probs"], ds.validation.slide_ids
-    )
-    return metrics.patient_metrics(test["labels"], test["probs"], ds.test.slide_ids, fraction)
-
-
-def cell_metrics(outputs: dict, class_names) -> dict:
-    """`metrics.binary_metrics` of a split's outputs (`multiclass.classification_metrics` for
-    more than two classes), with its mean loss."""
-    if "probs" in outputs:
-        found = metrics.binary_metrics(outputs["labels"], outputs["probs"])
-    else:
-        probs = multiclass.softmax(outputs["logits"])
-        found = multiclass.classification_metrics(outputs["labels"], probs, class_names)
-    return {**found, "loss": outputs["loss"]}
-
-
-def write_outputs(run: Run, result: dict, evaluation: Evaluation, calibrated) -> None:
+def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibrated) -> None:
     """Writes the test predictions and outputs, calibration, plots and report (chief only)."""
     if jax.process_index() != 0:
         return
@@ -244,12 +236,12 @@ def write_outputs(run: Run, result: dict, evaluation: Evaluation, calibrated) ->
             workdir, calibrated, test["labels"], next(iter(scores.values()))
         )
     # int8 export calibrates on these crops, so it needs no training data later.
-    run_folder.write_calibration_sample(workdir, export.calibration_images(run.ds.train))
+    run_folder.write_calibration_sample(workdir, sample.calibration_images(run.ds.train))
     path = lambda name: os.path.join(workdir, name)
-    report.plot_history(run.history, path(run_folder.HISTORY_PNG))
-    report.plot_confusion_matrix(
+    plots.plot_history(run.history, path(run_folder.HISTORY_PNG))
+    plots.plot_confusion_matrix(
         result["test"]["confusion_matrix"], path(run_folder.CONFUSION_MATRIX_PNG), names
     )
     if binary:
-        report.plot_roc(test["labels"], test["probs"], path(run_folder.ROC_PNG), class_names=names)
+        plots.plot_roc(test["labels"], test["probs"], path(run_folder.ROC_PNG), class_names=names)
     report.write_report(workdir, result)  # last: report.md links the plots written before it

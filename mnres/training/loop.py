@@ -48,8 +48,6 @@ from mnres.weights import transfer as warm_start
 # The 0.1 name of the pretrained-weights loader (`mnres.weights.transfer`).
 _load_pretrained = warm_start.load_pretrained
 
-# The 0.1 name of the file (`mnres.training.loop.TEST_OUTPUTS_NPZ`); the run folder owns it.
-TEST_OUTPUTS_NPZ = run_folder.TEST_OUTPUTS_NPZ
 # Every field of the run folder that measures time (metrics.jsonl rows, report.json "training"):
 # the only ones that differ between two runs of one command on one machine.
 TIMING_FIELDS = (
@@ -176,8 +174,8 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     )
     ema = config.get("ema_decay") is not None
     state = steps.init_state(model, tx, size, config.seed, mesh, ema=ema)
-    ckpts = run_folder.open_checkpoints(
-        workdir,
+    ckpts = checkpoint.Checkpoints(
+        os.path.join(workdir, run_folder.CHECKPOINTS_DIR),
         keep=config.get("keep_checkpoints", 2),
         # Several processes save synchronously: an asynchronous save's barrier, waited for in a
         # background thread, deadlocked against the next step's collectives (seen with two CPU
@@ -301,7 +299,9 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
     bar = _progress_bar(config, run.total_steps * batch_size, run.step * batch_size)
     try:
         if config.get("tensorboard") and _is_chief():
-            run.board = run_folder.open_tensorboard(run.workdir, run.step)
+            run.board = tensorboard.Writer(
+                os.path.join(run.workdir, run_folder.TENSORBOARD_DIR), run.step
+            )
         while run.step < run.total_steps:
             epoch = run.step // run.steps_per_epoch
             bar.set_description(f"epoch {epoch + 1}/{config.num_epochs}")
@@ -447,12 +447,10 @@ def _train_and_report(run: Run, after_step, started: float) -> dict:
     _fit(run, after_step)
     run.ckpts.wait()
     train_seconds = time.perf_counter() - t0
-    evaluation = final_evaluation.evaluate_checkpoint(run)
-    wall_seconds = time.perf_counter() - started
-    calibrated = final_evaluation.calibrate(evaluation)
-    result = final_evaluation.build_report(
-        run, evaluation, calibrated, train_seconds=train_seconds, wall_seconds=wall_seconds
-    )
-    final_evaluation.log_warnings(result["warnings"])
-    final_evaluation.write_outputs(run, result, evaluation, calibrated)
-    return result
+    trained = final_evaluation.TrainedRun(
+        config=run.config, workdir=run.workdir, ds=run.ds, model=run.model, mesh=run.mesh,
+        ckpts=run.ckpts, state=run.state, history=run.history, step=run.step,
+        total_steps=run.total_steps, bn_momentum_picked=run.bn_momentum_picked,
+        warnings=run.warnings,
+    )  # fmt: skip
+    return final_evaluation.finish(trained, train_seconds=train_seconds, started=started)
