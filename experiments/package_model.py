@@ -36,9 +36,10 @@ from absl import app, flags, logging
 import experiments
 from experiments import model_card
 from mnres import config_validation, run_folder
+from mnres.weights import shipped
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-MODEL_DIR = REPO / "mnres" / "pretrained" / "malaria"
+MODEL_DIR = REPO / "mnres" / "weights" / "malaria"  # the shipped files (mnres.weights.shipped)
 SAMPLE_DIR = REPO / "mnres" / "data" / "sample_cells"
 RECORD_DIR = REPO / "experiments" / "results" / "malaria_model"
 CARD_PAGE = REPO / "docs" / "model_card.md"
@@ -131,19 +132,19 @@ def package(workdir: str, data_dir: str | None, per_class: int) -> None:
         os.path.join(workdir, run_folder.CALIBRATION_JSON), MODEL_DIR / run_folder.CALIBRATION_JSON
     )
     variables = jax.device_get(classifier.variables)
-    (MODEL_DIR / model_card.WEIGHTS).write_bytes(flax.serialization.msgpack_serialize(variables))
+    (MODEL_DIR / shipped.WEIGHTS).write_bytes(flax.serialization.msgpack_serialize(variables))
 
     slides = set(manifest["splits"][model_card.SAMPLE_SPLIT]["slide_ids"])
     sample = select_sample(data_dir, slides, per_class)
     write_sample(sample, SAMPLE_DIR)
     bundled = sorted(str(p) for p in SAMPLE_DIR.glob("*/*.png"))
-    run_folder.write_json(MODEL_DIR / model_card.GOLDEN, golden_logits(classifier, bundled))
+    run_folder.write_json(MODEL_DIR / shipped.GOLDEN, golden_logits(classifier, bundled))
 
     # int8 calibrates on crops of the run's training split, as `mnres export` does.
     with config.unlocked():
         config.data.dir = data_dir
     train = data.load_dataset(config.data, config.seed).train
-    tflite = str(MODEL_DIR / model_card.INT8)
+    tflite = str(MODEL_DIR / shipped.INT8)
     export.export_tflite(
         classifier,
         tflite,
@@ -170,7 +171,7 @@ def write_card() -> None:
         file_hashes={name: sha256(MODEL_DIR / name) for name in model_card.HASHED_FILES},
         sample=sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*.png")),
     )
-    run_folder.write_json(MODEL_DIR / model_card.CARD_JSON, card)
+    run_folder.write_json(MODEL_DIR / shipped.CARD_JSON, card)
     CARD_PAGE.write_text(model_card.markdown(card))
 
 

@@ -24,9 +24,9 @@ _moved.install()
 def __getattr__(name: str):
     # `load_pretrained` and `list_pretrained` import the run-folder code on first use.
     if name in ("load_pretrained", "list_pretrained"):
-        from mnres.weights import shipped as pretrained
+        from mnres import weights
 
-        return getattr(pretrained, name)
+        return getattr(weights, name)
     # `mnres.params`, `mnres.calibration`, ...: the 0.1 module paths, which warn (mnres._moved).
     if f"mnres.{name}" in _moved.MOVED:
         return _moved.module(name)

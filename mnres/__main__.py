@@ -186,6 +186,7 @@ def _looks_like_model(item: str) -> bool:
 
 def _predict(args) -> int:
     from mnres.deploy import predict
+    from mnres.weights import loader
     from mnres.weights import shipped as pretrained
 
     inputs, model = list(args.inputs), args.model
@@ -212,7 +213,7 @@ def _predict(args) -> int:
     if args.operating_point:
         threshold = predict.operating_threshold(folder, args.operating_point)
     if shipped:
-        loaded = pretrained.load_pretrained(model)
+        loaded = loader.load_pretrained(model)
         predictor = predict.from_classifier(loaded.classifier, f"{model} (shipped with mnres)")
     else:
         if os.path.isdir(model):  # a run folder: what its training found, before its answers

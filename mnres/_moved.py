@@ -45,10 +45,15 @@ MOVED = {
     "mnres.evaluation.search": ("experiments.search.records",),
     "mnres.evaluation.fold_summary": ("experiments.search.fold_summary",),
     "mnres.evaluation.ensemble_folds": ("experiments.search.ensemble_folds",),
-    "mnres.pretrained": ("mnres.weights.shipped",),
+    "mnres.pretrained": (
+        "mnres.weights.loader",
+        "mnres.weights.registry",
+        "mnres.weights.shipped",
+        "mnres.weights.transfer",
+    ),
     "mnres.models.imagenet_weights": ("mnres.weights.imagenet",),
     "mnres.models.keras_weights": ("mnres.weights.keras",),
-    "mnres.training.warm_start": ("mnres.weights.transfer",),
+    "mnres.training.warm_start": ("mnres.weights.transfer", "mnres.config_validation"),
 }
 
 

@@ -12,7 +12,8 @@ The checks run in three places, as early as what they need allows:
   another platform (`config.platform`, e.g. 'tpu' in experiments/configs/tpu.py). Only the
   commands call it: the library can still lower a TPU config from a CPU.
 - `check_train_split(config, ds)`: the batch size against the loaded training split, before the
-  first step (the training loop calls it).
+  first step (the training loop calls it); `with_class_names(config, ds)` records the data's
+  classes in the run's config, refusing a `config.data.class_names` that names others.
 
 `parse_command_line` is the commands' flag parser: unknown `--config.` keys (with the nearest
 field) and values of the wrong type become the same one-line errors.
@@ -32,8 +33,9 @@ import jax
 import ml_collections
 from absl import flags
 
-from mnres import data, models
+from mnres import data, models, weights
 from mnres.data import config as data_config
+from mnres.data.splits import class_names_of
 from mnres.models import mobilenet
 from mnres.training import optim, steps, tensorboard
 
@@ -149,6 +151,26 @@ def check_train_split(config, ds: data.Dataset) -> None:
         )
 
 
+def with_class_names(config, ds: data.Dataset):
+    """`config` with `data.class_names` the data's classes, where they are not the malaria pair
+    or the config has the field; malaria configs stay as they were (unset means that pair).
+
+    Raises:
+      ConfigError: `config.data.class_names` names other classes than the data's.
+    """
+    names, given = class_names_of(ds), config.data.get("class_names")
+    if given is not None and tuple(given) != names:
+        raise ConfigError(
+            f"config.data.class_names={tuple(given)!r}, but the data's classes are {names!r}."
+        )
+    if names == data_config.MALARIA_CLASSES and "class_names" not in config.data:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.class_names = names
+    return config
+
+
 def check_override_keys(config, overrides) -> None:
     """Raises ConfigError for the first `--config.KEY=VALUE` whose KEY is not a field of `config`.
 
@@ -249,51 +271,10 @@ def _check_model(model_config) -> None:
             f"config.model.freeze_through={through!r} is not a layer of {name}{hint}: use one of "
             f"its layers {layers[0]} ... {layers[-1]} (python -m mnres summary {name}), or None."
         ) from None
-    pretrained = model_config.get("pretrained")
-    if pretrained in _shipped():  # the weights shipped with mnres: the same network
-        from mnres.weights import shipped as pretrained_lib
-
-        try:
-            # A shipped ensemble: shipped_member finds the member that is this network (or
-            # names each one's differing fields); one network: its fields are checked here.
-            if pretrained_lib.shipped_member(pretrained, model) is None:
-                pretrained_lib.check_fields(
-                    model,
-                    models.from_config(pretrained_lib.shipped_config(pretrained).model),
-                    f"config.model.pretrained={pretrained!r}: the shipped weights",
-                )
-        except ValueError as e:
-            raise ConfigError(
-                f"{e}: set those config.model fields, or use 'imagenet' or a Keras weights "
-                "file (.h5)."
-            ) from None
-    elif pretrained == "imagenet":  # Keras' published file, downloaded at the start of training
-        from mnres.weights import imagenet as imagenet_weights
-
-        try:
-            imagenet_weights.choose_weights(name, model_config.get("alpha", 1.0))
-        except ValueError as e:
-            raise ConfigError(
-                f"config.model.pretrained='imagenet' does not fit config.model.name={name!r}: "
-                f"{e}; give a Keras weights file (.h5) instead, or leave it unset."
-            ) from None
-        if model_config.get("depth_multiplier", 1) != 1:
-            raise ConfigError(
-                "config.model.pretrained='imagenet' needs config.model.depth_multiplier=1 "
-                "(Keras publishes no other)."
-            )
-    elif pretrained and not os.path.isfile(pretrained):
-        raise ConfigError(
-            f"config.model.pretrained={pretrained!r} does not exist: give 'imagenet' (Keras' "
-            "published ImageNet weights, downloaded once), 'malaria' (the model shipped with "
-            "mnres) or a Keras weights file (.h5), or leave it unset to train from scratch."
-        )
-
-
-def _shipped() -> tuple[str, ...]:
-    from mnres.weights import shipped as pretrained_lib
-
-    return pretrained_lib.SHIPPED
+    try:  # the weights it starts from (config.model.pretrained) fit this network
+        weights.check_model_config(model_config, model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_model_numbers(model_config) -> None:

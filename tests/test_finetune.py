@@ -25,8 +25,7 @@ from mnres.models.params import abstract_variables
 from mnres.reporting import report
 from mnres.training import loop
 from mnres.training.steps import TrainState
-from mnres.weights import shipped as pretrained
-from mnres.weights import transfer as warm_start
+from mnres.weights import shipped, transfer
 
 COLOURS = {"bird": (200, 40, 40), "cat": (40, 200, 40), "dog": (40, 40, 200)}
 
@@ -159,25 +158,25 @@ def test_malaria_folders_keep_their_labels_and_manifest(tmp_path):
 @pytest.fixture(scope="module")
 def stored():
     """The shipped malaria model's variables, as stored (an ensemble's: every member's)."""
-    path = pretrained.shipped_folder("malaria") / pretrained.WEIGHTS
+    path = shipped.shipped_folder("malaria") / shipped.WEIGHTS
     return flax.serialization.msgpack_restore(path.read_bytes())
 
 
 def stored_for(stored, model):
     """The stored weights a single network loads: those of the shipped member it is."""
-    member = pretrained.shipped_member("malaria", model)
+    member = transfer.shipped_member("malaria", model)
     return stored if member is None else mnres.models.ensemble.member_variables(stored, member)
 
 
 def test_load_pretrained_malaria_with_other_classes_gives_a_new_head(stored):
     three = mnres.load_pretrained("malaria", num_classes=3)
-    shipped = stored_for(stored, three.model)
+    stored_head = stored_for(stored, three.model)
     assert three.model.num_classes == 3 and three.calibration is None
     head = three.variables["params"]["predictions"]
     assert head["kernel"].shape == (1280, 3) and not np.any(head["bias"])
     assert np.std(head["kernel"]) > 0.01  # initial values, not zeros
     for collection in ("params", "batch_stats"):
-        for layer, value in shipped[collection].items():
+        for layer, value in stored_head[collection].items():
             if layer != "predictions":
                 jax.tree.map(np.testing.assert_array_equal, three.variables[collection][layer],
                              value)  # fmt: skip
@@ -198,18 +197,18 @@ def test_training_starts_from_the_malaria_backbone(classes, stored, caplog):
     config = finetune.get_config()
     k = len(classes) if classes else 2
     model = mnres.models.from_config(config.model, num_classes=k)
-    shipped = stored_for(stored, model)
+    member = stored_for(stored, model)
     state = _state(model)
     with caplog.at_level(logging.INFO):
-        loaded = warm_start.load_pretrained(config.model, model, state, 32, classes)
+        loaded = transfer.warm_start(config.model, model, state, 32, classes)
     layer = lambda params: params["block_5"]["project"]["block_5_project"]["kernel"]
-    np.testing.assert_array_equal(layer(loaded.params), layer(shipped["params"]))
+    np.testing.assert_array_equal(layer(loaded.params), layer(member["params"]))
     new_head = classes is not None  # None: the class count decides (2: the shipped head)
     np.testing.assert_array_equal(
         loaded.params["predictions"]["kernel"],
         state.params["predictions"]["kernel"]
         if new_head
-        else shipped["params"]["predictions"]["kernel"],
+        else member["params"]["predictions"]["kernel"],
     )
     assert ("starts from its initialisation" in caplog.text) == new_head
 

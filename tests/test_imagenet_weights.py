@@ -27,9 +27,9 @@ import mnres
 from experiments.configs import paper
 from mnres import config_validation
 from mnres.models.params import abstract_variables
-from mnres.training import loop
 from mnres.training.steps import TrainState
 from mnres.weights import imagenet as iw
+from mnres.weights import transfer
 
 h5py = pytest.importorskip("h5py")
 
@@ -329,7 +329,7 @@ def test_training_loads_imagenet_for_the_seed_network(keras_file, server, monkey
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes))
     state = TrainState(zeros["params"], zeros["batch_stats"], {}, jnp.int32(0), jnp.zeros(2))
     with caplog.at_level("INFO"):
-        state = loop._load_pretrained(config.model, model, state, image_size=128)
+        state = transfer.warm_start(config.model, model, state, image_size=128)
     assert server.requests == 1
     sha256 = iw.file_sha256(os.path.join(iw.weights_dir(), FILE))
     assert any(sha256 in r.getMessage() and FILE in r.getMessage() for r in caplog.records)

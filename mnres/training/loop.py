@@ -43,10 +43,7 @@ from mnres.data.splits import class_names_of
 from mnres.models import params as params_lib
 from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps, tensorboard
 from mnres.training.steps import TrainState
-from mnres.weights import transfer as warm_start
-
-# The 0.1 name of the pretrained-weights loader (`mnres.weights.transfer`).
-_load_pretrained = warm_start.load_pretrained
+from mnres.weights import transfer
 
 # Every field of the run folder that measures time (metrics.jsonl rows, report.json "training"):
 # the only ones that differ between two runs of one command on one machine.
@@ -156,13 +153,13 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     # config.json holds the momentum trained with and the data's classes: the run reloads into
     # the same model.
     config, picked, warning = bn_momentum.resolve(config, per_epoch * config.num_epochs)
-    config = warm_start.with_class_names(config, ds)
+    config = config_validation.with_class_names(config, ds)
     if _is_chief():
         run_folder.write_config(workdir, config)
         run_folder.write_manifest(workdir, ds)
     # config.platform (e.g. tpu.py) names where the steps run: the formulation is chosen for it.
     model = models.from_config(
-        warm_start.model_config(config.model),
+        transfer.model_config(config.model),
         num_classes=len(class_names_of(ds)),
         platform=config.get("platform"),
     )
@@ -196,7 +193,7 @@ def _restore_or_start(run: Run) -> None:
         run.state = TrainState.from_dict(ckpts.restore(run.state.to_dict()))
         logging.info("Resuming from the checkpoint at step %d in %s", start, ckpts.directory)
     else:
-        run.state = warm_start.load_pretrained(
+        run.state = transfer.warm_start(
             config.model, run.model, run.state, config.data.image_size, class_names_of(run.ds)
         )
     # Rows logged after the checkpoint are trained again: they are dropped from metrics.jsonl.

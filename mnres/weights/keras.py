@@ -110,13 +110,7 @@ def load_keras_weights(model, variables, source, *, strict: bool | None = None):
         getattr(model, "classifier_name", None) if getattr(model, "include_top", True) else None
     )
 
-    # mnres leaves grouped by layer: {name: {(collection, leaf): path}}.
-    layers: dict[str, dict[tuple[str, str], tuple]] = {}
-    for path in flat:
-        if path[0] not in ("params", "batch_stats"):
-            continue
-        layers.setdefault(layer_name(path), {})[(path[0], path[-1])] = path
-
+    layers = _leaves_by_layer(flat)
     # Network order (the mnres model's, else the source's): the first mismatch is reported.
     order = {name: i for i, name in enumerate(keras_layers)}
     if hasattr(model, "layer_names"):
@@ -152,6 +146,15 @@ def load_keras_weights(model, variables, source, *, strict: bool | None = None):
     return (freeze(result) if frozen_input else result), LoadReport(
         tuple(loaded), left_at_init, skipped
     )
+
+
+def _leaves_by_layer(flat: dict) -> dict[str, dict[tuple[str, str], tuple]]:
+    """The mnres leaves grouped by layer: {name: {(collection, leaf): path}}."""
+    layers: dict[str, dict[tuple[str, str], tuple]] = {}
+    for path in flat:
+        if path[0] in ("params", "batch_stats"):
+            layers.setdefault(layer_name(path), {})[(path[0], path[-1])] = path
+    return layers
 
 
 def _convert(name: str, layer: KerasLayer, shapes: dict[tuple[str, str], tuple]):
