@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -37,8 +36,6 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.peers import workload
@@ -116,53 +113,6 @@ REFERENCE = {
 REFERENCE_BATCH_SIZE = 64
 REFERENCE_TOLERANCE = 0.15
 BUSY_CORES_WARNING = 0.25
-
-
-def _sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if hasattr(item, "eqns"):
-                yield item
-            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
-                yield item.jaxpr
-
-
-def _count_multiply_adds(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval
-            out_features = kernel.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
-            # Each output element is a dot product over kh * kw * (input channels / groups).
-            per_output = math.prod(kernel.shape) // out_features
-            total += math.prod(eqn.outvars[0].aval.shape) * per_output
-        elif eqn.primitive.name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(
-                lhs.shape[d] for d in contracting
-            )
-        for sub in _sub_jaxprs(eqn):
-            total += _count_multiply_adds(sub)
-    return total
-
-
-def multiply_adds(model, image_size: int) -> int:
-    """Multiply-adds of one image's forward pass: convolutions and dense layers, as papers count.
-
-    Traced (nothing is computed) with the grouped depthwise formulation, so that every
-    depthwise conv is one convolution whose cost is its output size x kh x kw.
-    MobileNetV2 alpha 1.0 gives 300.8 M at 224 px with 1000 classes (the paper's 300 M) and
-    97.8 M at 128 px with 2 classes.
-    """
-    if hasattr(model, "conv_formulation"):
-        model = model.clone(conv_formulation="grouped")
-    shape = (1, image_size, image_size, 3)
-    variables = params_lib.abstract_variables(model, shape)
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
-        variables, jax.ShapeDtypeStruct(shape, jnp.float32)
-    )
-    return _count_multiply_adds(jaxpr.jaxpr)
 
 
 def busy_cores(seconds: float = 1.0) -> float:
@@ -522,8 +472,9 @@ def main(argv):
         "parts": _PARTS.value,
     }
     macs = {
-        (name, size): multiply_adds(
-            models.create_model(name, alpha=_ALPHA.value, num_classes=2, **overrides), size
+        (name, size): params_lib.multiply_adds(
+            models.create_model(name, alpha=_ALPHA.value, num_classes=2, **overrides),
+            (1, size, size, 3),
         )
         for name in _MODELS.value
         for size in sizes

@@ -9,17 +9,11 @@ python -m mnres predict [MODEL] IMAGE|FOLDER|GLOB... [--sample] [--json]
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import sys
-import tempfile
-
-import numpy as np
 
 import mnres
-from mnres import models, run_folder
-from mnres.data.config import MALARIA_CLASSES as CLASS_NAMES
+from mnres import models
 from mnres.metrics import calibration, slide_prior
 from mnres.models import params
 
@@ -59,209 +53,15 @@ def _summary(args) -> int:
 
 
 def _export(args) -> int:
-    from mnres.deploy import export, predict
+    from mnres.deploy import commands  # the export stack: not for --help or summary
 
-    formats = _export_formats(args.formats, export.FORMATS)
-    classifier = run_folder.load_run(args.run, which=args.checkpoint)
-    out = args.out or os.path.join(args.run, "export")
-    _check_writable(out)  # before any crop is decoded and the converters run
-    crops = _calibration_crops(args, classifier) if "int8" in formats else None
-    evaluation = _evaluation_crops(args, classifier) if args.evaluate else None
-    paths = export.export_run(
-        classifier, out, formats, per_channel=not args.per_tensor, representative_images=crops
-    )
-    for fmt, path in paths.items():
-        print(f"{fmt:<10} {os.path.getsize(path) / 1e6:8.3f} MB  {path}")
-    if evaluation is not None:
-        what, images, labels = evaluation
-        predictors = {"jax": predict.from_classifier(classifier)}
-        predictors |= {fmt: predict.load_predictor(path) for fmt, path in paths.items()}
-        print(f"\n{what}: {len(images)} images; batch-1 latency on this CPU")
-        print(f"{'model':<10} {'accuracy':>9} {'max |dp|':>9} {'latency ms':>11}")
-        for row in predict.compare(predictors, images, labels):
-            print(
-                f"{row['model']:<10} {row['accuracy']:>9.4f} {row['max_abs_diff']:>9.2e} "
-                f"{row['latency_ms']:>11.3f}"
-            )
-    return 0
-
-
-def _calibration_crops(args, classifier):
-    """int8 calibration crops: --calibration-dir, else the run's stored sample, else its data."""
-    from mnres.data import decode, sample
-    from mnres.deploy import predict
-
-    size, count = classifier.image_size, args.calibration_images
-    if args.calibration_dir:
-        paths = predict.find_images([args.calibration_dir])
-        chosen = np.random.default_rng(0).permutation(len(paths))[:count]
-        return decode.decode_files([paths[i] for i in sorted(chosen)], size)
-    stored = run_folder.read_calibration_sample(args.run)
-    if stored is not None:
-        return stored[:count]
-    train = _run_split(classifier, "train", "int8 calibration needs cell crops",
-                       "give --calibration-dir DIR (any cell crops of this kind)")  # fmt: skip
-    return sample.calibration_images(train, count)
-
-
-def _evaluation_crops(args, classifier):
-    """(what, uint8 crops, labels) for --evaluate: a labelled folder, else the run's test split."""
-    from mnres.data import decode, folders
-
-    if args.evaluate is not True:
-        names = classifier.class_names
-        # Parasitized/ + Uninfected/, or the run's class folders, in the model's order.
-        listing = folders.list_folder(args.evaluate, None if names == CLASS_NAMES else names)
-        if listing["class_names"] != names:
-            raise ValueError(
-                f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
-                f"model's {names}"
-            )
-        images = decode.decode_files(listing["paths"], classifier.image_size)
-        return args.evaluate, images, listing["labels"]
-    fix = "give --evaluate DIR (a folder holding Parasitized/ and Uninfected/, or the run's "
-    fix += "class folders)"
-    test = _run_split(classifier, "test", "--evaluate needs labelled crops", fix)
-    return "test split", test.images, test.labels
-
-
-def _run_split(classifier, name: str, need: str, fix: str):
-    """The run's `name` split, reloaded from its config; ValueError (one line) if it cannot be."""
-    from mnres import data
-
-    config = classifier.config
-    try:
-        return getattr(data.load_dataset(config.data, config.seed), name)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(
-            f"{need}: the run stored none and its data ({config.data.source}"
-            f"{' ' + config.data.dir if config.data.get('dir') else ''}) cannot be loaded "
-            f"({first}); {fix}"
-        ) from e
-
-
-def _export_formats(text: str, known) -> list[str]:
-    """--formats as a list; ValueError (one line) when it is empty or names unknown formats."""
-    formats = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in known]
-    if unknown or not formats:
-        said = f"unknown format(s) {', '.join(unknown)}" if unknown else "no format"
-        raise ValueError(f"--formats {text!r}: {said}; use some of {','.join(known)}")
-    return formats
-
-
-def _check_writable(folder: str) -> None:
-    """ValueError (one line) unless `folder` can be created and written to."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"cannot write the export to {folder} ({e.strerror or e}): give --out a folder "
-            "that can be written"
-        ) from e
-
-
-def _looks_like_model(item: str) -> bool:
-    """Whether predict's first argument names a model rather than images.
-
-    A run folder, a file that is not an image, or a missing path with a model file's suffix is
-    a model; an image, a glob, a folder of images or a missing image path is an input.
-    """
-    from mnres.data.folders import IMAGE_SUFFIXES
-    from mnres.deploy import predict
-
-    if glob.has_magic(item):
-        return False
-    if os.path.isdir(item):
-        if any(os.path.exists(os.path.join(item, f)) for f in run_folder.RUN_MARKERS):
-            return True
-        return not predict.files_of(item)
-    if os.path.isfile(item):
-        return not item.lower().endswith(IMAGE_SUFFIXES)
-    return item.lower().endswith(predict.MODEL_SUFFIXES)
+    return commands.export_command(args)
 
 
 def _predict(args) -> int:
-    from mnres.deploy import predict
-    from mnres.weights import loader
-    from mnres.weights import shipped as pretrained
+    from mnres.deploy import commands
 
-    inputs, model = list(args.inputs), args.model
-    if model is None and len(inputs) > (0 if args.sample else 1) and _looks_like_model(inputs[0]):
-        model = inputs.pop(0)
-    if args.sample:
-        from mnres.data import sample
-
-        inputs += sample.sample_cells()
-    if not inputs:
-        raise ValueError("no images given: name image files, folders or glob patterns, or --sample")
-    images = predict.find_images(inputs)  # first: a wrong path needs no model to say so
-    shipped = model is None or model in pretrained.SHIPPED
-    model = model or pretrained.SHIPPED[0]
-    folder = str(pretrained.shipped_folder(model)) if shipped else model
-    names = predict.model_class_names(folder)
-    if len(names) > 2 and (args.operating_point or args.threshold is not None):
-        flag = "--operating-point" if args.operating_point else "--threshold"
-        raise ValueError(
-            f"{flag} needs a model of two classes; {model} has {len(names)} "
-            f"({', '.join(names)}) and calls each image its most probable class"
-        )
-    threshold = 0.5 if args.threshold is None else args.threshold
-    if args.operating_point:
-        threshold = predict.operating_threshold(folder, args.operating_point)
-    if shipped:
-        loaded = loader.load_pretrained(model)
-        predictor = predict.from_classifier(loaded.classifier, f"{model} (shipped with mnres)")
-    else:
-        if os.path.isdir(model):  # a run folder: what its training found, before its answers
-            for warning in run_folder.run_warnings(model):
-                print(f"warning: {warning}", file=sys.stderr)
-        predictor = predict.load_predictor(model, checkpoint=args.checkpoint)
-    rows = predict.predict_files(predictor, images, threshold=threshold)
-    prior = None
-    if args.slide_prior:
-        if not predictor.malaria:
-            raise ValueError(f"--slide-prior needs the malaria pair of classes; {model} has "
-                             f"{', '.join(names)}")  # fmt: skip
-        # A shipped model's card holds it; a run's manifest, or 0.5 (the NIH set's, about).
-        prevalence = predict.training_prevalence(folder) or 0.5
-        adjusted = predict.apply_slide_prior(rows, prevalence, threshold=threshold)
-        prior = {"train_prevalence": prevalence, "slides_adjusted": adjusted}
-    slides = predict.slide_summary(rows, threshold=threshold)
-    if len(names) > 2:
-        threshold = None  # the most probable class is called
-    if args.json:
-        out = {"model": predictor.name, "threshold": threshold, "images": rows, "slides": slides}
-        if prior is not None:
-            out["slide_prior"] = prior
-        if not predictor.malaria:
-            out["class_names"] = list(names)
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"model: {predictor.name}\n{_rule(names, threshold)}")
-        if prior is not None:
-            print(f"slide prior: {len(prior['slides_adjusted'])} slide(s) of "
-                  f"{slide_prior.MIN_CROPS}+ crops adjusted to their own prevalence (training "
-                  f"split: {prior['train_prevalence']:.3f})")  # fmt: skip
-        print()
-        print(predict.format_table(rows, slides))
-    if all(r["error"] is not None for r in rows):
-        print(f"error: not one of the {len(rows)} input(s) could be read as an image (each "
-              "row says why)", file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
-
-
-def _rule(names, threshold) -> str:
-    """How predict calls a crop, in one line."""
-    if tuple(names) == CLASS_NAMES:
-        return f"parasitized iff p >= {threshold:.4g}"
-    if len(names) == 2:
-        return f"{names[1]} iff p({names[1]}) >= {threshold:.4g}, else {names[0]}"
-    return f"label: the most probable of {len(names)} classes ({', '.join(names)})"
+    return commands.predict_command(args)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -281,6 +81,15 @@ def build_parser(prog: str = "python -m mnres") -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add = lambda name, **kwargs: commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
+    subcommands = ((_summary_args, _summary), (_export_args, _export), (_predict_args, _predict))
+    for arguments, handler in subcommands:  # in this order in the help
+        command = arguments(add, prog)
+        command.set_defaults(handler=handler, command_parser=command)
+    return parser
+
+
+def _summary_args(add, prog: str) -> argparse.ArgumentParser:
+    """The `summary` subcommand and its arguments."""
     summary = add(
         "summary",
         help="layer table and Keras-style parameter counts",
@@ -298,7 +107,11 @@ def build_parser(prog: str = "python -m mnres") -> argparse.ArgumentParser:
     summary.add_argument(
         "--image-size", type=_positive(int), default=224, help="input side, in pixels"
     )
+    return summary
 
+
+def _export_args(add, prog: str) -> argparse.ArgumentParser:
+    """The `export` subcommand and its arguments."""
     export = add(
         "export",
         help="a training run -> StableHLO and TFLite (float32, int8) files",
@@ -333,7 +146,11 @@ def build_parser(prog: str = "python -m mnres") -> argparse.ArgumentParser:
         help="accuracy, parity and latency of each file on DIR (Parasitized/ + "
         "Uninfected/, or the run's class folders), or without DIR on the run's test split",
     )
+    return export
 
+
+def _predict_args(add, prog: str) -> argparse.ArgumentParser:
+    """The `predict` subcommand and its arguments."""
     pred = add(
         "predict",
         help="classify cell images (the shipped model unless one is named); per-slide summary",
@@ -381,9 +198,7 @@ def build_parser(prog: str = "python -m mnres") -> argparse.ArgumentParser:
         "NIH file names)",
     )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
-    for command, handler in ((summary, _summary), (export, _export), (pred, _predict)):
-        command.set_defaults(handler=handler, command_parser=command)
-    return parser
+    return pred
 
 
 def main(argv=None) -> int:

@@ -23,12 +23,12 @@ MOBILENET_V2_128_2_CLASSES_MACS = 97_796_608
 
 def test_multiply_adds_match_the_papers():
     v2 = models.create_model("mobilenet_v2")
-    assert benchmark.multiply_adds(v2, 224) == MOBILENET_V2_224_MACS
-    assert benchmark.multiply_adds(v2, 224) == pytest.approx(300e6, rel=0.01)
+    assert params.multiply_adds(v2, (1, 224, 224, 3)) == MOBILENET_V2_224_MACS
+    assert params.multiply_adds(v2, (1, 224, 224, 3)) == pytest.approx(300e6, rel=0.01)
     two = models.create_model("mobilenet_v2", num_classes=2)
-    assert benchmark.multiply_adds(two, 128) == MOBILENET_V2_128_2_CLASSES_MACS
+    assert params.multiply_adds(two, (1, 128, 128, 3)) == MOBILENET_V2_128_2_CLASSES_MACS
     # MobileNetV1 1.0 at 224: 569 M in Howard et al. 2017, Table 1.
-    assert benchmark.multiply_adds(models.create_model("mobilenet_v1"), 224) == pytest.approx(
+    assert params.multiply_adds(models.create_model("mobilenet_v1")) == pytest.approx(
         569e6, rel=0.01
     )
 
@@ -36,7 +36,9 @@ def test_multiply_adds_match_the_papers():
 def test_multiply_adds_do_not_depend_on_the_depthwise_formulation():
     shifted = models.create_model("mobilenet_v2", alpha=0.35, conv_formulation="shifted")
     grouped = shifted.clone(conv_formulation="grouped")
-    assert benchmark.multiply_adds(shifted, 64) == benchmark.multiply_adds(grouped, 64)
+    assert params.multiply_adds(shifted, (1, 64, 64, 3)) == params.multiply_adds(
+        grouped, (1, 64, 64, 3)
+    )
 
 
 def test_measure_reports_medians_percentiles_and_memory():

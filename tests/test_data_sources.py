@@ -15,7 +15,7 @@ from data_fixtures import MINI_CELL_IMAGES, REPO, SLIDES, write_bad_files, write
 from PIL import Image
 
 from mnres import data
-from mnres.data import decode, folders, sources
+from mnres.data import decode, folders, sample, sources
 
 # Tests that mock TFDS' download also skip the check that the download host answers.
 NO_NETWORK_PROBE = mock.patch.object(sources, "_check_download_possible")
@@ -48,6 +48,33 @@ def folder_config(directory, **overrides):
 )
 def test_slide_id(file_name, slide):
     assert folders.slide_id(file_name) == slide
+
+
+@pytest.mark.parametrize(
+    "path, slide, label",
+    [
+        ("cell_images/Parasitized/C100P61ThinF_IMG_20150918_144104_cell_165.png", "C100P61", 1),
+        ("cells/Uninfected/C1_thinF_IMG_20150604_104722_cell_9.png", "C1", 0),
+        ("PARASITIZED/C12NThinF_IMG_20150614_124212_cell_1.png", "C12N", 1),
+        ("uninfected/cell_1.png", "", 0),
+        ("C3thin_original_IMG_20150608_162835_cell_101.png", "C3", None),
+        ("cells/crop_7.png", "", None),
+        # Only the folder holding the file names the class, as in the folder source.
+        ("Parasitized/more/C37BP2_thinF_IMG_20150620_133111a_cell_87.png", "C37BP2", None),
+    ],
+)
+def test_crop_facts(path, slide, label):
+    facts = folders.crop_facts(path)
+    assert facts == (slide, label)
+    assert (facts.slide_id, facts.label) == (slide, label)
+    assert facts.slide_id == folders.slide_id(path)
+
+
+def test_crop_facts_of_the_bundled_crops():
+    paths = sample.sample_cells()
+    facts = [folders.crop_facts(p) for p in paths]
+    assert [f.label for f in facts] == sample.sample_labels(paths)
+    assert all(f.slide_id for f in facts)  # NIH file names
 
 
 def test_folder_source_reads_nested_layout_and_survives_bad_files(tmp_path):

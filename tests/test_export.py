@@ -70,7 +70,6 @@ def test_load_run_rejects_other_folders_and_incompatible_checkpoints(run, tmp_pa
 
 
 def test_resize_like_training_matches_the_training_decode():
-    assert export.resize_like_training is inference.resize_like_training  # the 0.1 path
     resize = jax.jit(inference.resize_like_training, static_argnums=1)
     rng = np.random.default_rng(0)
     more = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in ((50, 37), (37, 50), (20, 20))]

@@ -3,7 +3,7 @@
 Without care an export to TFLite writes some ten lines to stderr (TF 2.21): the absl
 "InitializeLog" note, the converter's `W0000 ... Ignored output_format` lines, the int8
 quantizer's `fully_quantize: 0, ...` line and, depending on the CPU, the oneDNN and CPU feature
-notes. `mnres.deploy.export` turns them off; errors still show.
+notes. `mnres.deploy.tensorflow_logs` turns them off; errors still show.
 """
 
 import logging
@@ -16,7 +16,7 @@ from conftest import IMAGE_SIZE, needs_tflite
 from PIL import Image
 
 from mnres.data import synthetic
-from mnres.deploy import export
+from mnres.deploy import tensorflow_logs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What TensorFlow and the converter print when nothing quiets them (or with other versions).
@@ -62,7 +62,7 @@ def test_export_to_tflite_prints_no_tensorflow_lines(run, tmp_path):
 
 def test_converter_stderr_keeps_errors_and_drops_the_noise_lines(capfd):
     sys.stderr.write("before\n")
-    with export._filtered_stderr(export.CONVERTER_NOISE):
+    with tensorflow_logs.filtered_stderr(tensorflow_logs.CONVERTER_NOISE):
         # As the converter's C++ code writes: to file descriptor 2, past sys.stderr.
         os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32\n")
         os.write(2, b"E0000 00:00:1.0 quantize_model.cc:1] a real error\n")
@@ -77,7 +77,7 @@ def test_converter_stderr_keeps_errors_and_drops_the_noise_lines(capfd):
 
 def test_converter_stderr_is_written_back_when_the_conversion_fails(capfd):
     with pytest.raises(RuntimeError, match="converter failed"):
-        with export._quiet_converter():
+        with tensorflow_logs.quiet_converter():
             os.write(2, b"E0000 the reason it failed\n")
             raise RuntimeError("converter failed")
     assert capfd.readouterr().err == "E0000 the reason it failed\n"
@@ -92,8 +92,8 @@ def test_converter_stderr_is_written_back_when_the_conversion_fails(capfd):
 def test_a_log_level_the_user_set_is_kept(start, chosen):
     # `import jax` sets TF_CPP_MIN_LOG_LEVEL=1 when unset: that 1 is not the user's choice.
     code = (
-        "import os; from mnres.deploy import export; "
-        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], export._tf_log_level_chosen())"
+        "import os; from mnres.deploy import tensorflow_logs; "
+        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], tensorflow_logs.log_level_chosen())"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], env=_env(**start), capture_output=True, text=True,
@@ -109,7 +109,7 @@ def test_quiet_converter_restores_the_logger_levels():
     before = logger.level
     logger.setLevel(logging.INFO)
     try:
-        with export._quiet_converter():
+        with tensorflow_logs.quiet_converter():
             assert logger.level == logging.ERROR
         assert logger.level == logging.INFO
     finally:
@@ -117,7 +117,7 @@ def test_quiet_converter_restores_the_logger_levels():
 
 
 def test_tensorflow_import_notes_are_dropped_wherever_they_sit_in_the_line(capfd):
-    with export._filtered_stderr(export.IMPORT_NOISE):
+    with tensorflow_logs.filtered_stderr(tensorflow_logs.IMPORT_NOISE):
         os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are...\n")
         os.write(2, b"I0000 00:00:1.0 port.cc:153] oneDNN custom operations are on. You may...\n")
         os.write(2, b"ImportError: a real failure\n")

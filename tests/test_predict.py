@@ -15,7 +15,7 @@ from mnres import run_folder
 from mnres.__main__ import main
 from mnres.data import synthetic
 from mnres.data.splits import Split
-from mnres.deploy import export, predict
+from mnres.deploy import crops, export, predict
 from mnres.reporting import gradcam
 from mnres.training import steps
 
@@ -38,15 +38,15 @@ def cells(tmp_path_factory):
 
 
 def test_find_images_takes_files_folders_and_globs(cells):
-    found = predict.find_images([str(cells)])
+    found = crops.find_images([str(cells)])
     assert len(found) == 7 and not any(f.endswith(".txt") for f in found)
     assert sum("more" in f for f in found) == 2  # folders are searched recursively
-    by_glob = predict.find_images([str(cells / "C100*.png"), str(cells / "**" / "*.png")])
+    by_glob = crops.find_images([str(cells / "C100*.png"), str(cells / "**" / "*.png")])
     assert len(by_glob) == 7 and "C100P61" in os.path.basename(by_glob[0])  # order, no repeats
-    assert predict.find_images([str(cells / "notes.txt")]) == [str(cells / "notes.txt")]
+    assert crops.find_images([str(cells / "notes.txt")]) == [str(cells / "notes.txt")]
     # Beside inputs that give files, one that gives none is kept for predict_files to report.
-    more = predict.find_images([str(cells / "more")])
-    assert predict.find_images([str(cells / "more"), str(cells / "*.jpg"), "gone.png"]) == [
+    more = crops.find_images([str(cells / "more")])
+    assert crops.find_images([str(cells / "more"), str(cells / "*.jpg"), "gone.png"]) == [
         *more,
         str(cells / "*.jpg"),
         "gone.png",
@@ -67,14 +67,14 @@ def test_inputs_without_any_file_are_refused_in_one_line(tmp_path):
     }
     for expected, inputs in cases.items():
         with pytest.raises(ValueError) as error:
-            predict.find_images(inputs)
+            crops.find_images(inputs)
         message = str(error.value)
         assert message.startswith(expected.format(tmp_path)) and "\n" not in message, message
         assert "looked for .png, .jpg" in message and "give image files, folders or glob" in message
 
 
 def test_checkpoint_and_exports_predict_the_same(run, cells, tmp_path):
-    paths = predict.find_images([str(cells)])
+    paths = crops.find_images([str(cells)])
     models = {"checkpoint": run}
     classifier = run_folder.load_run(run)
     models["stablehlo"] = export.export_stablehlo(classifier, str(tmp_path / "m.stablehlo"))
@@ -109,7 +109,7 @@ def test_int8_model_predicts_any_crop(run, cells, tmp_path):
     )  # fmt: skip
     predictor = predict.load_predictor(path)
     assert predictor.image_size == classifier.image_size
-    rows = predict.predict_files(predictor, predict.find_images([str(cells)]))
+    rows = predict.predict_files(predictor, crops.find_images([str(cells)]))
     assert sum(r["error"] is None for r in rows) == 6
 
 

@@ -2,11 +2,12 @@
 one subfolder per class (torchvision's ImageFolder, keras' `image_dataset_from_directory`).
 
 `list_folder(root)` finds the labelled images below `root`; `slide_id` reads the NIH slide
-(patient) id from a file name.
+(patient) id from a file name, `crop_facts` a crop's slide id and true class from its path.
 """
 
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,6 +26,25 @@ def slide_id(file_name: str) -> str:
     """
     match = _SLIDE_ID.match(os.path.basename(file_name))
     return match.group(1) if match else ""
+
+
+class CropFacts(NamedTuple):
+    """What a crop's path says about it: its slide and its true class."""
+
+    slide_id: str  # the NIH slide (patient) id; '' when the file name carries none
+    label: int | None  # 1 = parasitized, 0 = uninfected; None: not in a class folder
+
+
+def crop_facts(path) -> CropFacts:
+    """The slide id and true class of a crop, read from its path as the folder source reads them.
+
+    The slide id is the NIH file-name prefix (`slide_id`); the class is that of the folder
+    holding the file, `Parasitized/` or `Uninfected/` in any case (`CLASS_FOLDERS`).
+    'cell_images/Parasitized/C100P61ThinF_IMG_20150918_144104_cell_165.png' -> ('C100P61', 1),
+    'cells/crop_7.png' -> ('', None).
+    """
+    folder = os.path.basename(os.path.dirname(path))
+    return CropFacts(slide_id(path), CLASS_FOLDERS.get(folder.lower()))
 
 
 def list_folder(root: str, class_names=None) -> dict:

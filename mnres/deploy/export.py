@@ -16,19 +16,16 @@ training used: the parameters are the same in every formulation. Each exported f
 sidecar `FILE.json` (image size, classes, source run, provenance) that `mnres.deploy.predict` reads.
 
 StableHLO is `jax.export`. TFLite goes through `jax2tf` (StableHLO inside a TF function) and
-the TFLite converter, and runs with `ai-edge-litert`; ONNX (optional) goes through `jax2onnx`
+the TFLite converter (`mnres.deploy.tensorflow_logs` keeps their INFO and WARNING lines off the
+console), and runs with `ai-edge-litert`; ONNX (optional) goes through `jax2onnx`
 and runs with `onnxruntime`. Each is imported only by the functions that need it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import logging
 import os
-import sys
-import tempfile
 import warnings
 
 import jax
@@ -37,9 +34,8 @@ import numpy as np
 
 from mnres import provenance, run_folder
 from mnres.data.config import MALARIA_CLASSES
-
-# `resize_like_training` is re-exported: `export.resize_like_training` is its 0.1 path.
-from mnres.inference import Classifier, resize_like_training  # noqa: F401
+from mnres.deploy import tensorflow_logs
+from mnres.inference import Classifier
 
 # The malaria classes (label 1 = parasitized, as in mnres.data); a run of other classes exports
 # its own (`Classifier.class_names`).
@@ -57,89 +53,6 @@ def serving_function(classifier: Classifier):
     classifies as the run was evaluated, test-time augmentation included.
     """
     return classifier.for_export().serve
-
-
-# Lines the TFLite converter writes straight to the process's stderr, past TensorFlow's log
-# levels (int8 calibration, TF 2.21); `_quiet_converter` drops them and passes on the rest.
-CONVERTER_NOISE = ("fully_quantize: ",)
-# Lines TensorFlow's import writes before its logging is set up, past TF_CPP_MIN_LOG_LEVEL (TF
-# 2.21 where oneDNN is on, AMD EPYC CPUs for one); dropped unless the user chose a log level.
-IMPORT_NOISE = ("absl::InitializeLog() is called", "oneDNN custom operations are on")
-
-
-def _import_tensorflow():
-    """TensorFlow, with its C++ INFO and WARNING lines off unless the user chose a level.
-
-    TF_CPP_MIN_LOG_LEVEL=2 keeps errors and drops the lines an export does not need (the oneDNN
-    and CPU feature notes, the converter's "Ignored output_format" and "Estimated count of
-    arithmetic ops"); it only counts before TensorFlow is first imported in the process.
-    """
-    if _tf_log_level_chosen():
-        import tensorflow as tf
-
-        return tf
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    with _filtered_stderr(IMPORT_NOISE):
-        import tensorflow as tf
-
-    return tf
-
-
-def _tf_log_level_chosen() -> bool:
-    """Whether TF_CPP_MIN_LOG_LEVEL is the user's: `import jax` sets it to '1' when unset."""
-    value = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
-    if value != "1":
-        return value is not None
-    try:  # '1': the user's if the process started with it (Linux says), else jax's
-        with open("/proc/self/environ", "rb") as f:
-            return b"TF_CPP_MIN_LOG_LEVEL=1" in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _quiet_converter():
-    """jax2tf and the TFLite converter without their INFO and WARNING lines; errors still show.
-
-    The Python loggers of TensorFlow and absl (which jax2tf logs to) are raised to ERROR for the
-    conversion. What the converter's C++ code writes to stderr is held in a temporary file and
-    written back afterwards, less the `CONVERTER_NOISE` lines.
-    """
-    loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with _filtered_stderr(CONVERTER_NOISE):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _filtered_stderr(noise: tuple[str, ...]):
-    """Holds what is written to file descriptor 2; writes it back less the lines holding any of
-    the strings in `noise`."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to hold
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        sys.stderr.flush()
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            kept = [line for line in held.read().splitlines(keepends=True)
-                    if not any(n in line.decode(errors="replace") for n in noise)]  # fmt: skip
-            if kept:
-                os.write(2, b"".join(kept))
 
 
 def metadata_path(path: str) -> str:
@@ -231,9 +144,6 @@ def export_tflite(
         S x S for int8, whose calibration freezes the resize to the calibration crops' size
         (measured with TF 2.21: any other size then fails to run).
     """
-    tf = _import_tensorflow()  # first: jax2tf imports TensorFlow too
-    from jax.experimental import jax2tf
-
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize={quantize!r}; use None (float32) or 'int8'")
     if quantize and (representative_images is None or len(representative_images) == 0):
@@ -244,9 +154,32 @@ def export_tflite(
             "an int8 TFLite model takes S x S crops only: its calibration freezes the in-graph "
             "resize to one input size"
         )
+    model_bytes = _tflite_bytes(classifier, quantize, per_channel, representative_images, any_size)
+    size = classifier.image_size
+    with open(path, "wb") as f:
+        f.write(model_bytes)
+    _write_metadata(
+        path,
+        classifier,
+        format="tflite",
+        quantization=quantize or "float32",
+        per_channel=bool(quantize and per_channel),
+        calibration_images=0 if not quantize else len(representative_images),
+        input="uint8 RGB [1, height, width, 3], any height and width"
+        if any_size
+        else f"uint8 RGB [1, {size}, {size}, 3]; resize other crops as the training decode",
+    )
+    return path
+
+
+def _tflite_bytes(classifier, quantize, per_channel, representative_images, any_size) -> bytes:
+    """The TFLite flatbuffer of `export_tflite`'s arguments (checked there)."""
+    tf = tensorflow_logs.import_tensorflow()  # first: jax2tf imports TensorFlow too
+    from jax.experimental import jax2tf
+
     size = classifier.image_size
     # Quiet from the first jax2tf call: jax2tf logs (absl) while it traces.
-    with _quiet_converter():
+    with tensorflow_logs.quiet_converter():
         serve = jax2tf.convert(
             serving_function(classifier),
             polymorphic_shapes=[TFLITE_INPUT_SHAPE if any_size else None],
@@ -274,20 +207,7 @@ def export_tflite(
             # The uint8 input is cast to float inside the graph: it needs no input statistics.
             warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
             model_bytes = converter.convert()
-    with open(path, "wb") as f:
-        f.write(model_bytes)
-    _write_metadata(
-        path,
-        classifier,
-        format="tflite",
-        quantization=quantize or "float32",
-        per_channel=bool(quantize and per_channel),
-        calibration_images=0 if not quantize else len(representative_images),
-        input="uint8 RGB [1, height, width, 3], any height and width"
-        if any_size
-        else f"uint8 RGB [1, {size}, {size}, 3]; resize other crops as the training decode",
-    )
-    return path
+    return model_bytes
 
 
 def _to_size(image, size: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Classify cell crops with a training run or an exported model; summarise them per slide.
 
   predictor = load_predictor("runs/default")          # or model.tflite / model.stablehlo
-  rows = predict_files(predictor, find_images(["cells/", "more/*.png"]))
+  rows = predict_files(predictor, crops.find_images(["cells/", "more/*.png"]))
   print(format_table(rows, slide_summary(rows)))
 
 A model of other classes than the malaria pair (a run fine-tuned on a folder of class
@@ -9,31 +9,27 @@ subfolders) labels each crop with its most probable class by name (for two class
 iff its probability reaches the threshold) and gives that probability; per-slide summaries
 are the malaria model's.
 
-Crops are decoded as training decodes them (`mnres.data.decode.decode_image`: RGB, longer
-side to the model's size, centred on black) when the model's size is known, so a checkpoint
-and its exports see the same pixels. An unreadable file becomes a row with an `error`, never a
-crash; inputs that give no file at all (an empty folder, a glob that matches nothing, a missing
-path) are refused by `find_images` with one line that names them.
+Crops are read by `mnres.deploy.crops` (as training decodes them when the model's size is
+known). An unreadable file becomes a row with an `error`, never a crash; inputs that give no
+file at all (an empty folder, a glob that matches nothing, a missing path) are refused by
+`crops.find_images` with one line that names them.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from mnres import run_folder
 from mnres.data import config as data_config
-from mnres.data import decode
-from mnres.data.folders import IMAGE_SUFFIXES, slide_id
-from mnres.deploy import export
+from mnres.data.folders import IMAGE_SUFFIXES, crop_facts
+from mnres.deploy import crops, export
 from mnres.metrics import calibration, slide_prior
-from mnres.weights import shipped as pretrained
+from mnres.weights import shipped
 
 STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
 MODEL_SUFFIXES = (".tflite", ".onnx", *STABLEHLO_SUFFIXES)
@@ -126,6 +122,23 @@ def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Pred
     )
 
 
+def looks_like_model(item: str) -> bool:
+    """Whether predict's first argument names a model rather than images.
+
+    A run folder, a file that is not an image, or a missing path with a model file's suffix is
+    a model; an image, a glob, a folder of images or a missing image path is an input.
+    """
+    if glob.has_magic(item):
+        return False
+    if os.path.isdir(item):
+        if any(os.path.exists(os.path.join(item, f)) for f in run_folder.RUN_MARKERS):
+            return True
+        return not crops.files_of(item)
+    if os.path.isfile(item):
+        return not item.lower().endswith(IMAGE_SUFFIXES)
+    return item.lower().endswith(MODEL_SUFFIXES)
+
+
 def _run_folders(model_path: str) -> list[str]:
     """Where a model's run files lie: a run folder itself; for an exported file, its folder and
     the one above (`export` writes to RUN/export/)."""
@@ -165,68 +178,6 @@ def operating_threshold(model_path: str, point: str) -> float:
     return float(threshold)
 
 
-def find_images(inputs) -> list[str]:
-    """Image files from paths, folders (searched recursively) and glob patterns, in order.
-
-    A named file is kept whatever its suffix. An input that gives no image (a missing path, a
-    pattern that matches nothing, a folder without images) is kept as it is when others give
-    some: `predict_files` reports it in its row and predicts the rest.
-
-    Raises:
-      ValueError: no input gives any file; one line naming each input and what was expected.
-    """
-    found, empty = [], []
-    for item in inputs:
-        files = files_of(item)
-        found += files or [item]
-        if not files:
-            empty.append(item)
-    if len(found) == len(empty):  # not one file among them
-        problems = "; ".join(nothing_found(item) for item in empty) or "no input given"
-        raise ValueError(
-            f"{problems} (looked for {', '.join(IMAGE_SUFFIXES)} files; give image files, "
-            "folders or glob patterns)"
-        )
-    return list(dict.fromkeys(found))  # each file once, first position kept
-
-
-def files_of(item: str) -> list[str]:
-    """The files an input names: itself, a folder's images (recursively) or a glob's images."""
-    if os.path.isdir(item):
-        found = []
-        for dirpath, dirnames, files in os.walk(item):
-            dirnames.sort()
-            found += [
-                os.path.join(dirpath, f)
-                for f in sorted(files)
-                if f.lower().endswith(IMAGE_SUFFIXES)
-            ]
-        return found
-    if os.path.isfile(item):
-        return [item]
-    matches = [m for m in sorted(glob.glob(item, recursive=True)) if os.path.isfile(m)]
-    return [m for m in matches if m.lower().endswith(IMAGE_SUFFIXES)]
-
-
-def nothing_found(item: str) -> str:
-    """Why an input gives no image, in a few words that name it."""
-    if os.path.isdir(item):
-        if not os.access(item, os.R_OK | os.X_OK):
-            return f"cannot read the folder {item} (permission denied)"
-        return f"no images found in {item}"
-    if glob.has_magic(item):
-        return f"no image files match {item}"
-    return f"{item} does not exist"
-
-
-def _read(path: str, size: int | None) -> np.ndarray:
-    if size is not None:
-        return decode.decode_image(path, size)
-    with Image.open(path) as image:
-        image.load()
-        return np.asarray(decode.to_rgb(image), np.uint8)
-
-
 def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> list[dict]:
     """One row per file: file, slide_id, label, prob_parasitized, error (None when read).
 
@@ -235,14 +186,15 @@ def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> lis
 
     Args:
       predictor: from `load_predictor`.
-      paths: image files.
+      paths: image files; a file's slide id is read from its name (`crop_facts`).
       threshold: two classes: a crop is called class 1 (parasitized) when its probability is
         >= threshold. More classes: unused, a crop is called its most probable class.
     """
     malaria = predictor.malaria
     scores = {"prob_parasitized": None} if malaria else {"prob": None, "probs": None}
     rows = [
-        {"file": p, "slide_id": slide_id(p), "label": None, **scores, "error": None} for p in paths
+        {"file": p, "slide_id": crop_facts(p).slide_id, "label": None, **scores, "error": None}
+        for p in paths
     ]
     # Same-size crops batch together (all of them when the predictor has a fixed size).
     pending: list[tuple[int, np.ndarray]] = []
@@ -261,10 +213,10 @@ def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> lis
 
     for i, row in enumerate(rows):
         if not os.path.isfile(row["file"]):  # an input `find_images` found nothing for
-            row["error"] = nothing_found(row["file"])
+            row["error"] = crops.nothing_found(row["file"])
             continue
         try:
-            image = _read(row["file"], predictor.image_size)
+            image = crops.read_crop(row["file"], predictor.image_size)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
             row["error"] = f"unreadable image ({type(e).__name__}: {e})"
             continue
@@ -297,7 +249,7 @@ def training_prevalence(model_path: str) -> float | None:
     """
     folders = _run_folders(model_path)
     for folder in folders:
-        card = os.path.join(folder, pretrained.CARD_JSON)  # a shipped model's folder
+        card = os.path.join(folder, shipped.CARD_JSON)  # a shipped model's folder
         if os.path.isfile(card):
             return run_folder.read_json(card)["evaluation"].get("train_prevalence")
         if os.path.isfile(os.path.join(folder, run_folder.MANIFEST_JSON)):
@@ -401,46 +353,3 @@ def class_probabilities(predictor: Predictor, images) -> np.ndarray:
     return np.concatenate(
         [np.asarray(predictor.run(images[i : i + step])) for i in range(0, n, step)]
     )
-
-
-def latency_ms(predictor: Predictor, image, runs: int = 50) -> float:
-    """Median wall time of one batch-1 prediction (after two warm-up calls), in ms."""
-    batch = np.asarray(image, np.uint8)[None]
-    for _ in range(2):
-        predictor.run(batch)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predictor.run(batch)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
-def compare(predictors: dict, images, labels, *, threshold: float = 0.5) -> list[dict]:
-    """Accuracy, largest probability gap to the first predictor, and batch-1 latency of each.
-
-    Args:
-      predictors: {name: Predictor}; the first is the reference (the JAX model).
-      images: uint8 [N, S, S, 3] crops the models never trained on.
-      labels: int [N], 1 = parasitized (class indices for more than two classes, whose accuracy
-        is of the most probable class).
-    """
-    labels = np.asarray(labels)
-    rows, reference = [], None
-    for name, predictor in predictors.items():
-        if len(predictor.class_names) == 2:
-            probs = probabilities(predictor, images)
-            accuracy = float(np.mean((probs >= threshold) == (labels == 1)))
-        else:
-            probs = class_probabilities(predictor, images)
-            accuracy = float(np.mean(np.argmax(probs, -1) == labels))
-        reference = probs if reference is None else reference
-        rows.append(
-            {
-                "model": name,
-                "accuracy": accuracy,
-                "max_abs_diff": float(np.max(np.abs(probs - reference), initial=0.0)),
-                "latency_ms": latency_ms(predictor, images[0]),
-            }
-        )
-    return rows

@@ -1,0 +1,219 @@
+"""What `python -m mnres predict` and `python -m mnres export` do with their parsed arguments.
+
+`mnres.__main__` parses the command line and calls `predict_command` or `export_command`; each
+prints what its user reads and returns the exit status. A bad input raises ValueError (or
+FileNotFoundError) with one line, which the command line prints as a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from mnres import run_folder
+from mnres.deploy import crops, export, parity, predict
+from mnres.metrics import slide_prior
+from mnres.weights import loader, shipped
+
+
+def predict_command(args) -> int:
+    """`predict`: classify crops, print a table (or JSON); 1 when not one input is an image."""
+    model, images = _model_and_images(args)
+    from_package = model is None or model in shipped.SHIPPED
+    model = model or shipped.SHIPPED[0]
+    folder = str(shipped.shipped_folder(model)) if from_package else model
+    names = predict.model_class_names(folder)
+    threshold = _threshold(args, model, folder, names)
+    if from_package:
+        loaded = loader.load_pretrained(model)
+        predictor = predict.from_classifier(loaded.classifier, f"{model} (shipped with mnres)")
+    else:
+        if os.path.isdir(model):  # a run folder: what its training found, before its answers
+            for warning in run_folder.run_warnings(model):
+                print(f"warning: {warning}", file=sys.stderr)
+        predictor = predict.load_predictor(model, checkpoint=args.checkpoint)
+    rows = predict.predict_files(predictor, images, threshold=threshold)
+    prior = None
+    if args.slide_prior:
+        if not predictor.malaria:
+            raise ValueError(f"--slide-prior needs the malaria pair of classes; {model} has "
+                             f"{', '.join(names)}")  # fmt: skip
+        # A shipped model's card holds it; a run's manifest, or 0.5 (the NIH set's, about).
+        prevalence = predict.training_prevalence(folder) or 0.5
+        adjusted = predict.apply_slide_prior(rows, prevalence, threshold=threshold)
+        prior = {"train_prevalence": prevalence, "slides_adjusted": adjusted}
+    slides = predict.slide_summary(rows, threshold=threshold)
+    if len(names) > 2:
+        threshold = None  # the most probable class is called
+    out = {"model": predictor.name, "threshold": threshold, "images": rows, "slides": slides}
+    if prior is not None:
+        out["slide_prior"] = prior
+    if not predictor.malaria:
+        out["class_names"] = list(names)
+    print(json.dumps(out, indent=2) if args.json else _text(out, names))
+    if all(r["error"] is not None for r in rows):
+        print(f"error: not one of the {len(rows)} input(s) could be read as an image (each "
+              "row says why)", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _model_and_images(args) -> tuple[str | None, list[str]]:
+    """The model named (None: the shipped one) and the image files of the inputs.
+
+    Without --model, a first input that names a model (`predict.looks_like_model`) is the model.
+    """
+    inputs, model = list(args.inputs), args.model
+    first_may_be_model = len(inputs) > (0 if args.sample else 1)
+    if model is None and first_may_be_model and predict.looks_like_model(inputs[0]):
+        model = inputs.pop(0)
+    if args.sample:
+        from mnres.data import sample
+
+        inputs += sample.sample_cells()
+    if not inputs:
+        raise ValueError("no images given: name image files, folders or glob patterns, or --sample")
+    return model, crops.find_images(inputs)  # before the model: a wrong path needs none
+
+
+def _threshold(args, model: str, folder: str, names) -> float:
+    """The threshold on p(class 1): --threshold, --operating-point's, or 0.5."""
+    if len(names) > 2 and (args.operating_point or args.threshold is not None):
+        flag = "--operating-point" if args.operating_point else "--threshold"
+        raise ValueError(
+            f"{flag} needs a model of two classes; {model} has {len(names)} "
+            f"({', '.join(names)}) and calls each image its most probable class"
+        )
+    if args.operating_point:
+        return predict.operating_threshold(folder, args.operating_point)
+    return 0.5 if args.threshold is None else args.threshold
+
+
+def _text(out: dict, names) -> str:
+    """The tables predict prints, under the model and how it calls a crop (`out`: its JSON)."""
+    lines = [f"model: {out['model']}", _rule(names, out["threshold"])]
+    prior = out.get("slide_prior")
+    if prior is not None:
+        lines.append(
+            f"slide prior: {len(prior['slides_adjusted'])} slide(s) of {slide_prior.MIN_CROPS}+ "
+            f"crops adjusted to their own prevalence (training split: "
+            f"{prior['train_prevalence']:.3f})"
+        )
+    return "\n".join([*lines, "", predict.format_table(out["images"], out["slides"])])
+
+
+def _rule(names, threshold) -> str:
+    """How predict calls a crop, in one line."""
+    if tuple(names) == export.CLASS_NAMES:
+        return f"parasitized iff p >= {threshold:.4g}"
+    if len(names) == 2:
+        return f"{names[1]} iff p({names[1]}) >= {threshold:.4g}, else {names[0]}"
+    return f"label: the most probable of {len(names)} classes ({', '.join(names)})"
+
+
+def export_command(args) -> int:
+    """`export`: write the run's files, list them, and with --evaluate compare them."""
+    formats = _export_formats(args.formats, export.FORMATS)
+    classifier = run_folder.load_run(args.run, which=args.checkpoint)
+    out = args.out or os.path.join(args.run, "export")
+    _check_writable(out)  # before any crop is decoded and the converters run
+    calibration = _calibration_crops(args, classifier) if "int8" in formats else None
+    evaluation = _evaluation_crops(args, classifier) if args.evaluate else None
+    paths = export.export_run(
+        classifier, out, formats, per_channel=not args.per_tensor, representative_images=calibration
+    )
+    for fmt, path in paths.items():
+        print(f"{fmt:<10} {os.path.getsize(path) / 1e6:8.3f} MB  {path}")
+    if evaluation is not None:
+        what, images, labels = evaluation
+        predictors = {"jax": predict.from_classifier(classifier)}
+        predictors |= {fmt: predict.load_predictor(path) for fmt, path in paths.items()}
+        print(f"\n{what}: {len(images)} images; batch-1 latency on this CPU")
+        print(f"{'model':<10} {'accuracy':>9} {'max |dp|':>9} {'latency ms':>11}")
+        for row in parity.compare(predictors, images, labels):
+            print(
+                f"{row['model']:<10} {row['accuracy']:>9.4f} {row['max_abs_diff']:>9.2e} "
+                f"{row['latency_ms']:>11.3f}"
+            )
+    return 0
+
+
+def _calibration_crops(args, classifier):
+    """int8 calibration crops: --calibration-dir, else the run's stored sample, else its data."""
+    from mnres.data import decode, sample
+
+    size, count = classifier.image_size, args.calibration_images
+    if args.calibration_dir:
+        paths = crops.find_images([args.calibration_dir])
+        chosen = np.random.default_rng(0).permutation(len(paths))[:count]
+        return decode.decode_files([paths[i] for i in sorted(chosen)], size)
+    stored = run_folder.read_calibration_sample(args.run)
+    if stored is not None:
+        return stored[:count]
+    train = _run_split(classifier, "train", "int8 calibration needs cell crops",
+                       "give --calibration-dir DIR (any cell crops of this kind)")  # fmt: skip
+    return sample.calibration_images(train, count)
+
+
+def _evaluation_crops(args, classifier):
+    """(what, uint8 crops, labels) for --evaluate: a labelled folder, else the run's test split."""
+    from mnres.data import decode, folders
+
+    if args.evaluate is not True:
+        names = classifier.class_names
+        # Parasitized/ + Uninfected/, or the run's class folders, in the model's order.
+        listing = folders.list_folder(args.evaluate, None if names == export.CLASS_NAMES else names)
+        if listing["class_names"] != names:
+            raise ValueError(
+                f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
+                f"model's {names}"
+            )
+        images = decode.decode_files(listing["paths"], classifier.image_size)
+        return args.evaluate, images, listing["labels"]
+    fix = "give --evaluate DIR (a folder holding Parasitized/ and Uninfected/, or the run's "
+    fix += "class folders)"
+    test = _run_split(classifier, "test", "--evaluate needs labelled crops", fix)
+    return "test split", test.images, test.labels
+
+
+def _run_split(classifier, name: str, need: str, fix: str):
+    """The run's `name` split, reloaded from its config; ValueError (one line) if it cannot be."""
+    from mnres import data
+
+    config = classifier.config
+    try:
+        return getattr(data.load_dataset(config.data, config.seed), name)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"{need}: the run stored none and its data ({config.data.source}"
+            f"{' ' + config.data.dir if config.data.get('dir') else ''}) cannot be loaded "
+            f"({first}); {fix}"
+        ) from e
+
+
+def _export_formats(text: str, known) -> list[str]:
+    """--formats as a list; ValueError (one line) when it is empty or names unknown formats."""
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in known]
+    if unknown or not formats:
+        said = f"unknown format(s) {', '.join(unknown)}" if unknown else "no format"
+        raise ValueError(f"--formats {text!r}: {said}; use some of {','.join(known)}")
+    return formats
+
+
+def _check_writable(folder: str) -> None:
+    """ValueError (one line) unless `folder` can be created and written to."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"cannot write the export to {folder} ({e.strerror or e}): give --out a folder "
+            "that can be written"
+        ) from e
