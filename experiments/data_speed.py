@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mnres import config_validation, data
+from experiments import _cli
+from mnres import data
 from mnres.data import augment
 
 _SOURCE = flags.DEFINE_enum("source", "folder", ["folder", "synthetic", "tfds"], "Data source.")
@@ -127,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

@@ -19,7 +19,7 @@ import numpy as np
 
 import mnres
 from mnres import models, run_folder
-from mnres.data.config import MALARIA_CLASSES as CLASS_NAMES
+from mnres.config import MALARIA_CLASSES
 from mnres.metrics import calibration, slide_prior
 from mnres.models import params
 
@@ -111,7 +111,7 @@ def _evaluation_crops(args, classifier):
     if args.evaluate is not True:
         names = classifier.class_names
         # Parasitized/ + Uninfected/, or the run's class folders, in the model's order.
-        listing = sources.list_folder(args.evaluate, None if names == CLASS_NAMES else names)
+        listing = sources.list_folder(args.evaluate, None if names == MALARIA_CLASSES else names)
         if listing["class_names"] != names:
             raise ValueError(
                 f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
@@ -136,7 +136,7 @@ def _run_split(classifier, name: str, need: str, fix: str):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
             f"{need}: the run stored none and its data ({config.data.source}"
-            f"{' ' + config.data.dir if config.data.get('dir') else ''}) cannot be loaded "
+            f"{' ' + config.data.dir if config.data.dir else ''}) cannot be loaded "
             f"({first}); {fix}"
         ) from e
 
@@ -256,7 +256,7 @@ def _predict(args) -> int:
 
 def _rule(names, threshold) -> str:
     """How predict calls a crop, in one line."""
-    if tuple(names) == CLASS_NAMES:
+    if tuple(names) == MALARIA_CLASSES:
         return f"parasitized iff p >= {threshold:.4g}"
     if len(names) == 2:
         return f"{names[1]} iff p({names[1]}) >= {threshold:.4g}, else {names[0]}"

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mnres import run_folder
-from mnres.data.config import MALARIA_CLASSES
+from mnres.config import MALARIA_CLASSES
 from mnres.metrics import calibration
 
 # The plots' 0.1 home: `report.plot_history`, ... (drawn in mnres.reporting.plots).

@@ -18,7 +18,8 @@ import jax
 from absl import logging
 
 from mnres import data, metrics, provenance, run_folder
-from mnres.data.splits import CLASS_NAMES, class_names_of
+from mnres.config import MALARIA_CLASSES
+from mnres.data.splits import class_names_of
 from mnres.deploy import export
 from mnres.metrics import calibration as calibration_lib
 from mnres.metrics import multiclass
@@ -45,14 +46,14 @@ class Evaluation:
 def evaluate_checkpoint(run: Run) -> Evaluation:
     """Evaluates the checkpoint `config.eval_checkpoint` names on validation and test."""
     config, ckpts, state = run.config, run.ckpts, run.state
-    source = config.get("eval_checkpoint", "best")
+    source = config.eval_checkpoint
     if source == "best" and ckpts.best_step() is not None:
         state = TrainState.from_dict(ckpts.restore(state.to_dict(), best=True))
         evaluated_step = ckpts.best_step()
     else:
         source, evaluated_step = "last", int(jax.device_get(state.step))
     # Test-time augmentation only here: per-epoch validation (checkpoint choice) stays one view.
-    tta = bool(config.get("test_time_augmentation", False))
+    tta = bool(config.test_time_augmentation)
     eval_step = steps.make_eval_step(run.model, run.mesh, tta=tta)
     evaluate = lambda split: steps.evaluate(
         eval_step, state, split, config.eval_batch_size, run.mesh
@@ -90,7 +91,7 @@ def build_report(
         "config": config.to_dict(),
         "model": {
             "name": config.model.name,
-            "alpha": config.model.get("alpha"),
+            "alpha": config.model.alpha,
             "total_params": counts.total,
             "trainable_params": counts.trainable,
             "frozen_layers": list(model.frozen_layers),
@@ -130,7 +131,7 @@ def build_report(
         # A model that cannot be used says so here (and in the log), not only in its numbers.
         "warnings": training_warnings(run, evaluation),
     }
-    if tuple(names) != CLASS_NAMES:  # the malaria pair is implied, as in the manifest
+    if tuple(names) != MALARIA_CLASSES:  # the malaria pair is implied, as in the manifest
         result["data"]["class_names"] = list(names)
     if calibrated:
         result["calibration"] = calibration_lib.report_summary(calibrated)

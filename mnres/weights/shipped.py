@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mnres import config as config_lib
 from mnres import run_folder
-from mnres.data import config as data_config
 from mnres.inference import Classifier
 from mnres.models import ensemble
 
@@ -180,7 +180,7 @@ def shipped_config(name: str = "malaria"):
 
 def shipped_classes(name: str = "malaria") -> tuple[str, ...]:
     """The classes a shipped model was trained on, in output order."""
-    return data_config.class_names(shipped_config(name).data)
+    return config_lib.class_names(shipped_config(name).data)
 
 
 def with_shipped_weights(name: str, model, variables: dict, *, new_head: bool) -> dict:
@@ -207,7 +207,7 @@ def with_shipped_weights(name: str, model, variables: dict, *, new_head: bool) -
 
     folder = shipped_folder(name)
     config = run_folder.read_config(folder)
-    classes = len(data_config.class_names(config.data))
+    classes = len(config_lib.class_names(config.data))
     what = f"the shipped {name!r} weights"
     member = shipped_member(name, model)
     model_config = config.model if member is None else config.model.members[member]
@@ -276,7 +276,7 @@ def _load_shipped(name: str, model, num_classes: int | None) -> Pretrained:
 
     folder = shipped_folder(name)
     config = run_folder.read_config(folder)
-    classes = data_config.class_names(config.data)
+    classes = config_lib.class_names(config.data)
     num_classes = num_classes or (model.num_classes if model is not None else len(classes))
     # An ensemble is loaded whole, unless a single network (or a new classifier) is asked for.
     whole = model is None and num_classes == len(classes)
@@ -296,7 +296,7 @@ def _load_shipped(name: str, model, num_classes: int | None) -> Pretrained:
         head = model.classifier_name
         variables["params"][head] = initial_classifier(variables["params"][head])
     variables = with_shipped_weights(name, model, variables, new_head=new_head)
-    tta = bool(config.get("test_time_augmentation"))
+    tta = bool(config.test_time_augmentation)
     return Pretrained(
         name=name,
         model=model,

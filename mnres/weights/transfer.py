@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from mnres import config_validation, data
+from mnres import config as config_lib
+from mnres import data
 from mnres.data.splits import class_names_of
 from mnres.training.steps import TrainState
 from mnres.weights import shipped as pretrained_lib
@@ -22,7 +23,7 @@ from mnres.weights import shipped as pretrained_lib
 
 def model_config(model_config):
     """`config.model`, unfrozen when there are no pretrained weights to keep (logged)."""
-    if model_config.get("freeze_through") and not model_config.get("pretrained"):
+    if model_config.freeze_through and not model_config.pretrained:
         logging.warning(
             "Training every layer: config.model.freeze_through=%r keeps layers at their "
             "pretrained values, but config.model.pretrained ('malaria', 'imagenet' or a Keras "
@@ -42,12 +43,12 @@ def with_class_names(config, ds: data.Dataset):
     Raises:
       ConfigError: `config.data.class_names` names other classes than the data's.
     """
-    names, given = class_names_of(ds), config.data.get("class_names")
+    names, given = class_names_of(ds), config.data.class_names
     if given is not None and tuple(given) != names:
-        raise config_validation.ConfigError(
+        raise config_lib.ConfigError(
             f"config.data.class_names={tuple(given)!r}, but the data's classes are {names!r}."
         )
-    if names == data.config.MALARIA_CLASSES and "class_names" not in config.data:
+    if names == config_lib.MALARIA_CLASSES and given is None:
         return config
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -73,7 +74,7 @@ def load_pretrained(
     no classifier. The log names the weights, and a classifier that starts from its
     initialisation.
     """
-    pretrained = model_config.get("pretrained")
+    pretrained = model_config.pretrained
     if not pretrained:
         return state
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -109,7 +110,7 @@ def _load_keras_file(model_config, model, variables, image_size, head: str) -> d
 
     pretrained = model_config.pretrained
     path, sha256 = imagenet_weights.resolve(
-        pretrained, model_config.name, model_config.get("alpha", 1.0),
+        pretrained, model_config.name, model_config.alpha,
         image_size or imagenet_weights.DEFAULT_SIZE,
     )  # fmt: skip
     variables, loaded = imagenet_weights.load_checked(model, variables, path)
