@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import _cli
+from mnres import config as config_lib
 from mnres import data
 from mnres.data import augment
 
@@ -46,7 +47,7 @@ def images_per_second(step, batches, steps: int, warmup: int = 5) -> float:
 
 def main(argv):
     del argv
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source = _SOURCE.value
     config.dir = _DIR.value
     config.image_size = _IMAGE_SIZE.value
