@@ -72,7 +72,7 @@ FLAGS = flags.FLAGS
 
 def _record_finished(workdir: str, config) -> None:
     """Records the finished folds of `workdir` that the recipe's folder lacks."""
-    location = {"dir": config.data.get("dir"), "cache_dir": config.data.get("cache_dir")}
+    location = {"dir": config.data.dir, "cache_dir": config.data.cache_dir}
     done = fold_summary.record_finished_folds(
         workdir, FLAGS.record, baseline=default.get_config().to_dict(), data_location=location
     )

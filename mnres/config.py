@@ -254,9 +254,9 @@ def from_overrides(overrides: dict) -> ml_collections.ConfigDict:
 def class_names(data_config) -> tuple[str, ...]:
     """The class names a data block (or a run's config.json `data`) fixes, in label order.
 
-    Unset (None, or absent as in a config.json of mnres 0.1) means the malaria pair.
+    Unset (None, as in every malaria config) means the malaria pair.
     """
-    names = data_config.get("class_names") if data_config is not None else None
+    names = data_config.class_names
     return tuple(str(n) for n in names) if names else MALARIA_CLASSES
 
 
