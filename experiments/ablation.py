@@ -32,8 +32,8 @@ import numpy as np
 import scipy.stats
 from absl import app, flags
 
+from experiments import _cli
 from experiments.search import records as search
-from mnres import config_validation
 
 flags.DEFINE_string(
     "baseline",
@@ -379,4 +379,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

@@ -38,8 +38,9 @@ import time
 
 from absl import app, flags
 
+from experiments import _cli
 from experiments.peers import workload
-from mnres import config_validation, models
+from mnres import models
 from mnres.models import params as params_lib
 
 _MODELS = flags.DEFINE_list("models", ["mobilenet_v2"], f"Any of {', '.join(models.MODELS)}.")
@@ -505,4 +506,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

@@ -31,15 +31,17 @@ import sys
 from absl import app, flags, logging
 
 import experiments
+from experiments import _cli
 from experiments.configs import default
 from experiments.search import fold_summary
 from experiments.search import records as search
-from mnres import config_validation, host_memory
+from mnres import config as config_lib
+from mnres import host_memory
 from mnres.data import folds as folds_lib
 from mnres.training import crossval
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
-config_validation.define_config_flag(os.path.join(_CONFIGS, "default.py"))
+_cli.define_config_flag(os.path.join(_CONFIGS, "default.py"))
 flags.DEFINE_string("workdir", None, "Output folder; default: runs/crossval_<config file name>.")
 flags.DEFINE_integer("num_folds", 5, "Number of folds (k).")
 flags.DEFINE_list("folds", None, "Fold indices to run in this call (default: all).")
@@ -70,7 +72,7 @@ FLAGS = flags.FLAGS
 
 def _record_finished(workdir: str, config) -> None:
     """Records the finished folds of `workdir` that the recipe's folder lacks."""
-    location = {"dir": config.data.get("dir"), "cache_dir": config.data.get("cache_dir")}
+    location = {"dir": config.data.dir, "cache_dir": config.data.cache_dir}
     done = fold_summary.record_finished_folds(
         workdir, FLAGS.record, baseline=default.get_config().to_dict(), data_location=location
     )
@@ -100,7 +102,7 @@ def _unrecorded(config, folds) -> list[int]:
 
 def _run(config, workdir: str, folds) -> None:
     """Validates `config` (before any work), then runs the folds (and records them)."""
-    config_validation.validate(config)
+    config_lib.validate(config)
     experiments.quiet_expected_info_logs()
     if FLAGS.summarize_only:
         if not FLAGS.record:
@@ -114,9 +116,9 @@ def _run(config, workdir: str, folds) -> None:
         if not folds:
             logging.info("Every fold asked for is recorded in %s.", FLAGS.record)
             return
-    if config.get("keep_freed_memory", True):
+    if config.keep_freed_memory:
         host_memory.keep_freed_memory()  # before JAX starts its threads
-    config_validation.validate_devices(config)
+    config_lib.validate_devices(config)
     crossval.run_crossval(
         config,
         workdir,
@@ -143,8 +145,8 @@ def main(argv):
     except (FloatingPointError, RuntimeError, ImportError, FileNotFoundError, ValueError) as e:
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
-        if isinstance(e, config_validation.ConfigError):  # a field that cannot work: exit 2
-            config_validation.exit_with_error(e)
+        if isinstance(e, config_lib.ConfigError):  # a field that cannot work: exit 2
+            _cli.exit_with_error(e)
         sys.exit(f"error: {e}")
     summary = os.path.join(os.path.abspath(workdir), crossval.CROSSVAL_MD)
     if not FLAGS.summarize_only and os.path.isfile(summary):  # none if every fold was recorded
@@ -152,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

@@ -16,7 +16,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mnres import config_validation, data
+from experiments import _cli
+from mnres import config as config_lib
+from mnres import data
 from mnres.data import augment
 
 _SOURCE = flags.DEFINE_enum("source", "folder", ["folder", "synthetic", "tfds"], "Data source.")
@@ -45,7 +47,7 @@ def images_per_second(step, batches, steps: int, warmup: int = 5) -> float:
 
 def main(argv):
     del argv
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source = _SOURCE.value
     config.dir = _DIR.value
     config.image_size = _IMAGE_SIZE.value
@@ -127,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

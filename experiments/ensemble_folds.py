@@ -27,8 +27,8 @@ import sys
 from absl import app, flags, logging
 
 import experiments
+from experiments import _cli
 from experiments.search import ensemble_folds
-from mnres import config_validation
 
 flags.DEFINE_multi_string(
     "member", None, "RECIPE=WORKDIR: a recorded recipe and its cross-validation workdir."
@@ -87,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

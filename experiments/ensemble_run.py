@@ -23,7 +23,7 @@ import sys
 from absl import app, flags, logging
 
 import experiments
-from mnres import config_validation
+from experiments import _cli
 from mnres.training import ensemble as ensemble_run
 
 flags.DEFINE_multi_string("member", None, "A finished training run (its workdir); two or more.")
@@ -59,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

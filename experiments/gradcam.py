@@ -16,7 +16,8 @@ import sys
 from absl import app, flags, logging
 
 import experiments
-from mnres import config_validation, run_folder
+from experiments import _cli
+from mnres import run_folder
 from mnres.data import folds as folds_lib
 from mnres.reporting import gradcam
 
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

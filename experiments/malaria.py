@@ -19,11 +19,13 @@ import sys
 from absl import app, flags, logging
 
 import experiments
-from mnres import config_validation, host_memory
+from experiments import _cli
+from mnres import config as config_lib
+from mnres import host_memory
 from mnres.training import loop as train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
-config_validation.define_config_flag(os.path.join(_CONFIGS, "default.py"))
+_cli.define_config_flag(os.path.join(_CONFIGS, "default.py"))
 flags.DEFINE_string("workdir", None, "Output folder; default: runs/<config file name>.")
 FLAGS = flags.FLAGS
 
@@ -46,15 +48,15 @@ def _kill_hook():
 
 def _train(config, name: str, workdir: str) -> dict:
     """Validates `config` (before any work), then trains and evaluates it."""
-    config_validation.validate(config)
+    config_lib.validate(config)
     experiments.quiet_expected_info_logs()
-    if config.get("keep_freed_memory", True):
+    if config.keep_freed_memory:
         host_memory.keep_freed_memory()  # before JAX starts its threads
     train.initialize_distributed(config)  # before anything touches a device
-    config_validation.validate_devices(config)
+    config_lib.validate_devices(config)
     logging.info("Config %s, workdir %s", name, os.path.abspath(workdir))
     # The training split's size is checked once it is loaded, before the first step.
-    return train.train_and_evaluate(config, workdir, after_step=_kill_hook())
+    return train.train_and_evaluate(config, workdir, after_step=_kill_hook(), validated=True)
 
 
 def main(argv):
@@ -70,8 +72,8 @@ def main(argv):
     except (FloatingPointError, RuntimeError, ImportError, FileNotFoundError, ValueError) as e:
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
-        if isinstance(e, config_validation.ConfigError):  # a field that cannot work: exit 2
-            config_validation.exit_with_error(e)
+        if isinstance(e, config_lib.ConfigError):  # a field that cannot work: exit 2
+            _cli.exit_with_error(e)
         sys.exit(f"error: {e}")
     train.shutdown_distributed(config)
     patients, auc = report["test_patient"], report["test"]["auc"]
@@ -87,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

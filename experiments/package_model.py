@@ -34,8 +34,8 @@ import numpy as np
 from absl import app, flags, logging
 
 import experiments
-from experiments import model_card
-from mnres import config_validation, run_folder
+from experiments import _cli, model_card
+from mnres import run_folder
 from mnres.weights import shipped
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -193,4 +193,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_validation.parse_command_line)
+    app.run(main, flags_parser=_cli.parse_command_line)

@@ -53,7 +53,11 @@ MOVED = {
     ),
     "mnres.models.imagenet_weights": ("mnres.weights.imagenet",),
     "mnres.models.keras_weights": ("mnres.weights.keras",),
-    "mnres.training.warm_start": ("mnres.weights.transfer", "mnres.config_validation"),
+    "mnres.training.warm_start": ("mnres.weights.transfer", "mnres.config"),
+    # The config schema: one module for the defaults, the kinds of the fields and validation;
+    # the command line's flag plumbing went to the experiment suite.
+    "mnres.config_validation": ("mnres.config", "experiments._cli"),
+    "mnres.data.config": ("mnres.config",),
 }
 
 

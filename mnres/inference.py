@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnres.config.schema import MALARIA_CLASSES
 from mnres.data.augment import dihedral_views, preprocess
-from mnres.data.config import MALARIA_CLASSES
 
 
 def classify(model, variables, images, *, tta: bool = False) -> jnp.ndarray:
@@ -100,7 +100,7 @@ class Classifier:
         `data.class_names`, else the malaria pair for two outputs ('class_0', ... for more)."""
         names = self.metadata.get("class_names")
         if not names and self.config is not None and "data" in self.config:
-            names = self.config.data.get("class_names")
+            names = self.config.data.class_names
         if names:
             return tuple(str(n) for n in names)
         k = getattr(self.model, "num_classes", 2)
@@ -109,7 +109,7 @@ class Classifier:
     @property
     def test_time_augmentation(self) -> bool:
         """Whether the run was evaluated averaging the 8 symmetries of each crop."""
-        return bool(self.config is not None and self.config.get("test_time_augmentation"))
+        return bool(self.config is not None and self.config.test_time_augmentation)
 
     def for_export(self) -> Classifier:
         """The same weights with grouped depthwise convs and float32 compute."""

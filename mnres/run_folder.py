@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from mnres import models
-from mnres.data import config as data_config
+from mnres.config import schema as config_lib
 from mnres.inference import Classifier
 
 CONFIG_JSON = "config.json"
@@ -189,8 +189,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run was trained with (`config.json`)."""
-    return ml_collections.ConfigDict(read_json(os.path.join(workdir, CONFIG_JSON)))
+    """The resolved config a run was trained with (`config.json`), as overrides of the schema
+    (`mnres.config.from_overrides`): a field added since the run was written has its default."""
+    return config_lib.from_overrides(read_json(os.path.join(workdir, CONFIG_JSON)))
 
 
 def write_manifest(workdir: str, dataset) -> None:
@@ -251,7 +252,7 @@ def _jsonl(row: dict) -> str:
     return json.dumps(row) + "\n"
 
 
-def write_predictions(workdir: str, split, probs, class_names=data_config.MALARIA_CLASSES) -> None:
+def write_predictions(workdir: str, split, probs, class_names=config_lib.MALARIA_CLASSES) -> None:
     """Writes `predictions_test.csv`: name, slide_id, label and the probabilities per example.
 
     Args:
@@ -345,7 +346,7 @@ def run_warnings(workdir: str) -> list[str]:
     if os.path.isfile(os.path.join(workdir, REPORT_JSON)):
         found += read_report(workdir).get("warnings") or []
     if os.path.isfile(os.path.join(workdir, CONFIG_JSON)):
-        if read_config(workdir).data.get("source") == "synthetic":
+        if read_config(workdir).data.source == "synthetic":
             found.append(
                 "This model was trained on synthetic cells (config.data.source='synthetic'): "
                 "its outputs on real crops mean nothing. Train on real crops for real use."
@@ -380,7 +381,7 @@ def load_run(workdir: str, *, which: str = "best") -> Classifier:
         raise ValueError(f"checkpoint {which!r}: use 'best' or 'latest'")
     config = read_config(workdir)
     # The classes are the data's (config.json's data.class_names; unset: the malaria pair).
-    model = models.from_config(config.model, num_classes=len(data_config.class_names(config.data)))
+    model = models.from_config(config.model, num_classes=len(config_lib.class_names(config.data)))
     size = int(config.data.image_size)
     expected = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)

@@ -176,13 +176,14 @@ def lower_steps(name: str, outdir: str) -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mnres import config_validation, models
+    from mnres import config as config_lib
+    from mnres import models
     from mnres.models import params as params_lib
     from mnres.training import optim, steps
 
     assert jax.device_count() == DEVICES, jax.devices()
     config = small_config(name)
-    config_validation.validate(config)
+    config_lib.validate(config)
     mesh = steps.make_mesh()
     size = config.data.image_size
 

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from mnres import config as config_lib
 from mnres import models
 from mnres.models import params as params_lib
 from mnres.training import checkpoint, optim, steps
@@ -25,7 +26,8 @@ def state_and_mesh():
     )
     model = models.from_config(config)
     shapes = params_lib.abstract_variables(model, (1, 32, 32, 3))
-    tx, _ = optim.create_optimizer(optim.default_config(), model, shapes["params"], 10, 1)
+    optimizer = config_lib.default_config().optimizer
+    tx, _ = optim.create_optimizer(optimizer, model, shapes["params"], 10, 1)
     mesh = steps.make_mesh()
     state = steps.init_state(model, tx, 32, 0, mesh)
     # One optimizer update, so the round trip covers non-zero Adam moments and counts too.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mnres import config as config_lib
 from mnres import data
 from mnres.data import augment, decode
 
@@ -174,7 +175,7 @@ def dihedral(image):
 
 
 def test_augment_geometry_is_a_symmetry_of_the_square_and_deterministic():
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.brightness = config.contrast = config.saturation = config.hue = 0.0
     images = toy_split(n=24).images
     fn = jax.jit(lambda x, rng: augment.augment(x, rng, config))
@@ -213,7 +214,7 @@ def test_dihedral_views_are_the_8_distinct_symmetries_view_major():
 
 
 def test_augment_colour_jitter_is_mild_and_in_range():
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.flip = config.rot90 = False
     images = np.asarray(data.load_dataset(_synthetic(), seed=0).train.images[:32])
     out = np.asarray(
@@ -229,7 +230,7 @@ def test_augment_colour_jitter_is_mild_and_in_range():
 
 
 def _synthetic():
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.image_size, config.synthetic_size, config.num_slides = (
         "synthetic",
         16,

@@ -14,6 +14,7 @@ import pytest
 from data_fixtures import MINI_CELL_IMAGES, REPO, SLIDES, write_bad_files, write_cell_folder
 from PIL import Image
 
+from mnres import config as config_lib
 from mnres import data
 from mnres.data import decode, folders, sample, sources
 
@@ -24,7 +25,7 @@ HAS_TF = importlib.util.find_spec("tensorflow") is not None
 
 
 def folder_config(directory, **overrides):
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source = "folder"
     config.dir = str(directory)
     config.image_size = 24
@@ -197,7 +198,7 @@ def test_real_mini_crops_labels_and_slides():
 
 
 def test_synthetic_is_deterministic_and_learnable():
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.image_size, config.synthetic_size, config.num_slides = (
         "synthetic",
         32,
@@ -229,7 +230,7 @@ def _png_bytes(image):
 
 def test_tfds_source_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.image_size = "tfds", 16
     with tfds.testing.mock_data(num_examples=10), NO_NETWORK_PROBE:
         dataset = data.load_dataset(config, seed=0)
@@ -259,7 +260,7 @@ def test_tfds_label_mapping_and_slices_with_mocked_data_source():
         match = re.fullmatch(r"train(?:\[(\d*):(\d*)\])?", split)
         return examples[int(match.group(1) or 0) : int(match.group(2) or 30)]
 
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.image_size = "tfds", 16
     config.split_fractions = (0.6, 0.2, 0.2)
     with tfds.testing.mock_data(as_data_source_fn=as_data_source), NO_NETWORK_PROBE:
@@ -276,7 +277,7 @@ def test_tfds_label_mapping_and_slices_with_mocked_data_source():
 @pytest.mark.parametrize("tensorflow_installed", [True, False])
 def test_tfds_offline_error_names_the_alternatives(tmp_path, tensorflow_installed):
     tfds = pytest.importorskip("tensorflow_datasets")
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.tfds_data_dir = "tfds", str(tmp_path)
     # Offline, the run must fail at once, not after minutes of TFDS download retries.
     download = mock.patch.object(tfds.download.DownloadManager, "download_and_extract")
@@ -306,7 +307,7 @@ def test_real_tfds_builder_prepared_offline_from_real_crops(tmp_path):
             shutil.copy(MINI_CELL_IMAGES / folder / name, extracted / "cell_images" / folder / name)
             pixels = decode.decode_image(str(MINI_CELL_IMAGES / folder / name), 24)
             originals[pixels.tobytes()] = int(folder == "Parasitized")
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.image_size = "tfds", 24
     config.tfds_data_dir = str(tmp_path / "tfds")
     config.split_fractions = (0.6, 0.2, 0.2)

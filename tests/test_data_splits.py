@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from data_fixtures import MINI_CELL_IMAGES, SLIDES, write_cell_folder
 
+from mnres import config as config_lib
 from mnres import data
 from mnres.data import folders, splits
 
 
 def synthetic_config(**overrides):
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.image_size, config.synthetic_size, config.num_slides = (
         "synthetic",
         16,
@@ -38,7 +39,7 @@ def assert_slide_level(dataset):
 
 def test_slide_split_keeps_slides_whole_and_both_classes_everywhere(tmp_path):
     write_cell_folder(tmp_path, SLIDES)
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.dir, config.image_size = "folder", str(tmp_path), 16
     for seed in range(5):
         assert_slide_level(data.load_dataset(config, seed))
@@ -156,7 +157,7 @@ def test_manifest_is_written_and_proves_the_split(tmp_path):
 
 def test_too_few_slides_for_a_slide_split_names_the_fix(tmp_path):
     write_cell_folder(tmp_path, {"C1P1": (4, 4), "C2N": (0, 4)})
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.dir, config.image_size = "folder", str(tmp_path), 16
     with pytest.raises(ValueError, match="split_by=image"):
         data.load_dataset(config, seed=0)

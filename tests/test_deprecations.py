@@ -39,7 +39,9 @@ NAMES = {
     "mnres.pretrained": "load_pretrained",
     "mnres.models.imagenet_weights": "choose_weights",
     "mnres.models.keras_weights": "load_keras_weights",
-    "mnres.training.warm_start": "with_class_names",
+    "mnres.training.warm_start": "warm_start",
+    "mnres.config_validation": "validate",
+    "mnres.data.config": "MALARIA_CLASSES",
 }
 
 

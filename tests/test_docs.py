@@ -187,7 +187,7 @@ def _help_text(module: str, *args: str) -> str:
         timeout=120,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
-    # The experiments' --help/--helpfull (mnres.config_validation) and argparse's exit with 0.
+    # The experiments' --help/--helpfull (experiments._cli) and argparse's exit with 0.
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, (
         f"python -m {module} {' '.join(args)} fails:\n{proc.stderr[-3000:]}"
     )

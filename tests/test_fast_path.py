@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mnres import data, models
+from mnres import config as config_lib
+from mnres import models
 from mnres.models import params as params_lib
 from mnres.training import optim, steps
 
@@ -38,10 +39,11 @@ def _lowered_train_step(formulation: str):
         )
     )
     shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
-    tx, _ = optim.create_optimizer(optim.default_config(), model, shapes["params"], 10, 1)
+    optimizer = config_lib.default_config().optimizer
+    tx, _ = optim.create_optimizer(optimizer, model, shapes["params"], 10, 1)
     mesh = steps.make_mesh()
     state = jax.eval_shape(lambda: steps.init_state(model, tx, SIZE, 0, mesh))
-    data_config = data.default_config()
+    data_config = config_lib.default_config().data
     # The augmentation has no convolution; without it the step compiles 3x faster.
     data_config.update(
         dict(flip=False, rot90=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)

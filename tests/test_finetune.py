@@ -16,7 +16,8 @@ from PIL import Image
 
 import mnres
 from experiments.configs import finetune, smoke
-from mnres import config_validation, data, metrics, run_folder
+from mnres import config as config_lib
+from mnres import data, metrics, run_folder
 from mnres.__main__ import main
 from mnres.data import splits
 from mnres.deploy import predict
@@ -47,7 +48,7 @@ def write_class_folder(root, counts: dict, *, slides=None, size: int = 16, seed:
 
 
 def folder_config(directory, **overrides):
-    config = data.default_config()
+    config = config_lib.default_config().data
     config.source, config.dir, config.image_size = "folder", str(directory), 16
     config.split_by = "auto"
     config.update(overrides)
@@ -270,14 +271,14 @@ def test_two_other_classes_are_reported_and_predicted_by_name(tmp_path):
 def test_config_validation_of_fine_tuning(tmp_path):
     config = finetune.get_config()
     config.data.dir = str(tmp_path)
-    config_validation.validate(config)
+    config_lib.validate(config)
     config.model.alpha = 0.5
-    with pytest.raises(config_validation.ConfigError, match=r"'malaria'.*alpha=0\.35"):
-        config_validation.validate(config)
+    with pytest.raises(config_lib.ConfigError, match=r"'malaria'.*alpha=0\.35"):
+        config_lib.validate(config)
     config = finetune.get_config()
     config.data.dir, config.data.class_names = str(tmp_path), ("cat",)
-    with pytest.raises(config_validation.ConfigError, match="two or more distinct"):
-        config_validation.validate(config)
+    with pytest.raises(config_lib.ConfigError, match="two or more distinct"):
+        config_lib.validate(config)
 
 
 # -- a run of three classes, end to end --------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 
 import mnres
 from experiments.configs import paper
-from mnres import config_validation
+from mnres import config as config_lib
 from mnres.models.params import abstract_variables
 from mnres.training.steps import TrainState
 from mnres.weights import imagenet as iw
@@ -309,16 +309,16 @@ def _paper_config(pretrained):
 
 
 def test_validation_accepts_imagenet_and_files_not_missing_paths(tmp_path):
-    config_validation.validate(_paper_config("imagenet"))
+    config_lib.validate(_paper_config("imagenet"))
     weights = tmp_path / "weights.h5"
     weights.write_bytes(b"")
-    config_validation.validate(_paper_config(str(weights)))
-    with pytest.raises(config_validation.ConfigError, match="'imagenet'.*\\.h5"):
-        config_validation.validate(_paper_config(str(tmp_path / "missing.h5")))
+    config_lib.validate(_paper_config(str(weights)))
+    with pytest.raises(config_lib.ConfigError, match="'imagenet'.*\\.h5"):
+        config_lib.validate(_paper_config(str(tmp_path / "missing.h5")))
     config = _paper_config("imagenet")
     config.model.alpha = 0.3
-    with pytest.raises(config_validation.ConfigError, match="alpha 0.25, 0.5, 0.75, 1.0 only"):
-        config_validation.validate(config)
+    with pytest.raises(config_lib.ConfigError, match="alpha 0.25, 0.5, 0.75, 1.0 only"):
+        config_lib.validate(config)
 
 
 def test_training_loads_imagenet_for_the_seed_network(keras_file, server, monkeypatch, caplog):

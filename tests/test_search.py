@@ -13,6 +13,7 @@ from experiments import ablation
 from experiments.configs import default, smoke
 from experiments.search import fold_summary
 from experiments.search import records as search
+from mnres import config as config_lib
 from mnres import metrics, run_folder
 from mnres.data import folds as folds_lib
 from mnres.data.splits import Split
@@ -294,8 +295,6 @@ def test_the_command_skips_recorded_folds_in_any_workdir(tmp_path):
 def test_the_agreement_check_compares_as_the_run_computed(monkeypatch):
     """A confident model's P(parasitized) rounds to 1.0 in float32, as the run computes it:
     the recomputed outputs tie there too, so its AUC agrees with report.json's."""
-    import ml_collections
-
     log_odds = np.array([30.0, 25.0, 20.0, -1.0, 2.0, -30.0])
     labels = np.array([0, 1, 1, 0, 1, 0])  # the most confident crop is uninfected
     logits = np.stack([np.zeros_like(log_odds), log_odds], axis=1).astype(np.float32)
@@ -307,7 +306,7 @@ def test_the_agreement_check_compares_as_the_run_computed(monkeypatch):
             return logits
 
     monkeypatch.setattr(run_folder, "load_run", lambda fold_dir, which: Loaded())
-    config = ml_collections.ConfigDict({"eval_batch_size": 8})
+    config = config_lib.from_overrides({"eval_batch_size": 8})  # as read_config gives it
     monkeypatch.setattr(run_folder, "read_config", lambda fold_dir: config)
     reported = metrics.binary_metrics(labels, (1 / (1 + np.exp(-log_odds))).astype(np.float32))
     exact = metrics.binary_metrics(labels, 1 / (1 + np.exp(-log_odds)))

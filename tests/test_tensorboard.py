@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import run_config
 
-from mnres import config_validation, run_folder
+from mnres import config as config_lib
+from mnres import run_folder
 from mnres.training import optim
 from mnres.training import tensorboard as tb
 
@@ -199,20 +200,20 @@ def test_without_the_package_config_validation_says_what_to_install(monkeypatch)
     for name in [m for m in sys.modules if m.split(".")[0] == "tensorboard"] + ["tensorboard"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import tensorboard...` now fails
     config = tiny_config()
-    with pytest.raises(config_validation.ConfigError) as refused:
-        config_validation.validate(config)
+    with pytest.raises(config_lib.ConfigError) as refused:
+        config_lib.validate(config)
     line = str(refused.value)
     assert "\n" not in line
     assert line.startswith("config.tensorboard=True") and "pip install 'mnres[tensorboard]'" in line
     with pytest.raises(ImportError, match=r"pip install 'mnres\[tensorboard\]'"):
         tb.Writer(os.path.join("unused", run_folder.TENSORBOARD_DIR), 0)
     config.tensorboard = False
-    config_validation.validate(config)
+    config_lib.validate(config)
 
 
 def test_the_field_is_a_bool():
     config = tiny_config()
     config = type(config)(config.to_dict(), type_safe=False)
     config.tensorboard = "yes"
-    with pytest.raises(config_validation.ConfigError, match=r"config.tensorboard='yes'.*True"):
-        config_validation.validate(config)
+    with pytest.raises(config_lib.ConfigError, match=r"config.tensorboard='yes'.*True"):
+        config_lib.validate(config)

@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from mnres import config as config_lib
 from mnres import data, models
 from mnres.data.splits import Split
 from mnres.models import params as params_lib
@@ -27,7 +28,7 @@ def _model(**fields):
 
 
 def _setup(model, **optimizer_fields):
-    config = optim.default_config()
+    config = config_lib.default_config().optimizer
     config.update(optimizer_fields)
     shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
     tx, schedule = optim.create_optimizer(config, model, shapes["params"], 10, 2)
@@ -56,11 +57,11 @@ def _split(images, labels=None) -> Split:
 
 
 def _data_config():
-    return data.default_config()
+    return config_lib.default_config().data
 
 
 def test_schedule_warms_up_then_decays_to_the_end_value():
-    config = optim.default_config()
+    config = config_lib.default_config().optimizer
     config.learning_rate, config.warmup_epochs, config.end_learning_rate_factor = 1e-2, 1, 0.1
     schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, num_epochs=5)
     assert float(schedule(0)) == 0.0
@@ -86,9 +87,9 @@ def test_bn_momentum_must_be_chosen():
 
 def test_batch_size_must_divide_over_devices(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 8)
-    steps.check_batch_size(64)
+    config_lib.check_batch_size(64)
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
-        steps.check_batch_size(76)
+        config_lib.check_batch_size(76)
 
 
 def test_frozen_parameters_and_their_batchnorm_do_not_change():
@@ -115,7 +116,7 @@ def test_each_optimizer_descends_and_skips_frozen_layers(name):
     # The chain alone on 0.5 * |params|^2 (gradient = params): compiles in a blink.
     model = _model(freeze_through="conv1_bn")
     shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
-    config = optim.default_config()
+    config = config_lib.default_config().optimizer
     config.name, config.learning_rate, config.warmup_epochs = name, 1e-2, 0.0
     tx, _ = optim.create_optimizer(config, model, shapes["params"], 10, 1)
     params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes["params"])
@@ -138,7 +139,7 @@ def test_each_optimizer_descends_and_skips_frozen_layers(name):
 
 
 def test_unknown_optimizer_is_named():
-    config = optim.default_config()
+    config = config_lib.default_config().optimizer
     config.name = "lamb"
     with pytest.raises(ValueError, match="adamw, sgd, rmsprop"):
         optim.create_optimizer(config, _model(), {}, 10, 1)
@@ -280,7 +281,7 @@ def test_test_time_augmentation_averages_the_8_views_and_ignores_orientation(wit
 
 def test_weight_moving_average_follows_the_recurrence_and_is_what_evaluation_uses():
     model = _model()
-    config = optim.default_config()
+    config = config_lib.default_config().optimizer
     shapes = params_lib.abstract_variables(model, (1, SIZE, SIZE, 3))
     tx, _ = optim.create_optimizer(config, model, shapes["params"], 10, 2)
     mesh = steps.make_mesh()

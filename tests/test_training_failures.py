@@ -19,7 +19,8 @@ from PIL import Image
 
 from experiments.configs import default, paper, smoke
 from mnres import __main__ as cli
-from mnres import config_validation, data, metrics, models, run_folder
+from mnres import config as config_lib
+from mnres import data, metrics, models, run_folder
 from mnres.data import synthetic
 from mnres.training import bn_momentum, final_evaluation, loop
 
@@ -195,7 +196,7 @@ def test_warnings_are_one_log_line(caplog):
 def test_run_that_trains_0_steps_says_so_and_predict_repeats_it(tmp_path, capsys, monkeypatch):
     """Fewer training crops than a batch: the config checks refuse it, so they are patched out
     here to see what the loop itself does with a run that never steps."""
-    monkeypatch.setattr(config_validation, "check_train_split", lambda config, ds: None)
+    monkeypatch.setattr(config_lib, "check_train_split", lambda config, ds: None)
     config = smoke.get_config()
     config.progress_bar = False
     ds = data.load_dataset(config.data, config.seed)

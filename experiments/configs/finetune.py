@@ -31,22 +31,18 @@ Other starting points and choices, each one flag:
   --config.data.rot90=False --config.data.flip=False --config.test_time_augmentation=False
 """
 
-import ml_collections
-
-from experiments.configs import default
+from mnres import config as config_lib
 
 
 def get_config(arg=None):
     """`arg` is unused."""
     del arg
-    config = default.get_config()
+    config = config_lib.default_config()
     config.model.pretrained = "malaria"  # the shipped weights: default.py's network
 
     config.data.source = "folder"
     # 'slide' when the file names carry NIH slide ids, else 'image' (stratified by class).
     config.data.split_by = "auto"
-    # None: the class folders, sorted by name; the run's config.json records them.
-    config.data.class_names = ml_collections.config_dict.placeholder(tuple)
 
     config.optimizer.learning_rate = 5e-4
     config.optimizer.warmup_epochs = 0.5

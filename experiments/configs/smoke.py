@@ -7,13 +7,13 @@ manifest.json, metrics.jsonl, checkpoints/, report.json, report.md and the plots
 run this config end to end.
 """
 
-from experiments.configs import default
+from mnres import config as config_lib
 
 
 def get_config(arg=None):
     """`arg` is unused."""
     del arg
-    config = default.get_config()
+    config = config_lib.default_config()
     # The first three blocks of MobileNetV1 with identity skips: compiles in seconds on a CPU
     # (a whole MobileNet takes 15-40 s) and still learns the synthetic cells.
     config.model.name = "mobilenet_v1_residual"

@@ -7,13 +7,13 @@ batches, bfloat16 compute (float32 parameters and BatchNorm), more epochs at 96 
 The same program as on a CPU: one jit-compiled step, the batch sharded over every TPU core.
 """
 
-from experiments.configs import default
+from mnres import config as config_lib
 
 
 def get_config(arg=None):
     """`arg` is unused."""
     del arg
-    config = default.get_config()
+    config = config_lib.default_config()
     # Sized for a TPU: experiments.malaria and experiments.crossval refuse it on another JAX
     # backend (30 epochs at 96 px would take days on a CPU); --config.platform=cpu runs it
     # anyway. The library does not check, so the program can still be lowered for a TPU from

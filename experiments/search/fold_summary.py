@@ -80,7 +80,7 @@ def validation_outputs(fold_dir: str, report: dict, split) -> dict:
       ValueError: another checkpoint step, or figures that disagree (other crops).
     """
     config = run_folder.read_config(fold_dir)
-    which = "best" if config.get("eval_checkpoint", "best") == "best" else "latest"
+    which = "best" if config.eval_checkpoint == "best" else "latest"
     classifier = run_folder.load_run(fold_dir, which=which)
     step = report["training"]["evaluated_step"]
     if classifier.metadata["step"] != step:

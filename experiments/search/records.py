@@ -29,18 +29,15 @@ import re
 
 import numpy as np
 
+from mnres import config as config_lib
 from mnres import run_folder
 
 CHOICE_JSON = "choice.json"
 CELL_METRICS = ("accuracy", "auc", "sensitivity", "specificity")
 _FOLD_FILE = re.compile(r"^fold_(\d+)\.json$")
-# How a run is executed and where its data lie: the same recipe whatever their values.
-EXECUTION_FIELDS = frozenset({
-    "data.dir", "data.cache_dir", "data.test_dir", "data.tfds_data_dir", "data.num_workers",
-    "progress_bar", "async_checkpointing", "keep_freed_memory", "tensorboard", "log_every_steps",
-    "keep_checkpoints", "distributed.enabled", "distributed.coordinator_address",
-    "distributed.num_processes", "distributed.process_id", "distributed.cpu_collectives",
-})  # fmt: skip
+# How a run is executed and where its data lie: the same recipe whatever their values (the
+# schema's execution fields, `mnres.config.FIELD_KINDS`).
+EXECUTION_FIELDS = config_lib.fields_of_kind(config_lib.EXECUTION)
 # Fields that pick the data (recorded in each fold's spec), not the training recipe. The seed
 # is the recipe's: it starts the weights and the batch order, and the folds unless a fold seed
 # (in the spec) is given.

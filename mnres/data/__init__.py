@@ -6,7 +6,6 @@ class (`mnres.data.folders`), labels each image with its class's index, classes 
 `Dataset.class_names` names them.
 """
 
-from mnres.data.config import default_config
 from mnres.data.pipeline import eval_batches, prefetch, steps_per_epoch, train_batches
 from mnres.data.sample import sample_cells
 from mnres.data.sources import load_dataset
@@ -15,7 +14,6 @@ from mnres.data.splits import Dataset, Split, write_manifest
 __all__ = [
     "Dataset",
     "Split",
-    "default_config",
     "eval_batches",
     "load_dataset",
     "prefetch",

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mnres.data.splits import CLASS_NAMES
+from mnres.config.schema import MALARIA_CLASSES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CLASS_FOLDERS = {"parasitized": 1, "uninfected": 0}  # folder name (any case) -> label.
@@ -89,11 +89,11 @@ def list_folder(root: str, class_names=None) -> dict:
                 outside.add(parts[0])
     if class_dirs and not outside:
         listing = _list_nih(root, class_dirs)
-        if class_names is not None and tuple(class_names) != CLASS_NAMES:
+        if class_names is not None and tuple(class_names) != MALARIA_CLASSES:
             raise ValueError(
                 f"config.data.class_names={tuple(class_names)!r}, but {root!r} has the NIH "
-                f"layout (Parasitized/ and Uninfected/), whose classes are {CLASS_NAMES}: leave "
-                "config.data.class_names unset."
+                "layout (Parasitized/ and Uninfected/), whose classes are "
+                f"{MALARIA_CLASSES}: leave config.data.class_names unset."
             )
         return listing
     if any(depth for depth, _, _ in class_dirs):
@@ -149,7 +149,7 @@ def _list_nih(root: str, class_dirs) -> dict:
             f"({', '.join(IMAGE_SUFFIXES)}). Point config.data.dir at the extracted "
             "cell_images.zip, or use --config.data.source=synthetic."
         )
-    return _listing(rows, duplicates, CLASS_NAMES, "nih")
+    return _listing(rows, duplicates, MALARIA_CLASSES, "nih")
 
 
 def _list_image_folder(root: str, folders: list[str], class_names) -> dict:

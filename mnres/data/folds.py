@@ -27,7 +27,7 @@ def load_pool(data_config, seed: int) -> tuple[Split, dict]:
     pool_config = data_config.copy_and_resolve_references()
     with pool_config.unlocked():
         pool_config.split_fractions = (1.0, 0.0, 0.0)
-        if pool_config.get("test_dir"):
+        if pool_config.test_dir:
             logging.warning(
                 "Cross-validation ignores config.data.test_dir=%s.", data_config.test_dir
             )

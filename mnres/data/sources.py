@@ -11,11 +11,10 @@ import os
 import numpy as np
 from absl import logging
 
+from mnres.config.schema import MALARIA_CLASSES, SPLIT_NAMES, check_data
 from mnres.data import decode, synthetic
-from mnres.data.config import SPLIT_NAMES, check
 from mnres.data.folders import list_folder
 from mnres.data.splits import (
-    CLASS_NAMES,
     Dataset,
     Split,
     build_manifest,
@@ -38,19 +37,19 @@ def load_dataset(data_config, seed: int) -> Dataset:
     """Loads, decodes (once) and splits the data named by `data_config` (`config.data`).
 
     Args:
-      data_config: the `config.data` block (see `default_config`).
+      data_config: the `config.data` block (see `mnres.config.default_config`).
       seed: the experiment seed; folder and synthetic splits are a function of it.
 
     Returns:
       A `Dataset` with train/validation/test `Split`s and the split manifest.
     """
-    check(data_config)
+    check_data(data_config)
     loader = {"tfds": _load_tfds, "folder": _load_folder, "synthetic": _load_synthetic}
     return loader[data_config.source](data_config, seed)
 
 
 def _decode_folder(root: str, config, desc: str):
-    listing = list_folder(root, config.get("class_names"))
+    listing = list_folder(root, config.class_names)
     fingerprints = []
     for path in listing["paths"]:
         st = os.stat(path)
@@ -157,7 +156,7 @@ def _checked(
         splits,
         check_fractions,
         f"split by {split_by}",
-        class_names or CLASS_NAMES,
+        class_names or MALARIA_CLASSES,
         source=source,
         seed=seed,
         image_size=config.image_size,

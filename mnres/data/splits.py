@@ -7,9 +7,7 @@ import os
 
 import numpy as np
 
-from mnres.data.config import MALARIA_CLASSES, SPLIT_NAMES
-
-CLASS_NAMES = MALARIA_CLASSES  # index = label: 1 = parasitized (positive).
+from mnres.config.schema import MALARIA_CLASSES, SPLIT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +37,13 @@ class Dataset:
     test: Split
     manifest: dict  # JSON-able; see `build_manifest`.
     # Label = index: the malaria pair, or the class folders of an ImageFolder layout.
-    class_names: tuple[str, ...] = CLASS_NAMES
+    class_names: tuple[str, ...] = MALARIA_CLASSES
 
 
 def class_names_of(dataset) -> tuple[str, ...]:
     """A dataset's classes in label order; the malaria pair for a `Dataset`-like object that
     names none (a library caller's own)."""
-    return tuple(getattr(dataset, "class_names", CLASS_NAMES))
+    return tuple(getattr(dataset, "class_names", MALARIA_CLASSES))
 
 
 def names_sha256(names) -> str:
@@ -92,7 +90,7 @@ def take_splits(pool: Split, parts) -> dict:
 
 
 def checked_dataset(
-    splits: dict, check_fractions, how: str, class_names=CLASS_NAMES, **manifest_fields
+    splits: dict, check_fractions, how: str, class_names=MALARIA_CLASSES, **manifest_fields
 ) -> Dataset:
     """The `Dataset` of `splits`, after `check_classes`, with its manifest.
 
@@ -205,9 +203,9 @@ def _place_slides(per_class, fractions):
     return assignment, float(np.abs(filled - target).sum())
 
 
-def check_classes(splits: dict, fractions, how: str, class_names=CLASS_NAMES) -> None:
+def check_classes(splits: dict, fractions, how: str, class_names=MALARIA_CLASSES) -> None:
     """Raises ValueError if a split that should hold examples lacks a class."""
-    unit = "cells" if tuple(class_names) == CLASS_NAMES else "images"
+    unit = "cells" if tuple(class_names) == MALARIA_CLASSES else "images"
     for name, fraction in zip(SPLIT_NAMES, fractions, strict=True):
         split = splits[name]
         if fraction <= 0 and len(split) == 0:
@@ -232,7 +230,7 @@ def build_manifest(
     split_by: str,
     skipped: list,
     extra: dict | None = None,
-    class_names=CLASS_NAMES,
+    class_names=MALARIA_CLASSES,
 ) -> dict:
     """JSON-able description of a dataset split.
 
@@ -251,7 +249,7 @@ def build_manifest(
         "uses 0 = parasitized and is mapped to 1.",
         "splits": {},
     }
-    if class_names != CLASS_NAMES:
+    if class_names != MALARIA_CLASSES:
         manifest["class_names"] = list(class_names)
         manifest["label_convention"] = (
             "label = index into class_names: the class folders, sorted by name (the ImageFolder "

@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 
 from mnres import run_folder
+from mnres.config.schema import MALARIA_CLASSES
 from mnres.deploy import crops, export, parity, predict
 from mnres.metrics import slide_prior
 from mnres.weights import loader, shipped
@@ -108,7 +109,7 @@ def _text(out: dict, names) -> str:
 
 def _rule(names, threshold) -> str:
     """How predict calls a crop, in one line."""
-    if tuple(names) == export.CLASS_NAMES:
+    if tuple(names) == MALARIA_CLASSES:
         return f"parasitized iff p >= {threshold:.4g}"
     if len(names) == 2:
         return f"{names[1]} iff p({names[1]}) >= {threshold:.4g}, else {names[0]}"
@@ -166,7 +167,7 @@ def _evaluation_crops(args, classifier):
     if args.evaluate is not True:
         names = classifier.class_names
         # Parasitized/ + Uninfected/, or the run's class folders, in the model's order.
-        listing = folders.list_folder(args.evaluate, None if names == export.CLASS_NAMES else names)
+        listing = folders.list_folder(args.evaluate, None if names == MALARIA_CLASSES else names)
         if listing["class_names"] != names:
             raise ValueError(
                 f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
@@ -191,7 +192,7 @@ def _run_split(classifier, name: str, need: str, fix: str):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
             f"{need}: the run stored none and its data ({config.data.source}"
-            f"{' ' + config.data.dir if config.data.get('dir') else ''}) cannot be loaded "
+            f"{' ' + config.data.dir if config.data.dir else ''}) cannot be loaded "
             f"({first}); {fix}"
         ) from e
 

@@ -33,13 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnres import provenance, run_folder
-from mnres.data.config import MALARIA_CLASSES
+from mnres.config.schema import MALARIA_CLASSES
 from mnres.deploy import tensorflow_logs
 from mnres.inference import Classifier
 
-# The malaria classes (label 1 = parasitized, as in mnres.data); a run of other classes exports
-# its own (`Classifier.class_names`).
-CLASS_NAMES = MALARIA_CLASSES
 TFLITE_INPUT_SHAPE = "(1, h, w, 3)"
 STABLEHLO_INPUT_SHAPE = "(b, h, w, 3)"
 # The StableHLO artifact runs on any of these (lowering needs none of the hardware).
@@ -77,7 +74,7 @@ def _write_metadata(path: str, classifier: Classifier, **extra) -> None:
         "class_names": list(names),
         "input": "uint8 RGB [batch, height, width, 3], any height and width",
         "output": "float32 softmax probabilities [batch, classes]; class 1 = parasitized"
-        if names == CLASS_NAMES
+        if names == MALARIA_CLASSES
         else "float32 softmax probabilities [batch, classes], in the order of class_names",
         **classifier.metadata,
         **extra,

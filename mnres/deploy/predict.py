@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mnres import run_folder
-from mnres.data import config as data_config
+from mnres.config import schema as config_lib
 from mnres.data.folders import IMAGE_SUFFIXES, crop_facts
 from mnres.deploy import crops, export
 from mnres.metrics import calibration, slide_prior
@@ -44,12 +44,12 @@ class Predictor:
     image_size: int | None  # crops are decoded to S x S; None: at their own size
     run: Any  # uint8 [B, S, S, 3] (or a list of crops) -> probabilities [B, C]
     batch_size: int = 64
-    class_names: tuple[str, ...] = export.CLASS_NAMES  # the outputs' classes, in order
+    class_names: tuple[str, ...] = config_lib.MALARIA_CLASSES  # the outputs' classes, in order
 
     @property
     def malaria(self) -> bool:
         """Whether the classes are the malaria pair (class 1 = parasitized)."""
-        return tuple(self.class_names) == export.CLASS_NAMES
+        return tuple(self.class_names) == config_lib.MALARIA_CLASSES
 
     def parasitized(self, images) -> np.ndarray:
         """Probabilities of class 1 (parasitized), float [B]."""
@@ -61,9 +61,9 @@ def model_class_names(path: str) -> tuple[str, ...]:
     file's sidecar; the malaria pair when neither names them."""
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, run_folder.CONFIG_JSON)):
-            return data_config.class_names(run_folder.read_config(path).data)
-        return export.CLASS_NAMES
-    return tuple(export.read_metadata(path).get("class_names") or export.CLASS_NAMES)
+            return config_lib.class_names(run_folder.read_config(path).data)
+        return config_lib.MALARIA_CLASSES
+    return tuple(export.read_metadata(path).get("class_names") or config_lib.MALARIA_CLASSES)
 
 
 def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64) -> Predictor:
@@ -204,7 +204,7 @@ def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> lis
             probs = predictor.parasitized([image for _, image in pending])
             for (i, _), p in zip(pending, probs, strict=True):
                 rows[i]["prob_parasitized"] = float(p)
-                rows[i]["label"] = export.CLASS_NAMES[int(p >= threshold)]
+                rows[i]["label"] = config_lib.MALARIA_CLASSES[int(p >= threshold)]
         elif pending:
             probs = np.asarray(predictor.run([image for _, image in pending]), np.float64)
             for (i, _), p in zip(pending, probs, strict=True):
@@ -279,7 +279,7 @@ def apply_slide_prior(rows, train_prevalence: float, *, threshold: float = 0.5) 
     for row, z in zip(scored, adjusted, strict=True):
         p = float(1.0 / (1.0 + np.exp(-z)))
         row["prob_parasitized"] = p
-        row["label"] = export.CLASS_NAMES[int(p >= threshold)]
+        row["label"] = config_lib.MALARIA_CLASSES[int(p >= threshold)]
     ids, counts = np.unique(slide_ids[slide_ids != ""], return_counts=True)
     return [str(s) for s, n in zip(ids, counts, strict=True) if n >= slide_prior.MIN_CROPS]
 

@@ -188,12 +188,17 @@ class MobileNetV1(_MobileNet):
         return tuple(self.residual)
 
     def layer_names(self) -> tuple[str, ...]:
+        return self.names_of(self)
+
+    @staticmethod
+    def names_of(fields) -> tuple[str, ...]:
+        """`layer_names` of a model with these fields (attributes), built or not."""
         names = ["conv1", "conv1_bn"]
-        for block_id in range(1, self.num_blocks + 1):
+        for block_id in range(1, fields.num_blocks + 1):
             names += [f"conv_dw_{block_id}", f"conv_dw_{block_id}_bn"]
-            if block_id < self.num_blocks or self.final_pointwise:
+            if block_id < fields.num_blocks or fields.final_pointwise:
                 names += [f"conv_pw_{block_id}", f"conv_pw_{block_id}_bn"]
-        return tuple(names + ([self.classifier_name] if self.include_top else []))
+        return tuple(names + ([fields.classifier_name] if fields.include_top else []))
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -256,14 +261,21 @@ class MobileNetV2(_MobileNet):
         return rows
 
     def layer_names(self) -> tuple[str, ...]:
-        names = ["Conv1", "bn_Conv1"]
-        for block_id, _, expansion, _ in self._blocks():
-            prefix = f"block_{block_id}_" if block_id else "expanded_conv_"
-            layers = (["expand"] if expansion != 1 else []) + ["depthwise", "project"]
-            for layer in layers:
-                names += [prefix + layer, prefix + layer + "_BN"]
+        return self.names_of(self)
+
+    @staticmethod
+    def names_of(fields) -> tuple[str, ...]:
+        """`layer_names` of a model with these fields (attributes), built or not."""
+        names, block_id = ["Conv1", "bn_Conv1"], 0
+        for expansion, _, repeats, _ in MOBILENET_V2_STAGES:
+            for _ in range(repeats):
+                prefix = f"block_{block_id}_" if block_id else "expanded_conv_"
+                layers = (["expand"] if expansion != 1 else []) + ["depthwise", "project"]
+                for layer in layers:
+                    names += [prefix + layer, prefix + layer + "_BN"]
+                block_id += 1
         names += ["Conv_1", "Conv_1_bn"]
-        return tuple(names + ([self.classifier_name] if self.include_top else []))
+        return tuple(names + ([fields.classifier_name] if fields.include_top else []))
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -343,6 +355,18 @@ def create_model(name: str, **overrides) -> _MobileNet:
     return ctor(**overrides)
 
 
+def model_fields(name: str, **overrides) -> tuple[type, dict]:
+    """The class and every field `create_model(name, **overrides)` would have, without building
+    the model (config checks: `mnres.config.validate`). `name` must be a key of `MODELS`."""
+    ctor = MODELS[name]
+    cls = ctor.func if isinstance(ctor, functools.partial) else ctor
+    keywords = ctor.keywords if isinstance(ctor, functools.partial) else {}
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+    return cls, {**defaults, **keywords, **overrides}
+
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -365,7 +389,7 @@ def from_config(
         the 0.1 key `depthwise_implementation` is read as `conv_formulation`. Name 'ensemble'
         builds an `mnres.models.ensemble.Ensemble` of its `members` (one config.model each).
       num_classes: classifier outputs. `config.model` does not hold them: a run's config has
-        `len(mnres.data.config.class_names(config.data))` (2 for the malaria pair).
+        `len(mnres.config.class_names(config.data))` (2 for the malaria pair).
       bn_momentum: replaces `model_config.bn_momentum`. None there means unset: the training
         loop picks it from the run's step count (`mnres.training.bn_momentum.pick_bn_momentum`),
         elsewhere it is `BN_MOMENTUM_UNSET`.

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mnres import metrics, provenance, run_folder
-from mnres.data.config import MALARIA_CLASSES
+from mnres.config.schema import MALARIA_CLASSES
 from mnres.data.splits import class_names_of
 from mnres.metrics import calibration, multiclass
 from mnres.reporting.plots import plot_reliability

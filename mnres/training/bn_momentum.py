@@ -63,7 +63,7 @@ def bn_momentum_warning(momentum: float, total_steps: int) -> str | None:
 def resolve(config, total_steps: int):
     """`config` with `model.bn_momentum` set (picked when None), whether it was picked, and a
     warning when the momentum cannot follow `total_steps` (also logged)."""
-    momentum = config.model.get("bn_momentum")
+    momentum = config.model.bn_momentum
     picked = momentum is None
     if picked:
         momentum = pick_bn_momentum(total_steps)

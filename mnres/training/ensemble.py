@@ -64,8 +64,8 @@ def _other_split(manifest: dict, reference: dict) -> str | None:
 def _answer(config) -> tuple:
     return (
         int(config.data.image_size),
-        config.data.get("class_names"),
-        bool(config.get("test_time_augmentation")),
+        config.data.class_names,
+        bool(config.test_time_augmentation),
     )
 
 
@@ -221,10 +221,10 @@ def _model_section(classifier, variables, configs) -> dict:
     return {
         "name": "ensemble",
         "members": [c.model.name for c in configs],
-        "alpha": configs[0].model.get("alpha"),
+        "alpha": configs[0].model.alpha,
         "total_params": counts.total,
         "trainable_params": 0,
-        "bn_momentum": configs[0].model.get("bn_momentum"),
+        "bn_momentum": configs[0].model.bn_momentum,
     }
 
 

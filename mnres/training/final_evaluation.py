@@ -82,14 +82,14 @@ class Evaluation:
 def evaluate_checkpoint(run: TrainedRun) -> Evaluation:
     """Evaluates the checkpoint `config.eval_checkpoint` names on validation and test."""
     config, ckpts, state = run.config, run.ckpts, run.state
-    source = config.get("eval_checkpoint", "best")
+    source = config.eval_checkpoint
     if source == "best" and ckpts.best_step() is not None:
         state = TrainState.from_dict(ckpts.restore(state.to_dict(), best=True))
         evaluated_step = ckpts.best_step()
     else:
         source, evaluated_step = "last", int(jax.device_get(state.step))
     # Test-time augmentation only here: per-epoch validation (checkpoint choice) stays one view.
-    tta = bool(config.get("test_time_augmentation", False))
+    tta = bool(config.test_time_augmentation)
     eval_step = steps.make_eval_step(run.model, run.mesh, tta=tta)
     evaluate = lambda split: steps.evaluate(
         eval_step, state, split, config.eval_batch_size, run.mesh
@@ -124,7 +124,7 @@ def build_report(
     sections = {
         "model": {
             "name": config.model.name,
-            "alpha": config.model.get("alpha"),
+            "alpha": config.model.alpha,
             "total_params": counts.total,
             "trainable_params": counts.trainable,
             "frozen_layers": list(model.frozen_layers),

@@ -38,7 +38,8 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from mnres import config_validation, data, models, run_folder
+from mnres import config as config_lib
+from mnres import data, models, run_folder
 from mnres.data.splits import class_names_of
 from mnres.models import params as params_lib
 from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps, tensorboard
@@ -64,15 +65,15 @@ def initialize_distributed(config) -> None:
     SLURM, Kubernetes); `coordinator_address`, `num_processes` and `process_id` set it by hand
     (e.g. two CPU processes on localhost).
     """
-    dist = config.get("distributed")
-    if not dist or not dist.get("enabled"):
+    dist = config.distributed
+    if not dist.enabled:
         return
-    if dist.get("cpu_collectives"):
+    if dist.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
     jax.distributed.initialize(
-        coordinator_address=dist.get("coordinator_address"),
-        num_processes=dist.get("num_processes"),
-        process_id=dist.get("process_id"),
+        coordinator_address=dist.coordinator_address,
+        num_processes=dist.num_processes,
+        process_id=dist.process_id,
     )
 
 
@@ -83,8 +84,7 @@ def shutdown_distributed(config) -> None:
     interpreter's exit, a process can reach that barrier late (its exit first joins the
     threads still running) and the others abort after the barrier's timeout.
     """
-    dist = config.get("distributed")
-    if dist and dist.get("enabled"):
+    if config.distributed.enabled:
         jax.distributed.shutdown()
 
 
@@ -141,19 +141,20 @@ class Run:
         )
 
 
-def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
+def _create_run(config, workdir: str, dataset: data.Dataset | None, validated: bool) -> Run:
     """Writes config.json and manifest.json; builds the model, optimizer and a fresh state."""
-    config_validation.validate(config)  # every field, before any work (ConfigError)
+    if not validated:
+        config_lib.validate(config)  # every field, before any work (ConfigError)
     os.makedirs(workdir, exist_ok=True)
-    steps.check_batch_size(config.batch_size)
-    steps.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
+    config_lib.check_batch_size(config.batch_size)
+    config_lib.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
     ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
-    config_validation.check_train_split(config, ds)
+    config_lib.check_train_split(config, ds)
     per_epoch = data.steps_per_epoch(ds.train, config.batch_size)
     # config.json holds the momentum trained with and the data's classes: the run reloads into
     # the same model.
     config, picked, warning = bn_momentum.resolve(config, per_epoch * config.num_epochs)
-    config = config_validation.with_class_names(config, ds)
+    config = config_lib.with_class_names(config, class_names_of(ds))
     if _is_chief():
         run_folder.write_config(workdir, config)
         run_folder.write_manifest(workdir, ds)
@@ -161,7 +162,7 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     model = models.from_config(
         transfer.model_config(config.model),
         num_classes=len(class_names_of(ds)),
-        platform=config.get("platform"),
+        platform=config.platform,
     )
     mesh = steps.make_mesh()
     size = config.data.image_size
@@ -169,15 +170,15 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None) -> Run:
     tx, schedule = optim.create_optimizer(
         config.optimizer, model, shapes["params"], per_epoch, config.num_epochs
     )
-    ema = config.get("ema_decay") is not None
+    ema = config.ema_decay is not None
     state = steps.init_state(model, tx, size, config.seed, mesh, ema=ema)
     ckpts = checkpoint.Checkpoints(
         os.path.join(workdir, run_folder.CHECKPOINTS_DIR),
-        keep=config.get("keep_checkpoints", 2),
+        keep=config.keep_checkpoints,
         # Several processes save synchronously: an asynchronous save's barrier, waited for in a
         # background thread, deadlocked against the next step's collectives (seen with two CPU
         # processes on gloo: one main thread at orbax's barrier, the other in an all-gather).
-        async_save=config.get("async_checkpointing", True) and jax.process_count() == 1,
+        async_save=config.async_checkpointing and jax.process_count() == 1,
     )
     run = Run(config, workdir, ds, model, mesh, tx, schedule, ckpts, state)
     run.bn_momentum_picked = picked
@@ -257,7 +258,7 @@ def _progress_bar(config, total_images: int, initial_images: int):
     from tqdm.auto import tqdm
 
     # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI).
-    enabled = config.get("progress_bar", True) and _is_chief()
+    enabled = config.progress_bar and _is_chief()
     return tqdm(
         total=total_images,
         initial=initial_images,
@@ -279,11 +280,11 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
         run.tx,
         config.data,
         run.mesh,
-        label_smoothing=config.get("label_smoothing", 0.0),
-        generalized_ce_q=config.get("generalized_ce_q", 0.0),
-        ema_decay=config.get("ema_decay"),
-        mixup_alpha=config.get("mixup_alpha", 0.0),
-        cutmix_alpha=config.get("cutmix_alpha", 0.0),
+        label_smoothing=config.label_smoothing,
+        generalized_ce_q=config.generalized_ce_q,
+        ema_decay=config.ema_decay,
+        mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha,
     )
     eval_step = steps.make_eval_step(run.model, run.mesh)
     batch_size = config.batch_size
@@ -295,7 +296,7 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
     )  # fmt: skip
     bar = _progress_bar(config, run.total_steps * batch_size, run.step * batch_size)
     try:
-        if config.get("tensorboard") and _is_chief():
+        if config.tensorboard and _is_chief():
             run.board = tensorboard.Writer(
                 os.path.join(run.workdir, run_folder.TENSORBOARD_DIR), run.step
             )
@@ -315,7 +316,7 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
 def _train_epoch(run: Run, train_step, batches, bar, after_step) -> dict:
     """Trains from `run.step` to the end of its epoch; returns the epoch's training figures."""
     batch_size = run.config.batch_size
-    log_every = max(1, int(run.config.get("log_every_steps", 50)))
+    log_every = max(1, int(run.config.log_every_steps))
     epoch_end = (run.step // run.steps_per_epoch + 1) * run.steps_per_epoch
     first_step, wait, start = run.step, 0.0, time.perf_counter()
     accum = _StepMetrics()
@@ -392,7 +393,7 @@ def _fmt(x):
 
 def _checkpoint(run: Run, epoch: int, val: dict | None) -> None:
     """Saves `latest` every `checkpoint_every_epochs` and at the end, `best` when val improves."""
-    every_epochs = max(1, int(run.config.get("checkpoint_every_epochs", 1)))
+    every_epochs = max(1, int(run.config.checkpoint_every_epochs))
     improved = val is not None and val["accuracy"] > run.best_val_accuracy
     if val:
         run.best_val_accuracy = max(run.best_val_accuracy, val["accuracy"])
@@ -409,16 +410,19 @@ def train_and_evaluate(
     *,
     after_step: Callable[[int], None] | None = None,
     dataset: data.Dataset | None = None,
+    validated: bool = False,
 ) -> dict:
     """Trains `config.model` on `config.data`, evaluates on the test split, writes `workdir`.
 
     Args:
-      config: the experiment ConfigDict (see experiments/configs/default.py).
+      config: the experiment ConfigDict (`mnres.config.default_config()` with overrides).
       workdir: output folder; an existing one with checkpoints is resumed.
       after_step: called with the step number after every training step (tests use it to
         kill the process at a known step).
       dataset: the splits to use instead of `data.load_dataset(config.data, config.seed)`
         (e.g. one cross-validation fold, see `mnres.training.crossval`).
+      validated: the caller has run `mnres.config.validate(config)` (the experiment commands
+        do, before any other work); else it runs here, first.
 
     Returns:
       The report dict (also written as report.json).
@@ -430,7 +434,7 @@ def train_and_evaluate(
     started = time.perf_counter()
     # First of all: a second run on a live workdir stops here, before it writes anything.
     with run_folder.lock(workdir):
-        run = _create_run(config, workdir, dataset)
+        run = _create_run(config, workdir, dataset, validated)
         try:
             return _train_and_report(run, after_step, started)
         finally:

@@ -1,8 +1,8 @@
 """The optimizer chain: learning-rate schedule, clipping, weight decay and the freeze mask.
 
-Built from `config.optimizer` (see `default_config`). Frozen layers get no update at all
-(`optax.set_to_zero`, and no optimizer state); weight decay applies to convolution and dense
-kernels only, never to BatchNorm scales/offsets or biases.
+Built from `config.optimizer` (its fields and defaults: `mnres.config`). Frozen layers get no
+update at all (`optax.set_to_zero`, and no optimizer state); weight decay applies to convolution
+and dense kernels only, never to BatchNorm scales/offsets or biases.
 """
 
 from __future__ import annotations
@@ -11,31 +11,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import traverse_util
 
 from mnres.models import params as params_lib
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `config.optimizer` block with every field and its default."""
-    c = ml_collections.ConfigDict()
-    c.name = "adamw"  # 'adamw' | 'sgd' (with momentum) | 'rmsprop'
-    c.learning_rate = 2e-3  # peak, reached after warmup; scale it with the batch size
-    c.warmup_epochs = 1.0
-    c.end_learning_rate_factor = 0.0  # cosine decays to learning_rate * this
-    c.weight_decay = 1e-4  # decoupled for adamw, L2-like (added to the gradient) otherwise
-    c.momentum = 0.9  # sgd and rmsprop
-    c.nesterov = False  # sgd
-    c.b1 = 0.9  # adamw
-    c.b2 = 0.999  # adamw
-    c.eps = 1e-8  # adamw; rmsprop uses 1e-3 below (Keras-like) when eps is this default
-    c.rmsprop_decay = 0.9
-    c.grad_clip_norm = 1.0  # global norm over the trainable gradients; 0 disables
-    return c
 
 
 def check(config) -> None:
@@ -52,7 +33,7 @@ def check(config) -> None:
             "(a negative one climbs the loss)."
         )
     for field in ("warmup_epochs", "end_learning_rate_factor", "weight_decay", "grad_clip_norm"):
-        value = config.get(field, 0.0)
+        value = config[field]
         if not (isinstance(value, int | float) and value >= 0):
             raise ValueError(f"config.optimizer.{field}={value!r} must be a number >= 0.")
 

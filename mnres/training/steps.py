@@ -66,17 +66,6 @@ def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
-def check_batch_size(batch_size: int, what: str = "config.batch_size") -> None:
-    """Raises unless the global batch splits evenly over devices (and processes)."""
-    n = jax.device_count()
-    if batch_size < 1 or batch_size % n:
-        raise ValueError(
-            f"{what}={batch_size} must be a positive multiple of the {n} devices "
-            f"(jax.device_count()) so that every device gets the same number of examples; "
-            f"e.g. --{what}={max(n, (batch_size // n) * n or n)}."
-        )
-
-
 def shard_batch(local_batch: dict, mesh) -> dict:
     """This process's slice of a global batch -> global arrays sharded over 'data'."""
     sharding = NamedSharding(mesh, P("data"))

@@ -5,8 +5,9 @@
 - `loader`: `load_pretrained`, the model with its weights and preprocessing.
 - `shipped`: the models shipped inside mnres (package data, e.g. mnres/weights/malaria/).
 - `imagenet`: Keras' ImageNet files, downloaded once into a cache; `keras`: Keras weight import.
-- `transfer`: head surgery, ensemble members, a training run's warm start and its check
-  (`check_model_config`).
+- `transfer`: head surgery, ensemble members, a training run's warm start.
+
+`mnres.config.validate` checks a config's `model.pretrained` against this registry.
 """
 
 
@@ -20,11 +21,7 @@ def __getattr__(name: str):
         from mnres.weights import loader
 
         return getattr(loader, name)
-    if name == "check_model_config":
-        from mnres.weights import transfer
-
-        return transfer.check_model_config
     raise AttributeError(f"module 'mnres.weights' has no attribute {name!r}")
 
 
-__all__ = ["Pretrained", "Weights", "check_model_config", "list_pretrained", "load_pretrained"]
+__all__ = ["Pretrained", "Weights", "list_pretrained", "load_pretrained"]

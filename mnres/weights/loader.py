@@ -110,7 +110,7 @@ def _load_shipped(entry: registry.Weights, model, num_classes: int | None) -> Pr
         model=model,
         variables=variables,
         image_size=size,
-        preprocessing=preprocessing_facts(size, bool(config.get("test_time_augmentation"))),
+        preprocessing=preprocessing_facts(size, bool(config.test_time_augmentation)),
         # The temperature and operating points are the shipped classifier's (a member has none).
         calibration=None if new_head or member is not None else run_folder.read_calibration(folder),
         card=shipped.shipped_card(name),

@@ -14,7 +14,7 @@ import importlib.resources
 import pathlib
 
 from mnres import run_folder
-from mnres.data import config as data_config
+from mnres.config import schema as config_lib
 
 SHIPPED = ("malaria",)  # the package-data folders beside this module
 WEIGHTS = "weights.msgpack"  # flax.serialization msgpack: read by the core install
@@ -50,7 +50,7 @@ def shipped_config(name: str = "malaria"):
 
 def shipped_classes(name: str = "malaria") -> tuple[str, ...]:
     """The classes a shipped model was trained on, in output order."""
-    return data_config.class_names(shipped_config(name).data)
+    return config_lib.class_names(shipped_config(name).data)
 
 
 def shipped_card(name: str = "malaria") -> dict:

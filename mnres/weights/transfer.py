@@ -7,15 +7,14 @@ shipped backbone (`with_shipped_weights`, `shipped_variables`).
 
 A training run starts from `config.model.pretrained` (`warm_start`): a shipped name of the
 registry ('malaria'), 'imagenet' (Keras' published file for config.model.name and alpha and the
-input size, `mnres.weights.imagenet`) or a Keras `.h5` file. `check_model_config` refuses, before
-any work, a setting that cannot load; `model_config` unfreezes a model that has no pretrained
-weights to keep.
+input size, `mnres.weights.imagenet`) or a Keras `.h5` file (`mnres.config.validate` refuses,
+before any work, a setting that cannot load); `model_config` unfreezes a model that has no
+pretrained weights to keep.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +159,7 @@ def shipped_variables(name: str, model, image_size: int, *, new_head: bool) -> d
 
 def model_config(model_config):
     """`config.model`, unfrozen when there are no pretrained weights to keep (logged)."""
-    if model_config.get("freeze_through") and not model_config.get("pretrained"):
+    if model_config.freeze_through and not model_config.pretrained:
         logging.warning(
             "Training every layer: config.model.freeze_through=%r keeps layers at their "
             "pretrained values, but config.model.pretrained ('malaria', 'imagenet' or a Keras "
@@ -191,7 +190,7 @@ def warm_start(
     no classifier. The log names the weights, and a classifier that starts from its
     initialisation.
     """
-    pretrained = model_config.get("pretrained")
+    pretrained = model_config.pretrained
     if not pretrained:
         return state
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -228,60 +227,3 @@ def _load_keras_file(model_config, model, variables, image_size, head: str) -> d
     if model.classifier_name not in loaded.loaded:
         logging.info("%s initialisation: %s holds no classifier for it.", head, path)
     return variables
-
-
-def check_model_config(model_config, model=None) -> None:
-    """Refuses a `config.model.pretrained` that cannot load into `config.model`'s network.
-
-    Args:
-      model_config: `config.model`.
-      model: the network it builds (`mnres.models.from_config`); None: built here.
-
-    Raises:
-      ValueError: one line naming the setting and what would work: shipped weights of another
-        network (each differing field named), 'imagenet' for a network or alpha Keras publishes
-        no file for, or a weights file that does not exist.
-    """
-    pretrained = model_config.get("pretrained")
-    if not pretrained:
-        return
-    if model is None:
-        model = models.from_config(model_config)
-    if pretrained in registry.names("shipped"):
-        try:
-            # A shipped ensemble: shipped_member finds the member that is this network (or
-            # names each one's differing fields); one network: its fields are checked here.
-            if shipped_member(pretrained, model) is None:
-                check_fields(
-                    model,
-                    models.from_config(shipped.shipped_config(pretrained).model),
-                    f"config.model.pretrained={pretrained!r}: the shipped weights",
-                )
-        except ValueError as e:
-            raise ValueError(
-                f"{e}: set those config.model fields, or use 'imagenet' or a Keras weights "
-                "file (.h5)."
-            ) from None
-    elif pretrained == "imagenet":  # Keras' published file, downloaded at the start of training
-        _check_imagenet(model_config.name, model)
-    elif not os.path.isfile(pretrained):
-        raise ValueError(
-            f"config.model.pretrained={pretrained!r} does not exist: give 'imagenet' (Keras' "
-            "published ImageNet weights, downloaded once), 'malaria' (the model shipped with "
-            "mnres) or a Keras weights file (.h5), or leave it unset to train from scratch."
-        )
-
-
-def _check_imagenet(name: str, model) -> None:
-    try:
-        registry.imagenet_entry(name, model.alpha, imagenet.DEFAULT_SIZE)
-    except ValueError as e:
-        raise ValueError(
-            f"config.model.pretrained='imagenet' does not fit config.model.name={name!r}: "
-            f"{e}; give a Keras weights file (.h5) instead, or leave it unset."
-        ) from None
-    if getattr(model, "depth_multiplier", 1) != 1:  # MobileNetV2 has none
-        raise ValueError(
-            "config.model.pretrained='imagenet' needs config.model.depth_multiplier=1 "
-            "(Keras publishes no other)."
-        )

@@ -1,7 +1,9 @@
-"""One validation of the config before any work: each bad field is one line and exit code 2.
+"""The config schema, and one validation of the config before any work: each bad field is one
+line and exit code 2.
 
-Most cases call `mnres.config_validation` in-process and end the way the experiment commands
-end (`exit_with_error`); a few run `python -m experiments.malaria` (and crossval) for real.
+Most cases call `mnres.config` in-process and end the way the experiment commands end
+(`experiments._cli.exit_with_error`); a few run `python -m experiments.malaria` (and crossval)
+for real.
 """
 
 import os
@@ -10,15 +12,20 @@ import sys
 import types
 from pathlib import Path
 
+import flax
 import ml_collections
 import pytest
 
+from experiments import _cli
 from experiments.configs import default, paper, smoke, tpu
-from mnres import config_validation
-from mnres.config_validation import ConfigError
+from mnres import config as config_lib
+from mnres import run_folder
+from mnres.config import ConfigError
+from mnres.models import mobilenet
 from mnres.training import steps
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_V0_1_0 = REPO / "tests" / "testdata" / "run_v0.1.0"
 SMOKE = "experiments/configs/smoke.py"
 
 
@@ -44,7 +51,7 @@ def _refusal(capsys, check, *args) -> str:
         try:
             check(*args)
         except ConfigError as e:
-            config_validation.exit_with_error(e)
+            _cli.exit_with_error(e)
     err = capsys.readouterr().err
     assert exited.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -136,7 +143,7 @@ CASES = [
 def test_validate_refuses_with_one_line(capsys, mutate, expected):
     config = _smoke()
     mutate(config)
-    line = _refusal(capsys, config_validation.validate, config)
+    line = _refusal(capsys, config_lib.validate, config)
     for part in expected:
         assert part in line, (part, line)
 
@@ -148,26 +155,26 @@ def test_validate_refuses_with_one_line(capsys, mutate, expected):
     ids=["default", "smoke", "paper", "paper_keras_bn", "tpu", "smoke_untyped"],
 )  # fmt: skip
 def test_shipped_configs_validate(config):
-    config_validation.validate(config)
+    config_lib.validate(config)
 
 
 def test_tpu_config_refused_on_another_backend_only_by_the_commands(capsys):
     config = tpu.get_config()
-    config_validation.validate(config)  # the library part: lowering for a TPU stays possible
-    line = _refusal(capsys, config_validation.validate_devices, config)
+    config_lib.validate(config)  # the library part: lowering for a TPU stays possible
+    line = _refusal(capsys, config_lib.validate_devices, config)
     for part in ("config.platform='tpu'", "'cpu'", "--config.platform=cpu"):
         assert part in line, line
     with config.unlocked():
         config.platform = "cpu"
         config.batch_size = config.eval_batch_size = 8
-    config_validation.validate_devices(config)
+    config_lib.validate_devices(config)
 
 
 def test_batch_size_must_divide_over_the_devices(capsys, monkeypatch):
     monkeypatch.setattr(steps.jax, "device_count", lambda: 8)
     config = _smoke()
     config.batch_size = 36
-    line = _refusal(capsys, config_validation.validate_devices, config)
+    line = _refusal(capsys, config_lib.validate_devices, config)
     assert "config.batch_size=36" in line and "multiple of the 8 devices" in line, line
 
 
@@ -175,11 +182,11 @@ def test_batch_size_above_the_training_split(capsys):
     config = _smoke()
     config.batch_size = 4096
     ds = types.SimpleNamespace(train=range(1584))
-    line = _refusal(capsys, config_validation.check_train_split, config, ds)
+    line = _refusal(capsys, config_lib.check_train_split, config, ds)
     assert "config.batch_size=4096" in line and "1584" in line, line
     assert "--config.batch_size=1024" in line, line
     config.batch_size = 1584
-    config_validation.check_train_split(config, ds)
+    config_lib.check_train_split(config, ds)
 
 
 @pytest.mark.parametrize(
@@ -194,10 +201,10 @@ def test_batch_size_above_the_training_split(capsys):
 )
 def test_unknown_override_keys(capsys, overrides, expected):
     config = smoke.get_config()
-    line = _refusal(capsys, config_validation.check_override_keys, config, overrides)
+    line = _refusal(capsys, _cli.check_override_keys, config, overrides)
     for part in expected:
         assert part in line, (part, line)
-    config_validation.check_override_keys(config, {"model.alpha": "0.5", "data.image_size": "64"})
+    _cli.check_override_keys(config, {"model.alpha": "0.5", "data.image_size": "64"})
 
 
 # (case, module, flag, what the one error line must say); all run at once, in parallel.
@@ -302,3 +309,65 @@ def test_help_lists_the_config_fields_with_their_values():
     assert "--workdir" in out.stdout
     # The docstring's line continuations survive (a raw docstring).
     assert "default.py \\\n" in out.stdout
+
+
+def test_every_field_of_the_default_config_has_exactly_one_kind():
+    paths = [path for path, _ in config_lib.leaves(config_lib.default_config())]
+    assert len(paths) == len(set(paths)) and set(config_lib.FIELD_KINDS) == set(paths)
+    for path in paths:
+        kind = config_lib.field_kind(path)
+        assert kind in config_lib.KINDS, (path, kind)
+        claimed = [k for k in config_lib.KINDS if path in config_lib.fields_of_kind(k)]
+        assert claimed == [kind], (path, claimed)
+    # Where the data lie and how the run is shown are not the recipe; TTA is evaluation's.
+    assert config_lib.field_kind("data.dir") == config_lib.EXECUTION
+    assert config_lib.field_kind("progress_bar") == config_lib.EXECUTION
+    assert config_lib.field_kind("test_time_augmentation") == config_lib.EVALUATION
+    assert config_lib.field_kind("model.alpha") == config_lib.RECIPE
+    assert config_lib.field_kind("model.num_blocks") == config_lib.RECIPE  # a class's own field
+    recipe = config_lib.recipe_fields(smoke.get_config())
+    assert recipe["model.num_blocks"] == 3 and "data.dir" not in recipe and "seed" in recipe
+
+
+def test_a_0_1_0_config_json_reads_as_overrides_of_the_schema():
+    written = run_folder.read_json(RUN_V0_1_0 / "config.json")
+    assert "mixup_alpha" not in written and "input_normalization" not in written["model"]
+    config = run_folder.read_config(RUN_V0_1_0)
+    default = config_lib.default_config()
+    # The fields 0.1.0 did not have take their defaults ...
+    assert config.mixup_alpha == default.mixup_alpha == 0.0
+    assert config.model.input_normalization == default.model.input_normalization
+    assert config.data.class_names is None and config.platform is None
+    # ... the ones it wrote keep their values, a model class's own field included.
+    assert config.data.synthetic_size == 400 and config.num_epochs == 1
+    assert config.model.num_blocks == 3 and config.model.alpha == 0.25
+    flat = dict(config_lib.leaves(config))
+    assert set(flat) == set(config_lib.FIELD_KINDS) | {"model.num_blocks"}
+    for path, value in config_lib.leaves(written):
+        assert flat[path] == value, path
+    config_lib.validate(config)
+
+
+def test_a_smoke_run_validates_once_and_builds_its_model_once(tmp_path, monkeypatch):
+    """From the command's start to report.json, one top-level model is constructed (the
+    clones Flax makes inside `init`/`apply`, bound to a scope, are not constructions)."""
+    from experiments import malaria
+
+    built, validated = [], []
+    post_init = mobilenet._MobileNet.__post_init__
+
+    def counting_post_init(module):
+        if not isinstance(module.parent, flax.core.scope.Scope):
+            built.append(type(module).__name__)
+        post_init(module)
+
+    validate = config_lib.validate
+    monkeypatch.setattr(mobilenet._MobileNet, "__post_init__", counting_post_init)
+    monkeypatch.setattr(config_lib, "validate", lambda c: validated.append(1) or validate(c))
+    config = smoke.get_config()
+    config.data.synthetic_size, config.batch_size, config.num_epochs = 400, 64, 1
+    config.progress_bar = config.keep_freed_memory = False
+    workdir = tmp_path / "run"
+    malaria._train(config, "smoke", str(workdir))
+    assert (workdir / "report.json").is_file()
+    assert built == ["MobileNetV1"] and validated == [1], (built, validated)
