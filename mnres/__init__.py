@@ -27,7 +27,7 @@ def __getattr__(name: str):
         from mnres import weights
 
         return getattr(weights, name)
-    # `mnres.params`, `mnres.calibration`, ...: the 0.1 module paths, which warn (mnres._moved).
+    # The 0.1 top-level module names, which warn (mnres._moved).
     if f"mnres.{name}" in _moved.MOVED:
         return _moved.module(name)
     raise AttributeError(f"module 'mnres' has no attribute {name!r}")
