@@ -22,6 +22,7 @@ import experiments
 from experiments import _cli
 from mnres import config as config_lib
 from mnres import host_memory
+from mnres.training import distributed
 from mnres.training import loop as train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -52,7 +53,7 @@ def _train(config, name: str, workdir: str) -> dict:
     experiments.quiet_expected_info_logs()
     if config.keep_freed_memory:
         host_memory.keep_freed_memory()  # before JAX starts its threads
-    train.initialize_distributed(config)  # before anything touches a device
+    distributed.initialize_distributed(config)  # before anything touches a device
     config_lib.validate_devices(config)
     logging.info("Config %s, workdir %s", name, os.path.abspath(workdir))
     # The training split's size is checked once it is loaded, before the first step.
@@ -75,7 +76,7 @@ def main(argv):
         if isinstance(e, config_lib.ConfigError):  # a field that cannot work: exit 2
             _cli.exit_with_error(e)
         sys.exit(f"error: {e}")
-    train.shutdown_distributed(config)
+    distributed.shutdown_distributed(config)
     patients, auc = report["test_patient"], report["test"]["auc"]
     logging.info(
         "Test: cell accuracy %.4f, AUC %s%s. Report: %s",

@@ -8,18 +8,14 @@ for all: indented, sorted keys, plain JSON values (NaN and infinities as null).
 from __future__ import annotations
 
 import csv
-import datetime
-import fcntl
 import json
 import math
 import os
-import socket
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from mnres import models
 from mnres.config import schema as config_lib
@@ -82,105 +78,6 @@ def write_json(path: str, obj) -> None:
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
-
-
-class WorkdirBusyError(RuntimeError):
-    """Another live process holds the run folder's lock (`lock`)."""
-
-
-class WorkdirLock:
-    """An exclusive `fcntl.flock` on `workdir/.lock`, held by process 0 of a run.
-
-    The kernel releases it when the holding process ends in any way (SIGKILL included), so a
-    dead run never leaves the folder locked. The file also names the holder (pid, host, start
-    time) for the message a second run gets; it is left in place, emptied, on release
-    (removing it would let two runs lock two different files of one name).
-    """
-
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.path = os.path.join(workdir, LOCK_FILE)
-        self._fd: int | None = None
-        # acquire() ran (the lock is held, or deliberately not taken: not process 0, no flock).
-        self._acquired = False
-
-    def acquire(self) -> WorkdirLock:
-        """Takes the lock now or raises `WorkdirBusyError` naming the holder; never waits.
-
-        Processes other than 0 of a multi-process run take nothing: process 0 stands for the
-        run. Where the file system has no flock (some network mounts) it warns and goes on.
-        """
-        self._acquired = True
-        if jax.process_index() != 0:
-            return self
-        os.makedirs(self.workdir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._acquired = False
-            holder = os.read(fd, 4096).decode(errors="replace").strip()
-            os.close(fd)
-            raise WorkdirBusyError(
-                f"{self.workdir} is in use by another run ({_describe_holder(holder)}; lock file "
-                f"{self.path}): wait for it to end or give another workdir"
-            ) from None
-        except OSError as e:
-            os.close(fd)
-            logging.warning("Cannot lock %s (%s): a second run on it would not be stopped.",
-                            self.path, e)  # fmt: skip
-            return self
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(_holder()).encode() + b"\n")
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        """Empties the lock file and lets it go (also done by the kernel if the process dies)."""
-        self._acquired = False
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.ftruncate(fd, 0)
-            finally:
-                os.close(fd)  # closing the last descriptor releases the flock
-
-    def __enter__(self) -> WorkdirLock:
-        return self if self._acquired else self.acquire()  # `with lock(workdir):` took it
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def lock(workdir: str) -> WorkdirLock:
-    """Locks the run folder for this run: `with run_folder.lock(workdir): ...` or `.release()`.
-
-    Args:
-      workdir: the run folder (created if missing).
-
-    Returns:
-      The held `WorkdirLock`.
-
-    Raises:
-      WorkdirBusyError: another live process holds it (the message names its pid and host).
-    """
-    return WorkdirLock(workdir).acquire()
-
-
-def _holder() -> dict:
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def _describe_holder(text: str) -> str:
-    try:
-        holder = json.loads(text)
-        return f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (ValueError, KeyError, TypeError):
-        return "a process that has not written its name yet"
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -11,14 +11,14 @@ import pytest
 from test_experiment import REPO, SHORT, SMOKE, results, run_experiment, without_run_fields
 
 from experiments.configs import smoke
-from mnres import run_folder
+from mnres import run_folder, workdir_lock
 from mnres.training import crossval
 
 # Takes the lock of argv[1], says so, and holds it until killed.
 HOLD_LOCK = """
 import sys, time
-from mnres import run_folder
-run_folder.lock(sys.argv[1])
+from mnres import workdir_lock
+workdir_lock.lock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -26,17 +26,17 @@ time.sleep(600)
 
 def test_a_second_lock_names_the_holder_and_the_release_frees_it(tmp_path):
     workdir = str(tmp_path / "run")
-    with run_folder.lock(workdir) as held:
+    with workdir_lock.lock(workdir) as held:
         holder = json.loads(open(held.path).read())
         assert holder["pid"] == os.getpid() and holder["host"] and holder["started"]
         # flock locks belong to an open file: a second open conflicts even in one process.
-        with pytest.raises(run_folder.WorkdirBusyError) as busy:
-            run_folder.lock(workdir)
+        with pytest.raises(workdir_lock.WorkdirBusyError) as busy:
+            workdir_lock.lock(workdir)
     message = str(busy.value)
     assert workdir in message and f"process {os.getpid()} on {holder['host']}" in message
     assert holder["started"] in message and "\n" not in message
     assert open(os.path.join(workdir, run_folder.LOCK_FILE)).read() == ""  # emptied
-    run_folder.lock(workdir).release()  # free again
+    workdir_lock.lock(workdir).release()  # free again
 
 
 def test_a_sigkilled_holder_leaves_nothing_locked(tmp_path):
@@ -46,25 +46,25 @@ def test_a_sigkilled_holder_leaves_nothing_locked(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(run_folder.WorkdirBusyError, match=f"process {holder.pid} on"):
-            run_folder.lock(workdir)
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=f"process {holder.pid} on"):
+            workdir_lock.lock(workdir)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # The kernel dropped the dead process's lock; its stale name in the file does not matter.
-    with run_folder.lock(workdir) as held:
+    with workdir_lock.lock(workdir) as held:
         assert json.loads(open(held.path).read())["pid"] == os.getpid()
 
 
 def test_processes_other_than_0_take_no_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_folder.jax, "process_index", lambda: 1)
-    with run_folder.lock(str(tmp_path)):
+    monkeypatch.setattr(workdir_lock.jax, "process_index", lambda: 1)
+    with workdir_lock.lock(str(tmp_path)):
         assert not (tmp_path / run_folder.LOCK_FILE).exists()
 
 
 def test_crossval_on_a_live_workdir_stops_before_any_fold(tmp_path):
     workdir = str(tmp_path / "cv")
-    with run_folder.lock(workdir), pytest.raises(run_folder.WorkdirBusyError, match="in use"):
+    with workdir_lock.lock(workdir), pytest.raises(workdir_lock.WorkdirBusyError, match="in use"):
         crossval.run_crossval(smoke.get_config(), workdir, num_folds=2)
     assert sorted(os.listdir(workdir)) == [run_folder.LOCK_FILE]
 

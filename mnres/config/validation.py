@@ -29,7 +29,7 @@ from mnres.config.schema import (
     default_config,
     from_overrides,
 )
-from mnres.models import mobilenet, stain
+from mnres.models import build, mobilenet, stain
 from mnres.models.params import PARAMETER_FREE_FIELDS
 from mnres.training import optim, tensorboard
 
@@ -229,16 +229,16 @@ def _model_fields(model_config) -> tuple[type, dict]:
     """The model's class and every field it would get from `mnres.models.from_config`, refused
     where `from_config` would refuse them (unknown fields, dtype, input normalisation)."""
     given = {k: v for k, v in model_config.items() if k not in ("name", "pretrained", "dtype")}
-    cls, fields = mobilenet.model_fields(model_config.name)
+    cls, fields = build.model_fields(model_config.name)
     unknown = sorted(set(given) - set(fields) - {"parent"})
     if unknown:
         raise ConfigError(
             f"config.model: model {model_config.name!r} has no field(s) {unknown}; its fields "
             f"are {', '.join(sorted(set(fields) - {'parent', 'name'}))}."
         )
-    if model_config.dtype not in mobilenet.DTYPES:
+    if model_config.dtype not in build.DTYPES:
         raise ConfigError(
-            f"config.model.dtype={model_config.dtype!r}; use one of {', '.join(mobilenet.DTYPES)}"
+            f"config.model.dtype={model_config.dtype!r}; use one of {', '.join(build.DTYPES)}"
         )
     try:
         stain.check_method(model_config.input_normalization)

@@ -74,19 +74,7 @@ def list_folder(root: str, class_names=None) -> dict:
             "cell_images.zip (the folder holding Parasitized/ and Uninfected/) or at a folder "
             "with one subfolder per class, or use --config.data.source=synthetic."
         )
-    class_dirs, outside, with_images = [], set(), set()
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        if dirpath == root:
-            continue
-        parts = os.path.relpath(dirpath, root).split(os.sep)
-        label = CLASS_FOLDERS.get(parts[-1].lower())
-        if label is not None:
-            class_dirs.append((len(parts) - 1, dirpath, label))
-        if any(f.lower().endswith(IMAGE_SUFFIXES) for f in files) and not _hidden(parts[0]):
-            with_images.add(parts[0])
-            if not any(p.lower() in CLASS_FOLDERS for p in parts):
-                outside.add(parts[0])
+    class_dirs, outside, with_images = _scan(root)
     if class_dirs and not outside:
         listing = _list_nih(root, class_dirs)
         if class_names is not None and tuple(class_names) != MALARIA_CLASSES:
@@ -114,6 +102,25 @@ def list_folder(root: str, class_names=None) -> dict:
             f"({', '.join(IMAGE_SUFFIXES)}): add images or remove it."
         )
     return _list_image_folder(root, folders, class_names)
+
+
+def _scan(root: str) -> tuple[list, set, set]:
+    """The NIH class folders below `root` as (depth, path, label), the top-level folders with
+    images outside any class folder, and the top-level folders with images at all."""
+    class_dirs, outside, with_images = [], set(), set()
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        if dirpath == root:
+            continue
+        parts = os.path.relpath(dirpath, root).split(os.sep)
+        label = CLASS_FOLDERS.get(parts[-1].lower())
+        if label is not None:
+            class_dirs.append((len(parts) - 1, dirpath, label))
+        if any(f.lower().endswith(IMAGE_SUFFIXES) for f in files) and not _hidden(parts[0]):
+            with_images.add(parts[0])
+            if not any(p.lower() in CLASS_FOLDERS for p in parts):
+                outside.add(parts[0])
+    return class_dirs, outside, with_images
 
 
 def _hidden(folder: str) -> bool:

@@ -223,24 +223,7 @@ def _load_tfds(config, seed: int) -> Dataset:
     tfds = _import_tfds()
     builder = tfds.builder("malaria", data_dir=config.tfds_data_dir, file_format="array_record")
     if not builder.is_prepared():
-        try:
-            _check_download_possible(builder)
-            builder.download_and_prepare(file_format="array_record")
-        except Exception as e:  # noqa: BLE001 - any failure here gets the same advice.
-            need_tf = (
-                ""
-                if _tensorflow_installed()
-                else (
-                    "TensorFlow is not installed, and the malaria builder calls tf.io.gfile: "
-                    "pip install 'mnres[tfds]' (or pip install tensorflow-cpu).\n"
-                )
-            )
-            raise RuntimeError(
-                f"Could not download and prepare TFDS malaria in {builder.data_dir}: "
-                f"{type(e).__name__}: {e}\nPreparing it downloads cell_images.zip (350 MB) from "
-                "the NIH once and needs TensorFlow (pip install 'mnres[tfds]'); reading it back "
-                f"afterwards does not.\n{need_tf}{_ALTERNATIVES}"
-            ) from e
+        _prepare_tfds(builder)
     label_names = list(builder.info.features["label"].names)
     to_ours = np.array([1 if n == "parasitized" else 0 for n in label_names], np.int32)
     decoders = {"image": tfds.decode.SkipDecoding()}
@@ -282,6 +265,28 @@ def _load_tfds(config, seed: int) -> Dataset:
         },
     )
     return Dataset(**splits, manifest=manifest)
+
+
+def _prepare_tfds(builder) -> None:
+    """Downloads and prepares TFDS malaria (once), or says what to install or use instead."""
+    try:
+        _check_download_possible(builder)
+        builder.download_and_prepare(file_format="array_record")
+    except Exception as e:  # noqa: BLE001 - any failure here gets the same advice.
+        need_tf = (
+            ""
+            if _tensorflow_installed()
+            else (
+                "TensorFlow is not installed, and the malaria builder calls tf.io.gfile: "
+                "pip install 'mnres[tfds]' (or pip install tensorflow-cpu).\n"
+            )
+        )
+        raise RuntimeError(
+            f"Could not download and prepare TFDS malaria in {builder.data_dir}: "
+            f"{type(e).__name__}: {e}\nPreparing it downloads cell_images.zip (350 MB) from "
+            "the NIH once and needs TensorFlow (pip install 'mnres[tfds]'); reading it back "
+            f"afterwards does not.\n{need_tf}{_ALTERNATIVES}"
+        ) from e
 
 
 def _read_tfds_split(builder, spec: str, decoders, to_ours, config):

@@ -74,71 +74,95 @@ def draw_cells(
 
 
 def _draw(rng, labels, tint, size, s):
+    """Draws one chunk of cells: uint8 images [n, s, s, 3] and their parasite coverage."""
     n = len(labels)
-    u = lambda lo, hi, *shape: rng.uniform(lo, hi, (n, *shape)).astype(np.float32)
-    grid = (np.arange(s, dtype=np.float32) + 0.5) / s * 2 - 1
-    y, x = grid[None, :, None], grid[None, None, :]
-    px = 2.0 / s  # one pixel in these units.
-    col = lambda v: v[:, None, None]
+    u = _uniform(rng, n)
+    y, x, px = _grid(s)
 
     # The cell: a rotated, slightly irregular ellipse.
-    cy, cx = col(u(-0.08, 0.08)), col(u(-0.08, 0.08))
+    cy, cx = _col(u(-0.08, 0.08)), _col(u(-0.08, 0.08))
     radius = size * u(0.85, 1.12)
-    a, b = col(radius * u(0.9, 1.0)), col(radius * u(0.85, 1.0))
-    theta = col(u(0, np.pi))
+    a, b = _col(radius * u(0.9, 1.0)), _col(radius * u(0.85, 1.0))
+    theta = _col(u(0, np.pi))
     dy, dx = y - cy, x - cx
     ry = dy * np.cos(theta) - dx * np.sin(theta)
     rx = dy * np.sin(theta) + dx * np.cos(theta)
     phi = np.arctan2(ry, rx)
-    wobble = 1 + col(u(0, 0.05)) * np.sin(col(rng.integers(2, 6, n)) * phi + col(u(0, 6.3)))
+    wobble = 1 + _col(u(0, 0.05)) * np.sin(_col(rng.integers(2, 6, n)) * phi + _col(u(0, 6.3)))
     r = np.sqrt((rx / a) ** 2 + (ry / b) ** 2) / wobble
-    cell = np.clip((1 - r) * col(np.minimum(a, b)[:, 0, 0]) / px + 0.5, 0, 1)
+    cell = np.clip((1 - r) * _col(np.minimum(a, b)[:, 0, 0]) / px + 0.5, 0, 1)
 
     # Colour: slide tint x per-cell jitter, darker rim, lighter central pallor, stain mottle.
     colour = tint[:, None, None, :] * u(0.9, 1.08, 1, 1, 3)
-    shade = 1 - col(u(0.1, 0.3)) * np.exp(-(((1 - r) / 0.15) ** 2))
-    shade = shade + col(u(0.0, 0.12)) * np.exp(-((r / 0.4) ** 2))
+    shade = 1 - _col(u(0.1, 0.3)) * np.exp(-(((1 - r) / 0.15) ** 2))
+    shade = shade + _col(u(0.0, 0.12)) * np.exp(-((r / 0.4) ** 2))
     for _ in range(2):
-        freq = col(u(1.5, 5.0))
-        angle = col(u(0, 6.3))
-        shade = shade + col(u(0, 0.05)) * np.sin(
-            freq * (np.cos(angle) * x + np.sin(angle) * y) + col(u(0, 6.3))
+        freq = _col(u(1.5, 5.0))
+        angle = _col(u(0, 6.3))
+        shade = shade + _col(u(0, 0.05)) * np.sin(
+            freq * (np.cos(angle) * x + np.sin(angle) * y) + _col(u(0, 6.3))
         )
-    image = colour * shade[..., None]
+    image, marks = _paint_marks(rng, colour * shade[..., None], labels, cell, (cy, cx), radius)
 
-    # Marks: up to three per cell. Parasites (label 1): dark purple dots or rings, alpha
-    # 0.45-0.95. Specks (label 0, half of the cells): small, pale, alpha 0.15-0.35.
+    background = _col(u(0.0, 0.06))[..., None] * np.ones(3, np.float32)
+    image = image * cell[..., None] + background * (1 - cell[..., None])
+    image = image + rng.normal(0, 0.015, image.shape).astype(np.float32)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), marks
+
+
+def _paint_marks(rng, image, labels, cell, centre, radius):
+    """Paints up to three marks into each cell of `image`; returns it and the parasite coverage.
+
+    Parasites (label 1): dark purple dots or rings, alpha 0.45-0.95. Specks (label 0, half of
+    the cells): small, pale, alpha 0.15-0.35.
+    """
+    n = len(labels)
+    u = _uniform(rng, n)
+    y, x, px = _grid(image.shape[1])
+    cy, cx = centre
     parasitized = labels.astype(bool)
-    marks = np.zeros((n, s, s), np.float32)  # parasite coverage, returned for Grad-CAM tests.
+    marks = np.zeros(image.shape[:3], np.float32)  # parasite coverage, returned for Grad-CAM tests.
     specks = rng.integers(0, 3, n) * (rng.random(n) < 0.5)
     count = np.where(parasitized, rng.integers(1, 4, n), specks)
     for k in range(3):
         active = k < count
         dist = np.sqrt(u(0, 1)) * radius * 0.62
         ang = u(0, 2 * np.pi)
-        my, mx = col(cy[:, 0, 0] + dist * np.sin(ang)), col(cx[:, 0, 0] + dist * np.cos(ang))
+        my, mx = _col(cy[:, 0, 0] + dist * np.sin(ang)), _col(cx[:, 0, 0] + dist * np.cos(ang))
         d = np.sqrt((y - my) ** 2 + (x - mx) ** 2)
         ring = parasitized & (rng.random(n) < 0.4)
         mark_r = np.where(parasitized, np.where(ring, u(0.13, 0.2), u(0.07, 0.13)), u(0.04, 0.08))
-        thick = col(u(0.04, 0.06))
-        dot_mask = np.clip((col(mark_r) - d) / px + 0.5, 0, 1)
-        ring_mask = np.clip((thick / 2 - np.abs(d - col(mark_r))) / px + 0.5, 0, 1)
+        thick = _col(u(0.04, 0.06))
+        dot_mask = np.clip((_col(mark_r) - d) / px + 0.5, 0, 1)
+        ring_mask = np.clip((thick / 2 - np.abs(d - _col(mark_r))) / px + 0.5, 0, 1)
         ring_mask = np.maximum(
             ring_mask,
             np.clip(
-                (0.6 * thick - np.sqrt((y - my - col(mark_r)) ** 2 + (x - mx) ** 2)) / px + 0.5,
+                (0.6 * thick - np.sqrt((y - my - _col(mark_r)) ** 2 + (x - mx) ** 2)) / px + 0.5,
                 0,
                 1,
             ),
         )  # the ring's knob.
-        mask = np.where(col(ring), ring_mask, dot_mask)
+        mask = np.where(_col(ring), ring_mask, dot_mask)
         alpha = np.where(parasitized, u(0.45, 0.95), u(0.15, 0.35)) * active
         colour_k = np.where(parasitized[:, None], _PURPLE * u(0.8, 1.2, 3), _SPECK * u(0.9, 1.1, 3))
-        blend = (mask * col(alpha) * cell)[..., None]
-        marks = np.maximum(marks, mask * cell * col(active & parasitized))
+        blend = (mask * _col(alpha) * cell)[..., None]
+        marks = np.maximum(marks, mask * cell * _col(active & parasitized))
         image = image * (1 - blend) + colour_k[:, None, None, :] * blend
+    return image, marks
 
-    background = col(u(0.0, 0.06))[..., None] * np.ones(3, np.float32)
-    image = image * cell[..., None] + background * (1 - cell[..., None])
-    image = image + rng.normal(0, 0.015, image.shape).astype(np.float32)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), marks
+
+def _uniform(rng, n):
+    """`u(lo, hi, *shape)`: float32 uniform draws of shape [n, *shape] from `rng`."""
+    return lambda lo, hi, *shape: rng.uniform(lo, hi, (n, *shape)).astype(np.float32)
+
+
+def _grid(s):
+    """Pixel centres in [-1, 1] as y [1, s, 1] and x [1, 1, s], and one pixel's width."""
+    grid = (np.arange(s, dtype=np.float32) + 0.5) / s * 2 - 1
+    return grid[None, :, None], grid[None, None, :], 2.0 / s
+
+
+def _col(v):
+    """[n] -> [n, 1, 1], to broadcast one value per cell over its pixels."""
+    return v[:, None, None]

@@ -1,6 +1,7 @@
 """The networks: layers, the MobileNet blocks, the models as tables, parameters, Keras weights."""
 
 from mnres.models.blocks import DepthwiseSeparable, InvertedResidual
+from mnres.models.build import create_model, from_config
 from mnres.models.ensemble import Ensemble
 from mnres.models.layers import ConvBN, DepthwiseConv2D, PointwiseConv, make_divisible
 from mnres.models.mobilenet import (
@@ -10,8 +11,6 @@ from mnres.models.mobilenet import (
     MobileNetV1,
     MobileNetV2,
     SeedNetwork,
-    create_model,
-    from_config,
 )
 
 __all__ = [

@@ -194,25 +194,8 @@ def explain_split(
     correct, wrong = select_examples(split.labels, probs, num, seed=seed)
     chosen = correct + wrong
     layer = layer or default_layer(model, split.images.shape[1])
-    heat = np.zeros((0, *split.images.shape[1:3]), np.float32)
-    if chosen:
-        # The heat maps stay single-view: a gradient averaged over 8 turned views would blur
-        # where the model looks in the crop as shown.
-        heat, _ = gradcam(
-            model,
-            variables,
-            split.images[chosen],
-            layer=layer,
-            normalize=normalize,
-            batch_size=max(8, len(chosen)),
-        )
-    heat_of = dict(zip(chosen, heat, strict=True))
+    heat_of = _heat_maps(model, variables, split.images, chosen, layer, normalize)
     accuracy = float(np.mean((probs >= 0.5) == (np.asarray(split.labels) == 1)))
-    run = os.path.basename(os.path.normpath(classifier.metadata.get("run", ""))) or "model"
-    title = (
-        f"Grad-CAM of {run} at layer {layer}: red = evidence for parasitized "
-        f"(accuracy {accuracy:.4f} on {len(probs)} crops)"
-    )
     plot_gradcam_grid(
         {i: split.images[i] for i in chosen},
         heat_of,
@@ -221,7 +204,7 @@ def explain_split(
         correct,
         wrong,
         path,
-        title=title,
+        title=_title(classifier, layer, accuracy, len(probs)),
     )
     return {
         "layer": layer,
@@ -231,6 +214,32 @@ def explain_split(
         "probs": probs,
         "path": path,
     }
+
+
+def _title(classifier, layer: str, accuracy: float, num_crops: int) -> str:
+    """The grid's title: the run, the layer and the accuracy on the split."""
+    run = os.path.basename(os.path.normpath(classifier.metadata.get("run", ""))) or "model"
+    return (
+        f"Grad-CAM of {run} at layer {layer}: red = evidence for parasitized "
+        f"(accuracy {accuracy:.4f} on {num_crops} crops)"
+    )
+
+
+def _heat_maps(model, variables, images, chosen, layer, normalize) -> dict:
+    """The Grad-CAM heat map of each chosen crop, keyed by its index into `images`."""
+    heat = np.zeros((0, *images.shape[1:3]), np.float32)
+    if chosen:
+        # The heat maps stay single-view: a gradient averaged over 8 turned views would blur
+        # where the model looks in the crop as shown.
+        heat, _ = gradcam(
+            model,
+            variables,
+            images[chosen],
+            layer=layer,
+            normalize=normalize,
+            batch_size=max(8, len(chosen)),
+        )
+    return dict(zip(chosen, heat, strict=True))
 
 
 def select_examples(labels, probs, num: int = 8, threshold: float = 0.5, seed: int = 0):

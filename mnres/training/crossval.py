@@ -30,7 +30,7 @@ import time
 import numpy as np
 from absl import logging
 
-from mnres import metrics, run_folder
+from mnres import metrics, run_folder, workdir_lock
 from mnres.data import folds as folds_lib
 from mnres.data.folds import FOLD_SPEC_JSON
 from mnres.data.splits import Dataset
@@ -213,7 +213,7 @@ def run_crossval(
       'pooled', and the same under 'image_level'); 'complete' is False while folds are missing.
 
     Raises:
-      run_folder.WorkdirBusyError: another live cross-validation holds `workdir`.
+      workdir_lock.WorkdirBusyError: another live cross-validation holds `workdir`.
     """
     folds_to_run = set(range(num_folds) if folds is None else folds)
     bad = sorted(f for f in folds_to_run if not 0 <= f < num_folds)
@@ -229,7 +229,7 @@ def run_crossval(
         for split_by, run_dir in runs
     ]
     # The folds lock their own folders (fold_K/.lock): no run waits for this lock.
-    with run_folder.lock(workdir):
+    with workdir_lock.lock(workdir):
         return _crossval(config, workdir, runs, folds_to_run, after_fold)
 
 

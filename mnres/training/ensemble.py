@@ -139,14 +139,7 @@ def combine(
     members = [run_folder.load_run(d) for d in member_dirs]
     config, ds = _config_and_data(member_dirs, members, data_dir, slide_prior)
     variables = ensemble.combine_variables([jax.device_get(m.variables) for m in members])
-    os.makedirs(workdir, exist_ok=True)
-    run_folder.write_config(workdir, config)
-    run_folder.write_manifest(workdir, ds)
-    with checkpoint.Checkpoints(
-        os.path.join(workdir, run_folder.CHECKPOINTS_DIR), async_save=False
-    ) as ckpts:
-        ckpts.save(0, variables, latest=True, best=True)
-    classifier = run_folder.load_run(workdir)  # what every consumer will load
+    classifier = _write_run(workdir, config, ds, variables)
 
     raw, plain, with_prior, prevalence = _scores(classifier, ds, config.eval_batch_size)
     record = calibration.calibrate(
@@ -181,6 +174,18 @@ def combine(
     _write_outputs(workdir, ds.test, scored, raw["test"], record, member_dirs[0])
     report.write_report(workdir, result)
     return result
+
+
+def _write_run(workdir: str, config, ds, variables):
+    """Writes the ensemble's config, manifest and only checkpoint; returns the run restored."""
+    os.makedirs(workdir, exist_ok=True)
+    run_folder.write_config(workdir, config)
+    run_folder.write_manifest(workdir, ds)
+    with checkpoint.Checkpoints(
+        os.path.join(workdir, run_folder.CHECKPOINTS_DIR), async_save=False
+    ) as ckpts:
+        ckpts.save(0, variables, latest=True, best=True)
+    return run_folder.load_run(workdir)  # what every consumer will load
 
 
 def _config_and_data(member_dirs, members, data_dir, slide_prior: bool):

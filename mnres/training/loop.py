@@ -39,10 +39,19 @@ from absl import logging
 from flax import linen as nn
 
 from mnres import config as config_lib
-from mnres import data, models, run_folder
+from mnres import data, models, run_folder, workdir_lock
 from mnres.data.splits import class_names_of
 from mnres.models import params as params_lib
-from mnres.training import bn_momentum, checkpoint, final_evaluation, optim, steps, tensorboard
+from mnres.training import (
+    bn_momentum,
+    checkpoint,
+    distributed,
+    final_evaluation,
+    optim,
+    progress,
+    steps,
+    tensorboard,
+)
 from mnres.training.steps import TrainState
 from mnres.weights import transfer
 
@@ -56,40 +65,6 @@ TIMING_FIELDS = (
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the checkpoints before it are intact."""
-
-
-def initialize_distributed(config) -> None:
-    """`jax.distributed.initialize()` from `config.distributed`; call it before any JAX work.
-
-    With `enabled` and nothing else set, JAX finds the coordinator itself (TPU pod slices,
-    SLURM, Kubernetes); `coordinator_address`, `num_processes` and `process_id` set it by hand
-    (e.g. two CPU processes on localhost).
-    """
-    dist = config.distributed
-    if not dist.enabled:
-        return
-    if dist.cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
-    jax.distributed.initialize(
-        coordinator_address=dist.coordinator_address,
-        num_processes=dist.num_processes,
-        process_id=dist.process_id,
-    )
-
-
-def shutdown_distributed(config) -> None:
-    """Leaves a run started by `initialize_distributed`; call it when the work is done.
-
-    Every process then meets at JAX's shutdown barrier while all are still alive. Left to the
-    interpreter's exit, a process can reach that barrier late (its exit first joins the
-    threads still running) and the others abort after the barrier's timeout.
-    """
-    if config.distributed.enabled:
-        jax.distributed.shutdown()
-
-
-def _is_chief() -> bool:
-    return jax.process_index() == 0
 
 
 @dataclasses.dataclass
@@ -155,7 +130,7 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None, validated: b
     # the same model.
     config, picked, warning = bn_momentum.resolve(config, per_epoch * config.num_epochs)
     config = config_lib.with_class_names(config, class_names_of(ds))
-    if _is_chief():
+    if distributed.is_chief():
         run_folder.write_config(workdir, config)
         run_folder.write_manifest(workdir, ds)
     # config.platform (e.g. tpu.py) names where the steps run: the formulation is chosen for it.
@@ -199,7 +174,7 @@ def _restore_or_start(run: Run) -> None:
         )
     # Rows logged after the checkpoint are trained again: they are dropped from metrics.jsonl.
     run.history = run_folder.read_history(run.workdir, last_step=start or 0)
-    if _is_chief():
+    if distributed.is_chief():
         run_folder.write_history(run.workdir, run.history)
     run.step = int(jax.device_get(run.state.step))
     run.last_good_step = start
@@ -217,57 +192,6 @@ def _restore_or_start(run: Run) -> None:
         config.model.name, len(ds.train), len(ds.validation), len(ds.test), run.steps_per_epoch,
         config.batch_size, jax.device_count(), jax.process_count(),
     )  # fmt: skip
-
-
-class _StepMetrics:
-    """Per-step device metrics, fetched in bulk every few steps and checked for NaN/inf."""
-
-    def __init__(self):
-        self.pending: list[tuple[int, dict]] = []
-        self.loss_sum = self.correct = self.count = 0.0
-        self.last_loss = math.nan
-        self.mark = (0.0, 0.0, time.perf_counter())  # loss sum, count, time of the last point
-
-    def add(self, step: int, metrics: dict) -> None:
-        self.pending.append((step, metrics))
-
-    def drain(self, run: Run) -> None:
-        fetched = jax.device_get(self.pending)
-        self.pending = []
-        for step, m in fetched:
-            loss = float(m["loss_sum"]) / float(m["count"])
-            if not math.isfinite(loss):
-                raise run.non_finite(f"the loss is {loss}", step)
-            if not math.isfinite(float(m["grad_norm"])):
-                # The loss was fine but the update was not: the parameters are now bad.
-                raise run.non_finite(f"the gradient norm is {float(m['grad_norm'])}", step)
-            self.loss_sum += float(m["loss_sum"])
-            self.correct += float(m["correct"])
-            self.count += float(m["count"])
-            self.last_loss = loss
-
-    def since_mark(self) -> tuple[float, float]:
-        """The mean loss and images/s of the steps drained since the last call (or creation)."""
-        loss_sum, count, then = self.mark
-        self.mark = (self.loss_sum, self.count, time.perf_counter())
-        images = self.count - count
-        return (self.loss_sum - loss_sum) / images, images / (self.mark[2] - then)
-
-
-def _progress_bar(config, total_images: int, initial_images: int):
-    from tqdm.auto import tqdm
-
-    # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI).
-    enabled = config.progress_bar and _is_chief()
-    return tqdm(
-        total=total_images,
-        initial=initial_images,
-        unit="img",
-        unit_scale=True,
-        smoothing=0.1,
-        dynamic_ncols=True,
-        disable=None if enabled else True,
-    )
 
 
 def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
@@ -294,9 +218,9 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
             jax.process_count(),
         )
     )  # fmt: skip
-    bar = _progress_bar(config, run.total_steps * batch_size, run.step * batch_size)
+    bar = progress.bar(config, run.total_steps * batch_size, run.step * batch_size)
     try:
-        if config.tensorboard and _is_chief():
+        if config.tensorboard and distributed.is_chief():
             run.board = tensorboard.Writer(
                 os.path.join(run.workdir, run_folder.TENSORBOARD_DIR), run.step
             )
@@ -319,7 +243,7 @@ def _train_epoch(run: Run, train_step, batches, bar, after_step) -> dict:
     log_every = max(1, int(run.config.log_every_steps))
     epoch_end = (run.step // run.steps_per_epoch + 1) * run.steps_per_epoch
     first_step, wait, start = run.step, 0.0, time.perf_counter()
-    accum = _StepMetrics()
+    accum = progress.StepMetrics()
     while run.step < epoch_end:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -371,7 +295,7 @@ def _end_epoch(run: Run, eval_step, epoch: int, trained: dict, bar) -> None:
         "eval_time_s": time.perf_counter() - t0,
     }
     run.history.append(row)
-    if _is_chief():
+    if distributed.is_chief():
         run_folder.append_history_row(run.workdir, row)
     if run.board is not None:
         run.board.epoch(row)  # flushed before the checkpoint
@@ -429,11 +353,11 @@ def train_and_evaluate(
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; earlier checkpoints stay intact.
-      run_folder.WorkdirBusyError: another live run holds `workdir` (its `.lock`).
+      workdir_lock.WorkdirBusyError: another live run holds `workdir` (its `.lock`).
     """
     started = time.perf_counter()
     # First of all: a second run on a live workdir stops here, before it writes anything.
-    with run_folder.lock(workdir):
+    with workdir_lock.lock(workdir):
         run = _create_run(config, workdir, dataset, validated)
         try:
             return _train_and_report(run, after_step, started)

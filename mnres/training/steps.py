@@ -136,21 +136,12 @@ def _train_step(
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_params:
-        if ema_decay is None:
-            raise ValueError("this state keeps a weight average: give make_train_step ema_decay")
-        # The decay ramps up as in tf.train.ExponentialMovingAverage(num_updates): early on the
-        # average follows the fast-moving weights instead of remembering the random start.
-        t = state.step.astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-        ema_params = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)
     new_state = state.replace(
         params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
         step=state.step + 1,
-        ema_params=ema_params,
+        ema_params=_update_ema(state.ema_params, params, state.step, ema_decay),
     )
     count = labels.shape[0]
     metrics = {
@@ -160,6 +151,19 @@ def _train_step(
         "grad_norm": optax.tree.norm(grads),
     }
     return new_state, metrics
+
+
+def _update_ema(ema_params, params, step, ema_decay):
+    """The weight average after the step that gave `params` (None/empty: none is kept)."""
+    if not ema_params:
+        return ema_params
+    if ema_decay is None:
+        raise ValueError("this state keeps a weight average: give make_train_step ema_decay")
+    # The decay ramps up as in tf.train.ExponentialMovingAverage(num_updates): early on the
+    # average follows the fast-moving weights instead of remembering the random start.
+    t = step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)
 
 
 def make_train_step(

@@ -229,13 +229,7 @@ def fetch(
     try:
         with os.fdopen(handle, "wb") as out:
             got = _download(source, out, choice, timeout)
-        with open(partial, "rb") as f:
-            if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
-                raise ValueError(f"{source} did not give an HDF5 file; nothing was cached")
-        if expected and got != expected:
-            raise ValueError(
-                f"{source} has sha256 {got}, not the {expected} asked for; nothing was cached"
-            )
+        _check_download(partial, source, got, expected)
         _write_atomically(f"{path}.sha256", f"{got}  {choice.file}\n", folder)
         os.replace(partial, path)
     finally:
@@ -263,6 +257,17 @@ def _download(source: str, out, choice: WeightsChoice, timeout: float) -> str:
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets, short reads
         raise _download_error(source, f"{type(e).__name__}: {e}", choice) from None
     return digest.hexdigest()
+
+
+def _check_download(partial: str, source: str, got: str, expected: str | None) -> None:
+    """Refuses a downloaded file that is not HDF5 or not the sha256 asked for."""
+    with open(partial, "rb") as f:
+        if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+            raise ValueError(f"{source} did not give an HDF5 file; nothing was cached")
+    if expected and got != expected:
+        raise ValueError(
+            f"{source} has sha256 {got}, not the {expected} asked for; nothing was cached"
+        )
 
 
 def _download_error(source: str, reason: str, choice: WeightsChoice) -> DownloadError:
