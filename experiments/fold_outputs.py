@@ -1,0 +1,363 @@
+r"""Per-crop outputs of the recipe search's cross-validation folds, retrained.
+
+The recipe search (experiments/results/search) keeps each fold's figures, not its per-crop
+outputs. This command retrains recipes on the same patient-level folds as
+`python -m experiments.crossval` (fold seed = config seed 0, 5 folds, folder source) and keeps,
+for every fold's validation and test crops, the file name, slide id, label and the log-odds of
+parasitized that the run's final evaluation gave: the checkpoint `config.eval_checkpoint` names
+('best': the best per-epoch validation accuracy) with `config.test_time_augmentation` (the 8
+symmetries of each crop), as report.json and the search records' validation figures are made.
+
+1. Pack the decoded crops of the folder source (the cross-validation pool, decoded by
+   mnres.data's own code) into xz-compressed chunks that travel to another machine:
+
+  python -m experiments.fold_outputs pack --data_dir=PATH/cell_images --pool=POOL
+
+2. Train recipe x fold runs, several processes at once, and write one tar per recipe:
+
+  python -m experiments.fold_outputs run --pool=POOL --workdir=runs/fold_outputs \
+      --out=OUT --recipes=gray_world,mixup --folds=0,1,2,3,4 --parallel=10 \
+      --records=experiments/results/search
+
+Each tar holds, per fold K, fold_K.npz (split, name, slide_id, label, log_odds, prob, one row
+per validation then test crop), fold_K.json (figures, wall seconds, evaluated checkpoint, the
+validation names' sha256 against the recorded fold's) and the run's report.json,
+metrics.jsonl and log. `--set FIELD=VALUE` adds config overrides to every run (for a quick
+check: `--set num_epochs=1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent import futures
+
+import numpy as np
+
+# The recipes of the shipped ensemble (experiments/results/search/<name>/fold_K.json, field
+# `changes`): overrides of experiments/configs/default.py.
+RECIPES = {
+    "gray_world": {"model.input_normalization": "gray_world"},
+    "mixup": {"mixup_alpha": 0.2},
+}
+NUM_FOLDS, FOLD_SEED = 5, 0
+_CHUNKS = 8
+_XZ_FILTERS = [
+    {"id": lzma.FILTER_DELTA, "dist": 3},  # RGB: each byte minus the same channel's neighbour
+    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME},
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool: every crop of the folder source, decoded as experiments.crossval decodes it.
+
+
+def _base_config(data_dir: str, overrides: dict):
+    from experiments.configs import default
+
+    config = default.get_config()
+    config.data.source = "folder"
+    config.data.dir = data_dir
+    config.progress_bar = False
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        old = node[leaf]
+        if isinstance(value, str) and isinstance(old, bool):
+            value = value.lower() in ("1", "true", "yes")
+        elif isinstance(value, str) and isinstance(old, (int, float)):
+            value = type(old)(value)
+        node[leaf] = value
+    return config
+
+
+def _compress(chunk: np.ndarray) -> bytes:
+    return lzma.compress(chunk.tobytes(), format=lzma.FORMAT_XZ, filters=_XZ_FILTERS)
+
+
+def pack(data_dir: str, pool_dir: str) -> None:
+    """Writes POOL/pool.json, POOL/meta.npz and POOL/images_NN.xz (uint8 [N, S, S, 3])."""
+    from mnres.evaluation import crossval
+
+    config = _base_config(data_dir, {})
+    pool, manifest = crossval.load_pool(config.data, FOLD_SEED)
+    os.makedirs(pool_dir, exist_ok=True)
+    np.savez_compressed(
+        os.path.join(pool_dir, "meta.npz"),
+        labels=pool.labels, slide_ids=pool.slide_ids, names=pool.names,
+    )  # fmt: skip
+    bounds = np.linspace(0, len(pool), _CHUNKS + 1).astype(int)
+    chunks = [pool.images[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    with futures.ProcessPoolExecutor() as ex:
+        for i, blob in enumerate(ex.map(_compress, chunks)):
+            with open(os.path.join(pool_dir, f"images_{i:02d}.xz"), "wb") as f:
+                f.write(blob)
+    info = {
+        "shape": list(pool.images.shape),
+        "images_sha256": hashlib.sha256(pool.images.tobytes()).hexdigest(),
+        "chunks": [f"images_{i:02d}.xz" for i in range(_CHUNKS)],
+        "skipped": manifest.get("skipped", []),
+        "data_dir": "PATH/" + os.path.basename(os.path.normpath(data_dir)),
+    }
+    with open(os.path.join(pool_dir, "pool.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"packed {len(pool)} crops into {pool_dir}", flush=True)
+
+
+def _decompress(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return lzma.decompress(f.read())
+
+
+def unpack(pool_dir: str, npy_path: str) -> None:
+    """POOL's chunks -> one .npy of the images, checked against the packed sha256."""
+    with open(os.path.join(pool_dir, "pool.json")) as f:
+        info = json.load(f)
+    with futures.ProcessPoolExecutor() as ex:
+        raw = b"".join(ex.map(_decompress, [os.path.join(pool_dir, c) for c in info["chunks"]]))
+    if hashlib.sha256(raw).hexdigest() != info["images_sha256"]:
+        raise ValueError(f"{pool_dir}: the unpacked images are not the packed ones")
+    images = np.frombuffer(raw, np.uint8).reshape(info["shape"])
+    np.save(npy_path, images)
+
+
+def load_pool(pool_dir: str, npy_path: str):
+    """The pool `crossval.load_pool` gives, from the packed arrays, and its manifest."""
+    from mnres.data.splits import Split
+
+    with open(os.path.join(pool_dir, "pool.json")) as f:
+        info = json.load(f)
+    meta = np.load(os.path.join(pool_dir, "meta.npz"))
+    images = np.load(npy_path)
+    pool = Split(images, meta["labels"], meta["slide_ids"], meta["names"])
+    return pool, {"skipped": info["skipped"]}, info
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: recipe x fold, as experiments.crossval trains it, its evaluation kept per crop.
+
+
+def train_one(args) -> None:
+    from mnres.evaluation import crossval, search
+
+    from mnres import config_validation, run_folder
+    from mnres.data.splits import names_sha256
+    from mnres.training import final_evaluation
+
+    overrides = dict(RECIPES[args.recipe], **dict(kv.split("=", 1) for kv in args.set or []))
+    pool, manifest, info = load_pool(args.pool, args.npy)
+    config = _base_config(info["data_dir"], overrides)
+    config_validation.validate(config)
+    config_validation.validate_devices(config)
+    spec = crossval.fold_spec(config, NUM_FOLDS, "slide", FOLD_SEED)
+    record_dir = os.path.join(args.records, args.recipe) if args.records else None
+    if record_dir and not args.set:  # the recorded recipe and folds (fold_K.json files only)
+        search.check_same_recipe(record_dir, search.recipe_config(config.to_dict()), spec)
+    folds = crossval.assign_folds(pool.labels, pool.slide_ids, NUM_FOLDS, spec["seed"], "slide")
+    ds = crossval.fold_dataset(pool, folds, args.fold, spec, manifest)
+
+    captured = {}
+    evaluate_checkpoint = final_evaluation.evaluate_checkpoint
+
+    def capture(run):  # the final evaluation's outputs, as the report is made from them
+        captured["evaluation"] = evaluation = evaluate_checkpoint(run)
+        return evaluation
+
+    final_evaluation.evaluate_checkpoint = capture
+    fold_dir = os.path.join(args.workdir, args.recipe, f"fold_{args.fold}")
+    summary = crossval.run_fold(config, fold_dir, ds, spec, args.fold)
+    evaluation = captured["evaluation"]
+    report = run_folder.read_report(fold_dir)
+
+    rows = {"split": [], "name": [], "slide_id": [], "label": [], "log_odds": [], "prob": []}
+    for split_name, split, out in (
+        ("validation", ds.validation, evaluation.validation),
+        ("test", ds.test, evaluation.test),
+    ):
+        assert np.array_equal(out["labels"], split.labels)
+        rows["split"] += [split_name] * len(split)
+        rows["name"] += list(split.names)
+        rows["slide_id"] += list(split.slide_ids)
+        rows["label"] += list(split.labels)
+        rows["log_odds"] += list(out["log_odds"])
+        rows["prob"] += list(out["probs"])
+    np.savez_compressed(
+        os.path.join(fold_dir, "outputs.npz"),
+        split=np.array(rows["split"]), name=np.array(rows["name"]),
+        slide_id=np.array(rows["slide_id"]), label=np.array(rows["label"], np.int32),
+        log_odds=np.array(rows["log_odds"], np.float32), prob=np.array(rows["prob"], np.float32),
+    )  # fmt: skip
+
+    val_sha = names_sha256(ds.validation.names)
+    recorded = None
+    if record_dir and os.path.isfile(os.path.join(record_dir, f"fold_{args.fold}.json")):
+        recorded = run_folder.read_json(os.path.join(record_dir, f"fold_{args.fold}.json"))
+    cell = lambda figures: {k: figures[k] for k in ("accuracy", "auc", "sensitivity",
+                                                     "specificity", "n")}  # fmt: skip
+    result = {
+        "recipe": args.recipe,
+        "fold": args.fold,
+        "overrides": overrides,
+        "spec": spec,
+        "evaluated": {
+            "checkpoint": evaluation.checkpoint,
+            "step": evaluation.step,
+            "test_time_augmentation": evaluation.tta,
+        },
+        "validation": cell(report["validation"]),
+        "test": cell(report["test"]),
+        "wall_seconds": summary["wall_time_s"],
+        "validation_names_sha256": val_sha,
+        "test_names_sha256": names_sha256(ds.test.names),
+        "recorded_validation_names_sha256": recorded and recorded["validation_names_sha256"],
+        "sha256_matches_record": (
+            None if recorded is None else val_sha == recorded["validation_names_sha256"]
+        ),
+        "recorded_validation": recorded and recorded["validation"]["cell"],
+        "recorded_wall_seconds": recorded and recorded["wall_seconds"],
+        "provenance": report["provenance"],
+        "warnings": summary["warnings"],
+    }
+    run_folder.write_json(os.path.join(fold_dir, "fold_outputs.json"), result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many runs at once, each recipe's finished folds bundled as soon as they finish.
+
+
+def _bundle(out_dir: str, workdir: str, recipe: str, folds) -> None:
+    """OUT/RECIPE.tar with each finished fold's outputs, report, metrics and log."""
+    tmp = os.path.join(out_dir, f".{recipe}.tar.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for k in sorted(folds):
+            fold_dir = os.path.join(workdir, recipe, f"fold_{k}")
+            for src, suffix in _BUNDLED:
+                path = os.path.join(fold_dir, src)
+                if os.path.isfile(path):
+                    tar.add(path, arcname=f"{recipe}/fold_{k}{suffix}")
+    os.replace(tmp, os.path.join(out_dir, f"{recipe}.tar"))
+
+
+_BUNDLED = (
+    ("outputs.npz", ".npz"),
+    ("fold_outputs.json", ".json"),
+    ("report.json", "_report.json"),
+    ("metrics.jsonl", "_metrics.jsonl"),
+    ("train.log", ".log"),
+)
+
+
+def _read(workdir: str, recipe: str, k: int, name: str) -> str:
+    with open(os.path.join(workdir, recipe, f"fold_{k}", name)) as f:
+        return f.read()
+
+
+def run(args) -> None:
+    started = time.perf_counter()
+    os.makedirs(args.workdir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    npy = os.path.join(args.workdir, "pool_images.npy")
+    if not os.path.isfile(npy):
+        unpack(args.pool, npy)
+    print(f"[{time.perf_counter() - started:6.0f}s] pool unpacked and checked", flush=True)
+    jobs = [(r, k) for r in args.recipes.split(",") for k in map(int, args.folds.split(","))]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    pending, running, done = list(jobs), {}, {r: [] for r in RECIPES}
+    failed = []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            recipe, k = pending.pop(0)
+            fold_dir = os.path.join(args.workdir, recipe, f"fold_{k}")
+            os.makedirs(fold_dir, exist_ok=True)
+            cmd = [sys.executable, "-m", "experiments.fold_outputs", "train", f"--pool={args.pool}",
+                   f"--npy={npy}", f"--workdir={args.workdir}", f"--recipe={recipe}",
+                   f"--fold={k}", f"--records={args.records or ''}"]  # fmt: skip
+            cmd += [f"--set={kv}" for kv in args.set or []]
+            log = open(os.path.join(fold_dir, "train.log"), "w")
+            running[(recipe, k)] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), log)
+        time.sleep(5)
+        for (recipe, k), (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[(recipe, k)]
+            elapsed = time.perf_counter() - started
+            if proc.returncode == 0:
+                done[recipe].append(k)
+                _bundle(args.out, args.workdir, recipe, done[recipe])
+                r = json.loads(_read(args.workdir, recipe, k, "fold_outputs.json"))
+                val = r["validation"]
+                print(
+                    f"[{elapsed:6.0f}s] {recipe} fold {k} done in {r['wall_seconds']:.0f}s: "
+                    f"val acc {val['accuracy']:.4f} auc {val['auc']:.4f}, "
+                    f"sha256 matches record: {r['sha256_matches_record']}",
+                    flush=True,
+                )
+            else:
+                failed.append((recipe, k))
+                tail = _read(args.workdir, recipe, k, "train.log")[-3000:]
+                print(f"[{elapsed:6.0f}s] {recipe} fold {k} FAILED (exit {proc.returncode}):")
+                print(tail, flush=True)
+        if running and int(time.perf_counter() - started) % 60 < 5:
+            for (recipe, k), _ in running.items():
+                lines = _read(args.workdir, recipe, k, "train.log").splitlines()
+                epochs = [ln for ln in lines if "train loss" in ln]
+                last = epochs[-1].split("]")[-1].strip()[:90] if epochs else "(starting)"
+                print(f"[{time.perf_counter() - started:6.0f}s] {recipe} fold {k}: {last}",
+                      flush=True)  # fmt: skip
+    print(f"[{time.perf_counter() - started:6.0f}s] all done; failed: {failed or 'none'}",
+          flush=True)  # fmt: skip
+    if failed:
+        sys.exit(1)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="decode the folder source and pack it")
+    p.add_argument("--data_dir", required=True, help="PATH/cell_images")
+    p.add_argument("--pool", required=True, help="output folder of the packed crops")
+    for name in ("run", "train"):
+        p = sub.add_parser(name)
+        p.add_argument("--pool", required=True, help="the folder `pack` wrote")
+        p.add_argument("--workdir", required=True, help="run folders (and the unpacked crops)")
+        p.add_argument("--records", default="experiments/results/search",
+                       help="the search folder: recipe and validation names are checked "
+                       "against RECORDS/RECIPE/fold_K.json ('' for none)")  # fmt: skip
+        p.add_argument("--set", action="append", help="FIELD=VALUE config override (all runs)")
+    p = sub.choices["run"]
+    p.add_argument("--out", required=True, help="where RECIPE.tar files are written")
+    p.add_argument("--recipes", default="gray_world,mixup")
+    p.add_argument("--folds", default="0,1,2,3,4")
+    p.add_argument("--parallel", type=int, default=10, help="training processes at once")
+    p = sub.choices["train"]
+    p.add_argument("--npy", required=True)
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    p.add_argument("--fold", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        pack(args.data_dir, args.pool)
+    elif args.command == "run":
+        run(args)
+    else:
+        from absl import logging
+
+        import experiments
+
+        logging.use_absl_handler()
+        logging.set_verbosity(logging.INFO)
+        experiments.quiet_expected_info_logs()
+        train_one(args)
+
+
+if __name__ == "__main__":
+    main()
