@@ -86,10 +86,10 @@ def _compress(chunk: np.ndarray) -> bytes:
 
 def pack(data_dir: str, pool_dir: str) -> None:
     """Writes POOL/pool.json, POOL/meta.npz and POOL/images_NN.xz (uint8 [N, S, S, 3])."""
-    from mnres.evaluation import crossval
+    from mnres.data import folds as folds_lib
 
     config = _base_config(data_dir, {})
-    pool, manifest = crossval.load_pool(config.data, FOLD_SEED)
+    pool, manifest = folds_lib.load_pool(config.data, FOLD_SEED)
     os.makedirs(pool_dir, exist_ok=True)
     np.savez_compressed(
         os.path.join(pool_dir, "meta.npz"),
@@ -131,7 +131,7 @@ def unpack(pool_dir: str, npy_path: str) -> None:
 
 
 def load_pool(pool_dir: str, npy_path: str):
-    """The pool `crossval.load_pool` gives, from the packed arrays, and its manifest."""
+    """The pool `folds.load_pool` gives, from the packed arrays, and its manifest."""
     from mnres.data.splits import Split
 
     with open(os.path.join(pool_dir, "pool.json")) as f:
@@ -147,23 +147,24 @@ def load_pool(pool_dir: str, npy_path: str):
 
 
 def train_one(args) -> None:
-    from mnres.evaluation import crossval, search
-
-    from mnres import config_validation, run_folder
+    from experiments.search import records as search
+    from mnres import config as config_lib
+    from mnres import run_folder
+    from mnres.data import folds as folds_lib
     from mnres.data.splits import names_sha256
-    from mnres.training import final_evaluation
+    from mnres.training import crossval, final_evaluation
 
     overrides = dict(RECIPES[args.recipe], **dict(kv.split("=", 1) for kv in args.set or []))
     pool, manifest, info = load_pool(args.pool, args.npy)
     config = _base_config(info["data_dir"], overrides)
-    config_validation.validate(config)
-    config_validation.validate_devices(config)
-    spec = crossval.fold_spec(config, NUM_FOLDS, "slide", FOLD_SEED)
+    config_lib.validate(config)
+    config_lib.validate_devices(config)
+    spec = folds_lib.fold_spec(config, NUM_FOLDS, "slide", FOLD_SEED)
     record_dir = os.path.join(args.records, args.recipe) if args.records else None
     if record_dir and not args.set:  # the recorded recipe and folds (fold_K.json files only)
         search.check_same_recipe(record_dir, search.recipe_config(config.to_dict()), spec)
-    folds = crossval.assign_folds(pool.labels, pool.slide_ids, NUM_FOLDS, spec["seed"], "slide")
-    ds = crossval.fold_dataset(pool, folds, args.fold, spec, manifest)
+    folds = folds_lib.assign_folds(pool.labels, pool.slide_ids, NUM_FOLDS, spec["seed"], "slide")
+    ds = folds_lib.fold_dataset(pool, folds, args.fold, spec, manifest)
 
     captured = {}
     evaluate_checkpoint = final_evaluation.evaluate_checkpoint
