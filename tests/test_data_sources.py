@@ -329,8 +329,9 @@ def test_real_tfds_builder_prepared_offline_from_real_crops(tmp_path):
     # Reading the prepared data back needs neither the network nor TensorFlow.
     script = textwrap.dedent(f"""
       import sys
-      from mnres.data import default_config, load_dataset
-      config = default_config()
+      from mnres.config import default_config
+      from mnres.data import load_dataset
+      config = default_config().data
       config.source, config.image_size = 'tfds', 24
       config.tfds_data_dir = {config.tfds_data_dir!r}
       config.split_fractions = (0.6, 0.2, 0.2)
