@@ -252,14 +252,15 @@ def predict_files(
         pending.append((i, image))
     flush()
     bar.close()
-    if gray:
-        warnings.warn(
-            f"{gray} crop(s) were grayscale, converted to RGB; the model was trained on RGB "
-            "stains, its answers on them may be wrong",
-            GrayscaleWarning,
-            stacklevel=2,
-        )
+    if gray:  # once per call, not once per crop
+        warnings.warn(GrayscaleWarning(_GRAYSCALE.format(gray)), stacklevel=2)
     return rows
+
+
+_GRAYSCALE = (
+    "{} crop(s) were grayscale, converted to RGB; the model was trained on RGB stains, its "
+    "answers on them may be wrong"
+)
 
 
 def _called(probs, class_names, threshold: float) -> dict:
