@@ -2,7 +2,8 @@
 
 python -m mnres summary MODEL [--alpha A] [--classes N] [--no-top] [--image-size S]
 python -m mnres export RUN [--out DIR] [--formats stablehlo,tflite,int8,onnx] [--evaluate]
-python -m mnres predict [MODEL] IMAGE|FOLDER|GLOB... [--sample] [--json]
+    [--quiet]
+python -m mnres predict [MODEL] IMAGE|FOLDER|GLOB... [--sample] [--json] [--quiet]
     [--checkpoint best|latest] [--threshold P | --operating-point spec95|spec98]
 """
 
@@ -110,6 +111,9 @@ def _summary_args(add, prog: str) -> argparse.ArgumentParser:
     return summary
 
 
+_QUIET = "no progress bar (it is shown on stderr only when that is a terminal)"
+
+
 def _export_args(add, prog: str) -> argparse.ArgumentParser:
     """The `export` subcommand and its arguments."""
     export = add(
@@ -146,6 +150,7 @@ def _export_args(add, prog: str) -> argparse.ArgumentParser:
         help="accuracy, parity and latency of each file on DIR (Parasitized/ + "
         "Uninfected/, or the run's class folders), or without DIR on the run's test split",
     )
+    export.add_argument("--quiet", action="store_true", help=_QUIET)
     return export
 
 
@@ -198,6 +203,7 @@ def _predict_args(add, prog: str) -> argparse.ArgumentParser:
         "NIH file names)",
     )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
+    pred.add_argument("--quiet", action="store_true", help=_QUIET)
     return pred
 
 
@@ -210,8 +216,10 @@ def main(argv=None) -> int:
         return args.handler(args)
     # A bad model name, field, size, model path or checkpoint: one line, no traceback.
     except (ValueError, FileNotFoundError) as e:
+        from mnres.deploy import crops  # a path in the line is shown, never obeyed
+
         # "usage: mnres predict ..." and the line, from the subcommand's own parser.
-        args.command_parser.error(str(e))
+        args.command_parser.error(crops.printable(str(e)))
         return 2
 
 

@@ -119,7 +119,8 @@ def test_predict_command_prints_json_and_tables(run, cells, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["images"]) == 7 and len(out["slides"]) == 2
     assert sum(r["error"] is not None for r in out["images"]) == 1
-    assert main(["predict", run, str(cells / "more" / "*.png"), str(cells / "gone.png")]) == 0
+    # A path that does not exist: the rest answered, then exit 1 (as `cat` does).
+    assert main(["predict", run, str(cells / "more" / "*.png"), str(cells / "gone.png")]) == 1
     text = capsys.readouterr().out
     assert "p(parasitized)" in text and "2 image(s) predicted, 1 unreadable" in text
     assert "gone.png" in text and "gone.png does not exist" in text

@@ -7,22 +7,25 @@ FileNotFoundError) with one line, which the command line prints as a usage error
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 
 from mnres import run_folder
 from mnres.config.schema import MALARIA_CLASSES
-from mnres.deploy import crops, export, parity, predict
+from mnres.deploy import crops, export, parity, predict, run_checks
 from mnres.metrics import slide_prior
 from mnres.weights import loader, shipped
 
 
 def predict_command(args) -> int:
-    """`predict`: classify crops, print a table (or JSON); 1 when not one input is an image."""
+    """`predict`: classify crops, print a table (or JSON); 1 when not one input is an image or
+    an input does not exist (after answering the rest, as `cat` does)."""
     model, images = _model_and_images(args)
     from_package = model is None or model in shipped.SHIPPED
     model = model or shipped.SHIPPED[0]
@@ -35,9 +38,36 @@ def predict_command(args) -> int:
     else:
         if os.path.isdir(model):  # a run folder: what its training found, before its answers
             for warning in run_folder.run_warnings(model):
-                print(f"warning: {warning}", file=sys.stderr)
+                _warn(warning)
         predictor = predict.load_predictor(model, checkpoint=args.checkpoint)
-    rows = predict.predict_files(predictor, images, threshold=threshold)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", predict.GrayscaleWarning)
+        rows = predict.predict_files(
+            predictor, images, threshold=threshold, progress=not args.quiet
+        )
+    out = _predictions(args, predictor, model, folder, names, threshold, rows)
+    print(json.dumps(out, indent=2) if args.json else _text(out, names))
+    for warning in caught:
+        _warn(str(warning.message))
+    if all(r["error"] is not None for r in rows):
+        print(f"error: not one of the {len(rows)} input(s) could be read as an image (each "
+              "row says why)", file=sys.stderr)  # fmt: skip
+        return 1
+    missing = [r["file"] for r in rows if not (glob.has_magic(r["file"]) or
+                                               os.path.lexists(r["file"]))]  # fmt: skip
+    if missing:
+        print(f"error: {len(missing)} input(s) do not exist: "
+              f"{', '.join(crops.printable(m) for m in missing)}", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {crops.printable(text)}", file=sys.stderr)
+
+
+def _predictions(args, predictor, model, folder, names, threshold, rows) -> dict:
+    """What predict prints (as JSON with --json): the model, the rows, per-slide summaries."""
     prior = None
     if args.slide_prior:
         if not predictor.malaria:
@@ -55,12 +85,7 @@ def predict_command(args) -> int:
         out["slide_prior"] = prior
     if not predictor.malaria:
         out["class_names"] = list(names)
-    print(json.dumps(out, indent=2) if args.json else _text(out, names))
-    if all(r["error"] is not None for r in rows):
-        print(f"error: not one of the {len(rows)} input(s) could be read as an image (each "
-              "row says why)", file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+    return out
 
 
 def _model_and_images(args) -> tuple[str | None, list[str]]:
@@ -96,7 +121,7 @@ def _threshold(args, model: str, folder: str, names) -> float:
 
 def _text(out: dict, names) -> str:
     """The tables predict prints, under the model and how it calls a crop (`out`: its JSON)."""
-    lines = [f"model: {out['model']}", _rule(names, out["threshold"])]
+    lines = [f"model: {crops.printable(out['model'])}", _rule(names, out["threshold"])]
     prior = out.get("slide_prior")
     if prior is not None:
         lines.append(
@@ -119,14 +144,15 @@ def _rule(names, threshold) -> str:
 def export_command(args) -> int:
     """`export`: write the run's files, list them, and with --evaluate compare them."""
     formats = _export_formats(args.formats, export.FORMATS)
-    classifier = run_folder.load_run(args.run, which=args.checkpoint)
-    out = args.out or os.path.join(args.run, "export")
+    classifier = run_checks.load_run(args.run, which=args.checkpoint)
+    out = args.out or _default_out(args.run)
     _check_writable(out)  # before any crop is decoded and the converters run
     calibration = _calibration_crops(args, classifier) if "int8" in formats else None
     evaluation = _evaluation_crops(args, classifier) if args.evaluate else None
     paths = export.export_run(
-        classifier, out, formats, per_channel=not args.per_tensor, representative_images=calibration
-    )
+        classifier, out, formats, per_channel=not args.per_tensor,
+        representative_images=calibration, progress=not args.quiet,
+    )  # fmt: skip
     for fmt, path in paths.items():
         print(f"{fmt:<10} {os.path.getsize(path) / 1e6:8.3f} MB  {path}")
     if evaluation is not None:
@@ -145,13 +171,14 @@ def export_command(args) -> int:
 
 def _calibration_crops(args, classifier):
     """int8 calibration crops: --calibration-dir, else the run's stored sample, else its data."""
-    from mnres.data import decode, sample
+    from mnres.data import sample
 
     size, count = classifier.image_size, args.calibration_images
     if args.calibration_dir:
         paths = crops.find_images([args.calibration_dir])
         chosen = np.random.default_rng(0).permutation(len(paths))[:count]
-        return decode.decode_files([paths[i] for i in sorted(chosen)], size)
+        what = f"--calibration-dir {args.calibration_dir}"
+        return crops.read_crops([paths[i] for i in sorted(chosen)], size, what)
     stored = run_folder.read_calibration_sample(args.run)
     if stored is not None:
         return stored[:count]
@@ -162,7 +189,7 @@ def _calibration_crops(args, classifier):
 
 def _evaluation_crops(args, classifier):
     """(what, uint8 crops, labels) for --evaluate: a labelled folder, else the run's test split."""
-    from mnres.data import decode, folders
+    from mnres.data import folders
 
     if args.evaluate is not True:
         names = classifier.class_names
@@ -173,7 +200,8 @@ def _evaluation_crops(args, classifier):
                 f"--evaluate {args.evaluate}: its classes are {listing['class_names']}, the "
                 f"model's {names}"
             )
-        images = decode.decode_files(listing["paths"], classifier.image_size)
+        what = f"--evaluate {args.evaluate}"
+        images = crops.read_crops(listing["paths"], classifier.image_size, what)
         return args.evaluate, images, listing["labels"]
     fix = "give --evaluate DIR (a folder holding Parasitized/ and Uninfected/, or the run's "
     fix += "class folders)"
@@ -183,11 +211,9 @@ def _evaluation_crops(args, classifier):
 
 def _run_split(classifier, name: str, need: str, fix: str):
     """The run's `name` split, reloaded from its config; ValueError (one line) if it cannot be."""
-    from mnres import data
-
     config = classifier.config
     try:
-        return getattr(data.load_dataset(config.data, config.seed), name)
+        return getattr(export.run_dataset(config), name)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
@@ -205,6 +231,20 @@ def _export_formats(text: str, known) -> list[str]:
         said = f"unknown format(s) {', '.join(unknown)}" if unknown else "no format"
         raise ValueError(f"--formats {text!r}: {said}; use some of {','.join(known)}")
     return formats
+
+
+def _default_out(run: str) -> str:
+    """RUN/export; ValueError (one line) when it leads out of the run folder (a link: a run
+    folder is anyone's, and export must not write over what its link points to)."""
+    out = os.path.join(run, "export")
+    inside = os.path.realpath(run)
+    if os.path.commonpath([os.path.realpath(out), inside]) != inside or os.path.islink(out):
+        target = os.readlink(out) if os.path.islink(out) else os.path.realpath(out)
+        raise ValueError(
+            f"{out} is a link to {target}: export writes into the run folder only; remove "
+            "the link or give --out DIR"
+        )
+    return out
 
 
 def _check_writable(folder: str) -> None:

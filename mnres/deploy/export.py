@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 import warnings
 
 import jax
@@ -34,13 +35,16 @@ import numpy as np
 
 from mnres import provenance, run_folder
 from mnres.config.schema import MALARIA_CLASSES
-from mnres.deploy import tensorflow_logs
+from mnres.deploy import crops, tensorflow_logs
 from mnres.inference import Classifier
 
 TFLITE_INPUT_SHAPE = "(1, h, w, 3)"
 STABLEHLO_INPUT_SHAPE = "(b, h, w, 3)"
 # The StableHLO artifact runs on any of these (lowering needs none of the hardware).
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
+# A sidecar's image_size outside these is not a crop side a model of mnres was trained at (an
+# edited one decides how large every crop is decoded: 20000 took 4.25 GB for one crop).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 
 
 def serving_function(classifier: Classifier):
@@ -85,12 +89,55 @@ def _write_metadata(path: str, classifier: Classifier, **extra) -> None:
 
 
 def read_metadata(path: str) -> dict:
-    """The sidecar of an exported file; {} when there is none."""
+    """The sidecar of an exported file; {} when there is none.
+
+    Raises:
+      ValueError: a sidecar that is not a JSON object, or whose image_size is not an integer in
+        [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE].
+    """
+    sidecar = metadata_path(path)
     try:
-        with open(metadata_path(path)) as f:
-            return json.load(f)
+        with open(sidecar) as f:
+            meta = json.load(f)
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the sidecar {sidecar}: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"the sidecar {sidecar} is not a JSON object; remove it or re-export")
+    size = meta.get("image_size")
+    if size is not None and not (
+        isinstance(size, int) and MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+    ):
+        raise ValueError(
+            f"the sidecar {sidecar} says image_size {size!r}, not a crop side in "
+            f"[{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]; restore it (or remove it) or re-export"
+        )
+    return meta
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Writes `path` through a new temporary file renamed over it: a link at `path` (a run
+    folder is anyone's) is replaced, never written through, and no half file is left."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def run_dataset(config):
+    """The run's dataset reloaded from its config, written nowhere: the decoded-image cache its
+    config.json names (`data.cache_dir`) is a path read from a run folder, left alone."""
+    from mnres import data
+
+    data_config = config.data.copy_and_resolve_references()
+    with data_config.unlocked():
+        data_config.cache_dir = None
+    return data.load_dataset(data_config, config.seed)
 
 
 def export_stablehlo(classifier: Classifier, path: str, *, platforms=STABLEHLO_PLATFORMS) -> str:
@@ -101,8 +148,7 @@ def export_stablehlo(classifier: Classifier, path: str, *, platforms=STABLEHLO_P
     serve = serving_function(classifier)
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(STABLEHLO_INPUT_SHAPE), jnp.uint8)
     exported = jax.export.export(jax.jit(serve), platforms=platforms)(spec)
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
+    _write_file(path, bytes(exported.serialize()))
     _write_metadata(path, classifier, format="stablehlo", platforms=list(platforms))
     return path
 
@@ -153,8 +199,7 @@ def export_tflite(
         )
     model_bytes = _tflite_bytes(classifier, quantize, per_channel, representative_images, any_size)
     size = classifier.image_size
-    with open(path, "wb") as f:
-        f.write(model_bytes)
+    _write_file(path, model_bytes)
     _write_metadata(
         path,
         classifier,
@@ -262,13 +307,12 @@ def export_onnx(classifier: Classifier, path: str) -> str:
 
     Optional: jax2onnx (0.17) pins orbax-checkpoint < 0.11.37, so it is not in mnres' extras.
     """
-    import onnx
     from jax2onnx import to_onnx
 
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(STABLEHLO_INPUT_SHAPE), jnp.uint8)
     proto = to_onnx(serving_function(classifier), [spec], model_name="mnres")
     # One self-contained file (jax2onnx's own file mode moves large weights to FILE.data).
-    onnx.save_model(proto, path)
+    _write_file(path, proto.SerializeToString())
     _write_metadata(path, classifier, format="onnx")
     return path
 
@@ -302,11 +346,13 @@ def export_run(
     *,
     per_channel: bool = True,
     representative_images=None,
+    progress: bool = False,
 ) -> dict:
     """Writes the chosen formats to `out_dir` (`FILE_NAMES`); returns {format: path}.
 
     int8 calibrates on `representative_images`, by default 256 crops of the run's training
-    split (`mnres.data.sample.calibration_images`).
+    split (`mnres.data.sample.calibration_images`). `progress`: a bar over the formats on
+    stderr (when it is a terminal; a conversion takes seconds to minutes).
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
@@ -321,7 +367,9 @@ def export_run(
             )
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
+    bar = crops.progress(len(formats), "export", progress)
     for fmt in formats:
+        bar.set_postfix_str(fmt)
         path = os.path.join(out_dir, FILE_NAMES[fmt])
         if fmt == "stablehlo":
             paths[fmt] = export_stablehlo(classifier, path)
@@ -333,11 +381,9 @@ def export_run(
             if representative_images is None:
                 if classifier.config is None:
                     raise ValueError("int8 needs representative_images or a run's config")
-                from mnres import data
                 from mnres.data import sample
 
-                config = classifier.config
-                train = data.load_dataset(config.data, config.seed).train
+                train = run_dataset(classifier.config).train
                 representative_images = sample.calibration_images(train)
             paths[fmt] = export_tflite(
                 classifier,
@@ -346,4 +392,6 @@ def export_run(
                 per_channel=per_channel,
                 representative_images=representative_images,
             )
+        bar.update()
+    bar.close()
     return paths

@@ -10,15 +10,17 @@ iff its probability reaches the threshold) and gives that probability; per-slide
 are the malaria model's.
 
 Crops are read by `mnres.deploy.crops` (as training decodes them when the model's size is
-known). An unreadable file becomes a row with an `error`, never a crash; inputs that give no
-file at all (an empty folder, a glob that matches nothing, a missing path) are refused by
-`crops.find_images` with one line that names them.
+known). An unreadable file (or a crop under `crops.MIN_CROP_SIDE` pixels on a side) becomes a
+row with an `error`, never a crash; inputs that give no file at all (an empty folder, a glob
+that matches nothing, a missing path) are refused by `crops.find_images` with one line that
+names them. Grayscale crops are converted to RGB with one `GrayscaleWarning` per call.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +29,16 @@ import numpy as np
 from mnres import run_folder
 from mnres.config import schema as config_lib
 from mnres.data.folders import IMAGE_SUFFIXES, crop_facts
-from mnres.deploy import crops, export
+from mnres.deploy import crops, export, run_checks
 from mnres.metrics import calibration, slide_prior
 from mnres.weights import shipped
 
 STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
 MODEL_SUFFIXES = (".tflite", ".onnx", *STABLEHLO_SUFFIXES)
+
+
+class GrayscaleWarning(UserWarning):
+    """Crops of one channel were converted to RGB: the model was trained on RGB stains."""
 
 
 @dataclass
@@ -73,7 +79,7 @@ def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64)
       ValueError: one clear line when the path is none of these or its model does not load.
     """
     if os.path.isdir(path):
-        return from_classifier(run_folder.load_run(path, which=checkpoint), path, batch_size)
+        return from_classifier(run_checks.load_run(path, which=checkpoint), path, batch_size)
     if not os.path.isfile(path):
         raise ValueError(
             f"no model at {path}: give a training run folder, a .tflite or .onnx file or a "
@@ -84,17 +90,27 @@ def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64)
     try:
         if path.endswith(".tflite"):
             model = export.load_tflite(path)
-            # An S x S model resizes other crops itself; any-size models resize in the graph.
-            return Predictor(path, "tflite", size or model.input_size, model, 1, names)
-        if path.endswith(STABLEHLO_SUFFIXES):
-            run = export.load_stablehlo(path)
-            return Predictor(path, "stablehlo", size, run, batch_size, names)
-        if path.endswith(".onnx"):
-            return Predictor(path, "onnx", size, export.load_onnx(path), batch_size, names)
+        elif path.endswith(STABLEHLO_SUFFIXES):
+            model = export.load_stablehlo(path)
+        elif path.endswith(".onnx"):
+            model = export.load_onnx(path)
+        else:
+            model = None
     except ImportError as e:
         raise ValueError(f"running {path} needs {e.name}: pip install {e.name}") from e
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line, not a trace
-        raise ValueError(f"cannot load {path} as a model: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot load {path} as a model: {crops.reason(e)}") from e
+    if isinstance(model, export.TFLiteModel):
+        if size is not None and model.input_size not in (None, size):
+            raise ValueError(
+                f"the sidecar {export.metadata_path(path)} says image_size {size}, the model "
+                f"takes {model.input_size} x {model.input_size}; restore it or re-export"
+            )
+        # An S x S model resizes other crops itself; any-size models resize in the graph.
+        return Predictor(path, "tflite", size or model.input_size, model, 1, names)
+    if model is not None:
+        kind = "onnx" if path.endswith(".onnx") else "stablehlo"
+        return Predictor(path, kind, size, model, batch_size, names)
     raise ValueError(
         f"{path}: unknown model format; expected a .tflite or .onnx file, a "
         f"{'/'.join(STABLEHLO_SUFFIXES)} StableHLO export or a training run folder"
@@ -125,8 +141,10 @@ def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Pred
 def looks_like_model(item: str) -> bool:
     """Whether predict's first argument names a model rather than images.
 
-    A run folder, a file that is not an image, or a missing path with a model file's suffix is
-    a model; an image, a glob, a folder of images or a missing image path is an input.
+    A run folder, a file that is not an image, or a missing path without an image suffix
+    (`runs/typo`, `model.tflite`) is a model, so that a mistyped model is an error that names
+    it, never replaced by the shipped model; an image, a glob, a folder of images or a missing
+    image path is an input.
     """
     if glob.has_magic(item):
         return False
@@ -136,7 +154,7 @@ def looks_like_model(item: str) -> bool:
         return not crops.files_of(item)
     if os.path.isfile(item):
         return not item.lower().endswith(IMAGE_SUFFIXES)
-    return item.lower().endswith(MODEL_SUFFIXES)
+    return not item.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _run_folders(model_path: str) -> list[str]:
@@ -178,7 +196,9 @@ def operating_threshold(model_path: str, point: str) -> float:
     return float(threshold)
 
 
-def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> list[dict]:
+def predict_files(
+    predictor: Predictor, paths, *, threshold: float = 0.5, progress: bool = False
+) -> list[dict]:
     """One row per file: file, slide_id, label, prob_parasitized, error (None when read).
 
     A model of other classes than the malaria pair gives rows of file, slide_id, label (the
@@ -189,6 +209,10 @@ def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> lis
       paths: image files; a file's slide id is read from its name (`crop_facts`).
       threshold: two classes: a crop is called class 1 (parasitized) when its probability is
         >= threshold. More classes: unused, a crop is called its most probable class.
+      progress: a progress bar on stderr (`crops.progress`: when it is a terminal).
+
+    Warns:
+      GrayscaleWarning: once, with their number, when some crops were grayscale.
     """
     malaria = predictor.malaria
     scores = {"prob_parasitized": None} if malaria else {"prob": None, "probs": None}
@@ -211,20 +235,32 @@ def predict_files(predictor: Predictor, paths, *, threshold: float = 0.5) -> lis
                 rows[i].update(_called(p, predictor.class_names, threshold))
         pending.clear()
 
+    gray, bar = 0, crops.progress(len(rows), "predict", progress)
     for i, row in enumerate(rows):
+        bar.update()
         if not os.path.isfile(row["file"]):  # an input `find_images` found nothing for
             row["error"] = crops.nothing_found(row["file"])
             continue
         try:
-            image = crops.read_crop(row["file"], predictor.image_size)
+            image, was_gray = crops.read_crop(row["file"], predictor.image_size)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
-            row["error"] = f"unreadable image ({type(e).__name__}: {e})"
+            row["error"] = f"unreadable image ({crops.reason(e)})"
             continue
+        gray += was_gray
         if pending and (image.shape != pending[0][1].shape or len(pending) >= predictor.batch_size):
             flush()
         pending.append((i, image))
     flush()
+    bar.close()
+    if gray:  # once per call, not once per crop
+        warnings.warn(GrayscaleWarning(_GRAYSCALE.format(gray)), stacklevel=2)
     return rows
+
+
+_GRAYSCALE = (
+    "{} crop(s) were grayscale, converted to RGB; the model was trained on RGB stains, its "
+    "answers on them may be wrong"
+)
 
 
 def _called(probs, class_names, threshold: float) -> dict:
@@ -313,18 +349,19 @@ def slide_summary(rows, *, threshold: float = 0.5) -> list[dict]:
 
 def format_table(rows, summary=()) -> str:
     """Plain-text tables of the rows and, when there is one, the per-slide summary."""
-    width = max([len("file")] + [len(r["file"]) for r in rows])
+    files = [crops.printable(r["file"]) for r in rows]  # a name cannot drive the terminal
+    width = max([len("file")] + [len(f) for f in files])
     malaria = all("prob_parasitized" in r for r in rows)
     key, title = ("prob_parasitized", "p(parasitized)") if malaria else ("prob", "p(label)")
     label_width = max([12] + [len(r["label"]) + 1 for r in rows if r["label"]])
     lines = [f"{'file':<{width}}  {'slide':<10} {'label':<{label_width}} {title:>14}"]
-    for r in rows:
+    for file, r in zip(files, rows, strict=True):
+        slide = crops.printable(r["slide_id"] or "-")
         if r["error"]:
-            lines.append(f"{r['file']:<{width}}  {r['slide_id'] or '-':<10} error: {r['error']}")
+            lines.append(f"{file:<{width}}  {slide:<10} error: {crops.printable(r['error'])}")
         else:
             lines.append(
-                f"{r['file']:<{width}}  {r['slide_id'] or '-':<10} {r['label']:<{label_width}} "
-                f"{r[key]:>14.4f}"
+                f"{file:<{width}}  {slide:<10} {r['label']:<{label_width}} {r[key]:>14.4f}"
             )
     if summary:
         lines += ["", f"{'slide':<10} {'cells':>6} {'parasitized':>12} {'fraction':>9} "
