@@ -142,7 +142,14 @@ def main(argv):
     folds = None if FLAGS.folds is None else [int(f) for f in FLAGS.folds]
     try:
         _run(FLAGS.config, workdir, folds)
-    except (FloatingPointError, RuntimeError, ImportError, FileNotFoundError, ValueError) as e:
+    except (
+        FloatingPointError,
+        RuntimeError,
+        ImportError,
+        FileNotFoundError,
+        ValueError,
+        ConnectionError,  # a failed download (ImageNet weights, TFDS)
+    ) as e:
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
         if isinstance(e, config_lib.ConfigError):  # a field that cannot work: exit 2

@@ -70,7 +70,14 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", name)
     try:
         report = _train(config, name, workdir)
-    except (FloatingPointError, RuntimeError, ImportError, FileNotFoundError, ValueError) as e:
+    except (
+        FloatingPointError,
+        RuntimeError,
+        ImportError,
+        FileNotFoundError,
+        ValueError,
+        ConnectionError,  # a failed download (ImageNet weights, TFDS)
+    ) as e:
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
         if isinstance(e, config_lib.ConfigError):  # a field that cannot work: exit 2

@@ -31,7 +31,9 @@ def classify(model, variables, images, *, tta: bool = False) -> jnp.ndarray:
     Args:
       model: an mnres flax module.
       variables: {'params', 'batch_stats'}.
-      images: float [B, S, S, 3] scaled to [-1, 1] (`mnres.data.augment.preprocess`).
+      images: float [B, S, S, 3] scaled to [-1, 1] (`mnres.data.augment.preprocess`). The
+        model refuses uint8 and other shapes when traced; the range cannot be checked inside
+        `jit`: floats in [0, 1] or [0, 255] give confident wrong answers.
       tta: average over the 8 views of each crop.
 
     Returns:
@@ -41,6 +43,20 @@ def classify(model, variables, images, *, tta: bool = False) -> jnp.ndarray:
         return model.apply(variables, images, train=False)[0]
     logits, _ = model.apply(variables, dihedral_views(images), train=False)
     return jnp.mean(logits.reshape(8, images.shape[0], logits.shape[-1]), axis=0)
+
+
+def check_crops(images, where: str) -> None:
+    """ValueError unless `images` are uint8 RGB crops [B, H, W, 3]: static facts, so the check
+    costs nothing inside `jit` (floats are refused: in [0, 1] they would be read as near-black)."""
+    dtype, shape = np.dtype(images.dtype), tuple(images.shape)
+    if dtype != np.uint8:
+        raise ValueError(
+            f"{where} takes uint8 RGB crops (0-255), got {dtype}: give the crops as decoded "
+            "(floats in [0, 1]: np.round(x * 255).astype(np.uint8)); images already scaled to "
+            "[-1, 1] go to Classifier.classify"
+        )
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{where} takes RGB crops as [batch, height, width, 3], got {shape}")
 
 
 def resize_like_training(images, image_size: int) -> jnp.ndarray:
@@ -133,10 +149,11 @@ class Classifier:
         """The serving function: uint8 crops [B, H, W, 3] of any size -> float32 probs [B, C].
 
         Each crop is resized as training decoded it (`resize_like_training`), scaled by
-        x / 127.5 - 1 and classified (`Classifier.classify`). Traceable; the variables are
-        closed over, so an export holds them as constants. `mnres.deploy.export` exports it
-        from `for_export()`.
+        x / 127.5 - 1 and classified (`Classifier.classify`). Other dtypes and shapes are
+        refused when traced (`check_crops`). Traceable; the variables are closed over, so an
+        export holds them as constants. `mnres.deploy.export` exports it from `for_export()`.
         """
+        check_crops(images, "Classifier.serve")
         x = resize_like_training(images, self.image_size) / 127.5 - 1.0
         return jax.nn.softmax(self.classify(x).astype(jnp.float32), axis=-1)
 
@@ -153,12 +170,13 @@ class Classifier:
           float32 [N, C] on the host, in the order of `images`.
 
         Raises:
-          ValueError: no images.
+          ValueError: no images, or not uint8 RGB crops (`check_crops`).
         """
         model, tta = self.model, self.test_time_augmentation
         # The variables are an argument, not constants baked into the compiled function.
         forward = jax.jit(lambda v, x: classify(model, v, preprocess(x), tta=tta))
         images = np.asarray(images)
+        check_crops(images, "Classifier.logits")
         if len(images) == 0:
             raise ValueError("no images to classify")
         out = []

@@ -91,10 +91,14 @@ def _text(value) -> str:
 
 
 class _Server:
-    """A local HTTP server for the Keras file; counts the requests it answers."""
+    """A local HTTP server for the Keras file; counts the requests it answers.
+
+    `cut_at`: the number of bytes of each body sent before the server closes the connection
+    (its Content-Length still the whole body's), as a dropped connection does; None: all.
+    """
 
     def __init__(self, files: dict[str, bytes]):
-        self.files, self.requests = files, 0
+        self.files, self.requests, self.cut_at = files, 0, None
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -107,7 +111,11 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body[: server.cut_at])
+                if server.cut_at is not None:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
 
             def log_message(self, *args):
                 pass
@@ -130,9 +138,10 @@ def _module_server(keras_file):
 
 
 @pytest.fixture
-def server(_module_server):
-    """The server, its request count at 0."""
-    _module_server.requests = 0
+def server(_module_server, keras_file):
+    """The server, its request count at 0, serving the Keras file whole."""
+    _module_server.requests, _module_server.cut_at = 0, None
+    _module_server.files[FILE] = keras_file[0]
     return _module_server
 
 
@@ -236,6 +245,75 @@ def test_recorded_hash_catches_a_damaged_file(server, tmp_path):
     with pytest.raises(ValueError, match="not the .* recorded when it was downloaded"):
         iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
     assert server.requests == 1
+
+
+def test_download_cut_short_is_not_cached(keras_file, server, tmp_path):
+    server.cut_at = len(keras_file[0]) // 2
+    with pytest.raises(iw.DownloadError) as info:
+        iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
+    message = str(info.value)
+    assert "\n" not in message and f"closed after {server.cut_at:,} of its" in message
+    assert _cache_files(tmp_path) == []
+    server.cut_at = None  # the connection holds this time
+    path = iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
+    assert open(path, "rb").read() == keras_file[0] and server.requests == 2
+    assert iw.recorded_sha256(path) == iw.file_sha256(path)
+
+
+def test_hdf5_signature_then_junk_is_not_cached(keras_file, server, tmp_path):
+    junk = np.random.default_rng(0).bytes(len(keras_file[0]) - 8)
+    server.files[FILE] = b"\x89HDF\r\n\x1a\n" + junk  # the signature, then nothing HDF5
+    with pytest.raises(ValueError, match=r"not a readable HDF5 file .*nothing was cached$") as e:
+        iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
+    assert "\n" not in str(e.value) and str(e.value).startswith(server.url())
+    assert _cache_files(tmp_path) == []
+    server.files[FILE] = keras_file[0]
+    iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
+    assert _cache_files(tmp_path) == [FILE, FILE + ".sha256"] and server.requests == 2
+
+
+def _cache_as_before(cache, body: bytes, file: str = FILE) -> None:
+    """`body` cached as mnres 0.2.0 cached any download: the file and its recorded sha256."""
+    folder = os.path.join(cache, iw.WEIGHTS_SUBDIR)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, file)
+    with open(path, "wb") as f:
+        f.write(body)
+    with open(path + ".sha256", "w") as f:
+        f.write(f"{iw.file_sha256(path)}  {file}\n")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "junk"])
+def test_bad_download_in_the_cache_is_removed_and_fetched_again(
+    keras_file, server, tmp_path, damage
+):
+    body = keras_file[0]
+    body = body[: len(body) // 2] if damage == "truncated" else body[:8] + bytes(len(body) - 8)
+    _cache_as_before(tmp_path, body)
+    with pytest.raises(ValueError, match="Removed it from the cache: run again") as e:
+        iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
+    assert "\n" not in str(e.value) and "not a readable HDF5 file" in str(e.value)
+    assert _cache_files(tmp_path) == [] and server.requests == 0
+    path = iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
+    assert open(path, "rb").read() == keras_file[0] and server.requests == 1
+
+
+def test_training_over_a_bad_cache_says_one_line(keras_file, tmp_path):
+    """`pretrained=imagenet` with a download cut short in the cache: one line, no traceback."""
+    cache = tmp_path / "cache"
+    # A download cut short of the file the smoke config's model takes.
+    _cache_as_before(cache, keras_file[0][:4096], "mobilenet_2_5_224_tf_no_top.h5")
+    env = {**os.environ, iw.CACHE_ENV: str(cache), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.malaria", "--config=experiments/configs/smoke.py",
+         "--config.model.pretrained=imagenet", f"--workdir={tmp_path / 'run'}"],
+        env=env, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "Removed it from the cache" in errors[0], proc.stderr[-3000:]
+    assert _cache_files(cache) == []
 
 
 def test_offline_fails_fast_with_one_line(tmp_path):

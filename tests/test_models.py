@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +253,50 @@ def test_bfloat16_model_keeps_float32_params_and_logits():
 def test_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "name, fields, message",
+    [
+        ("mobilenet_v2", {"alpha": -1}, "alpha=-1: the width multiplier must be a positive"),
+        ("mobilenet_v1", {"alpha": 0}, "alpha=0: "),
+        ("paper", {"alpha": float("nan")}, "alpha=nan: "),
+        ("mobilenet_v2", {"alpha": float("inf")}, "alpha=inf: "),
+        ("mobilenet_v2", {"num_classes": 0}, "num_classes=0: a classifier needs"),
+        ("mobilenet_v1", {"num_classes": 2.5}, "num_classes=2.5: "),
+        ("mobilenet_v1", {"alpha": 0.01}, "stem with none: use >= 1/32"),
+        ("mobilenet_v1", {"depth_multiplier": 0}, "depth_multiplier=0: "),
+        ("mobilenet_v2", {"dropout": 1.0}, r"dropout=1.0: a rate in \[0, 1\)"),
+    ],
+)
+def test_the_library_refuses_fields_no_network_can_have(name, fields, message):
+    # Refused when built (once, outside any jit), by `create_model` and by the classes alike.
+    with pytest.raises(ValueError, match=message):
+        mnres.create_model(name, **fields)
+    model = mnres.create_model(name)
+    with pytest.raises(ValueError, match=message):
+        model.clone(**fields)
+
+
+def test_the_network_refuses_uint8_and_non_rgb_input_when_traced():
+    model = mnres.create_model("mobilenet_v2", alpha=0.35, num_classes=2)
+    init = lambda x: jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    variables = init(jnp.zeros((1, 32, 32, 3)))
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    apply = lambda v, x: jax.eval_shape(forward, v, x)  # traced, as a compile would
+    crops = np.full((2, 32, 32, 3), 200, np.uint8)
+    with pytest.raises(ValueError, match=r"float images scaled to \[-1, 1\], got uint8: scale"):
+        apply(variables, crops)
+    with pytest.raises(ValueError, match="got int32"):
+        init(crops.astype(np.int32))
+    for shape in [(1, 32, 32, 1), (1, 32, 32, 4), (32, 32, 3)]:
+        with pytest.raises(
+            ValueError, match=r"\[batch, height, width, 3\], got shape " + re.escape(str(shape))
+        ):
+            init(jnp.zeros(shape))
+    # Preprocessed crops (and bfloat16 ones) pass.
+    assert apply(variables, crops / 127.5 - 1.0)[0].shape == (2, 2)
+    assert apply(variables, (crops / 127.5 - 1.0).astype(jnp.bfloat16))[0].shape == (2, 2)
 
 
 def test_public_names():

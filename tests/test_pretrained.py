@@ -147,6 +147,26 @@ def test_weights_into_a_model_with_other_fields_name_the_field():
         mnres.load_pretrained("malria")
 
 
+def test_the_library_refuses_no_classes_and_crops_that_are_not_uint8(shipped, sample_images):
+    with pytest.raises(ValueError, match="num_classes=0: a classifier needs a whole number >= 1"):
+        mnres.load_pretrained("malaria", num_classes=0)  # was: the 2-class model
+    assert mnres.load_pretrained("malaria", num_classes=1).model.num_classes == 1
+    crops = sample_images[1][:4]
+    # The same crops as floats in [0, 1] gave confident wrong answers; now one line.
+    with pytest.raises(ValueError, match=r"serve takes uint8 RGB crops \(0-255\), got float32"):
+        shipped.classifier.serve(crops.astype(np.float32) / 255)
+    with pytest.raises(ValueError, match=r"logits takes uint8 RGB crops \(0-255\), got float64"):
+        shipped.classifier.logits(crops / 255)
+    with pytest.raises(ValueError, match="the network takes float images scaled to"):
+        shipped.model.apply(shipped.variables, crops, train=False)
+    from mnres.deploy import predict
+
+    predictor = predict.from_classifier(shipped.classifier)
+    with pytest.raises(ValueError, match="no images to classify"):
+        predict.class_probabilities(predictor, crops[:0])
+    assert predict.class_probabilities(predictor, crops).shape == (4, 2)
+
+
 def test_list_pretrained_names_the_shipped_and_the_downloadable_weights():
     entries = mnres.list_pretrained()
     assert entries[0]["name"] == "malaria" and entries[0]["kind"] == "shipped"

@@ -387,6 +387,8 @@ def probabilities(predictor: Predictor, images) -> np.ndarray:
 def class_probabilities(predictor: Predictor, images) -> np.ndarray:
     """Probabilities [N, C] of uint8 crops [N, H, W, 3], in predictor-sized batches."""
     n, step = len(images), predictor.batch_size
+    if n == 0:  # no batch to learn C from
+        raise ValueError("no images to classify: give uint8 crops [N, H, W, 3] with N >= 1")
     return np.concatenate(
         [np.asarray(predictor.run(images[i : i + step])) for i in range(0, n, step)]
     )

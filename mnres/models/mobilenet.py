@@ -3,11 +3,19 @@
 Every model is called as `model.apply(variables, images, train=...)` and returns
 `(output, out)`: `output` is the logits (or the features when `include_top=False`), `out` a dict of
 named intermediates (`feature_map`, `pre_logits`, `logits`) for feature extraction and Grad-CAM.
+
+`images` are float [B, H, W, 3] RGB scaled to [-1, 1] (x / 127.5 - 1 of uint8 crops,
+`mnres.data.augment.preprocess`), H and W at least `MIN_IMAGE_SIZE`. The dtype, rank and
+channels are checked when the model is traced (they are static); the range cannot be checked
+inside `jit`: images in [0, 1] or [0, 255] give confident wrong answers. uint8 crops go to
+`mnres.inference.Classifier.serve`, which resizes and scales them.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -46,6 +54,11 @@ MOBILENET_V2_STAGES = (
 
 # The smallest input side: five stride-2 stages take 32 px to a 1x1 feature map.
 MIN_IMAGE_SIZE = 32
+
+
+def _is_count(value) -> bool:
+    """A whole number >= 1 (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _frozen_prefix(layer_names: Sequence[str], freeze_through: str | None) -> tuple[str, ...]:
@@ -87,7 +100,22 @@ class _MobileNet(nn.Module):
     def __post_init__(self):
         adopt_depthwise_implementation(self)
         stain.check_method(self.input_normalization)
+        self._check_fields()
         super().__post_init__()
+
+    def _check_fields(self) -> None:
+        """Refuses fields no network can have; once per construction, never inside `jit`."""
+        alpha = self.alpha
+        if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(
+                f"alpha={alpha!r}: the width multiplier must be a positive number "
+                "(0.25, 0.35, 0.5, 0.75, 1.0, 1.4, ...)"
+            )
+        classes = self.num_classes
+        if not _is_count(classes):
+            raise ValueError(f"num_classes={classes!r}: a classifier needs a whole number >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r}: a rate in [0, 1)")
 
     def layer_names(self) -> tuple[str, ...]:
         """Keras names of the weighted layers (conv, BatchNorm, dense), in network order."""
@@ -116,8 +144,17 @@ class _MobileNet(nn.Module):
         )
 
     def _check_input(self, x):
-        if x.ndim != 4:
-            raise ValueError(f"expected images as [batch, height, width, channels], got {x.shape}")
+        # Static facts of the traced input: checked once per trace, free at run time.
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"expected RGB images as [batch, height, width, 3], got shape {tuple(x.shape)}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"the network takes float images scaled to [-1, 1], got {x.dtype}: scale uint8 "
+                "crops by x / 127.5 - 1 (mnres.data.augment.preprocess), or give them as they "
+                "are to mnres.inference.Classifier (serve, logits)"
+            )
         if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
             raise ValueError(
                 f"MobileNets need inputs of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels, "
@@ -163,6 +200,16 @@ class MobileNetV1(_MobileNet):
 
     def _filters(self, filters: int) -> int:
         return int(filters * self.alpha)  # V1 truncates; only V2 rounds to multiples of 8
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        if self._filters(32) < 1:  # the stem, the narrowest layer
+            raise ValueError(
+                f"alpha={self.alpha!r} leaves MobileNetV1's 32-filter stem with none: use >= 1/32"
+            )
+        multiplier = self.depth_multiplier
+        if not _is_count(multiplier):
+            raise ValueError(f"depth_multiplier={multiplier!r}: a whole number >= 1")
 
     def _residual_blocks(self) -> tuple[int, ...]:
         eligible = []

@@ -9,16 +9,19 @@ loads it (`load_imagenet`, through `mnres.weights.keras.load_keras_weights`):
     variables = model.init(rng, jnp.zeros((1, 128, 128, 3)), train=False)
     variables, report = load_imagenet(model, variables, image_size=128)
 
-The cache is `$MNRES_CACHE/keras-weights/`, else `~/.cache/mnres/keras-weights/`. Keras
-publishes no checksums: the sha256 of each file is recorded beside it on its first download
-(`FILE.sha256`, in `sha256sum` format) and checked whenever the cached file is reused; pass
-`sha256=` to pin a hash of your own. Without network access, download the file elsewhere (the
-URL is in every error) and pass its path: `config.model.pretrained=PATH`, or
+The cache is `$MNRES_CACHE/keras-weights/`, else `~/.cache/mnres/keras-weights/`. A download
+enters it only whole (its Content-Length) and readable (h5py lists and reads its layers); a
+file found there that h5py cannot read (cached by an older mnres) is removed, with one line.
+Keras publishes no checksums: the sha256 of each file is recorded beside it on its first
+download (`FILE.sha256`, in `sha256sum` format) and checked whenever the cached file is
+reused; pass `sha256=` to pin a hash of your own. Without network access, download the file
+elsewhere (the URL is in every error) and pass its path: `config.model.pretrained=PATH`, or
 `load_keras_weights(model, variables, PATH)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import http.client
@@ -31,6 +34,7 @@ import urllib.request
 from absl import logging
 
 from mnres.models import mobilenet
+from mnres.weights.keras import read_h5_file
 
 # Where Keras downloads from (keras/src/applications/mobilenet.py, mobilenet_v2.py). A module
 # variable read on every call, so a mirror (or a test server) can stand in for it.
@@ -49,7 +53,6 @@ DEFAULT_SIZE = 224  # Keras' file for any size it does not publish
 CACHE_ENV = "MNRES_CACHE"
 WEIGHTS_SUBDIR = "keras-weights"
 _V1_ALPHA_TEXT = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}  # Keras' spelling
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class DownloadError(ConnectionError):
@@ -134,23 +137,18 @@ def choose_weights(
 
 def available() -> list[dict]:
     """Every published file: dicts with model, alpha, image_size, include_top, url, file."""
-    rows = []
-    for name, (alphas, sizes) in PUBLISHED.items():
-        for alpha in alphas:
-            for size in sizes:
-                for top in (False, True):
-                    choice = choose_weights(name, alpha, size, include_top=top)
-                    rows.append(
-                        {
-                            "model": name,
-                            "alpha": alpha,
-                            "image_size": size,
-                            "include_top": top,
-                            "url": choice.url,
-                            "file": choice.file,
-                        }
-                    )
-    return rows
+    choices = [
+        choose_weights(name, alpha, size, include_top=top)
+        for name, (alphas, sizes) in PUBLISHED.items()
+        for alpha in alphas
+        for size in sizes
+        for top in (False, True)
+    ]
+    return [
+        {"model": c.family, "alpha": c.alpha, "image_size": c.image_size,
+         "include_top": c.include_top, "url": c.url, "file": c.file}
+        for c in choices
+    ]  # fmt: skip
 
 
 def default_cache_dir() -> str:
@@ -196,8 +194,9 @@ def fetch(
     """The path of the published weights file (`choose_weights`), downloaded once into the cache.
 
     A cached file is reused without network access once it matches the sha256 recorded on its
-    download (and `sha256`, when given). Otherwise the file is downloaded to a temporary file
-    beside it and renamed into place, so an interrupted download leaves nothing behind.
+    download (and `sha256`, when given) and h5py reads it. Otherwise the file is downloaded to
+    a temporary file beside it, checked (its Content-Length, HDF5 that h5py reads, `sha256`)
+    and only then renamed into place, so a download cut short leaves nothing behind.
 
     Args:
       model_name, alpha, image_size, include_top: pick the file, as `choose_weights`.
@@ -211,9 +210,11 @@ def fetch(
       The path of the cached `.h5` file.
 
     Raises:
-      DownloadError: the download failed (offline, host unreachable, HTTP error); one line that
-        names the URL and how to pass a file downloaded elsewhere.
-      ValueError: the file does not match `sha256` or its recorded hash, or is not HDF5.
+      DownloadError: the download failed (offline, host unreachable, HTTP error, fewer bytes
+        than its Content-Length); one line that names the URL and how to pass a file
+        downloaded elsewhere.
+      ValueError: the file does not match `sha256` or its recorded hash, or h5py cannot read
+        it as Keras weights (a cached one is then removed: the next call downloads it again).
     """
     choice = choose_weights(model_name, alpha, image_size, include_top=include_top)
     folder = weights_dir(cache_dir)
@@ -230,7 +231,7 @@ def fetch(
         with os.fdopen(handle, "wb") as out:
             got = _download(source, out, choice, timeout)
         _check_download(partial, source, got, expected)
-        _write_atomically(f"{path}.sha256", f"{got}  {choice.file}\n", folder)
+        _write_atomically(f"{path}.sha256", f"{got}  {choice.file}\n")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -241,12 +242,14 @@ def fetch(
 
 def _download(source: str, out, choice: WeightsChoice, timeout: float) -> str:
     """Streams `source` into `out`; returns its sha256. Any failure is one `DownloadError`."""
-    digest = hashlib.sha256()
+    digest, size = hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(source, timeout=timeout) as response:
+            length = response.headers.get("Content-Length", "")
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
+                size += len(chunk)
     except urllib.error.HTTPError as e:
         hint = ""
         if e.code == 404 and choice.file_size != DEFAULT_SIZE:
@@ -256,14 +259,18 @@ def _download(source: str, out, choice: WeightsChoice, timeout: float) -> str:
         raise _download_error(source, str(e.reason), choice) from None
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets, short reads
         raise _download_error(source, f"{type(e).__name__}: {e}", choice) from None
+    # urllib returns a body cut short by a closed connection as if it were whole.
+    if length.isdigit() and size != int(length):
+        reason = f"the connection closed after {size:,} of its {int(length):,} bytes"
+        raise _download_error(source, reason, choice)
     return digest.hexdigest()
 
 
 def _check_download(partial: str, source: str, got: str, expected: str | None) -> None:
-    """Refuses a downloaded file that is not HDF5 or not the sha256 asked for."""
-    with open(partial, "rb") as f:
-        if f.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
-            raise ValueError(f"{source} did not give an HDF5 file; nothing was cached")
+    """Refuses a downloaded file that h5py cannot read as Keras weights, or of another sha256."""
+    unreadable = _unreadable(partial)
+    if unreadable:
+        raise ValueError(f"{source}: {unreadable}; nothing was cached")
     if expected and got != expected:
         raise ValueError(
             f"{source} has sha256 {got}, not the {expected} asked for; nothing was cached"
@@ -278,25 +285,42 @@ def _download_error(source: str, reason: str, choice: WeightsChoice) -> Download
     )
 
 
+def _unreadable(path: str) -> str | None:
+    """Why h5py cannot read `path` as Keras weights (every layer listed and read), or None."""
+    try:
+        read_h5_file(path)
+    except ValueError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
+
+
 def _check_cached(path: str, expected: str | None) -> None:
     actual = file_sha256(path)
     recorded = recorded_sha256(path)
-    if recorded is None:  # put there by hand: its hash is recorded from now on
-        _write_atomically(
-            f"{path}.sha256", f"{actual}  {os.path.basename(path)}\n", os.path.dirname(path)
-        )
-        logging.info("Recorded sha256 %s for %s, found in the cache", actual, path)
-    elif actual != recorded:
+    if recorded is not None and actual != recorded:
         raise ValueError(
             f"the cached {path} has sha256 {actual}, not the {recorded} recorded when it was "
             f"downloaded (damaged or replaced?): delete it and {path}.sha256 to download it again"
         )
+    # A download cut short, cached (with its hash) before downloads were checked.
+    unreadable = _unreadable(path)
+    if unreadable:
+        for bad in (path, f"{path}.sha256"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(bad)
+        raise ValueError(
+            f"{path}: {unreadable}, a download cut short? Removed it from the cache: run again "
+            "to download it again"
+        )
+    if recorded is None:  # put there by hand: its hash is recorded from now on
+        _write_atomically(f"{path}.sha256", f"{actual}  {os.path.basename(path)}\n")
+        logging.info("Recorded sha256 %s for %s, found in the cache", actual, path)
     if expected and actual != expected:
         raise ValueError(f"the cached {path} has sha256 {actual}, not the {expected} asked for")
 
 
-def _write_atomically(path: str, text: str, folder: str) -> None:
-    handle, partial = tempfile.mkstemp(prefix=".sha256.", suffix=".part", dir=folder)
+def _write_atomically(path: str, text: str) -> None:
+    handle, partial = tempfile.mkstemp(prefix=".sha256.", suffix=".part", dir=os.path.dirname(path))
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
@@ -355,17 +379,14 @@ def load_imagenet(
     Returns:
       `(variables, report)`, as `load_keras_weights`.
     """
-    if isinstance(model, mobilenet.MobileNetV2):
-        name = "mobilenet_v2"
-    elif isinstance(model, mobilenet.MobileNetV1):
-        name = "mobilenet_v1"
-        if model.depth_multiplier != 1:
-            raise ValueError(
-                f"Keras publishes MobileNet v1 ImageNet weights for depth_multiplier 1 only, "
-                f"not {model.depth_multiplier}"
-            )
-    else:
+    if not isinstance(model, mobilenet.MobileNetV1 | mobilenet.MobileNetV2):
         raise TypeError(f"expected an mnres MobileNetV1 or MobileNetV2, got {type(model).__name__}")
+    name = "mobilenet_v2" if isinstance(model, mobilenet.MobileNetV2) else "mobilenet_v1"
+    if getattr(model, "depth_multiplier", 1) != 1:
+        raise ValueError(
+            f"Keras publishes MobileNet v1 ImageNet weights for depth_multiplier 1 only, "
+            f"not {model.depth_multiplier}"
+        )
     if include_top is None:
         include_top = bool(model.include_top and model.num_classes == 1000)
     path = fetch(

@@ -212,14 +212,33 @@ def read_keras_layers(source) -> dict[str, KerasLayer]:
         if path.endswith(".keras"):
             return _read_keras_archive(path)
         if path.endswith((".h5", ".hdf5")):
-            h5py = _import_h5py()
-
-            with h5py.File(path, "r") as f:
-                return _read_h5(f, path)
+            return read_h5_file(path)
         raise ValueError(f"expected a .keras, .h5 or .weights.h5 file, got {path!r}")
     if hasattr(source, "layers"):
         return _read_model(source)
     raise TypeError(f"source must be a Keras model or a file path, got {type(source).__name__}")
+
+
+def read_h5_file(path: str | os.PathLike) -> dict[str, KerasLayer]:
+    """The weighted layers of a Keras HDF5 file, every array read.
+
+    Raises:
+      ValueError: h5py cannot read the file (not HDF5, truncated, a damaged object), or it
+        holds no Keras weights; one line that names the file.
+    """
+    h5py = _import_h5py()
+    path = os.fspath(path)
+    try:
+        with h5py.File(path, "r") as f:
+            layers = _read_h5(f, path)
+    except FileNotFoundError:
+        raise
+    except (OSError, KeyError, RuntimeError) as e:  # h5py's errors for damaged files
+        reason = " ".join(str(e).split())
+        raise ValueError(f"{path}: not a readable HDF5 file ({reason})") from e
+    if not layers:
+        raise ValueError(f"{path}: holds no Keras weights")
+    return layers
 
 
 def _add(layers: dict[str, KerasLayer], layer: KerasLayer, where: str):
@@ -371,5 +390,6 @@ __all__ = [
     "LoadReport",
     "keras_layer_names",
     "load_keras_weights",
+    "read_h5_file",
     "read_keras_layers",
 ]

@@ -65,7 +65,8 @@ def load_pretrained(
         ~/.cache/mnres).
 
     Raises:
-      ValueError: an unknown name, or a `model` whose fields differ (the error names them).
+      ValueError: an unknown name, `num_classes` < 1 (the model refuses it), or a `model`
+        whose fields differ (the error names them).
     """
     entry = registry.get(name)
     if entry.kind == "shipped":
@@ -92,7 +93,8 @@ def preprocessing_facts(image_size: int, tta: bool) -> dict:
 def _load_shipped(entry: registry.Weights, model, num_classes: int | None) -> Pretrained:
     name = entry.name
     config = shipped.shipped_config(name)
-    num_classes = num_classes or (model.num_classes if model is not None else entry.num_classes)
+    if num_classes is None:
+        num_classes = model.num_classes if model is not None else entry.num_classes
     # An ensemble is loaded whole, unless a single network (or a new classifier) is asked for.
     whole = model is None and num_classes == entry.num_classes
     member = None if whole else transfer.shipped_member(name, model)
@@ -121,7 +123,9 @@ def _load_shipped(entry: registry.Weights, model, num_classes: int | None) -> Pr
 
 def _load_imagenet(entry: registry.Weights, model, num_classes, cache_dir) -> Pretrained:
     expected = models.create_model(
-        entry.model, alpha=entry.alpha, num_classes=num_classes or entry.num_classes
+        entry.model,
+        alpha=entry.alpha,
+        num_classes=entry.num_classes if num_classes is None else num_classes,
     )
     if model is not None:
         transfer.check_fields(model, expected, f"the {entry.name!r} weights")
