@@ -120,6 +120,9 @@ CASES = [
          call=lambda w: _shipped().classifier.logits(_crops(np.float64))),
     Case("one crop without its batch axis into serve", r"\[batch, height, width, 3\], got "
          r"\(64, 64, 3\)", call=lambda w: _shipped().classifier.serve(_crops(shape=(64, 64, 3)))),
+    Case("float [0, 1] crops into a predictor", r"^the predictor takes uint8 RGB crops",
+         call=lambda w: predict.probabilities(
+             predict.from_classifier(_shipped().classifier), _crops(np.float32) + 0.5)),
     Case("class_probabilities of no crops", r"^no images to classify",
          call=lambda w: predict.class_probabilities(
              predict.from_classifier(_shipped().classifier), _crops(shape=(0, 64, 64, 3)))),

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mnres import run_folder
+from mnres import inference, run_folder
 from mnres.config import schema as config_lib
 from mnres.data.folders import IMAGE_SUFFIXES, crop_facts
 from mnres.deploy import crops, export, run_checks
@@ -132,7 +132,12 @@ def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Pred
     import jax
 
     serve = jax.jit(export.serving_function(classifier))
-    run = lambda images: np.asarray(serve(np.asarray(images, np.uint8)))
+
+    def run(images):
+        images = np.asarray(images)
+        inference.check_crops(images, "the predictor")  # floats would be cast to near-black
+        return np.asarray(serve(images))
+
     return Predictor(
         name, "checkpoint", classifier.image_size, run, batch_size, classifier.class_names
     )
