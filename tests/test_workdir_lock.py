@@ -64,9 +64,10 @@ def test_processes_other_than_0_take_no_lock(tmp_path, monkeypatch):
 
 def test_crossval_on_a_live_workdir_stops_before_any_fold(tmp_path):
     workdir = str(tmp_path / "cv")
-    with workdir_lock.lock(workdir), pytest.raises(workdir_lock.WorkdirBusyError, match="in use"):
+    held = workdir_lock.lock(workdir, run_folder.CROSSVAL)
+    with held, pytest.raises(workdir_lock.WorkdirBusyError, match="in use"):
         crossval.run_crossval(smoke.get_config(), workdir, num_folds=2)
-    assert sorted(os.listdir(workdir)) == [run_folder.LOCK_FILE]
+    assert sorted(os.listdir(workdir)) == [run_folder.LOCK_FILE, run_folder.MARK_JSON]
 
 
 @pytest.fixture(scope="module")

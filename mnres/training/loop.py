@@ -120,7 +120,6 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None, validated: b
     """Writes config.json and manifest.json; builds the model, optimizer and a fresh state."""
     if not validated:
         config_lib.validate(config)  # every field, before any work (ConfigError)
-    os.makedirs(workdir, exist_ok=True)
     config_lib.check_batch_size(config.batch_size)
     config_lib.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
     ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
@@ -130,6 +129,8 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None, validated: b
     # the same model.
     config, picked, warning = bn_momentum.resolve(config, per_epoch * config.num_epochs)
     config = config_lib.with_class_names(config, class_names_of(ds))
+    # Before config.json is replaced: a re-run keeps the recipe it was trained with.
+    run_folder.check_recipe(workdir, config)
     if distributed.is_chief():
         run_folder.write_config(workdir, config)
         run_folder.write_manifest(workdir, ds)
@@ -340,7 +341,8 @@ def train_and_evaluate(
 
     Args:
       config: the experiment ConfigDict (`mnres.config.default_config()` with overrides).
-      workdir: output folder; an existing one with checkpoints is resumed.
+      workdir: output folder: new, empty, or a run folder (resumed, or re-evaluated when only
+        evaluation fields changed).
       after_step: called with the step number after every training step (tests use it to
         kill the process at a known step).
       dataset: the splits to use instead of `data.load_dataset(config.data, config.seed)`
@@ -354,9 +356,12 @@ def train_and_evaluate(
     Raises:
       NonFiniteLossError: the loss became NaN/inf; earlier checkpoints stay intact.
       workdir_lock.WorkdirBusyError: another live run holds `workdir` (its `.lock`).
+      FileExistsError, PermissionError: `workdir` is not a folder to train into
+        (`workdir_lock.claim`: it holds other files, is a file, or cannot be written).
+      ConfigError: `workdir` holds a run of another recipe (`run_folder.check_recipe`).
     """
     started = time.perf_counter()
-    # First of all: a second run on a live workdir stops here, before it writes anything.
+    # First of all: a folder that is not a run, or a live run's, stops here, before any write.
     with workdir_lock.lock(workdir):
         run = _create_run(config, workdir, dataset, validated)
         try:
