@@ -35,7 +35,6 @@ from mnres.data import folds as folds_lib
 from mnres.data.folds import FOLD_SPEC_JSON
 from mnres.data.splits import Dataset
 from mnres.metrics import calibration
-from mnres.reporting import plots
 from mnres.training import loop as train
 
 FOLD_JSON = "fold.json"
@@ -236,6 +235,8 @@ def run_crossval(
 def _crossval(config, workdir, runs, folds_to_run, after_fold):
     """`run_crossval` once the workdir is locked: the folds of each (spec, folder) of `runs`,
     then crossval.json and .md."""
+    from mnres.reporting import plots  # here: a refused cross-validation never loads matplotlib
+
     result = {"num_folds": runs[0][0]["num_folds"], "config": config.to_dict()}
     for spec, run_dir in runs:
         split_by = spec["split_by"]

@@ -46,7 +46,6 @@ from mnres.training import (
     bn_momentum,
     checkpoint,
     distributed,
-    final_evaluation,
     optim,
     progress,
     steps,
@@ -372,6 +371,10 @@ def train_and_evaluate(
 
 def _train_and_report(run: Run, after_step, started: float) -> dict:
     """Trains the remaining epochs, then evaluates, reports and writes the run's outputs."""
+    # Here, not at the top: the reports' plotting (matplotlib, its font cache in HOME) is loaded
+    # only by a run that gets this far, not by one refused at its start.
+    from mnres.training import final_evaluation
+
     _restore_or_start(run)
     t0 = time.perf_counter()
     _fit(run, after_step)
