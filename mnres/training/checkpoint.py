@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 import jax
 import numpy as np
@@ -35,17 +36,27 @@ CHECKSUMS_JSON = "mnres_checksums.json"
 
 
 def _orbax_errors_as_warnings(record: logging.LogRecord) -> bool:
-    """Orbax's own error records, each with a traceback from one of its threads, become one
-    warning line: the failure they log is raised once, as `CheckpointWriteError` (or by the
-    restore). `-v 1` keeps them as they are."""
-    orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-    if orbax and record.levelno >= logging.ERROR and not absl_logging.vlog_is_on(1):
+    """Orbax's error records of a failed save (its own, and asyncio's of its tasks), each with
+    a traceback from one of its threads, become one warning line: the failure is raised once, as
+    `CheckpointWriteError` (or by the restore). `-v 1` keeps them as they are."""
+    if record.levelno >= logging.ERROR and not absl_logging.vlog_is_on(1) and _is_orbax(record):
         record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = " ".join(record.getMessage().split()), None
         record.exc_info = record.exc_text = None
     return True
 
 
-logging.getLogger("absl").addFilter(_orbax_errors_as_warnings)
+def _is_orbax(record: logging.LogRecord) -> bool:
+    inside = f"{os.sep}orbax{os.sep}"
+    if inside in record.pathname:
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return any(inside in frame.filename for frame in frames)
+
+
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_orbax_errors_as_warnings)
 
 
 def _quiet_closed_loops() -> None:
