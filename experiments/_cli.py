@@ -115,6 +115,22 @@ def exit_with_error(error) -> NoReturn:
     sys.exit(2)
 
 
+# What a training command reports in one line (`exit_with_failure`): a refused folder or
+# recipe, a failed write (a full disk), a stopped run. Anything else is a bug: a traceback.
+FAILURES = (FloatingPointError, RuntimeError, ImportError, OSError, ValueError)
+
+
+def exit_with_failure(error: BaseException) -> NoReturn:
+    """Ends a command on one of `FAILURES`: `error: <one line>`; exit 2 for a ConfigError (a
+    field that cannot work), else 1. An OSError names its file and the system's reason."""
+    if isinstance(error, ConfigError):
+        exit_with_error(error)
+    text = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror if error.filename is None else f"{error.filename}: {error.strerror}"
+    sys.exit("error: " + " ".join(text.split()))
+
+
 def _load_config_file(name: str, argument: str):
     """The config `--NAME=FILE.py[:ARG]` loads; ConfigError (its last line) if it cannot load."""
     try:

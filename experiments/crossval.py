@@ -26,7 +26,6 @@ nothing (e.g. folds run before --record was given).
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 
@@ -142,19 +141,10 @@ def main(argv):
     folds = None if FLAGS.folds is None else [int(f) for f in FLAGS.folds]
     try:
         _run(FLAGS.config, workdir, folds)
-    except (
-        FloatingPointError,
-        RuntimeError,
-        ImportError,
-        FileNotFoundError,
-        ValueError,
-        ConnectionError,  # a failed download (ImageNet weights, TFDS)
-    ) as e:
+    except _cli.FAILURES as e:
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
-        if isinstance(e, config_lib.ConfigError):  # a field that cannot work: exit 2
-            _cli.exit_with_error(e)
-        sys.exit(f"error: {e}")
+        _cli.exit_with_failure(e)
     summary = os.path.join(os.path.abspath(workdir), crossval.CROSSVAL_MD)
     if not FLAGS.summarize_only and os.path.isfile(summary):  # none if every fold was recorded
         logging.info("Summary: %s", summary)

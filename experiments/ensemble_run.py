@@ -18,8 +18,6 @@ patient cross-validation chose, docs/results.md); the figures without it are in 
 under `slide_prior`.
 """
 
-import sys
-
 from absl import app, flags, logging
 
 import experiments
@@ -44,10 +42,10 @@ def main(argv):
         report = ensemble_run.combine(
             FLAGS.member, FLAGS.workdir, data_dir=FLAGS.data_dir, slide_prior=FLAGS.slide_prior
         )
-    except (ValueError, FileNotFoundError) as e:
+    except _cli.FAILURES as e:
         if logging.vlog_is_on(1):
             raise
-        sys.exit(f"error: {e}")
+        _cli.exit_with_failure(e)
     test, patients = report["test"], report["test_patient"]
     right = round(patients["accuracy"] * patients["n_patients"])
     print(

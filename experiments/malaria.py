@@ -14,7 +14,6 @@ resumes from its latest checkpoint.
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 
@@ -70,19 +69,10 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", name)
     try:
         report = _train(config, name, workdir)
-    except (
-        FloatingPointError,
-        RuntimeError,
-        ImportError,
-        FileNotFoundError,
-        ValueError,
-        ConnectionError,  # a failed download (ImageNet weights, TFDS)
-    ) as e:
+    except _cli.FAILURES as e:
         if logging.vlog_is_on(1):  # -v 1 shows the traceback
             raise
-        if isinstance(e, config_lib.ConfigError):  # a field that cannot work: exit 2
-            _cli.exit_with_error(e)
-        sys.exit(f"error: {e}")
+        _cli.exit_with_failure(e)
     distributed.shutdown_distributed(config)
     patients, auc = report["test_patient"], report["test"]["auc"]
     logging.info(

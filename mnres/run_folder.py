@@ -2,7 +2,13 @@
 
 A run folder (`workdir`) holds what `mnres.training` writes and what evaluation and deployment
 read back; nothing else knows its file names. JSON files are written by `write_json`, one format
-for all: indented, sorted keys, plain JSON values (NaN and infinities as null).
+for all: indented, sorted keys, plain JSON values (NaN and infinities as null). Every file is
+written whole or not at all (`mnres.atomic_file`).
+
+A folder is trained into only when it is a run folder already (it holds `MARK_JSON`, written
+first; a run of mnres 0.1, with config.json, manifest.json and checkpoints/, is marked when it
+is resumed), empty or new (`mnres.workdir_lock.claim`); a re-run must keep the run's recipe
+(`check_recipe`).
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnres import models
+from mnres import atomic_file, models
 from mnres.config import schema as config_lib
 from mnres.inference import Classifier
 
+# Written first into every folder mnres trains into: {"kind": "run"} or {"kind": "crossval"}.
+MARK_JSON = "mnres_folder.json"
+RUN, CROSSVAL = "run", "crossval"
 CONFIG_JSON = "config.json"
 MANIFEST_JSON = "manifest.json"
 METRICS_JSONL = "metrics.jsonl"
@@ -69,10 +78,9 @@ def json_text(obj) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    """The one JSON writer of the package (`json_text`); the file's folder is created."""
+    """The one JSON writer of the package (`json_text`, atomically); the folder is created."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(json_text(obj))
+    atomic_file.write_text(path, json_text(obj))
 
 
 def read_json(path: str):
@@ -87,8 +95,49 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run was trained with (`config.json`), as overrides of the schema
-    (`mnres.config.from_overrides`): a field added since the run was written has its default."""
-    return config_lib.from_overrides(read_json(os.path.join(workdir, CONFIG_JSON)))
+    (`mnres.config.from_overrides`): a field added since the run was written has its default.
+
+    Raises:
+      ValueError: config.json is not JSON, or not a run's config (no `model` block naming its
+        model: every run's config.json, of any mnres version, has one).
+    """
+    path = os.path.join(workdir, CONFIG_JSON)
+    try:
+        given = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}): not a run's config.json") from None
+    model = given.get("model") if isinstance(given, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise ValueError(
+            f"{path} has no model block naming the model (config.json of a run has "
+            '"model": {"name": ...}): not a run this mnres wrote; give another run folder'
+        )
+    return config_lib.from_overrides(given)
+
+
+def check_recipe(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a re-run whose recipe differs from the run's config.json (before it is replaced).
+
+    Only the recipe fields count (`mnres.config.schema.FIELD_KINDS`): evaluation fields (e.g.
+    `test_time_augmentation`) re-evaluate the finished run, execution fields may change.
+
+    Raises:
+      ConfigError: a recipe field differs; the message names it and both values.
+    """
+    if not os.path.isfile(os.path.join(workdir, CONFIG_JSON)):
+        return
+    stored = to_json_types(config_lib.recipe_fields(read_config(workdir)))
+    given = to_json_types(config_lib.recipe_fields(config))
+    changed = [k for k in sorted(stored.keys() | given.keys()) if stored.get(k) != given.get(k)]
+    if changed:
+        shown = "; ".join(
+            f"config.{k}={given.get(k)!r}, the run has {stored.get(k)!r}" for k in changed[:3]
+        )
+        raise config_lib.ConfigError(
+            f"{workdir} was trained with another recipe ({shown}"
+            f"{'; ...' if len(changed) > 3 else ''}): a re-run resumes or re-evaluates its own "
+            "recipe; give a new --workdir to train this one"
+        )
 
 
 def write_manifest(workdir: str, dataset) -> None:
@@ -134,12 +183,11 @@ def read_history(workdir: str, last_step: int | None = None) -> list[dict]:
 
 def write_history(workdir: str, rows: list[dict]) -> None:
     """Replaces `metrics.jsonl` with `rows` (a resumed run drops the rows after its checkpoint)."""
-    with open(os.path.join(workdir, METRICS_JSONL), "w") as f:
-        f.writelines(_jsonl(row) for row in rows)
+    atomic_file.write_text(os.path.join(workdir, METRICS_JSONL), "".join(map(_jsonl, rows)))
 
 
 def append_history_row(workdir: str, row: dict) -> None:
-    """Appends one epoch's row to `metrics.jsonl`."""
+    """Appends one epoch's row to `metrics.jsonl` (a torn row, the last, is dropped on resume)."""
     with open(os.path.join(workdir, METRICS_JSONL), "a") as f:
         f.write(_jsonl(row))
 
@@ -161,7 +209,7 @@ def write_predictions(workdir: str, split, probs, class_names=config_lib.MALARIA
       class_names: the classes, in label order.
     """
     probs = np.asarray(probs)
-    with open(os.path.join(workdir, PREDICTIONS_CSV), "w", newline="") as f:
+    with atomic_file.writing(os.path.join(workdir, PREDICTIONS_CSV)) as f:
         writer = csv.writer(f)
         if probs.ndim == 1:
             writer.writerow(["name", "slide_id", "label", f"prob_{class_names[1]}"])
@@ -182,13 +230,14 @@ def write_test_outputs(
     """Writes `test_outputs.npz`: the test split's log-odds (two classes) or logits [N, K] (more
     classes), labels, slide ids and names [N]."""
     scores = {"log_odds": log_odds} if logits is None else {"logits": logits}
-    np.savez_compressed(
-        os.path.join(workdir, TEST_OUTPUTS_NPZ),
-        **scores,
-        labels=labels,
-        slide_ids=np.asarray(slide_ids, str),
-        names=np.asarray(names, str),
-    )
+    with atomic_file.writing(os.path.join(workdir, TEST_OUTPUTS_NPZ), binary=True) as f:
+        np.savez_compressed(
+            f,
+            **scores,
+            labels=labels,
+            slide_ids=np.asarray(slide_ids, str),
+            names=np.asarray(names, str),
+        )
 
 
 def read_test_outputs(workdir: str) -> dict[str, np.ndarray]:
@@ -199,7 +248,8 @@ def read_test_outputs(workdir: str) -> dict[str, np.ndarray]:
 
 def write_calibration_sample(workdir: str, images) -> None:
     """Writes `calibration_sample.npz`: uint8 training crops [N, S, S, 3] for int8 export."""
-    np.savez_compressed(os.path.join(workdir, CALIBRATION_SAMPLE_NPZ), images=images)
+    with atomic_file.writing(os.path.join(workdir, CALIBRATION_SAMPLE_NPZ), binary=True) as f:
+        np.savez_compressed(f, images=images)
 
 
 def read_calibration_sample(workdir: str) -> np.ndarray | None:
@@ -227,8 +277,7 @@ def read_calibration(workdir: str) -> dict | None:
 def write_report(workdir: str, report: dict, markdown: str) -> None:
     """Writes `report.json` (the dict) and `report.md` (the text)."""
     write_json(os.path.join(workdir, REPORT_JSON), report)
-    with open(os.path.join(workdir, REPORT_MD), "w") as f:
-        f.write(markdown)
+    atomic_file.write_text(os.path.join(workdir, REPORT_MD), markdown)
 
 
 def read_report(workdir: str) -> dict:

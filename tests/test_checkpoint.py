@@ -2,6 +2,7 @@
 failed write."""
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -136,3 +137,35 @@ def test_a_failed_write_raises_and_leaves_the_last_complete_checkpoint(
         again.save(10, saved)  # the step that failed, written whole this time
         assert again.latest.all_steps() == [5, 10]
     assert sorted(os.listdir(tmp_path / "latest")) == ["10", "5"]
+
+
+def test_a_checkpoint_with_8_flipped_bytes_is_refused_in_one_line(tmp_path):
+    from conftest import make_run
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    make_run(str(tmp_path / "run"))  # a MobileNetV2's state, saved as training saves it
+    step_dir = checkpoints / "latest" / "7"
+    assert (step_dir / checkpoint.CHECKSUMS_JSON).is_file()
+    # 8 bytes flipped in the middle of the largest array file, as a failing disk would.
+    files = list((step_dir / "default").glob("ocdbt.process_0/d/*"))
+    path = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(data)
+    with checkpoint.Checkpoints(str(checkpoints), async_save=False) as ckpts:
+        with pytest.raises(checkpoint.CheckpointCorruptError) as error:
+            ckpts.restore(None)
+    message = str(error.value)
+    assert message.startswith(f"the checkpoint at step 7 in {step_dir.parent} is corrupt (")
+    assert f"delete {step_dir} to resume from the checkpoint before it" in message
+    assert "\n" not in message
+
+
+def test_an_asynchronous_save_writes_its_checksums_in_its_step(tmp_path, state_and_mesh):
+    state, _ = state_and_mesh
+    with checkpoint.Checkpoints(str(tmp_path), async_save=True) as ckpts:
+        ckpts.save(5, state.to_dict(), best=True)
+    for manager in ("latest", "best"):
+        saved = json.loads((tmp_path / manager / "5" / checkpoint.CHECKSUMS_JSON).read_text())
+        assert saved == checkpoint.checksums(state.to_dict())

@@ -6,6 +6,7 @@ XLA compilation cache so that repeated runs of one program compile once.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,6 +180,41 @@ def test_short_run_stores_its_calibration_and_operating_points(short_run):
         assert at["sensitivity"] == pytest.approx(report["calibration"][f"sensitivity_at_{point}"])
         assert at["specificity"] == pytest.approx(report["calibration"][f"specificity_at_{point}"])
     assert "Calibration and operating points" in (short_run / "report.md").read_text()
+
+
+def test_a_rerun_with_another_recipe_is_refused_before_config_json_is_replaced(
+    tmp_path, short_run, compilation_cache
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(short_run, workdir)
+    before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    for flag, said in [
+        ("--config.model.alpha=0.5", "config.model.alpha=0.5, the run has 0.25"),
+        ("--config.data.image_size=48", "config.data.image_size=48, the run has 32"),
+    ]:
+        done = run_experiment(workdir, *SHORT, flag, cache=compilation_cache, check=False)
+        assert done.returncode == 2, done.stderr[-2000:]
+        [line] = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert f"{workdir} was trained with another recipe ({said})" in line, line
+        assert "give a new --workdir" in line and "Traceback" not in done.stderr
+    after = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    assert after.pop(run_folder.LOCK_FILE) == b"" and before.pop(run_folder.LOCK_FILE) == b""
+    assert after == before  # config.json, report.json, calibration.json: as they were
+
+
+def test_an_evaluation_field_rerun_re_evaluates_the_finished_run(
+    tmp_path, short_run, compilation_cache
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(short_run, workdir)
+    flags = (*SHORT, "--config.test_time_augmentation=True", "--config.log_every_steps=5")
+    run_experiment(workdir, *flags, cache=compilation_cache)  # an execution field changes too
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["test_time_augmentation"] is True and config["log_every_steps"] == 5
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["training"]["test_time_augmentation"] is True  # evaluated again, with TTA
+    assert report["training"]["evaluated_step"] == results(short_run)["training"]["evaluated_step"]
+    assert report["history"] == json.loads((short_run / "report.json").read_text())["history"]
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, short_run, compilation_cache):

@@ -179,3 +179,34 @@ def test_load_run_says_what_is_missing(tmp_path):
     shutil.copy(os.path.join(RUN_V0_1, run_folder.CONFIG_JSON), empty)
     with pytest.raises(ValueError, match="no checkpoint"):
         run_folder.load_run(str(empty))
+
+
+# Writes a calibration sample under a file size limit (a full disk's EFBIG); prints the error.
+FULL_DISK_WRITE = """
+import resource, signal, sys
+import numpy as np
+from mnres import run_folder
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write raises instead of the signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, resource.RLIM_INFINITY))
+noise = np.random.default_rng(0).integers(0, 256, (64, 64, 64, 3), np.uint8)  # 768 KiB
+try:
+    run_folder.write_calibration_sample(sys.argv[1], noise)
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def test_calibration_sample_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path):
+    import subprocess
+    import sys
+
+    workdir = str(tmp_path)
+    kept = np.zeros((4, 8, 8, 3), np.uint8)
+    run_folder.write_calibration_sample(workdir, kept)
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_WRITE, workdir], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1], timeout=120)  # fmt: skip
+    assert done.stdout.strip() == "File too large", done.stderr[-2000:]
+    # The earlier sample is intact and no temporary file is left.
+    np.testing.assert_array_equal(run_folder.read_calibration_sample(workdir), kept)
+    assert os.listdir(workdir) == [run_folder.CALIBRATION_SAMPLE_NPZ]

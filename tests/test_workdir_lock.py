@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,9 +65,10 @@ def test_processes_other_than_0_take_no_lock(tmp_path, monkeypatch):
 
 def test_crossval_on_a_live_workdir_stops_before_any_fold(tmp_path):
     workdir = str(tmp_path / "cv")
-    with workdir_lock.lock(workdir), pytest.raises(workdir_lock.WorkdirBusyError, match="in use"):
+    held = workdir_lock.lock(workdir, run_folder.CROSSVAL)
+    with held, pytest.raises(workdir_lock.WorkdirBusyError, match="in use"):
         crossval.run_crossval(smoke.get_config(), workdir, num_folds=2)
-    assert sorted(os.listdir(workdir)) == [run_folder.LOCK_FILE]
+    assert sorted(os.listdir(workdir)) == [run_folder.LOCK_FILE, run_folder.MARK_JSON]
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,51 @@ def test_a_second_run_stops_at_once_and_a_killed_one_resumes(tmp_path, compilati
     assert "epoch 1/2" not in again.stderr and "epoch 2/2" not in again.stderr
     assert (workdir / "metrics.jsonl").read_text() == history
     assert without_run_fields(results(workdir)) == without_run_fields(before)
+
+
+def test_workdir_with_other_files_is_not_written_over(tmp_path):
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    mine = {"config.json": '{"mine": 1}\n', "report.md": "# mine\n", "roc.png": "png"}
+    for name, text in mine.items():
+        (workdir / name).write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.malaria", f"--config={SMOKE}", f"--workdir={workdir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    said = "holds files that are not an mnres run (config.json, report.md, roc.png)"
+    assert last.startswith(f"error: {workdir} {said}"), done.stderr[-2000:]
+    assert {p.name: p.read_text() for p in workdir.iterdir()} == mine
+
+
+def test_a_run_of_version_0_1_is_marked_on_resume(tmp_path):
+    from test_run_folder import RUN_V0_1
+
+    workdir = tmp_path / "run"
+    shutil.copytree(RUN_V0_1, workdir)
+    with workdir_lock.lock(str(workdir)):
+        pass
+    assert run_folder.read_json(str(workdir / run_folder.MARK_JSON)) == {"kind": "run"}
+
+
+def test_an_empty_or_new_folder_is_marked_and_a_file_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "new/run"):
+        workdir_lock.claim(str(tmp_path / name))
+        assert os.listdir(tmp_path / name) == [run_folder.MARK_JSON]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        workdir_lock.claim(str(tmp_path / "file"))
+    with pytest.raises(PermissionError, match=r"cannot write into .* \(Not a directory\)"):
+        workdir_lock.claim(str(tmp_path / "file" / "run"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only (0o555) folder")
+def test_a_read_only_workdir_is_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir(mode=0o555)
+    with pytest.raises(PermissionError, match=r"cannot write into .* \(Permission denied\)"):
+        workdir_lock.claim(str(workdir))

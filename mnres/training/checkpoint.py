@@ -9,14 +9,72 @@ leaves the previous checkpoints readable; with several processes it writes each 
 A save that fails (a full disk, a write the file system refuses) raises `CheckpointWriteError`
 naming the checkpoint that is complete; its temporary folder is never taken for a checkpoint
 and the next `Checkpoints` on the directory deletes it.
+
+Each step's folder holds `CHECKSUMS_JSON` (a sha256 of every array, written once the save is
+complete): a restore that reads other bytes raises `CheckpointCorruptError` instead of giving a
+model with silently wrong weights. Checkpoints without it (mnres 0.1) load unchecked.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
+import logging
 import os
+import sys
+import traceback
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from mnres import atomic_file
+
+CHECKSUMS_JSON = "mnres_checksums.json"
+
+
+def _orbax_errors_as_warnings(record: logging.LogRecord) -> bool:
+    """Orbax's error records of a failed save (its own, and asyncio's of its tasks), each with
+    a traceback from one of its threads, become one warning line: the failure is raised once, as
+    `CheckpointWriteError` (or by the restore). `-v 1` keeps them as they are."""
+    if record.levelno >= logging.ERROR and not absl_logging.vlog_is_on(1) and _is_orbax(record):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = " ".join(record.getMessage().split()), None
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def _is_orbax(record: logging.LogRecord) -> bool:
+    inside = f"{os.sep}orbax{os.sep}"
+    if inside in record.pathname:
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return any(inside in frame.filename for frame in frames)
+
+
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_orbax_errors_as_warnings)
+
+
+def _quiet_closed_loops() -> None:
+    """When a save fails, orbax's storage callbacks still fire into its closed event loops,
+    each printing a traceback ('Event loop is closed', dozens of them): a hook drops those (the
+    failure is raised once, as `CheckpointWriteError`) and passes any other to the previous one.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loops", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loops = True
+    sys.unraisablehook = hook
 
 
 def abstract_like(tree):
@@ -29,6 +87,45 @@ def abstract_like(tree):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the ones completed before it are intact."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's arrays are not the bytes saved (their checksums differ)."""
+
+
+def checksums(tree) -> dict[str, list]:
+    """{leaf path: [dtype, shape, sha256 of its bytes]} of the arrays of `tree` this process
+    holds whole (the arrays of a multi-process run, held in parts, are left out)."""
+    found = {}
+    for path, leaf in jax.tree.leaves_with_path(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            continue
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        digest = hashlib.sha256(array.tobytes()).hexdigest()
+        found[jax.tree_util.keystr(path)] = [array.dtype.str, list(array.shape), digest]
+    return found
+
+
+def verify(tree, step_dir: str) -> None:
+    """Raises CheckpointCorruptError if an array of the restored `tree` differs from the one
+    saved in `step_dir` (by its `CHECKSUMS_JSON`; none: nothing to check, e.g. mnres 0.1).
+
+    An array restored in another dtype or shape than saved (a restore into another target) is
+    not compared.
+    """
+    path = os.path.join(step_dir, CHECKSUMS_JSON)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    for key, (dtype, shape, digest) in checksums(tree).items():
+        if key in saved and saved[key][:2] == [dtype, shape] and saved[key][2] != digest:
+            step, directory = os.path.basename(step_dir), os.path.dirname(step_dir)
+            raise CheckpointCorruptError(
+                f"the checkpoint at step {step} in {directory} is corrupt ({key} does not match "
+                f"the checksum saved with it): delete {step_dir} to resume from the checkpoint "
+                "before it, or delete the run folder to start over"
+            )
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -47,6 +144,9 @@ class Checkpoints:
 
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        _quiet_closed_loops()  # before any save
+        # {manager name: (step, checksums)} of the save in flight, written once it is complete.
+        self._pending: dict[str, tuple[int, dict]] = {}
 
         def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
             options = ocp.CheckpointManagerOptions(
@@ -55,6 +155,11 @@ class Checkpoints:
                 # Left behind by a process killed mid-save; never a valid checkpoint.
                 cleanup_tmp_directories=True,
                 enable_async_checkpointing=async_save,
+                async_options=ocp.AsyncOptions(
+                    post_finalization_callback=lambda: self._write_checksums(name)
+                )
+                if async_save
+                else None,
             )
             return ocp.CheckpointManager(os.path.join(self.directory, name), options=options)
 
@@ -76,8 +181,10 @@ class Checkpoints:
         Raises:
           CheckpointWriteError: this save failed, or the asynchronous one before it did.
         """
-        managers = ([self.latest] if latest else []) + ([self.best] if best else [])
-        for manager in managers:
+        managers = {"latest": self.latest} if latest else {}
+        managers.update({"best": self.best} if best else {})
+        sums = None
+        for name, manager in managers.items():
             # After a resume the same step may already be there (written before the kill):
             # training is deterministic, so it holds the same state.
             if step in manager.all_steps():
@@ -87,21 +194,44 @@ class Checkpoints:
                 manager.wait_until_finished()
             except Exception as e:
                 raise self._write_error(e, self._in_flight) from e
+            sums = checksums(state) if sums is None else sums  # before training moves on
+            self._pending[name] = (step, sums)
             try:
                 manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                if not self._async:
+                    self._write_checksums(name)
             except Exception as e:
                 raise self._write_error(e, step) from e
             self._in_flight = step if self._async else None
 
+    def _write_checksums(self, name: str) -> None:
+        """Writes the checksums of manager `name`'s save, its arrays written, into its step's
+        folder (process 0; an asynchronous save calls it from orbax's thread)."""
+        step, sums = self._pending.pop(name)
+        folder = os.path.join(self.directory, name)
+        # Orbax calls back before it renames the step's temporary folder: the checksums are then
+        # part of the step's atomic commit.
+        temporary = glob.glob(os.path.join(glob.escape(folder), f"{step}.orbax-checkpoint-tmp*"))
+        step_dir = temporary[0] if len(temporary) == 1 else os.path.join(folder, str(step))
+        if jax.process_index() == 0:
+            text = json.dumps(sums, sort_keys=True) + "\n"
+            atomic_file.write_text(os.path.join(step_dir, CHECKSUMS_JSON), text)
+
     def restore(self, target: dict | None, *, step: int | None = None, best: bool = False) -> dict:
         """Restores into the structure, dtypes and shardings of `target` (arrays or structs);
-        `target=None` gives the tree as saved (for tools that only read parameters)."""
+        `target=None` gives the tree as saved (for tools that only read parameters).
+
+        Raises:
+          CheckpointCorruptError: an array differs from its checksum (`verify`).
+        """
         manager = self.best if best else self.latest
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
         abstract = None if target is None else abstract_like(target)
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        verify(restored, os.path.join(str(manager.directory), str(step)))
+        return restored
 
     def wait(self) -> None:
         """Blocks until every asynchronous save is on disk.

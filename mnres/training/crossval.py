@@ -30,12 +30,11 @@ import time
 import numpy as np
 from absl import logging
 
-from mnres import metrics, run_folder, workdir_lock
+from mnres import atomic_file, metrics, run_folder, workdir_lock
 from mnres.data import folds as folds_lib
 from mnres.data.folds import FOLD_SPEC_JSON
 from mnres.data.splits import Dataset
 from mnres.metrics import calibration
-from mnres.reporting import plots
 from mnres.training import loop as train
 
 FOLD_JSON = "fold.json"
@@ -54,7 +53,7 @@ _PNGS = (
 
 def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
     """Trains (or resumes) one fold (it calibrates itself) and writes its fold.json summary."""
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lock.claim(workdir)  # a run folder before its fold_spec.json is written
     run_folder.write_json(os.path.join(workdir, FOLD_SPEC_JSON), dict(spec, fold=fold))
     start = time.perf_counter()
     result = train.train_and_evaluate(config, workdir, dataset=ds)
@@ -229,17 +228,20 @@ def run_crossval(
         for split_by, run_dir in runs
     ]
     # The folds lock their own folders (fold_K/.lock): no run waits for this lock.
-    with workdir_lock.lock(workdir):
+    with workdir_lock.lock(workdir, run_folder.CROSSVAL):
         return _crossval(config, workdir, runs, folds_to_run, after_fold)
 
 
 def _crossval(config, workdir, runs, folds_to_run, after_fold):
     """`run_crossval` once the workdir is locked: the folds of each (spec, folder) of `runs`,
     then crossval.json and .md."""
+    from mnres.reporting import plots  # here: a refused cross-validation never loads matplotlib
+
     result = {"num_folds": runs[0][0]["num_folds"], "config": config.to_dict()}
     for spec, run_dir in runs:
         split_by = spec["split_by"]
         hook = after_fold if split_by == "slide" else None
+        workdir_lock.claim(run_dir, run_folder.CROSSVAL)  # image_level/: its own folder
         summaries = _run_folds(config, run_dir, spec, folds_to_run, hook)
         section = {"folds": summaries, "complete": len(summaries) == spec["num_folds"]}
         if summaries:
@@ -260,8 +262,7 @@ def _crossval(config, workdir, runs, folds_to_run, after_fold):
         result["patient_level" if split_by == "slide" else "image_level"] = section
     run_folder.write_json(os.path.join(workdir, CROSSVAL_JSON), result)
     pngs = [p for p in _PNGS if os.path.isfile(os.path.join(workdir, p))]
-    with open(os.path.join(workdir, CROSSVAL_MD), "w") as f:
-        f.write(markdown(result, pngs))
+    atomic_file.write_text(os.path.join(workdir, CROSSVAL_MD), markdown(result, pngs))
     return result
 
 

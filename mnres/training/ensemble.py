@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnres import data, run_folder
+from mnres import data, run_folder, workdir_lock
 from mnres.metrics import calibration
 from mnres.metrics import slide_prior as slide_prior_lib
 from mnres.models import ensemble
@@ -132,6 +132,8 @@ def combine(
     Raises:
       ValueError: fewer than two members, members of different splits or questions, a workdir
         that holds a run, or data that are not the members' crops.
+      FileExistsError, PermissionError: a workdir that holds other files, is a file or cannot
+        be written (`mnres.workdir_lock.claim`).
     """
     start = time.perf_counter()
     if os.path.exists(os.path.join(workdir, run_folder.CONFIG_JSON)):
@@ -178,7 +180,7 @@ def combine(
 
 def _write_run(workdir: str, config, ds, variables):
     """Writes the ensemble's config, manifest and only checkpoint; returns the run restored."""
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lock.claim(workdir)  # new, empty or marked: never a folder of a user's files
     run_folder.write_config(workdir, config)
     run_folder.write_manifest(workdir, ds)
     with checkpoint.Checkpoints(

@@ -46,7 +46,6 @@ from mnres.training import (
     bn_momentum,
     checkpoint,
     distributed,
-    final_evaluation,
     optim,
     progress,
     steps,
@@ -120,7 +119,6 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None, validated: b
     """Writes config.json and manifest.json; builds the model, optimizer and a fresh state."""
     if not validated:
         config_lib.validate(config)  # every field, before any work (ConfigError)
-    os.makedirs(workdir, exist_ok=True)
     config_lib.check_batch_size(config.batch_size)
     config_lib.check_batch_size(config.eval_batch_size, "config.eval_batch_size")
     ds = dataset if dataset is not None else data.load_dataset(config.data, config.seed)
@@ -130,6 +128,8 @@ def _create_run(config, workdir: str, dataset: data.Dataset | None, validated: b
     # the same model.
     config, picked, warning = bn_momentum.resolve(config, per_epoch * config.num_epochs)
     config = config_lib.with_class_names(config, class_names_of(ds))
+    # Before config.json is replaced: a re-run keeps the recipe it was trained with.
+    run_folder.check_recipe(workdir, config)
     if distributed.is_chief():
         run_folder.write_config(workdir, config)
         run_folder.write_manifest(workdir, ds)
@@ -340,7 +340,8 @@ def train_and_evaluate(
 
     Args:
       config: the experiment ConfigDict (`mnres.config.default_config()` with overrides).
-      workdir: output folder; an existing one with checkpoints is resumed.
+      workdir: output folder: new, empty, or a run folder (resumed, or re-evaluated when only
+        evaluation fields changed).
       after_step: called with the step number after every training step (tests use it to
         kill the process at a known step).
       dataset: the splits to use instead of `data.load_dataset(config.data, config.seed)`
@@ -354,9 +355,12 @@ def train_and_evaluate(
     Raises:
       NonFiniteLossError: the loss became NaN/inf; earlier checkpoints stay intact.
       workdir_lock.WorkdirBusyError: another live run holds `workdir` (its `.lock`).
+      FileExistsError, PermissionError: `workdir` is not a folder to train into
+        (`workdir_lock.claim`: it holds other files, is a file, or cannot be written).
+      ConfigError: `workdir` holds a run of another recipe (`run_folder.check_recipe`).
     """
     started = time.perf_counter()
-    # First of all: a second run on a live workdir stops here, before it writes anything.
+    # First of all: a folder that is not a run, or a live run's, stops here, before any write.
     with workdir_lock.lock(workdir):
         run = _create_run(config, workdir, dataset, validated)
         try:
@@ -367,6 +371,10 @@ def train_and_evaluate(
 
 def _train_and_report(run: Run, after_step, started: float) -> dict:
     """Trains the remaining epochs, then evaluates, reports and writes the run's outputs."""
+    # Here, not at the top: the reports' plotting (matplotlib, its font cache in HOME) is loaded
+    # only by a run that gets this far, not by one refused at its start.
+    from mnres.training import final_evaluation
+
     _restore_or_start(run)
     t0 = time.perf_counter()
     _fit(run, after_step)
