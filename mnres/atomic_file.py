@@ -48,3 +48,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Writes `text` to `path` atomically (`writing`)."""
     with writing(path) as f:
         f.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` atomically (`writing`): a link at `path` is replaced by the new
+    file, never written through."""
+    with writing(path, binary=True) as f:
+        f.write(data)

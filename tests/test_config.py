@@ -6,13 +6,13 @@ Most cases call `mnres.config` in-process and end the way the experiment command
 for real.
 """
 
+import json
 import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
-import flax
 import ml_collections
 import pytest
 
@@ -21,7 +21,6 @@ from experiments.configs import default, paper, smoke, tpu
 from mnres import config as config_lib
 from mnres import run_folder
 from mnres.config import ConfigError
-from mnres.models import mobilenet
 from mnres.training import steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,26 +347,44 @@ def test_a_0_1_0_config_json_reads_as_overrides_of_the_schema():
     config_lib.validate(config)
 
 
-def test_a_smoke_run_validates_once_and_builds_its_model_once(tmp_path, monkeypatch):
+# The command's own training function, in a fresh interpreter: importing experiments.malaria
+# defines its absl flags, which another command's module imported by an earlier test defines too.
+COUNT_CONSTRUCTIONS = """
+import json, sys
+import flax
+from experiments import malaria
+from experiments.configs import smoke
+from mnres import config as config_lib
+from mnres.models import mobilenet
+
+built, validated = [], []
+post_init = mobilenet._MobileNet.__post_init__
+
+def counting_post_init(module):
+    if not isinstance(module.parent, flax.core.scope.Scope):
+        built.append(type(module).__name__)
+    post_init(module)
+
+validate = config_lib.validate
+mobilenet._MobileNet.__post_init__ = counting_post_init
+config_lib.validate = lambda c: validated.append(1) or validate(c)
+config = smoke.get_config()
+config.data.synthetic_size, config.batch_size, config.num_epochs = 400, 64, 1
+config.progress_bar = config.keep_freed_memory = False
+malaria._train(config, "smoke", sys.argv[1])
+print(json.dumps({"built": built, "validated": validated}))
+"""
+
+
+def test_a_smoke_run_validates_once_and_builds_its_model_once(tmp_path):
     """From the command's start to report.json, one top-level model is constructed (the
     clones Flax makes inside `init`/`apply`, bound to a scope, are not constructions)."""
-    from experiments import malaria
-
-    built, validated = [], []
-    post_init = mobilenet._MobileNet.__post_init__
-
-    def counting_post_init(module):
-        if not isinstance(module.parent, flax.core.scope.Scope):
-            built.append(type(module).__name__)
-        post_init(module)
-
-    validate = config_lib.validate
-    monkeypatch.setattr(mobilenet._MobileNet, "__post_init__", counting_post_init)
-    monkeypatch.setattr(config_lib, "validate", lambda c: validated.append(1) or validate(c))
-    config = smoke.get_config()
-    config.data.synthetic_size, config.batch_size, config.num_epochs = 400, 64, 1
-    config.progress_bar = config.keep_freed_memory = False
     workdir = tmp_path / "run"
-    malaria._train(config, "smoke", str(workdir))
+    out = subprocess.run(
+        [sys.executable, "-c", COUNT_CONSTRUCTIONS, str(workdir)],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    built, validated = counts["built"], counts["validated"]
     assert (workdir / "report.json").is_file()
     assert built == ["MobileNetV1"] and validated == [1], (built, validated)

@@ -26,14 +26,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnres import provenance, run_folder
+from mnres import atomic_file, provenance, run_folder
 from mnres.config.schema import MALARIA_CLASSES
 from mnres.deploy import crops, tensorflow_logs
 from mnres.inference import Classifier
@@ -116,19 +115,6 @@ def read_metadata(path: str) -> dict:
     return meta
 
 
-def _write_file(path: str, data: bytes) -> None:
-    """Writes `path` through a new temporary file renamed over it: a link at `path` (a run
-    folder is anyone's) is replaced, never written through, and no half file is left."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 def run_dataset(config):
     """The run's dataset reloaded from its config, written nowhere: the decoded-image cache its
     config.json names (`data.cache_dir`) is a path read from a run folder, left alone."""
@@ -148,7 +134,7 @@ def export_stablehlo(classifier: Classifier, path: str, *, platforms=STABLEHLO_P
     serve = serving_function(classifier)
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(STABLEHLO_INPUT_SHAPE), jnp.uint8)
     exported = jax.export.export(jax.jit(serve), platforms=platforms)(spec)
-    _write_file(path, bytes(exported.serialize()))
+    atomic_file.write_bytes(path, bytes(exported.serialize()))
     _write_metadata(path, classifier, format="stablehlo", platforms=list(platforms))
     return path
 
@@ -199,7 +185,7 @@ def export_tflite(
         )
     model_bytes = _tflite_bytes(classifier, quantize, per_channel, representative_images, any_size)
     size = classifier.image_size
-    _write_file(path, model_bytes)
+    atomic_file.write_bytes(path, model_bytes)
     _write_metadata(
         path,
         classifier,
@@ -312,7 +298,7 @@ def export_onnx(classifier: Classifier, path: str) -> str:
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(STABLEHLO_INPUT_SHAPE), jnp.uint8)
     proto = to_onnx(serving_function(classifier), [spec], model_name="mnres")
     # One self-contained file (jax2onnx's own file mode moves large weights to FILE.data).
-    _write_file(path, proto.SerializeToString())
+    atomic_file.write_bytes(path, proto.SerializeToString())
     _write_metadata(path, classifier, format="onnx")
     return path
 

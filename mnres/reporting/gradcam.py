@@ -24,6 +24,8 @@ from flax import linen as nn
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from mnres.reporting import plots
+
 GRADCAM_PNG = "gradcam.png"
 
 
@@ -319,5 +321,4 @@ def plot_gradcam_grid(
             axes[r, 2 * c + 1].set_title(f"p = {probs[i]:.3f}", fontsize=7, color=color)
     if title:
         fig.suptitle(title, fontsize=9)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=130)
+    plots.save(fig, path, dpi=130)

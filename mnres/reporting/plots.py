@@ -13,13 +13,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
-from mnres import metrics
+from mnres import atomic_file, metrics
 from mnres.metrics import multiclass
 
 
-def _save(fig, path):
+def save(fig, path, dpi: int = 120) -> None:
+    """Writes `fig` to `path` whole or not at all (`mnres.atomic_file`), in its suffix's format."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file.writing(path, binary=True) as f:
+        fig.savefig(f, dpi=dpi, format=os.path.splitext(path)[1][1:] or "png")
 
 
 def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
@@ -42,7 +44,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_confusion_matrix(
@@ -65,7 +67,7 @@ def plot_confusion_matrix(
     ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="Confusion matrix")
     ax.set_xticklabels(class_names)
     ax.set_yticklabels(class_names)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_roc(
@@ -99,7 +101,7 @@ def plot_roc(
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_reliability(
@@ -127,7 +129,7 @@ def plot_reliability(
     bottom.set(xlabel="confidence of the called class", ylabel="cells", yscale="symlog")
     # Confidence is at least 1 / K (0.5 for two classes): the lower bins are always empty.
     bottom.set_xlim(lower[occupied].min() if occupied.any() else 0.0, 1.0)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_slide_fractions(
@@ -176,4 +178,4 @@ def plot_slide_fractions(
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    _save(fig, path)
+    save(fig, path)
