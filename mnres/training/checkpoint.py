@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -120,12 +121,21 @@ def verify(tree, step_dir: str) -> None:
         saved = json.load(f)
     for key, (dtype, shape, digest) in checksums(tree).items():
         if key in saved and saved[key][:2] == [dtype, shape] and saved[key][2] != digest:
-            step, directory = os.path.basename(step_dir), os.path.dirname(step_dir)
             raise CheckpointCorruptError(
-                f"the checkpoint at step {step} in {directory} is corrupt ({key} does not match "
-                f"the checksum saved with it): delete {step_dir} to resume from the checkpoint "
-                "before it, or delete the run folder to start over"
+                _corrupt(step_dir, f"{key} does not match the checksum saved with it")
             )
+
+
+# TensorStore's words for a chunk it cannot decode (zstd, its OCDBT database).
+_UNREADABLE = re.compile(r"corrupt|decompress|checksum|DATA_LOSS", re.IGNORECASE)
+
+
+def _corrupt(step_dir: str, why: str) -> str:
+    step, directory = os.path.basename(step_dir), os.path.dirname(step_dir)
+    return (
+        f"the checkpoint at step {step} in {directory} is corrupt ({why}): delete {step_dir} to "
+        "resume from the checkpoint before it, or delete the run folder to start over"
+    )
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -229,8 +239,16 @@ class Checkpoints:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
         abstract = None if target is None else abstract_like(target)
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        verify(restored, os.path.join(str(manager.directory), str(step)))
+        step_dir = os.path.join(str(manager.directory), str(step))
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:
+            # Flipped bytes inside a compressed chunk fail in TensorStore's decoder before any
+            # checksum is compared: the same one line as a checksum that differs.
+            if not _UNREADABLE.search(str(e)):
+                raise
+            raise CheckpointCorruptError(_corrupt(step_dir, "its data cannot be decoded")) from e
+        verify(restored, step_dir)
         return restored
 
     def wait(self) -> None:
