@@ -28,7 +28,6 @@ SPLIT_NAMES = ("train", "validation", "test")
 MALARIA_CLASSES = ("uninfected", "parasitized")
 EVAL_CHECKPOINTS = ("best", "last")
 PLATFORMS = ("cpu", "gpu", "tpu")
-_POSITIVE_INTS = ("batch_size", "eval_batch_size", "num_epochs")
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,6 @@ import os
 import jax
 
 from mnres.config.schema import (
-    _POSITIVE_INTS,
     EVAL_CHECKPOINTS,
     PLATFORMS,
     ConfigError,
@@ -32,6 +31,8 @@ from mnres.config.schema import (
 from mnres.models import build, mobilenet, stain
 from mnres.models.params import PARAMETER_FREE_FIELDS
 from mnres.training import optim, tensorboard
+
+_POSITIVE_INTS = ("batch_size", "eval_batch_size", "num_epochs")
 
 
 def validate(config) -> None:
