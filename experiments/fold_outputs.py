@@ -242,7 +242,7 @@ def _bundle(out_dir: str, workdir: str, recipe: str, folds) -> None:
         for k in sorted(folds):
             fold_dir = os.path.join(workdir, recipe, f"fold_{k}")
             for src, suffix in _BUNDLED:
-                path = os.path.join(fold_dir, src)
+                path = os.path.normpath(os.path.join(fold_dir, src.format(k=k)))
                 if os.path.isfile(path):
                     tar.add(path, arcname=f"{recipe}/fold_{k}{suffix}")
     os.replace(tmp, os.path.join(out_dir, f"{recipe}.tar"))
@@ -253,12 +253,21 @@ _BUNDLED = (
     ("fold_outputs.json", ".json"),
     ("report.json", "_report.json"),
     ("metrics.jsonl", "_metrics.jsonl"),
-    ("train.log", ".log"),
+    ("../fold_{k}.log", ".log"),
 )
+
+
+def _log_path(workdir: str, recipe: str, k: int) -> str:
+    return os.path.join(workdir, recipe, f"fold_{k}.log")
 
 
 def _read(workdir: str, recipe: str, k: int, name: str) -> str:
     with open(os.path.join(workdir, recipe, f"fold_{k}", name)) as f:
+        return f.read()
+
+
+def _read_log(workdir: str, recipe: str, k: int) -> str:
+    with open(_log_path(workdir, recipe, k)) as f:
         return f.read()
 
 
@@ -277,13 +286,13 @@ def run(args) -> None:
     while pending or running:
         while pending and len(running) < args.parallel:
             recipe, k = pending.pop(0)
-            fold_dir = os.path.join(args.workdir, recipe, f"fold_{k}")
-            os.makedirs(fold_dir, exist_ok=True)
+            os.makedirs(os.path.join(args.workdir, recipe), exist_ok=True)
             cmd = [sys.executable, "-m", "experiments.fold_outputs", "train", f"--pool={args.pool}",
                    f"--npy={npy}", f"--workdir={args.workdir}", f"--recipe={recipe}",
                    f"--fold={k}", f"--records={args.records or ''}"]  # fmt: skip
             cmd += [f"--set={kv}" for kv in args.set or []]
-            log = open(os.path.join(fold_dir, "train.log"), "w")
+            # beside the run folder: a run folder holds only what the run writes
+            log = open(_log_path(args.workdir, recipe, k), "w")
             running[(recipe, k)] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), log)
         time.sleep(5)
         for (recipe, k), (proc, log) in list(running.items()):
@@ -305,12 +314,12 @@ def run(args) -> None:
                 )
             else:
                 failed.append((recipe, k))
-                tail = _read(args.workdir, recipe, k, "train.log")[-3000:]
+                tail = _read_log(args.workdir, recipe, k)[-3000:]
                 print(f"[{elapsed:6.0f}s] {recipe} fold {k} FAILED (exit {proc.returncode}):")
                 print(tail, flush=True)
         if running and int(time.perf_counter() - started) % 60 < 5:
             for (recipe, k), _ in running.items():
-                lines = _read(args.workdir, recipe, k, "train.log").splitlines()
+                lines = _read_log(args.workdir, recipe, k).splitlines()
                 epochs = [ln for ln in lines if "train loss" in ln]
                 last = epochs[-1].split("]")[-1].strip()[:90] if epochs else "(starting)"
                 print(f"[{time.perf_counter() - started:6.0f}s] {recipe} fold {k}: {last}",

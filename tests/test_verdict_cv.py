@@ -1,0 +1,85 @@
+"""experiments.verdict_cv on synthetic fold outputs: choose reads validation rows only, test
+reads once, and the docs' tables come from the records."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import verdict_cv
+
+
+def _fake_outputs(folder, rng):
+    """Five folds of fake member outputs: every patient in one test fold, some in validation."""
+    patients = [f"P{i:02d}" for i in range(30)]
+    infected = {p: i % 3 != 0 for i, p in enumerate(patients)}
+    crops = {}
+    for p in patients:
+        n = int(rng.integers(25, 40))
+        share = rng.uniform(0.05, 0.8) if infected[p] else 0.0
+        labels = (rng.random(n) < share).astype(np.int32)
+        labels[0] = int(infected[p])  # an infected patient has a parasitized crop
+        crops[p] = labels
+    tests = [patients[k::5] for k in range(5)]
+    for k in range(5):
+        others = [p for p in patients if p not in tests[k]]
+        val = [p for p in others if infected[p]][:4] + [p for p in others if not infected[p]][:2]
+        for recipe in verdict_cv.RECIPES:
+            rows = {c: [] for c in ("split", "name", "slide_id", "label", "log_odds")}
+            for split, chosen in (("validation", val), ("test", tests[k])):
+                for p in chosen:
+                    labels = crops[p]
+                    rows["split"] += [split] * len(labels)
+                    rows["name"] += [f"{p}_cell_{i}.png" for i in range(len(labels))]
+                    rows["slide_id"] += [p] * len(labels)
+                    rows["label"] += list(labels)
+                    rows["log_odds"] += list(np.where(labels == 1, 5.0, -4.0)
+                                             + rng.normal(0, 1.0, len(labels)))
+            np.savez_compressed(
+                os.path.join(folder, f"{recipe}_fold_{k}.npz"),
+                split=np.array(rows["split"]), name=np.array(rows["name"]),
+                slide_id=np.array(rows["slide_id"]), label=np.array(rows["label"], np.int32),
+                log_odds=np.array(rows["log_odds"], np.float32),
+                prob=1 / (1 + np.exp(-np.array(rows["log_odds"], np.float32))),
+            )
+
+
+def test_choose_test_table(tmp_path, monkeypatch, capsys):
+    outputs, results = tmp_path / "outputs", tmp_path / "results"
+    outputs.mkdir()
+    _fake_outputs(outputs, np.random.default_rng(0))
+    args = [f"--outputs={outputs}", f"--results={results}"]
+
+    seen = []
+    load = verdict_cv.load_fold
+    monkeypatch.setattr(verdict_cv, "load_fold", lambda k, split, o: seen.append(split)
+                        or load(k, split, o))
+    verdict_cv.main(["choose", *args])
+    assert set(seen) == {"validation"}  # choose never loads a test output
+    choice = json.loads((results / "choice.json").read_text())
+    assert (choice["chosen"]["candidate"], choice["chosen"]["scores"]) in verdict_cv.PREFERENCE
+    assert len(choice["leave_one_patient_out"]) == len(verdict_cv.PREFERENCE)
+
+    verdict_cv.main(["test", *args])
+    record = json.loads((results / "test_folds.json").read_text())
+    pooled = record["pairs"]["fraction/plain"]["pooled"]
+    assert pooled["accuracy"]["n"] == 30  # every patient once, pooled over the five test folds
+    assert pooled["sensitivity"]["n"] == 20
+    with pytest.raises(SystemExit, match="read once"):
+        verdict_cv.main(["test", *args])
+
+    capsys.readouterr()
+    verdict_cv.main(["table", *args])
+    table = capsys.readouterr().out
+    assert "(chosen)" in table and "5,000 crops" in table
+
+
+def test_members_must_hold_the_same_crops(tmp_path):
+    _fake_outputs(tmp_path, np.random.default_rng(1))
+    path = tmp_path / f"{verdict_cv.RECIPES[1]}_fold_0.npz"
+    d = dict(np.load(path))
+    d["name"] = d["name"][::-1]
+    np.savez_compressed(path, **d)
+    with pytest.raises(ValueError, match="name columns differ"):
+        verdict_cv.load_fold(0, "validation", str(tmp_path))
