@@ -61,11 +61,11 @@ OUTPUTS = "experiments/results/fold_outputs"
 RESULTS = "experiments/results/verdicts"
 RECIPES = ("gray_world", "mixup")  # the shipped ensemble's members
 NUM_FOLDS = 5
-MIN_CELLS = 20
+MIN_CELLS = verdict_fitting.MIN_CELLS  # 20
 QS = (0.5, 0.8, 0.9, 0.95, 0.99)
 ALPHA = 0.01
 LIGHT_FRACTION = 0.05
-CANDIDATES = ("binomial_upper", "binomial", "fraction", "count")
+CANDIDATES = verdict_fitting.CANDIDATES  # binomial_upper, binomial, fraction, count
 SCORES = ("plain", "prior")
 PREFERENCE = tuple((c, s) for s in SCORES for c in CANDIDATES)
 
@@ -144,32 +144,9 @@ def balanced(truth: dict, called: dict) -> float:
 
 
 def fit(candidate: str, probs, labels, slide_ids) -> verdicts.VerdictRule:
-    """The candidate's rule, from these (validation) crops alone."""
-    if candidate == "fraction":
-        return verdict_fitting.choose_fraction_rule(probs, labels, slide_ids, MIN_CELLS, q=0.5)
-    truth = infected_patients(labels, slide_ids)
-    median_cells = int(np.median(np.unique(slide_ids, return_counts=True)[1]))
-    best = None
-    for q in QS:
-        try:
-            if candidate == "count":
-                rule = verdict_fitting.choose_count_rule(probs, labels, slide_ids, MIN_CELLS, q)
-            else:
-                rule = verdict_fitting.choose_binomial_rule(
-                    probs, labels, slide_ids, MIN_CELLS, q, ALPHA,
-                    use_upper_bound=candidate == "binomial_upper",
-                )  # fmt: skip
-        except ValueError as e:
-            if "carries no information" in str(e):  # sensitivity <= false-positive rate at q
-                continue
-            raise
-        light = verdicts.detection_probability(rule, median_cells, LIGHT_FRACTION)
-        key = (round(balanced(truth, calls(rule, probs, slide_ids)), 12), light, q)
-        if best is None or key > best[0]:
-            best = (key, rule)
-    if best is None:
-        raise ValueError(f"{candidate}: no q in {QS} separates parasitized from healthy crops")
-    return best[1]
+    """The candidate's rule, from these (validation) crops alone (the protocol above)."""
+    return verdict_fitting.fit_rule(candidate, probs, labels, slide_ids, MIN_CELLS, qs=QS,
+                                    alpha=ALPHA, light_fraction=LIGHT_FRACTION)  # fmt: skip
 
 
 def leave_one_patient_out(candidate: str, probs, labels, slide_ids) -> dict[str, bool]:
@@ -278,8 +255,8 @@ def test(args) -> None:
             entry["folds"].append({"fold": k, "rule": rule.to_dict(), **figures(truth, called)})
             entry["truth"].update(truth)
             entry["calls"].update(called)
-    record = {"protocol": _protocol(), "chosen": choice["chosen"], "parasitized_fraction": fractions,
-              "pairs": {}}  # fmt: skip
+    record = {"protocol": _protocol(), "chosen": choice["chosen"],
+              "parasitized_fraction": fractions, "pairs": {}}  # fmt: skip
     for pair, entry in per_pair.items():
         record["pairs"][pair] = {"pooled": figures(entry["truth"], entry["calls"]),
                                  "folds": entry["folds"], "calls": entry["calls"]}  # fmt: skip
@@ -292,7 +269,9 @@ def test(args) -> None:
 
 
 def _share(s: dict) -> str:
-    return f"{100 * s['value']:.1f}% ({s['k']}/{s['n']}; {100 * s['low']:.1f}-{100 * s['high']:.1f})"
+    return (
+        f"{100 * s['value']:.1f}% ({s['k']}/{s['n']}; {100 * s['low']:.1f}-{100 * s['high']:.1f})"
+    )
 
 
 BINS = ((0.0, 0.05), (0.05, 0.2), (0.2, 0.5), (0.5, 1.0))
@@ -325,7 +304,8 @@ def table_markdown(results: str = RESULTS) -> str:
               "|---|" + "---|" * len(SLIDE_SIZES)]  # fmt: skip
     for candidate in CANDIDATES:
         rule = verdicts.VerdictRule.from_dict(
-            record["pairs"][f"{candidate}/plain"]["folds"][0]["rule"])
+            record["pairs"][f"{candidate}/plain"]["folds"][0]["rule"]
+        )
         alarms = [verdicts.false_alarm_rate(rule, n) for n in SLIDE_SIZES]
         lines.append(f"| {candidate} | " + " | ".join(f"{100 * a:.2f}%" for a in alarms) + " |")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import sys
 
 import mnres
 from mnres import models
+from mnres.deploy import slides
 from mnres.metrics import calibration, slide_prior
 from mnres.models import params
 
@@ -201,6 +202,14 @@ def _predict_args(add, prog: str) -> argparse.ArgumentParser:
         help="move each crop's p by its slide's fraction of crops called parasitized, in place "
         f"of the training split's (slides of {slide_prior.MIN_CROPS}+ crops; slide ids from "
         "NIH file names)",
+    )
+    pred.add_argument(
+        "--group-by",
+        choices=slides.GROUP_BY,
+        default="auto",
+        help="what makes a slide: the NIH slide id in file names ('name'), the nearest folder "
+        "above a crop that is not Parasitized/ or Uninfected/ ('folder'), the name's id else the "
+        "folder ('auto', the default) or no slides ('none')",
     )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
     pred.add_argument("--quiet", action="store_true", help=_QUIET)

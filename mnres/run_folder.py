@@ -44,6 +44,8 @@ TEST_OUTPUTS_NPZ = "test_outputs.npz"
 # Training crops kept with the run: int8 export calibrates on them when the data has moved.
 CALIBRATION_SAMPLE_NPZ = "calibration_sample.npz"
 CALIBRATION_JSON = "calibration.json"
+# The slide verdict rule fitted on the validation slides (mnres.metrics.verdict_fitting).
+VERDICT_RULE_JSON = "verdict_rule.json"
 LOCK_FILE = ".lock"
 HISTORY_PNG = "history.png"
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"

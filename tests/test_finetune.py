@@ -20,7 +20,7 @@ from mnres import config as config_lib
 from mnres import data, metrics, run_folder
 from mnres.__main__ import main
 from mnres.data import splits
-from mnres.deploy import predict
+from mnres.deploy import predict, slides
 from mnres.metrics import calibration, multiclass
 from mnres.models.params import abstract_variables
 from mnres.reporting import report
@@ -264,7 +264,7 @@ def test_two_other_classes_are_reported_and_predicted_by_name(tmp_path):
     assert [(r["label"], r["prob"]) for r in rows] == [("dog", 0.7), ("dog", 0.7)]
     rows = predict.predict_files(predictor, images, threshold=0.8)
     assert rows[0]["label"] == "cat" and rows[0]["prob"] == pytest.approx(0.3)
-    assert predict.slide_summary(rows) == []
+    assert slides.slide_rows(rows, None) == []
     assert "p(label)" in predict.format_table(rows)
 
 

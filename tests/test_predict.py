@@ -16,7 +16,7 @@ from mnres import run_folder
 from mnres.__main__ import main
 from mnres.data import synthetic
 from mnres.data.splits import Split
-from mnres.deploy import crops, export, predict
+from mnres.deploy import crops, export, predict, slides
 from mnres.reporting import gradcam
 from mnres.training import steps
 
@@ -93,10 +93,10 @@ def test_checkpoint_and_exports_predict_the_same(run, cells, tmp_path):
         np.testing.assert_allclose(probs, results["checkpoint"], atol=1e-4, err_msg=name)
     assert np.ptp(results["checkpoint"]) > 0.05
 
-    summary = predict.slide_summary(rows)
+    summary = slides.slide_rows(rows, None)
     assert [s["slide_id"] for s in summary] == sorted(SLIDES)
     assert [s["cells"] for s in summary] == [3, 3]  # the broken file counts nowhere
-    table = predict.format_table(rows, summary)
+    table = predict.format_table(rows, slides.format_slides(summary))
     assert "6 image(s) predicted, 1 unreadable" in table and "C39P4" in table
 
 

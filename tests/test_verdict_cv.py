@@ -34,12 +34,15 @@ def _fake_outputs(folder, rng):
                     rows["name"] += [f"{p}_cell_{i}.png" for i in range(len(labels))]
                     rows["slide_id"] += [p] * len(labels)
                     rows["label"] += list(labels)
-                    rows["log_odds"] += list(np.where(labels == 1, 5.0, -4.0)
-                                             + rng.normal(0, 1.0, len(labels)))
+                    rows["log_odds"] += list(
+                        np.where(labels == 1, 5.0, -4.0) + rng.normal(0, 1.0, len(labels))
+                    )
             np.savez_compressed(
                 os.path.join(folder, f"{recipe}_fold_{k}.npz"),
-                split=np.array(rows["split"]), name=np.array(rows["name"]),
-                slide_id=np.array(rows["slide_id"]), label=np.array(rows["label"], np.int32),
+                split=np.array(rows["split"]),
+                name=np.array(rows["name"]),
+                slide_id=np.array(rows["slide_id"]),
+                label=np.array(rows["label"], np.int32),
                 log_odds=np.array(rows["log_odds"], np.float32),
                 prob=1 / (1 + np.exp(-np.array(rows["log_odds"], np.float32))),
             )
@@ -53,8 +56,9 @@ def test_choose_test_table(tmp_path, monkeypatch, capsys):
 
     seen = []
     load = verdict_cv.load_fold
-    monkeypatch.setattr(verdict_cv, "load_fold", lambda k, split, o: seen.append(split)
-                        or load(k, split, o))
+    monkeypatch.setattr(
+        verdict_cv, "load_fold", lambda k, split, o: seen.append(split) or load(k, split, o)
+    )
     verdict_cv.main(["choose", *args])
     assert set(seen) == {"validation"}  # choose never loads a test output
     choice = json.loads((results / "choice.json").read_text())

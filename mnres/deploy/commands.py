@@ -18,7 +18,7 @@ import numpy as np
 
 from mnres import run_folder
 from mnres.config.schema import MALARIA_CLASSES
-from mnres.deploy import crops, export, parity, predict, run_checks
+from mnres.deploy import crops, export, parity, predict, run_checks, slides
 from mnres.metrics import slide_prior
 from mnres.weights import loader, shipped
 
@@ -45,6 +45,7 @@ def predict_command(args) -> int:
         rows = predict.predict_files(
             predictor, images, threshold=threshold, progress=not args.quiet
         )
+    slides.group(rows, args.group_by)
     out = _predictions(args, predictor, model, folder, names, threshold, rows)
     print(json.dumps(out, indent=2) if args.json else _text(out, names))
     for warning in caught:
@@ -67,7 +68,11 @@ def _warn(text: str) -> None:
 
 
 def _predictions(args, predictor, model, folder, names, threshold, rows) -> dict:
-    """What predict prints (as JSON with --json): the model, the rows, per-slide summaries."""
+    """What predict prints (as JSON with --json): the model, the rows, the slides' verdicts."""
+    # The verdict reads the scores its rule was fitted on (plain, or with the slide prior),
+    # whatever the crops are shown with: taken before --slide-prior moves them.
+    record = slides.load_rule(folder) if predictor.malaria else None
+    verdict_slides = slides.slide_rows(rows, record, threshold=threshold)
     prior = None
     if args.slide_prior:
         if not predictor.malaria:
@@ -77,10 +82,10 @@ def _predictions(args, predictor, model, folder, names, threshold, rows) -> dict
         prevalence = predict.training_prevalence(folder) or 0.5
         adjusted = predict.apply_slide_prior(rows, prevalence, threshold=threshold)
         prior = {"train_prevalence": prevalence, "slides_adjusted": adjusted}
-    slides = predict.slide_summary(rows, threshold=threshold)
     if len(names) > 2:
         threshold = None  # the most probable class is called
-    out = {"model": predictor.name, "threshold": threshold, "images": rows, "slides": slides}
+    out = {"model": predictor.name, "threshold": threshold, "images": rows,
+           "slides": verdict_slides, "verdict_rule": record}  # fmt: skip
     if prior is not None:
         out["slide_prior"] = prior
     if not predictor.malaria:
@@ -129,7 +134,10 @@ def _text(out: dict, names) -> str:
             f"crops adjusted to their own prevalence (training split: "
             f"{prior['train_prevalence']:.3f})"
         )
-    return "\n".join([*lines, "", predict.format_table(out["images"], out["slides"])])
+    if out["verdict_rule"] is not None:
+        lines.append(f"slide verdict: {slides.describe(out['verdict_rule'])}")
+    table = predict.format_table(out["images"], slides.format_slides(out["slides"]))
+    return "\n".join([*lines, "", table])
 
 
 def _rule(names, threshold) -> str:

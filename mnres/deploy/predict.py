@@ -2,12 +2,12 @@
 
   predictor = load_predictor("runs/default")          # or model.tflite / model.stablehlo
   rows = predict_files(predictor, crops.find_images(["cells/", "more/*.png"]))
-  print(format_table(rows, slide_summary(rows)))
+  print(format_table(rows))   # slides and verdicts: mnres.deploy.slides
 
 A model of other classes than the malaria pair (a run fine-tuned on a folder of class
 subfolders) labels each crop with its most probable class by name (for two classes: class 1
-iff its probability reaches the threshold) and gives that probability; per-slide summaries
-are the malaria model's.
+iff its probability reaches the threshold) and gives that probability; slides and their
+verdicts (`mnres.deploy.slides`) are the malaria model's.
 
 Crops are read by `mnres.deploy.crops` (as training decodes them when the model's size is
 known). An unreadable file (or a crop under `crops.MIN_CROP_SIDE` pixels on a side) becomes a
@@ -325,57 +325,25 @@ def apply_slide_prior(rows, train_prevalence: float, *, threshold: float = 0.5) 
     return [str(s) for s, n in zip(ids, counts, strict=True) if n >= slide_prior.MIN_CROPS]
 
 
-def slide_summary(rows, *, threshold: float = 0.5) -> list[dict]:
-    """Per slide id (rows whose file name carries one): cells, parasitized count and fraction.
-
-    Whether a patient is infected is a call on that fraction; the training report's
-    `test_patient` section gives the fraction threshold chosen on validation. Only rows of the
-    malaria model count (other classes have no parasitized fraction).
-    """
-    by_slide: dict[str, list[float]] = {}
-    for row in rows:
-        if row["slide_id"] and row["error"] is None and "prob_parasitized" in row:
-            by_slide.setdefault(row["slide_id"], []).append(row["prob_parasitized"])
-    summary = []
-    for slide, probs in sorted(by_slide.items()):
-        probs = np.asarray(probs)
-        called = int(np.sum(probs >= threshold))
-        summary.append(
-            {
-                "slide_id": slide,
-                "cells": len(probs),
-                "parasitized": called,
-                "fraction_parasitized": called / len(probs),
-                "mean_prob_parasitized": float(probs.mean()),
-            }
-        )
-    return summary
-
-
-def format_table(rows, summary=()) -> str:
-    """Plain-text tables of the rows and, when there is one, the per-slide summary."""
+def format_table(rows, slide_lines=()) -> str:
+    """Plain-text table of the rows, then the per-slide lines (`slides.format_slides`)."""
     files = [crops.printable(r["file"]) for r in rows]  # a name cannot drive the terminal
     width = max([len("file")] + [len(f) for f in files])
     malaria = all("prob_parasitized" in r for r in rows)
     key, title = ("prob_parasitized", "p(parasitized)") if malaria else ("prob", "p(label)")
     label_width = max([12] + [len(r["label"]) + 1 for r in rows if r["label"]])
-    lines = [f"{'file':<{width}}  {'slide':<10} {'label':<{label_width}} {title:>14}"]
+    slide_width = max([5] + [len(crops.printable(r["slide_id"] or "-")) for r in rows])
+    lines = [f"{'file':<{width}}  {'slide':<{slide_width}} {'label':<{label_width}} {title:>14}"]
     for file, r in zip(files, rows, strict=True):
         slide = crops.printable(r["slide_id"] or "-")
         if r["error"]:
-            lines.append(f"{file:<{width}}  {slide:<10} error: {crops.printable(r['error'])}")
+            lines.append(f"{file:<{width}}  {slide:<{slide_width}} error: "
+                         f"{crops.printable(r['error'])}")  # fmt: skip
         else:
-            lines.append(
-                f"{file:<{width}}  {slide:<10} {r['label']:<{label_width}} {r[key]:>14.4f}"
-            )
-    if summary:
-        lines += ["", f"{'slide':<10} {'cells':>6} {'parasitized':>12} {'fraction':>9} "
-                      f"{'mean p':>7}"]  # fmt: skip
-        for s in summary:
-            lines.append(
-                f"{s['slide_id']:<10} {s['cells']:>6} {s['parasitized']:>12} "
-                f"{s['fraction_parasitized']:>9.3f} {s['mean_prob_parasitized']:>7.3f}"
-            )
+            lines.append(f"{file:<{width}}  {slide:<{slide_width}} {r['label']:<{label_width}} "
+                         f"{r[key]:>14.4f}")  # fmt: skip
+    if slide_lines:
+        lines += ["", *slide_lines]
     errors = sum(r["error"] is not None for r in rows)
     lines += ["", f"{len(rows) - errors} image(s) predicted, {errors} unreadable"]
     return "\n".join(lines)

@@ -210,3 +210,151 @@ def choose_binomial_rule(
         high = false_positive_rate(probs, labels, crop_infected, q)["high"]
         rule = VerdictRule.from_dict({**rule.to_dict(), "false_positive_rate": high})
     return rule
+
+
+# The rules `fit_rule` fits: the three kinds, and the binomial test against the upper end of
+# the false-positive rate's Wilson interval ('binomial_upper').
+CANDIDATES = ("binomial_upper", "binomial", "fraction", "count")
+QS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def _patients(labels, slide_ids) -> dict:
+    return {s: bool(np.any(labels[slide_ids == s] == 1)) for s in np.unique(slide_ids)}
+
+
+def _balanced_accuracy(truth: dict, called: dict) -> float:
+    rates = [np.mean(x) for x in ([called[s] for s in truth if truth[s]],
+                                  [not called[s] for s in truth if not truth[s]]) if x]  # fmt: skip
+    return float(np.mean(rates))
+
+
+def fit_rule(
+    candidate: str,
+    probs: ArrayLike,
+    labels: ArrayLike,
+    slide_ids: Iterable[str | bytes],
+    min_cells: int,
+    *,
+    qs: Iterable[float] = QS,
+    alpha: float = 0.01,
+    light_fraction: float = 0.05,
+) -> VerdictRule:
+    """A rule of `candidate` fitted on these (validation) crops alone, q included.
+
+    'fraction' is `choose_fraction_rule` at q = 0.5. The others try each q in ``qs`` ('count':
+    `choose_count_rule`; 'binomial' and 'binomial_upper': `choose_binomial_rule` at ``alpha``,
+    the latter against the rate's upper bound) and keep the one with the best balanced accuracy
+    of these patients' verdicts; ties go to the larger modelled detection of a light infection
+    (`detection_probability` at ``light_fraction`` of parasitized crops on a slide of the
+    median slide size here), then to the larger q. A q where the measured crop sensitivity does
+    not exceed the false-positive rate makes no rule and is skipped.
+
+    Raises:
+      ValueError: an unknown candidate, or no q gives a rule.
+    """
+    from mnres.metrics.verdicts import detection_probability, slide_verdicts
+
+    if candidate not in CANDIDATES:
+        raise ValueError(f"candidate must be one of {CANDIDATES}, got {candidate!r}")
+    if candidate == "fraction":
+        return choose_fraction_rule(probs, labels, slide_ids, min_cells, q=0.5)
+    labels, probs, ids = _check_slides(labels, probs, slide_ids)
+    known = ids != ""
+    labels, probs, ids = labels[known], probs[known], ids[known]
+    truth = _patients(labels, ids)
+    median_cells = int(np.median(np.unique(ids, return_counts=True)[1]))
+    best = None
+    for q in qs:
+        try:
+            if candidate == "count":
+                rule = choose_count_rule(probs, labels, ids, min_cells, q)
+            else:
+                upper = candidate == "binomial_upper"
+                rule = choose_binomial_rule(probs, labels, ids, min_cells, q, alpha, upper)
+        except ValueError as e:
+            if "carries no information" in str(e):  # sensitivity <= false-positive rate at q
+                continue
+            raise
+        called = {r["slide_id"]: r["verdict"] == "infected"
+                  for r in slide_verdicts(probs, ids, rule)}  # fmt: skip
+        usable = {s: t for s, t in truth.items() if s in called and
+                  np.sum(ids == s) >= min_cells}  # fmt: skip
+        light = detection_probability(rule, median_cells, light_fraction)
+        key = (round(_balanced_accuracy(usable, called), 12), light, q)
+        if best is None or key > best[0]:
+            best = (key, rule)
+    if best is None:
+        raise ValueError(f"{candidate}: no q in {tuple(qs)} separates parasitized from healthy "
+                         "crops on these slides")  # fmt: skip
+    return best[1]
+
+
+# The rule that patient cross-validation of the shipped recipe chose (docs/results.md, "Slide
+# verdicts"): what a run fits on its validation slides and the shipped model carries.
+DEFAULT_CANDIDATE = "binomial_upper"
+# 'plain': the verdict reads P(parasitized) as the model gives it; 'prior': moved by the slide
+# prior (`mnres.metrics.slide_prior`), which needs the training split's prevalence.
+SCORES = ("plain", "prior")
+DEFAULT_SCORES = "plain"
+# A slide of fewer readable crops is 'insufficient': fixed before the rules were compared.
+MIN_CELLS = 20
+
+
+def with_prior(probs, slide_ids, train_prevalence: float) -> np.ndarray:
+    """P(parasitized) with each slide's prevalence in place of the training split's."""
+    from mnres.metrics import slide_prior
+
+    probs = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    adjusted = slide_prior.adjust(np.log(probs) - np.log1p(-probs), slide_ids, train_prevalence)
+    return 1.0 / (1.0 + np.exp(-adjusted))
+
+
+def rule_record(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    slide_ids: Iterable[str | bytes],
+    *,
+    candidate: str = DEFAULT_CANDIDATE,
+    scores: str = DEFAULT_SCORES,
+    train_prevalence: float | None = None,
+    min_cells: int = MIN_CELLS,
+    fitted_on: str = "validation split",
+) -> dict[str, Any]:
+    """The verdict rule of a model, fitted on its validation crops (`fit_rule`), as stored.
+
+    Args:
+      probs, labels, slide_ids: the validation crops (plain P(parasitized)).
+      candidate: a `CANDIDATES` name.
+      scores: 'plain', or 'prior' (the verdict reads slide-prior-adjusted P; needs
+        train_prevalence).
+      train_prevalence: the training split's parasitized share.
+      min_cells: a slide of fewer crops is 'insufficient'.
+      fitted_on: what the crops were, in words.
+
+    Returns:
+      dict: rule (`VerdictRule.to_dict`), candidate, scores, train_prevalence, the crop
+      false-positive rate and sensitivity at the rule's q with their Wilson 95% intervals, the
+      slides and crops it was fitted on.
+    """
+    if scores not in SCORES:
+        raise ValueError(f"scores must be one of {SCORES}, got {scores!r}")
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+    ids = np.array([str(s) for s in slide_ids])
+    if scores == "prior":
+        if train_prevalence is None:
+            raise ValueError("a rule on slide-prior scores needs the training prevalence")
+        probs = with_prior(probs, ids, train_prevalence)
+    rule = fit_rule(candidate, probs, labels, ids, min_cells)
+    patients = _patients(labels, ids)
+    slide_infected = np.array([patients[s] for s in ids])
+    return {
+        "rule": rule.to_dict(),
+        "candidate": candidate,
+        "scores": scores,
+        "train_prevalence": train_prevalence,
+        "false_positive_rate": false_positive_rate(
+            probs, labels, slide_infected, rule.q),
+        "sensitivity": crop_sensitivity(probs, labels, rule.q),
+        "fitted_on": {"what": fitted_on, "crops": int(len(probs)), "slides": len(patients),
+                      "infected_slides": sum(patients.values())},
+    }  # fmt: skip

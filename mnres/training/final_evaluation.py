@@ -17,14 +17,16 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import linen as nn
 
 from mnres import data, metrics, run_folder
+from mnres.config.schema import MALARIA_CLASSES
 from mnres.data import sample
 from mnres.data.splits import class_names_of
 from mnres.metrics import calibration as calibration_lib
-from mnres.metrics import multiclass
+from mnres.metrics import multiclass, verdict_fitting
 from mnres.models import params as params_lib
 from mnres.reporting import plots, report
 from mnres.training import checkpoint, steps
@@ -218,6 +220,32 @@ def log_warnings(warnings: list[str]) -> None:
         )
 
 
+def verdict_rule(run: TrainedRun, evaluation: Evaluation) -> dict | None:
+    """The slide verdict rule fitted on the validation slides (`verdict_fitting.rule_record`),
+    or None: not the malaria pair, no validation, no slide ids, or slides that cannot fit one
+    (no uninfected or no infected validation patient with enough crops), said in the log."""
+    val, split = evaluation.validation, run.ds.validation
+    if val is None or "probs" not in val or class_names_of(run.ds) != MALARIA_CLASSES:
+        return None
+    if not np.any(np.asarray(split.slide_ids) != ""):
+        logging.info("No slide verdict rule: the validation crops carry no slide ids.")
+        return None
+    train = np.asarray(run.ds.train.labels)
+    try:
+        return verdict_fitting.rule_record(
+            val["probs"], val["labels"], split.slide_ids, train_prevalence=float(train.mean()),
+            fitted_on=f"this run's validation split ({_evaluated(evaluation)})",
+        )  # fmt: skip
+    except ValueError as e:
+        logging.warning("No slide verdict rule: %s", e)
+        return None
+
+
+def _evaluated(evaluation: Evaluation) -> str:
+    tta = ", 8-view test-time augmentation" if evaluation.tta else ""
+    return f"checkpoint '{evaluation.checkpoint}' at step {evaluation.step}{tta}"
+
+
 def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibrated) -> None:
     """Writes the test predictions and outputs, calibration, plots and report (chief only)."""
     if jax.process_index() != 0:
@@ -235,6 +263,9 @@ def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibra
         report.write_run_calibration(
             workdir, calibrated, test["labels"], next(iter(scores.values()))
         )
+    rule = verdict_rule(run, evaluation)
+    if rule is not None:
+        run_folder.write_json(os.path.join(workdir, run_folder.VERDICT_RULE_JSON), rule)
     # int8 export calibrates on these crops, so it needs no training data later.
     run_folder.write_calibration_sample(workdir, sample.calibration_images(run.ds.train))
     path = lambda name: os.path.join(workdir, name)
