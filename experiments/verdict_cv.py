@@ -44,6 +44,8 @@ Fixed before the comparison (not chosen):
   python -m experiments.verdict_cv choose   # validation only -> RESULTS/choice.json
   python -m experiments.verdict_cv test     # once -> RESULTS/test_folds.json
   python -m experiments.verdict_cv table    # docs/results.md's tables, from the records
+  # the shipped model's rule: the chosen pair fitted on its own validation slides
+  python -m experiments.verdict_cv ship --data_dir=PATH/cell_images
 """
 
 from __future__ import annotations
@@ -311,16 +313,72 @@ def table_markdown(results: str = RESULTS) -> str:
     return "\n".join(lines)
 
 
+SHIPPED_RECORD = "experiments/results/malaria_model"
+SHIPPED_OUTPUTS = os.path.join(SHIPPED_RECORD, "validation_outputs.npz")
+
+
+def shipped_validation_outputs(data_dir: str) -> dict:
+    """The shipped model's P(parasitized) on its own validation crops, as `predict` gives it.
+
+    The crops are those of the shipped run's manifest (its validation slides in the folder
+    source, the names' sha256 checked); kept in SHIPPED_OUTPUTS, which later calls read.
+    """
+    if os.path.isfile(SHIPPED_OUTPUTS):
+        with np.load(SHIPPED_OUTPUTS) as d:
+            return {k: d[k] for k in d.files}
+    from mnres.data import folders
+    from mnres.data.splits import names_sha256
+    from mnres.deploy import predict
+    from mnres.weights import loader
+
+    with open(os.path.join(SHIPPED_RECORD, "manifest.json")) as f:
+        split = json.load(f)["splits"]["validation"]
+    listing = folders.list_folder(data_dir)
+    keep = np.isin(listing["slide_ids"], split["slide_ids"])
+    names = np.asarray(listing["names"])[keep]
+    if names_sha256(names) != split["names_sha256"]:
+        sys.exit(f"{data_dir}: the validation crops differ from the shipped run's (sha256)")
+    predictor = predict.from_classifier(loader.load_pretrained("malaria").classifier, "malaria")
+    paths = [p for p, k in zip(listing["paths"], keep, strict=True) if k]
+    rows = predict.predict_files(predictor, paths, progress=True)
+    out = {"name": names, "slide_id": listing["slide_ids"][keep],
+           "label": listing["labels"][keep].astype(np.int32),
+           "prob": np.array([r["prob_parasitized"] for r in rows], np.float32)}  # fmt: skip
+    np.savez_compressed(SHIPPED_OUTPUTS, **out)
+    return out
+
+
+def ship(args) -> None:
+    """The chosen pair fitted on the shipped model's validation slides, into its folder."""
+    from mnres import run_folder
+    from mnres.weights import shipped
+
+    with open(os.path.join(args.results, "choice.json")) as f:
+        chosen = json.load(f)["chosen"]
+    out = shipped_validation_outputs(args.data_dir)
+    card = shipped.shipped_card()
+    record = verdict_fitting.rule_record(
+        out["prob"], out["label"], out["slide_id"], candidate=chosen["candidate"],
+        scores=chosen["scores"], train_prevalence=card["evaluation"]["train_prevalence"],
+        min_cells=MIN_CELLS,
+        fitted_on="the shipped model's validation split (16 slides), plain P as predict gives it",
+    )  # fmt: skip
+    path = shipped.shipped_folder() / run_folder.VERDICT_RULE_JSON
+    run_folder.write_json(path, record)
+    print(json.dumps(record, indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("choose", "test", "table"))
+    parser.add_argument("command", choices=("choose", "test", "table", "ship"))
+    parser.add_argument("--data_dir", help="ship: PATH/cell_images, the development set")
     parser.add_argument("--outputs", default=OUTPUTS, help="the fold outputs' folder")
     parser.add_argument("--results", default=RESULTS, help="where the records are written")
     args = parser.parse_args(argv)
     if args.command == "table":
         print(table_markdown(args.results))
     else:
-        {"choose": choose, "test": test}[args.command](args)
+        {"choose": choose, "test": test, "ship": ship}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def _predict_args(add, prog: str) -> argparse.ArgumentParser:
     """The `predict` subcommand and its arguments."""
     pred = add(
         "predict",
-        help="classify cell images (the shipped model unless one is named); per-slide summary",
+        help="classify cell images (the shipped model unless one is named); a verdict per slide",
         description="Classify cell crops. Without a model the malaria model shipped with mnres\n"
         "is used: no download, no training, only the core install.",
         epilog="examples:\n"

@@ -48,6 +48,7 @@ OUTPUTS = (
     "reliability_uncalibrated.png",
     "reliability_calibrated.png",
     "roc.png",
+    "verdict_rule.json",
 )
 
 
@@ -132,6 +133,13 @@ def test_smoke_config_learns_and_writes_every_output(tmp_path, compilation_cache
     report = json.loads((workdir / "report.json").read_text())
     assert report["test"]["accuracy"] >= 0.9, report["test"]
     assert report["test_patient"]["n_patients"] >= 2
+    # The slide verdict rule, fitted on the validation slides, assumes the rate it measured.
+    rule = run_folder.read_json(workdir / run_folder.VERDICT_RULE_JSON)
+    assert rule["fitted_on"]["slides"] >= 2 and rule["rule"]["min_cells"] == 20
+    measured = rule["false_positive_rate"]
+    assumed = measured["high"] if rule["candidate"] == "binomial_upper" else measured[
+        "false_positive_rate"]  # fmt: skip
+    assert rule["rule"]["false_positive_rate"] == pytest.approx(assumed)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, smoke.get_config().num_epochs + 1))
 

@@ -1,4 +1,4 @@
-"""Slides in predict: grouping by NIH name or folder, and each slide's verdict under a stored rule."""
+"""Slides in predict: grouped by NIH name or by folder, each with a verdict under a stored rule."""
 
 import json
 import os
@@ -154,3 +154,27 @@ def test_predict_groups_a_users_folders_and_gives_verdicts(tmp_path, capsys):
                                                for s in by_folder]  # fmt: skip
     drop = lambda r: {k: v for k, v in r.items() if k != "slide_id"}
     assert [drop(s) for s in by_name] == [drop(s) for s in by_folder]
+
+
+def test_a_run_writes_its_rule_only_when_its_validation_slides_can_fit_one(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from mnres.training import final_evaluation
+
+    rng = np.random.default_rng(2)
+    ids = np.repeat([f"S{i}" for i in range(6)], 30)
+    labels = np.where(np.isin(ids, ["S0", "S1"]), 0, (rng.random(ids.size) < 0.3).astype(int))
+    labels[np.isin(ids, ["S2", "S3", "S4", "S5"]) & (np.arange(ids.size) % 30 == 0)] = 1
+    val = {"probs": np.where(labels == 1, 0.95, 0.05), "labels": labels}
+    path = tmp_path / run_folder.VERDICT_RULE_JSON
+    final_evaluation.write_verdict_rule(str(tmp_path), SimpleNamespace(slide_ids=ids), val, 0.5,
+                                        "test")  # fmt: skip
+    assert run_folder.read_json(path)["fitted_on"]["slides"] == 6
+    path.unlink()
+    sick = {"probs": val["probs"][60:], "labels": labels[60:]}  # no uninfected patient left
+    final_evaluation.write_verdict_rule(str(tmp_path), SimpleNamespace(slide_ids=ids[60:]), sick,
+                                        0.5, "test")  # fmt: skip
+    assert not path.exists() and "no crop of an uninfected patient" in caplog.text
+    final_evaluation.write_verdict_rule(str(tmp_path), SimpleNamespace(slide_ids=[""] * 180), val,
+                                        0.5, "test")  # fmt: skip
+    assert not path.exists()

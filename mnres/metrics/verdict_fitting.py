@@ -345,6 +345,10 @@ def rule_record(
             raise ValueError("a rule on slide-prior scores needs the training prevalence")
         probs = with_prior(probs, ids, train_prevalence)
     rule = fit_rule(candidate, probs, labels, ids, min_cells)
+    # The rates the rule assumes, on the crops it was fitted on: slides of min_cells or more.
+    usable = np.isin(ids, [s for s, n in zip(*np.unique(ids, return_counts=True), strict=True)
+                           if s != "" and n >= min_cells])  # fmt: skip
+    probs, labels, ids = probs[usable], labels[usable], ids[usable]
     patients = _patients(labels, ids)
     slide_infected = np.array([patients[s] for s in ids])
     return {

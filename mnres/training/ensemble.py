@@ -21,12 +21,14 @@ import ml_collections
 import numpy as np
 
 from mnres import data, run_folder, workdir_lock
+from mnres.config.schema import MALARIA_CLASSES
+from mnres.data.splits import class_names_of
 from mnres.metrics import calibration
 from mnres.metrics import slide_prior as slide_prior_lib
 from mnres.models import ensemble
 from mnres.models import params as params_lib
 from mnres.reporting import report
-from mnres.training import checkpoint
+from mnres.training import checkpoint, final_evaluation
 
 SPLITS = ("train", "validation", "test")
 SCORED = ("validation", "test")  # the splits the ensemble is evaluated on
@@ -174,6 +176,11 @@ def combine(
     result = report.build_report(config, ds, chosen, record, sections)
     scored = (with_prior if slide_prior else plain)["test"]
     _write_outputs(workdir, ds.test, scored, raw["test"], record, member_dirs[0])
+    if tuple(class_names_of(ds)) == MALARIA_CLASSES:
+        final_evaluation.write_verdict_rule(
+            workdir, ds.validation, plain["validation"], prevalence,
+            "this ensemble's validation split (each member's best checkpoint)",
+        )  # fmt: skip
     report.write_report(workdir, result)
     return result
 

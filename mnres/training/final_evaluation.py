@@ -220,25 +220,23 @@ def log_warnings(warnings: list[str]) -> None:
         )
 
 
-def verdict_rule(run: TrainedRun, evaluation: Evaluation) -> dict | None:
-    """The slide verdict rule fitted on the validation slides (`verdict_fitting.rule_record`),
-    or None: not the malaria pair, no validation, no slide ids, or slides that cannot fit one
-    (no uninfected or no infected validation patient with enough crops), said in the log."""
-    val, split = evaluation.validation, run.ds.validation
-    if val is None or "probs" not in val or class_names_of(run.ds) != MALARIA_CLASSES:
-        return None
+def write_verdict_rule(workdir: str, split, val: dict, train_prevalence: float, what: str):
+    """Writes the slide verdict rule fitted on the validation slides
+    (`verdict_fitting.rule_record`, plain P); nothing when the crops carry no slide ids or the
+    slides cannot fit one (no uninfected or no infected validation patient with enough crops),
+    said in the log."""
     if not np.any(np.asarray(split.slide_ids) != ""):
         logging.info("No slide verdict rule: the validation crops carry no slide ids.")
-        return None
-    train = np.asarray(run.ds.train.labels)
+        return
     try:
-        return verdict_fitting.rule_record(
-            val["probs"], val["labels"], split.slide_ids, train_prevalence=float(train.mean()),
-            fitted_on=f"this run's validation split ({_evaluated(evaluation)})",
+        rule = verdict_fitting.rule_record(
+            val["probs"], val["labels"], split.slide_ids, train_prevalence=train_prevalence,
+            fitted_on=what,
         )  # fmt: skip
     except ValueError as e:
         logging.warning("No slide verdict rule: %s", e)
-        return None
+        return
+    run_folder.write_json(os.path.join(workdir, run_folder.VERDICT_RULE_JSON), rule)
 
 
 def _evaluated(evaluation: Evaluation) -> str:
@@ -263,9 +261,12 @@ def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibra
         report.write_run_calibration(
             workdir, calibrated, test["labels"], next(iter(scores.values()))
         )
-    rule = verdict_rule(run, evaluation)
-    if rule is not None:
-        run_folder.write_json(os.path.join(workdir, run_folder.VERDICT_RULE_JSON), rule)
+    if binary and evaluation.validation is not None and names == MALARIA_CLASSES:
+        write_verdict_rule(
+            workdir, run.ds.validation, evaluation.validation,
+            float(np.mean(run.ds.train.labels)),
+            f"this run's validation split ({_evaluated(evaluation)})",
+        )  # fmt: skip
     # int8 export calibrates on these crops, so it needs no training data later.
     run_folder.write_calibration_sample(workdir, sample.calibration_images(run.ds.train))
     path = lambda name: os.path.join(workdir, name)
