@@ -39,6 +39,16 @@ FAILURE_MODES = (
     "Other species, life stages or imaging (thick smears, other microscopes, phone cameras) "
     "were not in the training data.",
 )
+VERDICT_LIMITS = (
+    "A verdict is a research aid, not a diagnosis: mnres is not a diagnostic device.",
+    "It was chosen and measured on thin-smear crops of the NIH set (one study, one "
+    "microscope, Giemsa stain), segmented upstream; thick smears, other stains, microscopes or "
+    "segmentations were not measured.",
+    "The estimated parasitized fraction is the share among the crops given, not the patient's "
+    "parasitaemia: the NIH release is a class-balanced selection of each slide's cells.",
+    "Its false-alarm rate assumes a healthy slide's crops are independent draws at the measured "
+    "false-positive rate; a slide whose crops are unusual (debris, stain) can exceed it.",
+)
 DATA_SOURCE = {
     "name": "NIH malaria cell images (thin blood smears, Giemsa stain)",
     "citation": "Rajaraman S. et al., Pre-trained convolutional neural networks as feature "
@@ -112,8 +122,12 @@ def _reproduce(members, flags) -> str:
     return " && ".join([*runs, "python -m experiments.package_model --workdir=runs/shipped"])
 
 
-def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
-    """The card (a JSON-ready dict) of the run that `report` and `manifest` describe."""
+def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None) -> dict:
+    """The card (a JSON-ready dict) of the run that `report` and `manifest` describe.
+
+    `verdicts`: {"rule": the shipped verdict_rule.json, "cross_validation":
+    `experiments.verdict_cv.chosen_summary()`}, or None.
+    """
     config, training, prov = report["config"], report["training"], report.get("provenance", {})
     members, member_flags = _members(report)
     prior = report.get("slide_prior") or {}
@@ -193,6 +207,7 @@ def build(*, report, manifest, calibration, file_hashes, sample) -> dict:
             k: calibration.get(k)
             for k in ("temperature", "threshold_at_spec_95", "threshold_at_spec_98")
         },
+        "slide_verdicts": dict(verdicts, does_not_claim=VERDICT_LIMITS) if verdicts else None,
         "intended_use": INTENDED_USE,
         "not_a_diagnostic_device": NOT_A_DIAGNOSTIC_DEVICE,
         "known_failure_modes": list(FAILURE_MODES),
@@ -236,6 +251,54 @@ def _training_line(model: dict, training: dict) -> str:
         f"epochs each on the same split, then `experiments.ensemble_run`; each member at its "
         f"best checkpoint ({steps})."
     )
+
+
+def _share(s: dict) -> str:
+    return (f"{100 * s['value']:.1f}% ({s['k']} of {s['n']}; 95% CI {100 * s['low']:.1f}-"
+            f"{100 * s['high']:.1f}%)")  # fmt: skip
+
+
+def _verdict_lines(verdicts: dict | None) -> list[str]:
+    """The card's "Slide verdicts" section."""
+    if not verdicts:
+        return []
+    from mnres.deploy import slides
+
+    rule, cv = verdicts["rule"], verdicts["cross_validation"]
+    chosen, patients = cv["chosen"], cv["patients"]
+    lines = [
+        "## Slide verdicts",
+        "",
+        f"`mnres predict` calls each slide (patient) {slides.describe(rule)}. Fitted on "
+        f"{rule['fitted_on']['what']}: {rule['fitted_on']['slides']} slides "
+        f"({rule['fitted_on']['infected_slides']} infected), {rule['fitted_on']['crops']:,} crops.",
+        "",
+        f"The rule ({chosen['candidate']}, {chosen['scores']} scores) was chosen by patient "
+        "cross-validation of this recipe on the 160 development slides, before any test fold "
+        "was read ([results.md](results.md#slide-verdicts)); each fold's rule was fitted on "
+        "that fold's validation patients. On the five test folds, pooled (`"
+        f"{cv['command']}`):",
+        "",
+        "| patients | sensitivity | specificity | accuracy |",
+        "|---|---|---|---|",
+        f"| {patients['accuracy']['n']} | {_share(patients['sensitivity'])} | "
+        f"{_share(patients['specificity'])} | {_share(patients['accuracy'])} |",
+        "",
+        "Infected patients caught, by the parasitized share of their crops:",
+        "",
+        "| parasitized share | patients | caught |",
+        "|---|---:|---:|",
+        *[
+            f"| ({d['low']:.2f}, {d['high']:.2f}] | {d['patients']} | {d['caught']} |"
+            for d in cv["detection"]
+        ],  # fmt: skip
+        "",
+        "What a verdict does not claim:",
+        "",
+        *[f"- {limit}" for limit in verdicts["does_not_claim"]],
+        "",
+    ]
+    return lines
 
 
 def _pct(value) -> str:
@@ -352,6 +415,7 @@ def markdown(card: dict) -> str:
             "this recipe."
         ),
         "",
+        *_verdict_lines(card.get("slide_verdicts")),
         "## Calibration",
         "",
         f"Temperature {cal['temperature']:.4f}, fitted on the validation slides. Operating points "

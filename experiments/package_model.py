@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import experiments
-from experiments import _cli, model_card
+from experiments import _cli, model_card, verdict_cv
 from mnres import run_folder
 from mnres.weights import shipped
 
@@ -170,6 +170,10 @@ def write_card() -> None:
         calibration=run_folder.read_json(MODEL_DIR / run_folder.CALIBRATION_JSON),
         file_hashes={name: sha256(MODEL_DIR / name) for name in model_card.HASHED_FILES},
         sample=sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*.png")),
+        verdicts={
+            "rule": run_folder.read_json(MODEL_DIR / run_folder.VERDICT_RULE_JSON),
+            "cross_validation": verdict_cv.chosen_summary(),
+        },
     )
     run_folder.write_json(MODEL_DIR / shipped.CARD_JSON, card)
     CARD_PAGE.write_text(model_card.markdown(card))

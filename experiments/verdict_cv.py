@@ -59,8 +59,9 @@ import numpy as np
 
 from mnres.metrics import intervals, slide_prior, verdict_fitting, verdicts
 
-OUTPUTS = "experiments/results/fold_outputs"
-RESULTS = "experiments/results/verdicts"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTPUTS = os.path.join(_REPO, "experiments", "results", "fold_outputs")
+RESULTS = os.path.join(_REPO, "experiments", "results", "verdicts")
 RECIPES = ("gray_world", "mixup")  # the shipped ensemble's members
 NUM_FOLDS = 5
 MIN_CELLS = verdict_fitting.MIN_CELLS  # 20
@@ -280,6 +281,23 @@ BINS = ((0.0, 0.05), (0.05, 0.2), (0.2, 0.5), (0.5, 1.0))
 SLIDE_SIZES = (50, 500, 5000)
 
 
+def chosen_summary(results: str = RESULTS) -> dict:
+    """The chosen pair's pooled test figures and detection curve, for the model card."""
+    with open(os.path.join(results, "test_folds.json")) as f:
+        record = json.load(f)
+    chosen = record["chosen"]
+    entry = record["pairs"][f"{chosen['candidate']}/{chosen['scores']}"]
+    fractions = record["parasitized_fraction"]
+    detection = []
+    for low, high in BINS:
+        slides = [s for s, v in fractions.items() if low < v <= high]
+        caught = sum(entry["calls"][s] for s in slides)
+        detection.append({"low": low, "high": high, "patients": len(slides), "caught": caught})
+    pooled = {k: entry["pooled"][k] for k in ("sensitivity", "specificity", "accuracy")}
+    return {"chosen": chosen, "patients": pooled, "detection": detection,
+            "command": "python -m experiments.verdict_cv test"}  # fmt: skip
+
+
 def table_markdown(results: str = RESULTS) -> str:
     """The CV table, the detection curve and the slide-size table, as docs/results.md has them."""
     with open(os.path.join(results, "test_folds.json")) as f:
@@ -313,7 +331,7 @@ def table_markdown(results: str = RESULTS) -> str:
     return "\n".join(lines)
 
 
-SHIPPED_RECORD = "experiments/results/malaria_model"
+SHIPPED_RECORD = os.path.join(_REPO, "experiments", "results", "malaria_model")
 SHIPPED_OUTPUTS = os.path.join(SHIPPED_RECORD, "validation_outputs.npz")
 
 

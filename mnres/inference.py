@@ -10,6 +10,7 @@ the same way wherever it is used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -150,12 +151,20 @@ class Classifier:
 
         Each crop is resized as training decoded it (`resize_like_training`), scaled by
         x / 127.5 - 1 and classified (`Classifier.classify`). Other dtypes and shapes are
-        refused when traced (`check_crops`). Traceable; the variables are closed over, so an
-        export holds them as constants. `mnres.deploy.export` exports it from `for_export()`.
+        refused when traced (`check_crops`). Inside a trace (`jax.jit`, an export) the
+        variables are closed over, so an export holds them as constants; called on arrays it
+        runs compiled, once per input shape (the variables an argument), not op by op.
+        `mnres.deploy.export` exports it from `for_export()`.
         """
-        check_crops(images, "Classifier.serve")
-        x = resize_like_training(images, self.image_size) / 127.5 - 1.0
-        return jax.nn.softmax(self.classify(x).astype(jnp.float32), axis=-1)
+        if isinstance(images, jax.core.Tracer):
+            return _serve(self.model, self.image_size, self.test_time_augmentation,
+                          self.variables, images)  # fmt: skip
+        compiled = self.__dict__.get("_compiled_serve")
+        if compiled is None:  # per classifier: `dataclasses.replace` gives a new one its own
+            compiled = jax.jit(functools.partial(
+                _serve, self.model, self.image_size, self.test_time_augmentation))  # fmt: skip
+            self.__dict__["_compiled_serve"] = compiled
+        return compiled(self.variables, images)
 
     def logits(self, images, batch_size: int = 256) -> np.ndarray:
         """Logits float32 [N, C] of uint8 crops [N, S, S, 3] at the model's image size.
@@ -186,6 +195,12 @@ class Classifier:
             padded = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
             out.append(np.asarray(forward(self.variables, padded))[: len(batch)])
         return np.concatenate(out).astype(np.float32)
+
+
+def _serve(model, image_size: int, tta: bool, variables, images) -> jnp.ndarray:
+    check_crops(images, "Classifier.serve")
+    x = resize_like_training(images, image_size) / 127.5 - 1.0
+    return jax.nn.softmax(classify(model, variables, x, tta=tta).astype(jnp.float32), axis=-1)
 
 
 # The functional spelling: `inference.logits(classifier, images, batch_size)`.

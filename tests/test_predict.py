@@ -324,3 +324,19 @@ def test_predict_command_applies_the_slide_prior(run, tmp_path, capsys):
     expected = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + np.log(f / (1 - f)))))
     got = [r["prob_parasitized"] for r in prior["images"]]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_runs_the_backends_formulation_and_equals_the_export_one(run, tta):
+    classifier = run_folder.load_run(run)
+    config = classifier.config.copy_and_resolve_references()
+    config.test_time_augmentation = tta
+    classifier = dataclasses.replace(classifier, config=config)
+    exported = classifier.for_export()
+    assert classifier.model.conv_formulation != exported.model.conv_formulation
+    images = synthetic.draw_cells(10, classifier.image_size, 2, 1)[0]
+    fast = predict.from_classifier(classifier, batch_size=16).run(images)  # padded to 16
+    portable = np.asarray(jax.jit(export.serving_function(classifier))(images))
+    np.testing.assert_allclose(fast, portable, atol=2e-5)
+    # Called on arrays, serve runs compiled (another batch shape: rounding apart).
+    np.testing.assert_allclose(np.asarray(classifier.serve(images)), fast, atol=2e-5)

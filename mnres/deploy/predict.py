@@ -118,25 +118,31 @@ def load_predictor(path: str, *, checkpoint: str = "best", batch_size: int = 64)
 
 
 def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Predictor:
-    """The model run in JAX through the serving function that is exported.
+    """The model run in JAX, in the formulation its model resolved for this backend.
+
+    The weights are the classifier's; the depthwise formulation is the one training picked for
+    the platform (`mnres.models.layers.resolve_conv_formulation`: shifted on CPU), not the
+    grouped one exports carry, which XLA's CPU backend runs several times slower. The two agree
+    to float rounding (tested).
 
     Args:
       classifier: a `mnres.inference.Classifier` (e.g. `mnres.run_folder.load_run(workdir)`).
       name: where it came from, for messages.
-      batch_size: crops per call.
+      batch_size: crops per call; a shorter batch is padded, so each crop size compiles once.
 
     Returns:
       A Predictor classifying as the run was evaluated (`Classifier.serve`, test-time
       augmentation included when the run used it).
     """
-    import jax
-
-    serve = jax.jit(export.serving_function(classifier))
 
     def run(images):
         images = np.asarray(images)
         inference.check_crops(images, "the predictor")  # floats would be cast to near-black
-        return np.asarray(serve(images))
+        n = len(images)
+        if 0 < n < batch_size:
+            images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]),
+                                                      images.dtype)])  # fmt: skip
+        return np.asarray(classifier.serve(images))[:n]
 
     return Predictor(
         name, "checkpoint", classifier.image_size, run, batch_size, classifier.class_names
