@@ -152,6 +152,7 @@ def _export_args(add, prog: str) -> argparse.ArgumentParser:
         "Uninfected/, or the run's class folders), or without DIR on the run's test split",
     )
     export.add_argument("--quiet", action="store_true", help=_QUIET)
+    _compile_cache_arg(export)
     return export
 
 
@@ -213,7 +214,17 @@ def _predict_args(add, prog: str) -> argparse.ArgumentParser:
     )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
     pred.add_argument("--quiet", action="store_true", help=_QUIET)
+    _compile_cache_arg(pred)
     return pred
+
+
+def _compile_cache_arg(parser) -> None:
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not keep compiled programs in $MNRES_CACHE/jax-compile (default ~/.cache/mnres; "
+        "MNRES_COMPILE_CACHE=0 does the same)",
+    )
 
 
 def main(argv=None) -> int:
@@ -221,6 +232,10 @@ def main(argv=None) -> int:
     prog = "mnres" if os.path.basename(sys.argv[0]) == "mnres" else "python -m mnres"
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.command in ("predict", "export"):
+        from mnres import cache
+
+        cache.enable_compile_cache(not args.no_compile_cache)
     try:
         return args.handler(args)
     # A bad model name, field, size, model path or checkpoint: one line, no traceback.

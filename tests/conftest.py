@@ -15,6 +15,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+# The command line keeps compiled programs in the user's cache; the tests' own processes do not
+# (a test of the cache turns it on in a subprocess with its own folder).
+os.environ.setdefault("MNRES_COMPILE_CACHE", "0")
+
 from experiments.configs import default
 from mnres import models, run_folder
 from mnres.data import synthetic

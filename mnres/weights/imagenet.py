@@ -33,6 +33,7 @@ import urllib.request
 
 from absl import logging
 
+from mnres.cache import CACHE_ENV, default_cache_dir
 from mnres.models import mobilenet
 from mnres.weights.keras import read_h5_file
 
@@ -50,7 +51,6 @@ PUBLISHED = {
     "mobilenet_v2": ((0.35, 0.5, 0.75, 1.0, 1.3, 1.4), (96, 128, 160, 192, 224)),
 }
 DEFAULT_SIZE = 224  # Keras' file for any size it does not publish
-CACHE_ENV = "MNRES_CACHE"
 WEIGHTS_SUBDIR = "keras-weights"
 _V1_ALPHA_TEXT = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}  # Keras' spelling
 
@@ -149,11 +149,6 @@ def available() -> list[dict]:
          "include_top": c.include_top, "url": c.url, "file": c.file}
         for c in choices
     ]  # fmt: skip
-
-
-def default_cache_dir() -> str:
-    """`$MNRES_CACHE` when set, else `~/.cache/mnres` (read on every call)."""
-    return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "mnres"))
 
 
 def weights_dir(cache_dir: str | os.PathLike | None = None) -> str:
