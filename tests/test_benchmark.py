@@ -352,3 +352,14 @@ def test_pytorch_peer_has_the_same_parameters_as_mnres():
         assert sum(p.numel() for p in net.parameters()) == ours.params, (name, alpha)
         running = sum(b.numel() for n, b in net.named_buffers() if "running" in n)
         assert running == ours.batch_stats, (name, alpha)
+
+
+@pytest.mark.slow
+def test_predict_speed_prints_measured_rates(capsys):
+    from experiments import predict_speed
+
+    predict_speed.main(["--crops=12"])
+    out = json.loads(capsys.readouterr().out)
+    for key in ("predict_float_crops_per_s", "predict_int8_crops_per_s", "model_crops_per_s"):
+        assert out[key] > 0, key
+    assert 0 < out["sample_second_s"] and out["crops"] == 12

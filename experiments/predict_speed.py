@@ -1,0 +1,130 @@
+r"""How fast `mnres predict` reads crops, against the model it runs, in one invocation.
+
+  python -m experiments.predict_speed --data_dir=PATH/cell_images --crops=5000
+
+Copies `--crops` PNG crops (the first of the development folder in name order, or synthetic
+cells without `--data_dir`) into a temporary folder, then times, each from process start to the
+written output:
+- `python -m mnres predict DIR --json --quiet > out.json` with the shipped float model
+  (8-view test-time augmentation, as shipped) and with its int8 TFLite file;
+- `python -m mnres predict --sample` twice with an empty compilation cache (the first call
+  fills it, the second reads it);
+and in this process, the shipped model's own rate: `jax.jit` of its forward pass with the same
+8 views, batch 256, on the same crops decoded once, timed after a warm-up pass.
+Prints crops/s and the ratio of predict to the model. Run it with nothing else busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{len(names)} x {names[0]}" if names else platform.processor()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
+def write_crops(folder: str, data_dir: str | None, count: int) -> list[str]:
+    """`count` PNG crops in `folder`: the development set's first, or synthetic cells."""
+    os.makedirs(folder)
+    if data_dir:
+        from mnres.data import folders
+
+        paths = list(folders.list_folder(data_dir)["paths"])[:count]
+        if len(paths) < count:
+            sys.exit(f"{data_dir} holds {len(paths)} crops, fewer than --crops={count}")
+        out = []
+        for i, p in enumerate(paths):
+            out.append(os.path.join(folder, f"{i:05d}_{os.path.basename(p)}"))
+            shutil.copyfile(p, out[-1])
+        return out
+    from PIL import Image
+
+    from mnres.data import synthetic
+
+    images = synthetic.draw_cells(count, 100, 2, 0)[0]
+    out = []
+    for i, image in enumerate(images):
+        out.append(os.path.join(folder, f"crop_{i:05d}.png"))
+        Image.fromarray(image).save(out[-1])
+    return out
+
+
+def timed(command: list[str], env: dict, stdout_path: str) -> float:
+    """Wall seconds of `command` from process start to exit, stdout written to a file."""
+    start = time.perf_counter()
+    with open(stdout_path, "w") as out:
+        proc = subprocess.run(command, env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def model_rate(paths: list[str], batch_size: int = 256) -> float:
+    """Crops/s of the shipped model's jitted forward pass (8 views), decoded crops, steady."""
+    from mnres.deploy import crops
+    from mnres.weights import loader
+
+    classifier = loader.load_pretrained("malaria").classifier
+    images = np.stack([crops.read_crop(p, classifier.image_size)[0] for p in paths])
+    assert classifier.test_time_augmentation
+    classifier.logits(images[:batch_size], batch_size=batch_size)  # compile
+    start = time.perf_counter()
+    classifier.logits(images, batch_size=batch_size)
+    return len(images) / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", help="PATH/cell_images; default: synthetic cells")
+    parser.add_argument("--crops", type=int, default=5000)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    import mnres
+    from mnres.weights import shipped
+
+    results = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+               "jax": jax.__version__, "mnres": mnres.__version__, "crops": args.crops,
+               "data": "development crops" if args.data_dir else "synthetic cells"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_crops(os.path.join(tmp, "crops"), args.data_dir, args.crops)
+        env = {**os.environ, "MNRES_CACHE": os.path.join(tmp, "cache")}
+        predict = [sys.executable, "-m", "mnres", "predict"]
+        out = os.path.join(tmp, "out.json")
+        int8 = str(shipped.shipped_folder() / shipped.INT8)
+        seconds = timed([*predict, os.path.join(tmp, "crops"), "--json", "--quiet"], env, out)
+        results["predict_float_crops_per_s"] = args.crops / seconds
+        with open(out) as f:
+            assert len(json.load(f)["images"]) == args.crops
+        seconds = timed([*predict, int8, os.path.join(tmp, "crops"), "--json", "--quiet"],
+                        env, out)  # fmt: skip
+        results["predict_int8_crops_per_s"] = args.crops / seconds
+        shutil.rmtree(env["MNRES_CACHE"])
+        sample = [*predict, "--sample", "--quiet"]
+        results["sample_first_s"] = timed(sample, env, out)
+        results["sample_second_s"] = timed(sample, env, out)
+        results["model_crops_per_s"] = model_rate(paths)
+    results["predict_over_model"] = results["predict_float_crops_per_s"] / results[
+        "model_crops_per_s"]  # fmt: skip
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
