@@ -28,7 +28,8 @@ def enable_compile_cache(enabled: bool = True) -> str | None:
 
     None, and nothing changed, when `enabled` is False, `MNRES_COMPILE_CACHE` is 0/off/false,
     JAX already has a cache folder, or the folder cannot be created (a read-only home: the
-    command then compiles as it would without a cache, it does not fail).
+    command then compiles as it would without a cache, it does not fail). The folder itself is
+    made by JAX when it first writes a program.
     """
     import jax
 
@@ -36,9 +37,11 @@ def enable_compile_cache(enabled: bool = True) -> str | None:
     if not enabled or off or jax.config.jax_compilation_cache_dir:
         return None
     folder = os.path.join(default_cache_dir(), COMPILE_SUBDIR)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
+    # JAX creates the folder at the first compile: a command refused before it writes nothing.
+    existing = folder
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
         return None
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -8,7 +8,8 @@ working folder moved to temporary ones. Each row asserts what a user is owed:
 - exactly one line of error output matching the row's pattern (a command's stderr, past lines
   that only warn), and no traceback anywhere;
 - nothing in HOME or the working folder changed beyond the paths the row names (a snapshot of
-  every file's bytes, and of every link and folder, before and after).
+  every file's bytes, and of every link and folder, before and after), and in HOME the
+  compilation cache a command that compiled keeps (`mnres.cache`, ~/.cache/mnres/jax-compile).
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def _changed(before: dict, after: dict) -> set[str]:
     return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
+_COMPILE_CACHE = os.path.join("home", ".cache", "mnres", "jax-compile")
+
+
 def _allowed(path: str, may_change: tuple[str, ...]) -> bool:
+    parents = {os.path.join("home", ".cache"), os.path.join("home", ".cache", "mnres")}
+    if path in parents or path == _COMPILE_CACHE or path.startswith(_COMPILE_CACHE + os.sep):
+        return True  # the cache folder, its parents, the programs in it
     rel = path.split(os.sep, 1)[1] if path.startswith("work" + os.sep) else None
     return rel is not None and any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in
                                    may_change)  # fmt: skip
