@@ -26,6 +26,8 @@ from mnres.metrics.verdict_fitting import (
     choose_fraction_rule,
     crop_sensitivity,
     false_positive_rate,
+    fit_rule,
+    rule_record,
 )
 from mnres.metrics.verdicts import (
     VERDICTS,
@@ -52,10 +54,12 @@ __all__ = [
     "expected_calibration_error",
     "false_alarm_rate",
     "false_positive_rate",
+    "fit_rule",
     "output_collapse",
     "patient_metrics",
     "reliability_bins",
     "roc_curve",
+    "rule_record",
     "rogan_gladen",
     "rogan_gladen_interval",
     "sensitivity_at_specificity",
