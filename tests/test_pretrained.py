@@ -240,3 +240,16 @@ def test_predict_reads_the_slide_prior_prevalence_from_the_shipped_card(capsys):
     prevalence = card["evaluation"]["train_prevalence"]
     assert 0.45 < prevalence < 0.55 and prevalence != 0.5
     assert out["slide_prior"]["train_prevalence"] == prevalence
+
+
+@pytest.mark.slow
+def test_the_shipped_models_fast_and_export_formulations_agree_on_the_sample():
+    from mnres.deploy import crops, export, predict
+
+    classifier = mnres.load_pretrained("malaria").classifier
+    images = np.stack([crops.read_crop(p, classifier.image_size)[0]
+                       for p in sorted(mnres.data.sample_cells())])  # fmt: skip
+    fast = predict.probabilities(predict.from_classifier(classifier), images)
+    portable = np.concatenate([np.asarray(jax.jit(export.serving_function(classifier))(
+        images[i : i + 64]))[:, 1] for i in range(0, len(images), 64)])  # fmt: skip
+    np.testing.assert_allclose(fast, portable, atol=1e-5)
