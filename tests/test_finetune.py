@@ -265,7 +265,7 @@ def test_two_other_classes_are_reported_and_predicted_by_name(tmp_path):
     rows = predict.predict_files(predictor, images, threshold=0.8)
     assert rows[0]["label"] == "cat" and rows[0]["prob"] == pytest.approx(0.3)
     assert slides.slide_rows(rows, None) == []
-    assert "p(label)" in predict.format_table(rows)
+    assert "p(prediction)" in predict.format_table(rows)
 
 
 def test_config_validation_of_fine_tuning(tmp_path):

@@ -122,7 +122,7 @@ def test_predict_command_prints_json_and_tables(run, cells, capsys):
     # A path that does not exist: the rest answered, then exit 1 (as `cat` does).
     assert main(["predict", run, str(cells / "more" / "*.png"), str(cells / "gone.png")]) == 1
     text = capsys.readouterr().out
-    assert "p(parasitized)" in text and "2 image(s) predicted, 1 unreadable" in text
+    assert "parasitized iff p >= 0.5" in text and "2 image(s) predicted, 1 unreadable" in text
     assert "gone.png" in text and "gone.png does not exist" in text
 
 
@@ -340,3 +340,14 @@ def test_predict_runs_the_backends_formulation_and_equals_the_export_one(run, tt
     np.testing.assert_allclose(fast, portable, atol=2e-5)
     # Called on arrays, serve runs compiled (another batch shape: rounding apart).
     np.testing.assert_allclose(np.asarray(classifier.serve(images)), fast, atol=2e-5)
+
+
+def test_predict_sample_prints_short_lines_a_truth_column_and_an_accuracy_line(capsys):
+    assert main(["predict", "--sample", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) < 120
+    header = next(line for line in text.splitlines() if line.startswith("file"))
+    assert header.split()[-1] == "truth" and "prediction" in header
+    assert "sample/Parasitized/" in text and "/site-packages/" not in text
+    assert "accuracy on the 250 crop(s) in class folders" in text
+    assert "from the model's training slides" in text

@@ -331,23 +331,55 @@ def apply_slide_prior(rows, train_prevalence: float, *, threshold: float = 0.5) 
     return [str(s) for s, n in zip(ids, counts, strict=True) if n >= slide_prior.MIN_CROPS]
 
 
+def shown_path(path: str) -> str:
+    """A crop's path as the table shows it: a bundled sample crop relative to the sample folder
+    (`sample/Parasitized/...`), any other as found from what the user typed."""
+    from mnres.data import sample
+
+    try:
+        folder = str(sample.sample_folder())
+    except FileNotFoundError:
+        return path
+    if os.path.commonpath([os.path.abspath(path), folder]) == folder:
+        return "sample/" + os.path.relpath(os.path.abspath(path), folder).replace(os.sep, "/")
+    return path
+
+
 def format_table(rows, slide_lines=()) -> str:
-    """Plain-text table of the rows, then the per-slide lines (`slides.format_slides`)."""
-    files = [crops.printable(r["file"]) for r in rows]  # a name cannot drive the terminal
+    """Plain-text table of the rows, an accuracy line when crops sit in class folders, then the
+    per-slide lines (`slides.format_slides`).
+
+    The truth column is the class folder a crop sits in (`Parasitized/`, `Uninfected/`, any
+    case; '-' elsewhere).
+    """
+    files = [crops.printable(shown_path(r["file"])) for r in rows]  # a name cannot drive the tty
     width = max([len("file")] + [len(f) for f in files])
     malaria = all("prob_parasitized" in r for r in rows)
-    key, title = ("prob_parasitized", "p(parasitized)") if malaria else ("prob", "p(label)")
+    # "p": P(parasitized), as the line above the table says ("parasitized iff p >= ...").
+    key, title = ("prob_parasitized", "p") if malaria else ("prob", "p(prediction)")
+    p_width = max(6, len(title))
     label_width = max([12] + [len(r["label"]) + 1 for r in rows if r["label"]])
     slide_width = max([5] + [len(crops.printable(r["slide_id"] or "-")) for r in rows])
-    lines = [f"{'file':<{width}}  {'slide':<{slide_width}} {'label':<{label_width}} {title:>14}"]
-    for file, r in zip(files, rows, strict=True):
+    truths = [crop_facts(r["file"]).label for r in rows] if malaria else [None] * len(rows)
+    truth_names = [config_lib.MALARIA_CLASSES[t] if t is not None else "-" for t in truths]
+    lines = [f"{'file':<{width}} {'slide':<{slide_width}} {'prediction':<{label_width}} "
+             f"{title:>{p_width}}  truth"]  # fmt: skip
+    for file, r, truth in zip(files, rows, truth_names, strict=True):
         slide = crops.printable(r["slide_id"] or "-")
         if r["error"]:
-            lines.append(f"{file:<{width}}  {slide:<{slide_width}} error: "
+            lines.append(f"{file:<{width}} {slide:<{slide_width}} error: "
                          f"{crops.printable(r['error'])}")  # fmt: skip
         else:
-            lines.append(f"{file:<{width}}  {slide:<{slide_width}} {r['label']:<{label_width}} "
-                         f"{r[key]:>14.4f}")  # fmt: skip
+            lines.append(f"{file:<{width}} {slide:<{slide_width}} {r['label']:<{label_width}} "
+                         f"{r[key]:>{p_width}.4f}  {truth}")  # fmt: skip
+    known = [(r, t) for r, t in zip(rows, truths, strict=True) if t is not None and not r["error"]]
+    if known:
+        right = sum(config_lib.MALARIA_CLASSES.index(r["label"]) == t for r, t in known)
+        lines += ["", f"accuracy on the {len(known)} crop(s) in class folders: "
+                      f"{100 * right / len(known):.1f}% ({right} right)"]  # fmt: skip
+        if all(shown_path(r["file"]).startswith("sample/") for r, _ in known):
+            lines.append("(the bundled sample comes from the model's training slides: a demo, "
+                         "not a test)")  # fmt: skip
     if slide_lines:
         lines += ["", *slide_lines]
     errors = sum(r["error"] is not None for r in rows)

@@ -118,7 +118,8 @@ def describe(record: dict) -> str:
 
 
 def format_slides(slides: list[dict]) -> list[str]:
-    """The per-slide table's lines."""
+    """The per-slide table's lines: a row for each slide with enough crops for a verdict, and
+    one line for the insufficient ones (`--json` lists every slide)."""
     from mnres.deploy.crops import printable
 
     if not slides:
@@ -132,13 +133,19 @@ def format_slides(slides: list[dict]) -> list[str]:
             for s in slides
         ]
         return lines + ["no verdicts: the model has no verdict rule (verdict_rule.json)"]
-    lines = [f"{'slide':<{width}} {'cells':>6} {'called':>7} {'confident':>9} "
-             f"{'estimate [95% CI]':>22}  verdict"]  # fmt: skip
-    for s in slides:
+    shown = [s for s in slides if s["verdict"] != "insufficient"]
+    lines = []
+    if shown:
+        lines.append(f"{'slide':<{width}} {'cells':>6} {'called':>7} {'confident':>9} "
+                     f"{'estimate [95% CI]':>22}  verdict")  # fmt: skip
+    for s in shown:
         estimate = f"{s['estimate']:.3f} [{s['estimate_low']:.3f}, {s['estimate_high']:.3f}]"
         lines.append(f"{printable(s['slide_id']):<{width}} {s['cells']:>6} {s['called']:>7} "
                      f"{s['confident']:>9} {estimate:>22}  {s['verdict']}")  # fmt: skip
     short = [s for s in slides if s["verdict"] == "insufficient"]
     if short:
-        lines.append(f"{len(short)} slide(s) insufficient: {short[0]['reason'].split('; ')[1]}")
+        most = max(s["cells"] for s in short)
+        need = short[0]["reason"].split("needs ")[1].split(" ")[0]
+        lines.append(f"{len(short)} slide(s) insufficient, no verdict: {most} crop(s) at most, "
+                     f"the rule needs {need} or more from one slide")  # fmt: skip
     return lines
