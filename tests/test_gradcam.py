@@ -151,3 +151,22 @@ def test_heat_sits_on_the_drawn_chromatin_dots():
     # The marks cover ~2% of a crop; the heat inside them is several times that outside.
     assert np.mean(ratios > 2.0) > 0.8, np.percentile(ratios, [10, 50, 90])
     assert np.median(ratios) > 3.0
+
+
+def test_an_ensembles_map_is_its_members_mean_and_its_p_the_ensembles():
+    from mnres.deploy import crops
+    from mnres.models.ensemble import member_variables
+
+    classifier = mnres.load_pretrained("malaria").classifier
+    paths = sorted(mnres.data.sample_cells())[:4]
+    images = np.stack([crops.read_crop(p, classifier.image_size)[0] for p in paths])
+    heat, prob = gradcam.gradcam(classifier.model, classifier.variables, images)
+    raw = [
+        gradcam.gradcam(m, member_variables(classifier.variables, i), images, normalize="none")[0]
+        for i, m in enumerate(classifier.model.members)
+    ]
+    mean = np.mean(raw, axis=0)
+    np.testing.assert_allclose(heat, mean / mean.max(axis=(1, 2), keepdims=True), atol=1e-6)
+    logits, _ = classifier.model.apply(classifier.variables, preprocess(images), train=False)
+    np.testing.assert_allclose(prob, np.asarray(jax.nn.softmax(logits))[:, 1], atol=1e-5)
+    assert heat.shape == images.shape[:3]  # at the crop's resolution

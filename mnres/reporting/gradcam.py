@@ -119,7 +119,8 @@ def gradcam(
     """Grad-CAM heat maps of uint8 crops.
 
     Args:
-      model: an mnres model (flax module).
+      model: an mnres model (flax module); an `Ensemble`'s map is the mean of its members' raw
+        maps (each at `layer`, or its own `default_layer`), then normalized.
       variables: {'params', 'batch_stats'}.
       images: uint8 [N, S, S, 3] crops (scaled to [-1, 1] inside, as in training).
       layer: a top-level module name ('block_5', 'head', ...) or a '/'-joined path; None:
@@ -140,6 +141,17 @@ def gradcam(
     images = np.asarray(images, np.uint8)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"images must be uint8 [N, S, S, 3] with N >= 1, got {images.shape}")
+    if hasattr(model, "members"):  # an Ensemble: its members' raw maps, averaged
+        from mnres.models.ensemble import member_variables
+
+        maps = [gradcam(member, member_variables(variables, i), images, layer=layer,
+                        target=target, normalize="none", batch_size=batch_size)
+                for i, member in enumerate(model.members)]  # fmt: skip
+        heat = np.mean([m for m, _ in maps], axis=0)
+        p = np.clip(np.stack([q for _, q in maps]).astype(np.float64), 1e-7, 1 - 1e-7)
+        # The ensemble's P: the members' mean log-odds (its mean logits, for two classes).
+        prob = 1.0 / (1.0 + np.exp(-np.mean(np.log(p) - np.log1p(-p), axis=0)))
+        return _normalized(heat, normalize), prob.astype(np.float32)
     layer = layer or default_layer(model, images.shape[1])
     heats, probs = [], []
     for start in range(0, len(images), batch_size):
@@ -150,13 +162,18 @@ def gradcam(
         heats.append(np.asarray(heat)[: len(batch)])
         probs.append(np.asarray(prob)[: len(batch)])
     heat = np.concatenate(heats).astype(np.float32)
+    return _normalized(heat, normalize), np.concatenate(probs).astype(np.float32)
+
+
+def _normalized(heat, normalize: str) -> np.ndarray:
+    heat = np.asarray(heat, np.float32)
     peaks = heat.max(axis=(1, 2), keepdims=True)
     if normalize == "image":
         heat = np.divide(heat, peaks, out=np.zeros_like(heat), where=peaks > 0)
     elif normalize == "shared":
         scale = float(np.percentile(peaks, 99))
         heat = np.clip(heat / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(heat)
-    return heat, np.concatenate(probs).astype(np.float32)
+    return heat
 
 
 def explain_split(
