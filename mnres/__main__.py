@@ -213,6 +213,12 @@ def _predict_args(add, prog: str) -> argparse.ArgumentParser:
         "folder ('auto', the default) or no slides ('none')",
     )
     pred.add_argument("--json", action="store_true", help="JSON instead of tables")
+    pred.add_argument(
+        "--report",
+        metavar="PATH.html",
+        help="also write one self-contained HTML page: the verdicts, each slide's most "
+        "suspicious crops with their Grad-CAM overlay, the crops that could not be read",
+    )
     pred.add_argument("--quiet", action="store_true", help=_QUIET)
     _compile_cache_arg(pred)
     return pred

@@ -48,6 +48,8 @@ def predict_command(args) -> int:
     slides.group(rows, args.group_by)
     out = _predictions(args, predictor, model, folder, names, threshold, rows)
     print(json.dumps(out, indent=2) if args.json else _text(out, names))
+    if args.report:
+        _write_report(args.report, predictor, out)
     for warning in caught:
         _warn(str(warning.message))
     if all(r["error"] is not None for r in rows):
@@ -61,6 +63,31 @@ def predict_command(args) -> int:
               f"{', '.join(crops.printable(m) for m in missing)}", file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def _write_report(path: str, predictor, out: dict) -> None:
+    """The HTML slide report (`mnres.deploy.slide_report`), written atomically to `path`."""
+    import mnres
+    from mnres import atomic_file
+    from mnres.data.folders import crop_facts
+    from mnres.deploy import slide_report
+
+    classifier, explain, why = predictor.classifier, None, None
+    if classifier is not None:
+        from mnres.reporting import gradcam
+
+        explain = lambda images: gradcam.gradcam(classifier.model, classifier.variables,
+                                                 images)[0]  # noqa: E731  # fmt: skip
+    else:
+        why = (f"a {predictor.kind} file holds no feature maps to explain; Grad-CAM needs the "
+               "model's layers (a run folder or the shipped model)")  # fmt: skip
+    page = slide_report.render(
+        out, version=mnres.__version__, explain=explain, why_no_maps=why,
+        read_crop=lambda p: crops.read_crop(p, predictor.image_size)[0],
+        truths=[crop_facts(r["file"]).label for r in out["images"]],
+    )  # fmt: skip
+    atomic_file.write_bytes(path, page.encode("utf-8"))
+    print(f"report: {crops.printable(path)}", file=sys.stderr)
 
 
 def _warn(text: str) -> None:

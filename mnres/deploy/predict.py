@@ -51,6 +51,7 @@ class Predictor:
     run: Any  # uint8 [B, S, S, 3] (or a list of crops) -> probabilities [B, C]
     batch_size: int = 64
     class_names: tuple[str, ...] = config_lib.MALARIA_CLASSES  # the outputs' classes, in order
+    classifier: Any = None  # the `inference.Classifier` run in JAX; None for an exported file
 
     @property
     def malaria(self) -> bool:
@@ -144,9 +145,8 @@ def from_classifier(classifier, name: str = "jax", batch_size: int = 64) -> Pred
                                                       images.dtype)])  # fmt: skip
         return np.asarray(classifier.serve(images))[:n]
 
-    return Predictor(
-        name, "checkpoint", classifier.image_size, run, batch_size, classifier.class_names
-    )
+    return Predictor(name, "checkpoint", classifier.image_size, run, batch_size,
+                     classifier.class_names, classifier)  # fmt: skip
 
 
 def looks_like_model(item: str) -> bool:
