@@ -170,3 +170,17 @@ def test_an_ensembles_map_is_its_members_mean_and_its_p_the_ensembles():
     logits, _ = classifier.model.apply(classifier.variables, preprocess(images), train=False)
     np.testing.assert_allclose(prob, np.asarray(jax.nn.softmax(logits))[:, 1], atol=1e-5)
     assert heat.shape == images.shape[:3]  # at the crop's resolution
+
+
+def test_the_grid_of_the_shipped_ensemble(tmp_path):
+    from mnres.data import sample
+    from mnres.data.splits import Split
+    from mnres.deploy import crops
+
+    classifier = mnres.load_pretrained("malaria").classifier
+    paths = sorted(sample.sample_cells())[::25]
+    images = np.stack([crops.read_crop(p, classifier.image_size)[0] for p in paths])
+    labels = np.array(sample.sample_labels(paths), np.int32)
+    split = Split(images, labels, np.array([""] * len(paths)), np.array(paths))
+    out = gradcam.explain_split(classifier, split, str(tmp_path / "grid.png"), num=2)
+    assert (tmp_path / "grid.png").stat().st_size > 0 and out["layer"].startswith("block")

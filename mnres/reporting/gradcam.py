@@ -212,7 +212,9 @@ def explain_split(
     probs = calibration.calibrated_probs(classifier.logits(split.images, batch_size), 1.0)
     correct, wrong = select_examples(split.labels, probs, num, seed=seed)
     chosen = correct + wrong
-    layer = layer or default_layer(model, split.images.shape[1])
+    if layer is None:  # an ensemble's members each take their own default layer
+        members = getattr(model, "members", None) or [model]
+        layer = default_layer(members[0], split.images.shape[1])
     heat_of = _heat_maps(model, variables, split.images, chosen, layer, normalize)
     accuracy = float(np.mean((probs >= 0.5) == (np.asarray(split.labels) == 1)))
     plot_gradcam_grid(
