@@ -330,6 +330,60 @@ def run(args) -> None:
         sys.exit(1)
 
 
+# ---------------------------------------------------------------------------------------------
+# The finished folds of a RECIPE.tar into the committed record.
+
+RECORD = "experiments/results/fold_outputs"
+
+
+def collect(tar_path: str, record: str = RECORD) -> list[int]:
+    """Each finished fold of a RECIPE.tar as RECORD/RECIPE_fold_K.npz, and its entry in
+    RECORD/summary.json (figures, checkpoint, wall seconds, per-epoch validation accuracy, the
+    npz's sha256, the machine and versions of its run). Returns the folds collected."""
+    summary_path = os.path.join(record, "summary.json")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    collected = []
+    with tarfile.open(tar_path) as tar:
+        names = set(tar.getnames())
+        for name in sorted(n for n in names if n.endswith(".json") and "_" not in
+                           os.path.basename(n).replace("fold_", "", 1)):  # fmt: skip
+            recipe, base = name.split("/")
+            k = int(base[len("fold_") : -len(".json")])
+            result = json.load(tar.extractfile(name))
+            data = tar.extractfile(f"{recipe}/fold_{k}.npz").read()
+            out = f"{recipe}_fold_{k}.npz"
+            with open(os.path.join(record, out), "wb") as f:
+                f.write(data)
+            metrics = tar.extractfile(f"{recipe}/fold_{k}_metrics.jsonl").read().decode()
+            epochs = [json.loads(line) for line in metrics.splitlines() if line.strip()]
+            prov = result.pop("provenance")
+            entry = {
+                "recipe": recipe, "fold": k, "finished": True, "file": out,
+                "file_sha256": hashlib.sha256(data).hexdigest(),
+                **{key: result[key] for key in (
+                    "overrides", "evaluated", "validation", "test", "wall_seconds",
+                    "validation_names_sha256", "recorded_validation_names_sha256",
+                    "sha256_matches_record", "test_names_sha256", "warnings")},
+                "recorded": {"validation": result["recorded_validation"],
+                             "wall_seconds": result["recorded_wall_seconds"]},
+                "val_accuracy_per_epoch": [e["val_accuracy"] for e in epochs
+                                           if "val_accuracy" in e],
+                "machine": {"cpu": prov.get("cpu", {}).get("model"),
+                            "logical_cores": prov.get("cpu", {}).get("logical_cores"),
+                            "platform": prov.get("devices", {}).get("platform"),
+                            "versions": prov.get("versions")},
+            }  # fmt: skip
+            summary["runs"] = [r for r in summary["runs"]
+                               if (r["recipe"], r["fold"]) != (recipe, k)] + [entry]  # fmt: skip
+            collected.append(k)
+    summary["runs"].sort(key=lambda r: (r["recipe"], r["fold"]))
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return collected
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +403,8 @@ def main(argv=None) -> None:
     p.add_argument("--recipes", default="gray_world,mixup")
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--parallel", type=int, default=10, help="training processes at once")
+    p = sub.add_parser("collect", help="a RECIPE.tar's finished folds into the record")
+    p.add_argument("tar", help="OUT/RECIPE.tar")
     p = sub.choices["train"]
     p.add_argument("--npy", required=True)
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
@@ -358,6 +414,8 @@ def main(argv=None) -> None:
         pack(args.data_dir, args.pool)
     elif args.command == "run":
         run(args)
+    elif args.command == "collect":
+        print("collected folds:", collect(args.tar))
     else:
         from absl import logging
 

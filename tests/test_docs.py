@@ -364,3 +364,22 @@ def test_readme_library_snippet_works_for_every_registered_model(name):
     call = '"mobilenet_v2", alpha=0.35, num_classes=2'
     assert call in block.group(1)
     exec(block.group(1).replace(call, f'"{name}", num_classes=2'), {})
+
+
+def test_generated_tables_equal_their_records(capsys):
+    """Every `<!-- generated: NAME -->` block of the docs is what its command writes now."""
+    from experiments import docs_tables
+
+    assert docs_tables.main(["--check"]) == 0, capsys.readouterr().out
+    blocks = [m.group("name") for p in docs_tables._files()
+              for m in docs_tables._BLOCK.finditer(p.read_text())]  # fmt: skip
+    assert "verdict_cv" in blocks
+
+
+def test_a_stale_generated_block_is_found():
+    from experiments import docs_tables
+
+    text = ("x\n<!-- generated: verdict_cv (python -m experiments.docs_tables) -->\n"
+            "| typed by hand |\n<!-- end generated: verdict_cv -->\n")  # fmt: skip
+    new, changed = docs_tables.regenerate(text)
+    assert changed == ["verdict_cv"] and "typed by hand" not in new

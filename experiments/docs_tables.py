@@ -1,0 +1,83 @@
+r"""The docs' generated tables: each written from committed records by one function.
+
+  python -m experiments.docs_tables           # rewrite every generated block in docs/ and README
+  python -m experiments.docs_tables --check   # exit 1, naming the blocks, when one differs
+
+A generated block sits between two comment lines in a markdown file:
+
+  <!-- generated: NAME (python -m experiments.docs_tables) -->
+  ...the table...
+  <!-- end generated: NAME -->
+
+and NAME is a key of GENERATORS. A test runs the check, so a table typed by hand or left behind
+by a changed record fails the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+FILES = ("README.md", "docs/*.md")
+
+
+def _verdict_tables() -> str:
+    from experiments import verdict_cv
+
+    return verdict_cv.table_markdown()
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "verdict_cv": _verdict_tables,
+}
+
+_BLOCK = re.compile(
+    r"(<!-- generated: (?P<name>[\w-]+) \(python -m experiments\.docs_tables\) -->\n)"
+    r"(?P<body>.*?)"
+    r"(<!-- end generated: (?P=name) -->)",
+    re.S,
+)
+
+
+def _files() -> list[pathlib.Path]:
+    return sorted({p for pattern in FILES for p in REPO.glob(pattern)})
+
+
+def regenerate(text: str, path: str = "") -> tuple[str, list[str]]:
+    """The text with every generated block rewritten, and the names of those that changed."""
+    changed = []
+
+    def replace(match):
+        name = match.group("name")
+        if name not in GENERATORS:
+            raise ValueError(f"{path}: unknown generated block {name!r}")
+        body = GENERATORS[name]().strip("\n") + "\n"
+        if body != match.group("body"):
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return _BLOCK.sub(replace, text), changed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 on a diff")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in _files():
+        text = path.read_text()
+        new, changed = regenerate(text, str(path))
+        stale += [f"{path.relative_to(REPO)}: {name}" for name in changed]
+        if changed and not args.check:
+            path.write_text(new)
+    if stale:
+        print(("stale: " if args.check else "rewritten: ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
