@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-FILES = ("README.md", "docs/*.md")
+FILES = ("README.md", "docs/*.md", "experiments/results/*/README.md")
 
 
 def _verdict_tables() -> str:
@@ -31,8 +31,35 @@ def _verdict_tables() -> str:
     return verdict_cv.table_markdown()
 
 
+def _fold_outputs_table() -> str:
+    """The retrained folds against the search's CPU records, from fold_outputs/summary.json."""
+    import json
+
+    with open(REPO / "experiments" / "results" / "fold_outputs" / "summary.json") as f:
+        runs = [r for r in json.load(f)["runs"] if r.get("finished")]
+    lines = ["| recipe | fold | val acc / AUC | search record val acc / AUC | best step (record) | "
+             "test acc / AUC | wall s (record) | machine | names sha256 |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in runs:
+        v, rec, t = r["validation"], r["recorded"]["validation"], r["test"]
+        machine = r.get("machine") or {}
+        where = ("NVIDIA H200, jax 0.11.2" if not machine else
+                 f"{machine['logical_cores']}-core {machine['cpu']}, jax "
+                 f"{machine['versions']['jax']}")  # fmt: skip
+        recorded_step = (r["recorded"].get("evaluated") or {}).get("step", "-")
+        lines.append(
+            f"| {r['recipe']} | {r['fold']} | {v['accuracy']:.4f} / {v['auc']:.4f} | "
+            f"{rec['accuracy']:.4f} / {rec['auc']:.4f} | {r['evaluated']['step']} "
+            f"({recorded_step}) | {t['accuracy']:.4f} / {t['auc']:.4f} | "
+            f"{r['wall_seconds']:.0f} ({r['recorded']['wall_seconds']:.0f}) | {where} | "
+            f"{'match' if r['sha256_matches_record'] else 'DIFFER'} |"
+        )
+    return "\n".join(lines)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "verdict_cv": _verdict_tables,
+    "fold_outputs": _fold_outputs_table,
 }
 
 _BLOCK = re.compile(

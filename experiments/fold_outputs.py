@@ -336,6 +336,14 @@ def run(args) -> None:
 RECORD = "experiments/results/fold_outputs"
 
 
+def _recorded_evaluation(recipe: str, k: int) -> dict | None:
+    path = os.path.join("experiments", "results", "search", recipe, f"fold_{k}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("evaluated")
+
+
 def collect(tar_path: str, record: str = RECORD) -> list[int]:
     """Each finished fold of a RECIPE.tar as RECORD/RECIPE_fold_K.npz, and its entry in
     RECORD/summary.json (figures, checkpoint, wall seconds, per-epoch validation accuracy, the
@@ -366,7 +374,8 @@ def collect(tar_path: str, record: str = RECORD) -> list[int]:
                     "validation_names_sha256", "recorded_validation_names_sha256",
                     "sha256_matches_record", "test_names_sha256", "warnings")},
                 "recorded": {"validation": result["recorded_validation"],
-                             "wall_seconds": result["recorded_wall_seconds"]},
+                             "wall_seconds": result["recorded_wall_seconds"],
+                             "evaluated": _recorded_evaluation(recipe, k)},
                 "val_accuracy_per_epoch": [e["val_accuracy"] for e in epochs
                                            if "val_accuracy" in e],
                 "machine": {"cpu": prov.get("cpu", {}).get("model"),
