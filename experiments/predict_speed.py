@@ -6,7 +6,8 @@ Copies `--crops` PNG crops (the first of the development folder in name order, o
 cells without `--data_dir`) into a temporary folder, then times, each from process start to the
 written output:
 - `python -m mnres predict DIR --json --quiet > out.json` with the shipped float model
-  (8-view test-time augmentation, as shipped) and with its int8 TFLite file;
+  (8-view test-time augmentation, as shipped), again with `--report` (the seconds it adds and
+  the page's size), and with its int8 TFLite file;
 - `python -m mnres predict --sample` twice with an empty compilation cache (the first call
   fills it, the second reads it);
 and in this process, the shipped model's own rate: `jax.jit` of its forward pass with the same
@@ -113,6 +114,11 @@ def main(argv=None) -> None:
         results["predict_float_crops_per_s"] = args.crops / seconds
         with open(out) as f:
             assert len(json.load(f)["images"]) == args.crops
+        report = os.path.join(tmp, "report.html")
+        with_report = timed([*predict, os.path.join(tmp, "crops"), "--json", "--quiet",
+                             "--report", report], env, out)  # fmt: skip
+        results["report_adds_s"] = with_report - seconds
+        results["report_mb"] = os.path.getsize(report) / 1e6
         seconds = timed([*predict, int8, os.path.join(tmp, "crops"), "--json", "--quiet"],
                         env, out)  # fmt: skip
         results["predict_int8_crops_per_s"] = args.crops / seconds
