@@ -162,9 +162,9 @@ def package(workdir: str, data_dir: str | None, per_class: int) -> None:
     logging.info("packaged %s -> %s; %d sample crops", workdir, MODEL_DIR, len(bundled))
 
 
-def write_card() -> None:
-    """model_card.json and docs/model_card.md from the committed record and shipped files."""
-    card = model_card.build(
+def build_card() -> dict:
+    """The card, from the committed record, the shipped files and the verdict records."""
+    return model_card.build(
         report=run_folder.read_json(RECORD_DIR / run_folder.REPORT_JSON),
         manifest=run_folder.read_json(RECORD_DIR / run_folder.MANIFEST_JSON),
         calibration=run_folder.read_json(MODEL_DIR / run_folder.CALIBRATION_JSON),
@@ -175,6 +175,11 @@ def write_card() -> None:
             "cross_validation": verdict_cv.chosen_summary(),
         },
     )
+
+
+def write_card() -> None:
+    """model_card.json and docs/model_card.md from the committed record and shipped files."""
+    card = build_card()
     run_folder.write_json(MODEL_DIR / shipped.CARD_JSON, card)
     CARD_PAGE.write_text(model_card.markdown(card))
 

@@ -332,25 +332,26 @@ def table_markdown(results: str = RESULTS) -> str:
         lines.append(f"| {candidate}{mark} | {which} | {_share(p['sensitivity'])} | "
                      f"{_share(p['specificity'])} | {_share(p['accuracy'])} |")  # fmt: skip
     fractions = record["parasitized_fraction"]
-    lines += ["", "| parasitized share of the slide's crops | infected patients | caught, by rule "
-              "(" + ", ".join(CANDIDATES) + "; plain scores) |", "|---|---|---|"]  # fmt: skip
+    pairs = [f"{c}/{w}" for w in SCORES for c in CANDIDATES]
+    lines += ["", "| parasitized share of the slide's crops | infected patients | "
+              + " | ".join(f"{p.replace('/', ', ')}" for p in pairs) + " |",
+              "|---|---|" + "---|" * len(pairs)]  # fmt: skip
     for low, high in BINS:
         slides = [s for s, v in fractions.items() if low < v <= high]
-        caught = [sum(record["pairs"][f"{c}/plain"]["calls"][s] for s in slides)
-                  for c in CANDIDATES]  # fmt: skip
+        caught = [sum(record["pairs"][p]["calls"][s] for s in slides) for p in pairs]
         lines.append(f"| ({low:.2f}, {high:.2f}] | {len(slides)} | "
-                     f"{' / '.join(map(str, caught))} |")  # fmt: skip
-    lines += ["", "| rule (plain scores): false alarms on a healthy slide of | "
+                     + " | ".join(map(str, caught)) + " |")  # fmt: skip
+    lines += ["", "| rule: false alarms on a healthy slide of | "
               + " | ".join(f"{n:,} crops" for n in SLIDE_SIZES) + " |",
               "|---|" + "---|" * len(SLIDE_SIZES)]  # fmt: skip
-    for candidate in CANDIDATES:
-        folds = record["pairs"][f"{candidate}/plain"]["folds"]
+    for pair in pairs:
+        folds = record["pairs"][pair]["folds"]
         alarms = np.array([[verdicts.false_alarm_rate(verdicts.VerdictRule.from_dict(f["rule"]), n,
                                                       f["measured_fpr"]) for n in SLIDE_SIZES]
                            for f in folds])  # fmt: skip
         cells = [f"{100 * a.mean():.2f}% ({100 * a.min():.2f}-{100 * a.max():.2f})"
                  for a in alarms.T]  # fmt: skip
-        lines.append(f"| {candidate} | " + " | ".join(cells) + " |")
+        lines.append(f"| {pair.replace('/', ', ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -402,7 +403,8 @@ def ship(args) -> None:
         out["prob"], out["label"], out["slide_id"], candidate=chosen["candidate"],
         scores=chosen["scores"], train_prevalence=card["evaluation"]["train_prevalence"],
         min_cells=MIN_CELLS,
-        fitted_on="the shipped model's validation split (16 slides), plain P as predict gives it",
+        fitted_on="the shipped model's validation split (16 slides), P as predict gives it"
+        + (", moved by the slide prior" if chosen["scores"] == "prior" else ""),
     )  # fmt: skip
     path = shipped.shipped_folder() / run_folder.VERDICT_RULE_JSON
     run_folder.write_json(path, record)

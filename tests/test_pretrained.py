@@ -52,18 +52,7 @@ def test_every_shipped_file_is_in_the_package():
 
 def test_the_card_regenerates_from_the_run_record_and_hashes_the_shipped_files():
     folder = pretrained.shipped_folder("malaria")
-    record = package_model.RECORD_DIR
-    card = model_card.build(
-        report=run_folder.read_json(record / run_folder.REPORT_JSON),
-        manifest=run_folder.read_json(record / run_folder.MANIFEST_JSON),
-        calibration=run_folder.read_json(folder / run_folder.CALIBRATION_JSON),
-        file_hashes={
-            name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
-            for name in model_card.HASHED_FILES
-        },
-        sample=[str(pathlib.Path(p).relative_to(sample.sample_folder()).as_posix())
-                for p in sample.sample_cells()],
-    )  # fmt: skip
+    card = package_model.build_card()
     shipped_card = run_folder.read_json(folder / pretrained.CARD_JSON)
     assert json.loads(run_folder.json_text(card)) == shipped_card
     assert package_model.CARD_PAGE.read_text() == model_card.markdown(shipped_card)
@@ -72,7 +61,7 @@ def test_the_card_regenerates_from_the_run_record_and_hashes_the_shipped_files()
         == hashlib.sha256((folder / pretrained.WEIGHTS).read_bytes()).hexdigest()
     )
     # The card's figures are the report's, not typed in.
-    report = run_folder.read_json(record / run_folder.REPORT_JSON)
+    report = run_folder.read_json(package_model.RECORD_DIR / run_folder.REPORT_JSON)
     assert shipped_card["evaluation"]["test_cells"]["accuracy"] == report["test"]["accuracy"]
     assert "Not a diagnostic device" in shipped_card["not_a_diagnostic_device"]
 

@@ -178,3 +178,16 @@ def test_a_run_writes_its_rule_only_when_its_validation_slides_can_fit_one(tmp_p
     final_evaluation.write_verdict_rule(str(tmp_path), SimpleNamespace(slide_ids=[""] * 180), val,
                                         0.5, "test")  # fmt: skip
     assert not path.exists()
+
+
+def test_the_bundled_sample_slides_are_insufficient_and_predict_says_why(capsys):
+    from mnres.__main__ import main
+
+    assert main(["predict", "--sample", "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict_rule"]["candidate"] == verdict_fitting.DEFAULT_CANDIDATE
+    assert out["slides"] and all(s["verdict"] == "insufficient" for s in out["slides"])
+    assert all("the rule needs 20 or more" in s["reason"] for s in out["slides"])
+    assert main(["predict", "--sample", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "slide(s) insufficient, no verdict: 13 crop(s) at most" in text

@@ -87,3 +87,35 @@ def test_members_must_hold_the_same_crops(tmp_path):
     np.savez_compressed(path, **d)
     with pytest.raises(ValueError, match="name columns differ"):
         verdict_cv.load_fold(0, "validation", str(tmp_path))
+
+
+def test_the_committed_records_are_what_the_commands_give(tmp_path):
+    """choose and test recomputed from the committed fold outputs equal the committed records."""
+    committed = verdict_cv.RESULTS
+    verdict_cv.main(["choose", f"--results={tmp_path}"])
+    for name in ("choice.json", "test_folds.json"):
+        if name == "test_folds.json":
+            verdict_cv.main(["test", f"--results={tmp_path}"])
+        ours = json.loads((tmp_path / name).read_text())
+        with open(os.path.join(committed, name)) as f:
+            theirs = json.load(f)
+        assert ours == theirs, name
+
+
+def test_the_shipped_rule_is_the_chosen_one_fitted_on_its_validation_slides():
+    from mnres.metrics import verdict_fitting
+    from mnres.weights import shipped
+
+    with open(os.path.join(verdict_cv.RESULTS, "choice.json")) as f:
+        chosen = json.load(f)["chosen"]
+    record = json.loads((shipped.shipped_folder() / "verdict_rule.json").read_text())
+    assert (record["candidate"], record["scores"]) == (chosen["candidate"], chosen["scores"])
+    assert chosen["candidate"] == verdict_fitting.DEFAULT_CANDIDATE
+    assert chosen["scores"] == verdict_fitting.DEFAULT_SCORES
+    with np.load(verdict_cv.SHIPPED_OUTPUTS) as d:
+        refit = verdict_fitting.rule_record(
+            d["prob"], d["label"], d["slide_id"], candidate=chosen["candidate"],
+            scores=chosen["scores"], train_prevalence=record["train_prevalence"],
+            fitted_on=record["fitted_on"]["what"],
+        )  # fmt: skip
+    assert json.loads(json.dumps(refit)) == record

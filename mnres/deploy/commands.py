@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 import warnings
 
 import numpy as np
@@ -162,7 +163,8 @@ def _text(out: dict, names) -> str:
             f"{prior['train_prevalence']:.3f})"
         )
     if out["verdict_rule"] is not None:
-        lines.append(f"slide verdict: {slides.describe(out['verdict_rule'])}")
+        rule = f"slide verdict: {slides.describe(out['verdict_rule'])}"
+        lines += textwrap.wrap(rule, width=110, subsequent_indent="  ")
     table = predict.format_table(out["images"], slides.format_slides(out["slides"]))
     return "\n".join([*lines, "", table])
 

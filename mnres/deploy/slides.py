@@ -105,16 +105,19 @@ def describe(record: dict) -> str:
     rule = verdicts.VerdictRule.from_dict(record["rule"])
     fpr = record["false_positive_rate"]
     if rule.kind == "binomial":
-        how = (f"binomial test (alpha {rule.alpha:g}) of the crops with p >= {rule.q:g} against "
-               f"a healthy slide's rate {100 * rule.false_positive_rate:.2f}%")  # fmt: skip
+        healthy = 100 * rule.false_positive_rate
+        how = (f"a binomial test (alpha {rule.alpha:g}) finds more of its crops with p >= "
+               f"{rule.q:g} than a healthy slide's {healthy:.2f}%")  # fmt: skip
     elif rule.kind == "count":
-        how = f"{rule.k} or more crops with p >= {rule.q:g}"
+        how = f"{rule.k} or more of its crops have p >= {rule.q:g}"
     else:
-        how = f"more than {100 * rule.threshold:.1f}% of crops with p >= {rule.q:g}"
-    return (f"infected iff {how}; slides of fewer than {rule.min_cells} crops are insufficient "
-            f"(healthy crops over q measured: {100 * fpr['false_positive_rate']:.2f}%, 95% CI "
-            f"{100 * fpr['low']:.2f}-{100 * fpr['high']:.2f}%, on {fpr['crops']} crops; "
-            f"{record['scores']} scores)")  # fmt: skip
+        how = f"more than {100 * rule.threshold:.1f}% of its crops have p >= {rule.q:g}"
+    scores = "p moved by the slide prior" if record["scores"] == "prior" else "p as shown"
+    measured = 100 * fpr["false_positive_rate"]
+    return (f"infected iff {how} ({scores}); fewer than {rule.min_cells} crops: insufficient. "
+            f"Healthy validation crops over {rule.q:g}: {measured:.2f}% "
+            f"(95% CI {100 * fpr['low']:.2f}-{100 * fpr['high']:.2f}%, "
+            f"{fpr['crops']} crops)")  # fmt: skip
 
 
 def format_slides(slides: list[dict]) -> list[str]:

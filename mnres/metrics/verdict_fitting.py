@@ -291,11 +291,11 @@ def fit_rule(
 
 # The rule that patient cross-validation of the shipped recipe chose (docs/results.md, "Slide
 # verdicts"): what a run fits on its validation slides and the shipped model carries.
-DEFAULT_CANDIDATE = "binomial_upper"
+DEFAULT_CANDIDATE = "fraction"
 # 'plain': the verdict reads P(parasitized) as the model gives it; 'prior': moved by the slide
 # prior (`mnres.metrics.slide_prior`), which needs the training split's prevalence.
 SCORES = ("plain", "prior")
-DEFAULT_SCORES = "plain"
+DEFAULT_SCORES = "prior"
 # A slide of fewer readable crops is 'insufficient': fixed before the rules were compared.
 MIN_CELLS = 20
 

@@ -22,7 +22,7 @@ INT8 = "model_int8.tflite"
 GOLDEN = "sample_logits.json"  # the bundled crops' log-odds, to catch preprocessing drift
 CARD_JSON = "model_card.json"
 SHIPPED_FILES = (WEIGHTS, run_folder.CONFIG_JSON, run_folder.CALIBRATION_JSON, INT8, GOLDEN,
-                 CARD_JSON)  # fmt: skip
+                 run_folder.VERDICT_RULE_JSON, CARD_JSON)  # fmt: skip
 
 
 def shipped_folder(name: str = "malaria") -> pathlib.Path:
