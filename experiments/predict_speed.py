@@ -2,9 +2,9 @@ r"""How fast `mnres predict` reads crops, against the model it runs, in one invo
 
   python -m experiments.predict_speed --data_dir=PATH/cell_images --crops=5000
 
-Copies `--crops` PNG crops (the first of the development folder in name order, or synthetic
-cells without `--data_dir`) into a temporary folder, then times, each from process start to the
-written output:
+Copies `--crops` PNG crops (evenly spaced in the development folder's name order, in their
+class folders with their names, or synthetic cells without `--data_dir`) into a temporary
+folder, then times, each from process start to the written output:
 - `python -m mnres predict DIR --json --quiet > out.json` with the shipped float model
   (8-view test-time augmentation, as shipped), again with `--report` (the seconds it adds and
   the page's size), and with its int8 TFLite file;
@@ -46,13 +46,17 @@ def write_crops(folder: str, data_dir: str | None, count: int) -> list[str]:
     if data_dir:
         from mnres.data import folders
 
-        paths = list(folders.list_folder(data_dir)["paths"])[:count]
-        if len(paths) < count:
-            sys.exit(f"{data_dir} holds {len(paths)} crops, fewer than --crops={count}")
+        listing = folders.list_folder(data_dir)
+        if len(listing["paths"]) < count:
+            sys.exit(f"{data_dir} holds {len(listing['paths'])} crops, fewer than --crops={count}")
+        # Every count-th crop of the name order: both classes, whole slides' worth of crops;
+        # names and class folders kept, so slides and the truth column are a user's.
+        chosen = np.linspace(0, len(listing["paths"]) - 1, count).astype(int)
         out = []
-        for i, p in enumerate(paths):
-            out.append(os.path.join(folder, f"{i:05d}_{os.path.basename(p)}"))
-            shutil.copyfile(p, out[-1])
+        for i in chosen:
+            out.append(os.path.join(folder, str(listing["names"][i])))
+            os.makedirs(os.path.dirname(out[-1]), exist_ok=True)
+            shutil.copyfile(listing["paths"][i], out[-1])
         return out
     from PIL import Image
 

@@ -122,3 +122,23 @@ def test_the_report_renders_in_a_browser(sample_report, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert (pixels < 240).mean() > 0.05  # a substantial share is not background
+
+
+def test_the_page_shows_at_most_max_shown_crops_in_all():
+    rows = [
+        {
+            "file": f"C{i}_thinF_cell_1.png",
+            "slide_id": f"C{i}",
+            "label": "parasitized",
+            "prob_parasitized": 0.9,
+            "error": None,
+        }
+        for i in range(slide_report.MAX_SHOWN + 50)
+    ]
+    out = {"model": "m", "threshold": 0.5, "images": rows, "verdict_rule": None,
+           "slides": [{"slide_id": r["slide_id"], "cells": 1, "called": 1, "verdict": None}
+                      for r in rows]}  # fmt: skip
+    text = slide_report.render(out, version="x", read_crop=lambda p: np.zeros((8, 8, 3), np.uint8),
+                               explain=lambda images: np.zeros(images.shape[:3]))  # fmt: skip
+    assert text.count('class="overlay"') == slide_report.MAX_SHOWN
+    assert "crops not shown: the page shows" in text

@@ -7,7 +7,8 @@ beside their Grad-CAM overlay (`mnres.reporting.gradcam`: where the model looked
 ensemble's is the mean of its members' maps), the crops
 that could not be read, and, for crops in class folders, the misclassified ones. Every file
 name and error text is HTML-escaped. The page is bounded: at most `MAX_FLAGGED` crops a slide
-and `MAX_MISCLASSIFIED` of each kind, as small thumbnails.
+and `MAX_SHOWN` in all with their overlays, `MAX_MISCLASSIFIED` of each kind, each crop at its
+own size (64 px for the shipped model), shown at THUMB pixels.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import numpy as np
 
 MAX_FLAGGED = 8  # the most suspicious crops shown per slide
+MAX_SHOWN = 400  # crops shown with an overlay in all, slide by slide: the page stays small
 MAX_MISCLASSIFIED = 24  # per kind: uninfected called parasitized, and the reverse
 THUMB = 96  # pixels on a side of a shown crop
 BINS = 20
@@ -40,12 +42,11 @@ vertical-align:top;word-break:break-all}
 
 
 def _png(image: np.ndarray) -> str:
-    """A `data:` URI of a uint8 [H, W, 3] image as a THUMB-pixel PNG."""
+    """A `data:` URI of a uint8 [H, W, 3] crop as a PNG at its own size (the page scales it)."""
     from PIL import Image
 
-    picture = Image.fromarray(np.asarray(image, np.uint8)).resize((THUMB, THUMB), Image.NEAREST)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG", compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -115,9 +116,9 @@ def render(out: dict, *, version: str, read_crop, explain=None, why_no_maps: str
     for r in read:
         if r["slide_id"]:
             by_slide.setdefault(r["slide_id"], []).append(r)
-    for slide, members in by_slide.items():
+    for slide, members in sorted(by_slide.items()):
         members.sort(key=lambda r: -r["prob_parasitized"])
-        flagged += [(slide, r) for r in members[:MAX_FLAGGED]]
+        flagged += [(slide, r) for r in members[: min(MAX_FLAGGED, MAX_SHOWN - len(flagged))]]
     images = {id(r): read_crop(r["file"]) for _, r in flagged}
     heat = {}
     if explain is not None and flagged:
@@ -169,7 +170,10 @@ def render(out: dict, *, version: str, read_crop, explain=None, why_no_maps: str
             parts.append(f"<p>{s['cells']} crop(s), {s['called']} called parasitized</p>")
         parts.append(histogram_svg([r["prob_parasitized"] for r in members], threshold, q))
         parts.append("<div class='flagged'>")
-        for r in members[:MAX_FLAGGED]:
+        shown = [r for r in members[:MAX_FLAGGED] if id(r) in images]
+        if len(shown) < min(len(members), MAX_FLAGGED):
+            parts.append(f"<p class='note'>crops not shown: the page shows {MAX_SHOWN} in all</p>")
+        for r in shown:
             uri = _png(images[id(r)])
             over = _png(overlay(images[id(r)], heat[id(r)])) if id(r) in heat else None
             caption = f"p = {r['prob_parasitized']:.3f}<br>{esc(os.path.basename(r['file']))}"
