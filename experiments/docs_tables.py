@@ -57,9 +57,37 @@ def _fold_outputs_table() -> str:
     return "\n".join(lines)
 
 
+def _predict_speed() -> str:
+    """predict's speed against its model, from experiments/results/predict_speed.json."""
+    import json
+
+    with open(REPO / "experiments" / "results" / "predict_speed.json") as f:
+        r = json.load(f)
+    machine = (f"{r['cores']}-core {r['cpu'].split(' x ', 1)[-1]} CPU, Python {r['python']}, "
+               f"jax {r['jax']}, mnres {r['mnres']}, {r['date']}")  # fmt: skip
+    return "\n".join([
+        f"| `python -m experiments.predict_speed --crops={r['crops']}` ({r['data']}) | measured "
+        "| target |",
+        "|---|---:|---:|",
+        f"| predict, shipped float model with 8-view TTA, crops/s | "
+        f"{r['predict_float_crops_per_s']:.0f} | >= 100 |",
+        f"| the same, against `jax.jit` of the model with the 8 views at batch 256 "
+        f"({r['model_crops_per_s']:.0f} crops/s) | {r['predict_over_model']:.2f}x | >= 0.75x |",
+        f"| `predict --sample`, second call, s | {r['sample_second_s']:.1f} | <= 8 |",
+        f"| `predict --sample`, first call (empty compilation cache), s | "
+        f"{r['sample_first_s']:.1f} | |",
+        f"| predict, shipped int8 TFLite file, crops/s | {r['predict_int8_crops_per_s']:.0f} | |",
+        f"| `--report` on top, s / page MB | {r['report_adds_s']:.1f} / {r['report_mb']:.1f} "
+        "| <= 30 / 20 |",
+        "",
+        f"Timed from process start to the output written, PNGs on disk: {machine}.",
+    ])  # fmt: skip
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "verdict_cv": _verdict_tables,
     "fold_outputs": _fold_outputs_table,
+    "predict_speed": _predict_speed,
 }
 
 _BLOCK = re.compile(

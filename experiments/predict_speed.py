@@ -1,6 +1,7 @@
 r"""How fast `mnres predict` reads crops, against the model it runs, in one invocation.
 
-  python -m experiments.predict_speed --data_dir=PATH/cell_images --crops=5000
+  python -m experiments.predict_speed --data_dir=PATH/cell_images --crops=5000 \
+      --out=experiments/results/predict_speed.json
 
 Copies `--crops` PNG crops (evenly spaced in the development folder's name order, in their
 class folders with their names, or synthetic cells without `--data_dir`) into a temporary
@@ -99,6 +100,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", help="PATH/cell_images; default: synthetic cells")
     parser.add_argument("--crops", type=int, default=5000)
+    parser.add_argument("--out", help="also write the figures to this JSON file (a record)")
     args = parser.parse_args(argv)
 
     import jax
@@ -138,7 +140,12 @@ def main(argv=None) -> None:
         results["model_crops_per_s"] = model_rate(paths)
     results["predict_over_model"] = results["predict_float_crops_per_s"] / results[
         "model_crops_per_s"]  # fmt: skip
+    results["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(results, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":
