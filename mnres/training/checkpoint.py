@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 
 import jax
 import numpy as np
@@ -282,6 +283,10 @@ class Checkpoints:
     def _write_error(self, error: Exception, step: int | None) -> CheckpointWriteError:
         """The one-line error of a failed save, naming the checkpoint a re-run resumes from."""
         self._failed = True
+        # The writer coroutines this save left unawaited would warn at exit, two lines each.
+        warnings.filterwarnings(
+            "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+        )
         latest = os.path.join(self.directory, "latest")
         steps = complete_steps(latest)
         kept = (
