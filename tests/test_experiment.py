@@ -48,7 +48,6 @@ OUTPUTS = (
     "reliability_uncalibrated.png",
     "reliability_calibrated.png",
     "roc.png",
-    "verdict_rule.json",
 )
 
 
