@@ -139,13 +139,6 @@ def infected_patients(labels, slide_ids) -> dict[str, bool]:
     return {s: bool(np.any(labels[slide_ids == s] == 1)) for s in np.unique(slide_ids)}
 
 
-def balanced(truth: dict, called: dict) -> float:
-    sick = [called[s] for s in truth if truth[s]]
-    healthy = [not called[s] for s in truth if not truth[s]]
-    rates = [np.mean(x) for x in (sick, healthy) if x]
-    return float(np.mean(rates))
-
-
 def fit(candidate: str, probs, labels, slide_ids) -> verdicts.VerdictRule:
     """The candidate's rule, from these (validation) crops alone (the protocol above)."""
     return verdict_fitting.fit_rule(candidate, probs, labels, slide_ids, MIN_CELLS, qs=QS,

@@ -106,10 +106,10 @@ def test_a_rule_is_read_beside_an_exported_file_and_a_broken_one_is_refused(tmp_
     model = run / "export" / "model.tflite"
     model.write_bytes(b"")
     assert slides.load_rule(str(model)) is None
-    run_folder.write_json(run / slides.RULE_JSON, _record())
+    run_folder.write_json(run / run_folder.VERDICT_RULE_JSON, _record())
     assert slides.load_rule(str(model))["rule"] == RULE.to_dict()
     broken = dict(_record(), rule=dict(RULE.to_dict(), alpha=None))
-    run_folder.write_json(run / slides.RULE_JSON, broken)
+    run_folder.write_json(run / run_folder.VERDICT_RULE_JSON, broken)
     with pytest.raises(ValueError, match="needs alpha"):
         slides.load_rule(str(run))
 

@@ -31,6 +31,7 @@ from mnres.config import schema as config_lib
 from mnres.data.folders import IMAGE_SUFFIXES, crop_facts
 from mnres.deploy import crops, export, run_checks
 from mnres.metrics import calibration, slide_prior
+from mnres.metrics.verdict_fitting import with_prior
 from mnres.weights import shipped
 
 STABLEHLO_SUFFIXES = (".stablehlo", ".bin")
@@ -320,11 +321,10 @@ def apply_slide_prior(rows, train_prevalence: float, *, threshold: float = 0.5) 
     scored = [r for r in rows if r["error"] is None and r.get("prob_parasitized") is not None]
     if not scored:
         return []
-    probs = np.clip([r["prob_parasitized"] for r in scored], 1e-7, 1 - 1e-7)
     slide_ids = np.array([r["slide_id"] or "" for r in scored])
-    adjusted = slide_prior.adjust(np.log(probs) - np.log1p(-probs), slide_ids, train_prevalence)
-    for row, z in zip(scored, adjusted, strict=True):
-        p = float(1.0 / (1.0 + np.exp(-z)))
+    probs = [r["prob_parasitized"] for r in scored]
+    for row, p in zip(scored, with_prior(probs, slide_ids, train_prevalence), strict=True):
+        p = float(p)
         row["prob_parasitized"] = p
         row["label"] = config_lib.MALARIA_CLASSES[int(p >= threshold)]
     ids, counts = np.unique(slide_ids[slide_ids != ""], return_counts=True)

@@ -24,8 +24,6 @@ from mnres.data.folders import CLASS_FOLDERS, crop_facts
 from mnres.metrics import verdict_fitting, verdicts
 
 GROUP_BY = ("auto", "name", "folder", "none")
-RULE_JSON = run_folder.VERDICT_RULE_JSON
-SCORES = verdict_fitting.SCORES
 
 
 def folder_slide(path: str) -> str:
@@ -51,16 +49,16 @@ def group(rows: list[dict], how: str = "auto") -> None:
 
 
 def load_rule(model_path: str) -> dict | None:
-    """The model's stored rule record (`RULE_JSON`), or None when it has none."""
+    """The model's stored rule record (`run_folder.VERDICT_RULE_JSON`), or None when it has none."""
     from mnres.deploy.predict import _run_folders
 
     for folder in _run_folders(model_path):
-        path = os.path.join(folder, RULE_JSON)
+        path = os.path.join(folder, run_folder.VERDICT_RULE_JSON)
         if os.path.isfile(path):
             record = run_folder.read_json(path)
             verdicts.VerdictRule.from_dict(record["rule"])  # a broken rule fails here, loudly
-            if record.get("scores") not in SCORES:
-                raise ValueError(f"{path}: scores must be one of {SCORES}")
+            if record.get("scores") not in verdict_fitting.SCORES:
+                raise ValueError(f"{path}: scores must be one of {verdict_fitting.SCORES}")
             return record
     return None
 
