@@ -81,7 +81,14 @@ _OVERRIDES = flags.DEFINE_string(
 )
 _TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds before a run is abandoned.")
 _JSON = flags.DEFINE_string("json", None, "Write every result here as JSON.")
+_PEER_PYTHON = flags.DEFINE_string(
+    "peer_python",
+    None,
+    "The interpreter that runs the PyTorch and Keras workers (default: this one): e.g. a Python "
+    "3.11 venv with 'mnres[bench]' where the registry's PyTorch for this Python is a GPU build.",
+)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = {
     "mnres": "experiments.peers.mnres_worker",
     "pytorch": "experiments.peers.torch_worker",
@@ -164,6 +171,17 @@ def worker_environment(spec: dict, env=None) -> dict:
     return env
 
 
+# The interpreter of the peers' workers (main sets it from --peer_python); None: this one.
+peer_python: str | None = None
+
+
+def interpreter(framework: str) -> str:
+    """The Python that runs `framework`'s worker: `peer_python` for the peers, else this one."""
+    if framework != "mnres" and peer_python:
+        return peer_python
+    return sys.executable
+
+
 def run_worker(framework: str, spec: dict, timeout: float) -> dict:
     """Runs one worker subprocess; returns its result, or {'error': ...} when it failed.
 
@@ -176,7 +194,8 @@ def run_worker(framework: str, spec: dict, timeout: float) -> dict:
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", WORKERS[framework], json.dumps(spec)],
+            [interpreter(framework), "-m", WORKERS[framework], json.dumps(spec)],
+            cwd=REPO,  # the workers are modules of this checkout, whichever Python runs them
             capture_output=True,
             text=True,
             env=env,
@@ -203,7 +222,24 @@ def run_worker(framework: str, spec: dict, timeout: float) -> dict:
 
 def _available(framework: str) -> str | None:
     """None when the peer can run here, else why not."""
-    missing = [p for p in PEER_PACKAGES[framework] if importlib.util.find_spec(p) is None]
+    python = interpreter(framework)
+    if python == sys.executable:
+        missing = [p for p in PEER_PACKAGES[framework] if importlib.util.find_spec(p) is None]
+    else:
+        check = (
+            "import importlib.util as u, sys; "
+            "print(*(m for m in sys.argv[1:] if not u.find_spec(m)))"
+        )
+        try:
+            out = subprocess.run(
+                [python, "-c", check, *PEER_PACKAGES[framework]],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            return f"--peer_python={python} cannot run: {e}"
+        missing = out.split()
     return f"not installed: {', '.join(missing)}" if missing else None
 
 
@@ -264,6 +300,83 @@ def format_table(results: list[dict]) -> str:
         + reference_lines(results)
         + warning_lines(results)
     )
+    return "\n".join(lines)
+
+
+_PEER_NAMES = {"pytorch": "PyTorch (eager, channels_last)", "keras": "Keras (TensorFlow)"}
+
+
+def markdown(report: dict) -> str:
+    """A `--json` report as the docs print it: the runs, their repeats, ratios per mode."""
+    ok = [r for r in report["results"] if "error" not in r]
+    name = {
+        id(r): f"mnres, {r['spec']['depthwise']} depthwise"
+        if r["framework"] == "mnres"
+        else _PEER_NAMES.get(r["framework"], r["framework"])
+        for r in ok
+    }
+    # A run that other processes disturbed says so in its row and in every ratio it enters.
+    loaded = {id(r): _others(r) > BUSY_CORES_WARNING for r in ok}
+    mark = {id(r): f" (under load: {_others(r):.1f} cores)" if loaded[id(r)] else "" for r in ok}
+    lines = [
+        "| allocator | run | Python | compile s | train img/s | eval img/s | "
+        "batch-1 median / p90 ms | peak MB |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in ok:
+        lines.append(
+            f"| {r['spec']['allocator']} | {name[id(r)]}{mark[id(r)]} | {r.get('python', '?')} | "
+            f"{r['compile_s']:.1f} | {r['train_images_per_s']:.1f} | "
+            f"{r['eval_images_per_s']:.1f} | {r['latency_ms_median']:.2f} / "
+            f"{r['latency_ms_p90']:.2f} | {r['peak_rss_mb']:,.0f} |"
+        )
+    repeats = "; ".join(
+        f"{r['spec']['allocator']} {name[id(r)].split(' (')[0].split(',')[0]} "
+        f"{min(r['train_images_per_s_runs']):.1f}-{max(r['train_images_per_s_runs']):.1f}"
+        for r in ok
+    )
+    lines += ["", f"Training images/s, range of the timed repeats: {repeats}.", ""]
+    lines += [
+        "mnres against each peer in the same mode; speed: > 1 means mnres is faster, peak "
+        "memory: > 1 means mnres needs more:",
+        "",
+        "| allocator | mnres run | against | train | eval | batch-1 | peak memory |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for ours in (r for r in ok if r["framework"] == "mnres"):
+        for peer in ok:
+            same = (_key(peer), peer["spec"]["allocator"]) == (
+                _key(ours),
+                ours["spec"]["allocator"],
+            )
+            if peer["framework"] == "mnres" or not same:
+                continue
+            cells = [
+                f"{ours[k] / peer[k]:.2f}x" for k in ("train_images_per_s", "eval_images_per_s")
+            ] + [
+                f"{peer['latency_ms_median'] / ours['latency_ms_median']:.2f}x",
+                f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x",
+            ]
+            lines.append(
+                f"| {ours['spec']['allocator']} | {ours['spec']['depthwise']} | "
+                f"{name[id(peer)].split(' (')[0]}{mark[id(ours)] or mark[id(peer)]} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    v, spec = report["versions"], ok[0]["spec"] if ok else {}
+    peers = sorted({r.get("version", "") for r in ok if r["framework"] != "mnres"})
+    busiest = max((_others(r) for r in ok), default=0.0)
+    lines += [
+        "",
+        f"{report['cores']}-core {report['cpu']}, {report['threads']} threads per run, "
+        f"{report['libc']}, transparent huge pages `{report['transparent_huge_pages']}`; "
+        f"mnres {v.get('mnres')}, jax {v.get('jax')}, flax {v.get('flax')} on Python "
+        f"{v.get('python')}; peers: {', '.join(peers) or 'none'}. {spec.get('model')} "
+        f"alpha {spec.get('alpha')}, {spec.get('image_size')} px, batch {spec.get('batch_size')}"
+        f"; at most {busiest:.1f} of a core busy beside any run"
+        + (f" ({' '.join(report['warnings'])})" if report.get("warnings") else "")
+        + (f"; {report['date']}." if report.get("date") else "."),
+    ]
     return "\n".join(lines)
 
 
@@ -455,6 +568,8 @@ def environment_facts(threads: int) -> dict:
 
 def main(argv):
     del argv
+    global peer_python
+    peer_python = _PEER_PYTHON.value
     allocators = allocator_modes(
         _ALLOCATOR.value, flags.FLAGS["allocator"].present, _KEEP_FREED_MEMORY.value
     )
@@ -497,6 +612,7 @@ def main(argv):
         with open(_JSON.value, "w") as f:
             report = {
                 **environment_facts(_THREADS.value),
+                "date": time.strftime("%Y-%m-%d"),
                 "allocators": allocators,
                 "warnings": warning_lines(results),
                 "results": results,

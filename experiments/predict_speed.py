@@ -14,7 +14,9 @@ folder, then times, each from process start to the written output:
 (each predict rate of a second call: the first fills the compilation cache) and in this
 process, the shipped model's own rate: `jax.jit` of its forward pass with the same
 8 views, batch 256, on the same crops decoded once, timed after a warm-up pass.
-Prints crops/s and the ratio of predict to the model. Run it with nothing else busy.
+Then the batch-1 latency of the shipped float model (jitted, 8 views) and of its int8 file
+(LiteRT, one thread). Prints crops/s and the ratio of predict to the model. Run it with
+nothing else busy.
 """
 
 from __future__ import annotations
@@ -96,6 +98,29 @@ def model_rate(paths: list[str], batch_size: int = 256) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
+def batch1_latency_ms(paths: list[str], calls: int = 200) -> dict:
+    """Median ms to classify one crop: the float model (jit, 8 views) and its int8 file."""
+    import statistics
+
+    from mnres.deploy import crops, export
+    from mnres.weights import loader, shipped
+
+    classifier = loader.load_pretrained("malaria").classifier
+    images = [crops.read_crop(p, classifier.image_size)[0] for p in paths[:calls]]
+    int8 = export.load_tflite(str(shipped.shipped_folder() / shipped.INT8), num_threads=1)
+    out = {}
+    for name, one in (("float", lambda x: np.asarray(classifier.serve(x[None]))),
+                      ("int8", int8.predict_one)):  # fmt: skip
+        one(images[0])  # compile / plan
+        times = []
+        for image in images:
+            start = time.perf_counter()
+            one(image)
+            times.append(1000 * (time.perf_counter() - start))
+        out[f"batch1_{name}_ms"] = statistics.median(times)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", help="PATH/cell_images; default: synthetic cells")
@@ -140,6 +165,7 @@ def main(argv=None) -> None:
         results["sample_first_s"] = timed(sample, env, out)
         results["sample_second_s"] = timed(sample, env, out)
         results["model_crops_per_s"] = model_rate(paths)
+        results.update(batch1_latency_ms(paths))
     results["predict_over_model"] = results["predict_float_crops_per_s"] / results[
         "model_crops_per_s"]  # fmt: skip
     results["date"] = time.strftime("%Y-%m-%d")

@@ -181,9 +181,12 @@ class Classifier:
         Raises:
           ValueError: no images, or not uint8 RGB crops (`check_crops`).
         """
-        model, tta = self.model, self.test_time_augmentation
-        # The variables are an argument, not constants baked into the compiled function.
-        forward = jax.jit(lambda v, x: classify(model, v, preprocess(x), tta=tta))
+        forward = self.__dict__.get("_compiled_logits")
+        if forward is None:  # compiled once per classifier and shape, not once per call
+            model, tta = self.model, self.test_time_augmentation
+            # The variables are an argument, not constants baked into the compiled function.
+            forward = jax.jit(lambda v, x: classify(model, v, preprocess(x), tta=tta))
+            self.__dict__["_compiled_logits"] = forward
         images = np.asarray(images)
         check_crops(images, "Classifier.logits")
         if len(images) == 0:

@@ -106,6 +106,32 @@ def test_table_ratios_and_reference_check():
     )
 
 
+def test_markdown_prints_each_run_and_marks_the_ones_under_load():
+    def full(framework, train, latency, peak, python):
+        r = _result(framework, train, latency, peak_mb=peak)
+        r.update(compile_s=10.0, eval_images_per_s=2 * train, latency_ms_p90=latency + 1,
+                 train_images_per_s_runs=[train - 1, train, train + 1], python=python,
+                 version=f"{framework} 1.0")  # fmt: skip
+        return r
+
+    results = [full("mnres", 60.0, 4.0, 3000.0, "3.12.1"), full("pytorch", 50.0, 8.0, 2000.0,
+                                                               "3.11.7")]  # fmt: skip
+    report = {"results": results, "versions": {"mnres": "0.2.0", "jax": "0.12.0.1",
+              "flax": "0.12.12", "python": "3.12.1"}, "cores": 2, "cpu": "Some CPU",
+              "threads": 2, "libc": "glibc 2.36", "transparent_huge_pages": "madvise",
+              "warnings": [], "date": "2026-12-05"}  # fmt: skip
+    text = benchmark.markdown(report)
+    assert (
+        "| default | mnres, shifted depthwise | 3.12.1 | 10.0 | 60.0 | 120.0 | 4.00 / 5.00 " in text
+    )
+    assert "| default | PyTorch (eager, channels_last) | 3.11.7 |" in text
+    assert "| default | shifted | PyTorch | 1.20x | 1.20x | 2.00x | 1.50x |" in text
+    assert "under load" not in text
+    results[1]["busy_cores_during"] = 0.9
+    text = benchmark.markdown(report)
+    assert "| default | shifted | PyTorch (under load: 0.9 cores) | 1.20x |" in text
+
+
 def test_ratios_compare_runs_of_the_same_allocator_mode_only():
     results = [
         _result("mnres", 30.0, 6.0, peak_mb=4000.0, allocator="default"),
@@ -363,3 +389,17 @@ def test_predict_speed_prints_measured_rates(capsys):
     for key in ("predict_float_crops_per_s", "predict_int8_crops_per_s", "model_crops_per_s"):
         assert out[key] > 0, key
     assert 0 < out["sample_second_s"] and out["crops"] == 12
+
+
+def test_peers_run_in_the_interpreter_peer_python_names(tmp_path, monkeypatch):
+    other = tmp_path / "python"  # another interpreter, as a Python 3.11 venv would be
+    other.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    other.chmod(0o755)
+    monkeypatch.setattr(benchmark, "peer_python", str(other))  # what --peer_python sets
+    assert benchmark.interpreter("pytorch") == str(other)
+    assert benchmark.interpreter("mnres") == sys.executable  # mnres itself never moves
+    monkeypatch.setitem(benchmark.PEER_PACKAGES, "pytorch", ("json", "no_such_module_here"))
+    # Asked of that interpreter, not of this process.
+    assert benchmark._available("pytorch") == "not installed: no_such_module_here"
+    monkeypatch.setattr(benchmark, "peer_python", str(tmp_path / "missing"))
+    assert "cannot run" in benchmark._available("pytorch")

@@ -342,6 +342,25 @@ def test_predict_runs_the_backends_formulation_and_equals_the_export_one(run, tt
     np.testing.assert_allclose(np.asarray(classifier.serve(images)), fast, atol=2e-5)
 
 
+def test_serve_and_logits_compile_once_per_shape_across_calls(run, monkeypatch):
+    from mnres import inference
+
+    traced = []
+    classify = inference.classify
+    # Python runs `classify` only while JAX traces: a cached compiled call does not reach it.
+    monkeypatch.setattr(
+        inference, "classify", lambda *a, **k: traced.append(1) or classify(*a, **k)
+    )
+    classifier = run_folder.load_run(run)
+    images = synthetic.draw_cells(3, classifier.image_size, 2, 1)[0]
+    for method in (classifier.serve, lambda x: classifier.logits(x, batch_size=4)):
+        traced.clear()
+        first = np.asarray(method(images))
+        assert len(traced) == 1
+        np.testing.assert_array_equal(np.asarray(method(images)), first)
+        assert len(traced) == 1, "a second call on the same shape traced and compiled again"
+
+
 def test_predict_sample_prints_short_lines_a_truth_column_and_an_accuracy_line(capsys):
     assert main(["predict", "--sample", "--quiet"]) == 0
     text = capsys.readouterr().out

@@ -228,6 +228,7 @@ def run_worker(build: Callable[[dict], tuple[dict, tuple]]) -> None:
         "transparent_huge_pages": transparent_huge_pages(),
         "cores_pinned": cores(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": sys.version.split()[0],  # a peer may run in another interpreter
     }
     info, (train_step, eval_step, predict_one) = build(spec)
     measured = measure(spec, train_step, eval_step, predict_one)

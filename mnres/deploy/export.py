@@ -23,6 +23,7 @@ and runs with `onnxruntime`. Each is imported only by the functions that need it
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -200,6 +201,38 @@ def export_tflite(
     return path
 
 
+@contextlib.contextmanager
+def _stablehlo_readable_by_tensorflow():
+    """jax2tf writes StableHLO that the installed TFLite converter can read.
+
+    jax serializes for StableHLO ~4 weeks old (jax 0.12: 1.18), newer than TensorFlow 2.21's
+    converter reads (1.13.7): it fails with "failed to deserialize portable artifact". jax has
+    no public switch for the target version, so its private chooser is capped at the
+    converter's version while converting; with jax or TF internals not where expected, nothing
+    changes (and a too-new artifact fails as before, with TF's message).
+    """
+    try:
+        from jax._src.export import _export
+        from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+
+        choose = _export.hlo.get_version_from_compatibility_requirement
+        readable = tf_stablehlo.get_current_version()
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def version(requirement):
+        chosen = choose(requirement)
+        key = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+        return min(chosen, readable, key=key)
+
+    _export.hlo.get_version_from_compatibility_requirement = version
+    try:
+        yield
+    finally:
+        _export.hlo.get_version_from_compatibility_requirement = choose
+
+
 def _tflite_bytes(classifier, quantize, per_channel, representative_images, any_size) -> bytes:
     """The TFLite flatbuffer of `export_tflite`'s arguments (checked there)."""
     tf = tensorflow_logs.import_tensorflow()  # first: jax2tf imports TensorFlow too
@@ -207,7 +240,7 @@ def _tflite_bytes(classifier, quantize, per_channel, representative_images, any_
 
     size = classifier.image_size
     # Quiet from the first jax2tf call: jax2tf logs (absl) while it traces.
-    with tensorflow_logs.quiet_converter():
+    with tensorflow_logs.quiet_converter(), _stablehlo_readable_by_tensorflow():
         serve = jax2tf.convert(
             serving_function(classifier),
             polymorphic_shapes=[TFLITE_INPUT_SHAPE if any_size else None],
