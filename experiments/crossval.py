@@ -64,7 +64,7 @@ flags.DEFINE_bool(
     False,
     "With --record: record the finished folds of --workdir and train nothing. Each fold's own "
     "config.json is used; --config.data.dir and --config.data.cache_dir, when given, say where "
-    "its data lie on this machine.",
+    "its data lie here.",
 )
 FLAGS = flags.FLAGS
 

@@ -21,6 +21,8 @@ import re
 import sys
 from collections.abc import Callable
 
+from experiments import results_tables
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FILES = ("README.md", "docs/*.md", "experiments/results/*/README.md")
 
@@ -84,11 +86,109 @@ def _predict_speed() -> str:
     ])  # fmt: skip
 
 
+# The best published patient-level result, cited (not a record of this repository).
+PUBLISHED = {"accuracy": "95.9% +/- 0.8", "auc": "0.991", "sensitivity": "94.7%",
+             "specificity": "97.2%"}  # fmt: skip
+CHOSEN_RECIPE = "ensemble_gray_world_mixup_slide_prior"
+
+
+def _patients(k: int, n: int) -> str:
+    from mnres.metrics import intervals
+
+    low, high = intervals.wilson_interval(k, n)
+    return f"{k} of {n} ({100 * low:.0f}-{100 * high:.0f}%)"
+
+
+def _headline() -> str:
+    """The README's results table: the shipped model, its recipe's CV, the published best."""
+    import json
+    import statistics
+
+    from experiments import independent_evaluation, verdict_cv
+
+    lines = ["| system | protocol | cell accuracy | ROC AUC | sensitivity | specificity | "
+             "patients right |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    record = independent_evaluation.shipped()
+    if record is None:
+        lines.append("| shipped model | 40 unseen patients | not evaluated yet | | | | |")
+    else:
+        for run in record["runs"]:
+            lines.append(
+                f"| shipped model, `{run['name'].replace('predict', 'mnres predict')}` | "
+                f"{record['patients']['n']} unseen patients, {record['cells']['n']:,} crops, "
+                f"evaluated once | {100 * run['accuracy']:.2f}% | {run['auc']:.4f} | "
+                f"{100 * run['sensitivity']:.2f}% | {100 * run['specificity']:.2f}% | "
+                f"{_patients(run['patients_right'], record['patients']['n'])} |"
+            )
+    folds = []
+    for k in range(5):
+        with open(REPO / "experiments/results/search" / CHOSEN_RECIPE / f"fold_{k}_test.json") as f:
+            folds.append(json.load(f)["cell"])
+
+    def sd(key, scale, digits):
+        values = [scale * f[key] for f in folds]
+        return f"{statistics.mean(values):.{digits}f} +/- {statistics.stdev(values):.{digits}f}"
+
+    pooled = verdict_cv.chosen_summary()["patients"]["accuracy"]
+    lines.append(
+        f"| its recipe, trained per fold | 5-fold patient CV of the 160 development slides, test "
+        f"folds read once, slide prior | {sd('accuracy', 100, 2)}% | {sd('auc', 1, 4)} | "
+        f"{sd('sensitivity', 100, 2)}% | {sd('specificity', 100, 2)}% | "
+        f"{_patients(pooled['k'], pooled['n'])} |"
+    )
+    p = PUBLISHED
+    lines.append(
+        f"| best published (Rajaraman et al. 2018, ResNet-50 features) | 5-fold patient CV of "
+        f"all 200 slides: another sample, not like for like | {p['accuracy']} | {p['auc']} | "
+        f"{p['sensitivity']} | {p['specificity']} | |"
+    )
+    if record is not None:
+        lines += ["", f"Independent evaluation: `{record['command']}` on a {record['hardware']}, "
+                  f"mnres {record['versions']['mnres']}, jax {record['versions']['jax']}; its "
+                  f"patients are called by {record['patient_rule']}."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _shipped_files() -> str:
+    """The shipped model's files: sizes (measured here) and batch-1 latency (predict_speed.json)."""
+    import json
+
+    folder = REPO / "mnres" / "weights" / "malaria"
+    with open(REPO / "experiments" / "results" / "predict_speed.json") as f:
+        r = json.load(f)
+    machine = f"{r['cores']}-core {r['cpu'].split(' x ', 1)[-1]} CPU, jax {r['jax']}"
+    lines = ["| file | size | batch-1 latency (one crop) |", "|---|---:|---:|"]
+    files = (("weights.msgpack", "float32 weights, JAX, 8-view TTA", "float"),
+             ("model_int8.tflite", "int8 TFLite, 8-view TTA inside", "int8"))  # fmt: skip
+    for name, what, key in files:
+        ms = r.get(f"batch1_{key}_ms")
+        lines.append(f"| `{name}` ({what}) | {(folder / name).stat().st_size / 1e6:.2f} MB | "
+                     + (f"{ms:.1f} ms" if ms else "not measured") + " |")  # fmt: skip
+    lines += ["", f"Latency: median of 200 single crops, `python -m experiments.predict_speed` on "
+              f"a {machine} (int8: LiteRT, one thread), {r['date']}."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _speed_benchmark() -> str:
+    """The training-speed benchmark against its peers, from experiments/results/benchmark.json."""
+    import json
+
+    from experiments import benchmark
+
+    with open(REPO / "experiments" / "results" / "benchmark.json") as f:
+        return benchmark.markdown(json.load(f))
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
+    "headline": _headline,
+    "speed_benchmark": _speed_benchmark,
+    "shipped_files": _shipped_files,
     "verdict_cv": _verdict_tables,
     "fold_outputs": _fold_outputs_table,
     "predict_speed": _predict_speed,
 }
+
+GENERATORS.update(results_tables.GENERATORS)  # docs/results.md's tables
 
 _BLOCK = re.compile(
     r"(<!-- generated: (?P<name>[\w-]+) \(python -m experiments\.docs_tables\) -->\n)"

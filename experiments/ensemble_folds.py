@@ -36,7 +36,7 @@ flags.DEFINE_multi_string(
 flags.DEFINE_string(
     "record", None, "The ensemble's folder in the search (experiments/results/search/NAME)."
 )
-flags.DEFINE_string("data_dir", None, "Where the cell images lie on this machine (cell_images/).")
+flags.DEFINE_string("data_dir", None, "Where the cell images lie (PATH/cell_images).")
 flags.DEFINE_string("cache_dir", None, "The decoded-image cache, if the members used one.")
 flags.DEFINE_bool(
     "slide_prior", False, "Each slide's prevalence in place of the training split's (Bayes' rule)."

@@ -3,7 +3,8 @@
   # after `python -m experiments.malaria --config=experiments/configs/default.py
   #   --config.data.source=folder --config.data.dir=PATH/cell_images --workdir=runs/shipped`:
   python -m experiments.package_model --workdir=runs/shipped
-  # regenerate the card (JSON and docs page) from the committed record, e.g. after a docs edit:
+  # regenerate the card (JSON and docs page) from the committed records and the shipped files
+  # alone (no run folder, no data), e.g. after a docs edit or a new record:
   python -m experiments.package_model --card_only
 
 Writes
@@ -16,6 +17,12 @@ Writes
 - experiments/results/malaria_model/: the run's report.json and manifest.json, machine paths
   removed: what the card is generated from (a test regenerates it and compares);
 - docs/model_card.md: the card as a page.
+
+The card also reads committed records the run does not write: the validation outputs
+(experiments/results/malaria_model/validation_outputs.npz, `verdict_cv ship`), the recipe's
+cross-validation test folds (experiments/results/search/), the verdict cross-validation
+(experiments/results/verdicts/) and the maintainers' independent evaluation, which counts only
+while the weights it evaluated ship.
 
 Needs the run's data folder (config.data.dir, or --data_dir) for the sample crops and the int8
 calibration crops, and the export extra (pip install 'mnres[export]') for the TFLite file.
@@ -34,7 +41,8 @@ import numpy as np
 from absl import app, flags, logging
 
 import experiments
-from experiments import _cli, model_card, verdict_cv
+from experiments import _cli, independent_evaluation, model_card, verdict_cv
+from experiments.search import records
 from mnres import run_folder
 from mnres.weights import shipped
 
@@ -43,11 +51,19 @@ MODEL_DIR = REPO / "mnres" / "weights" / "malaria"  # the shipped files (mnres.w
 SAMPLE_DIR = REPO / "mnres" / "data" / "sample_cells"
 RECORD_DIR = REPO / "experiments" / "results" / "malaria_model"
 CARD_PAGE = REPO / "docs" / "model_card.md"
+SEARCH_DIR = REPO / "experiments" / "results" / "search"
+# The shipped model's recipe, as the recipe search chose it: its test folds are the card's
+# cross-validation (read through `records.read_test`, which refuses any other recipe).
+CV_RECIPE = "ensemble_gray_world_mixup_slide_prior"
 
 flags.DEFINE_string("workdir", None, "The training run to package (config.json, checkpoints/).")
 flags.DEFINE_string("data_dir", None, "The run's cell_images folder; default its config.data.dir.")
 flags.DEFINE_integer("sample_per_class", 125, "Bundled crops per class.")
-flags.DEFINE_bool("card_only", False, "Only regenerate the card from the committed record.")
+flags.DEFINE_bool(
+    "card_only",
+    False,
+    "Only regenerate the card from the committed records and the shipped files (no run folder).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -158,12 +174,24 @@ def package(workdir: str, data_dir: str | None, per_class: int) -> None:
     strip = lambda record: _without_machine_paths(record, os.path.abspath(config.data.dir))
     run_folder.write_json(RECORD_DIR / run_folder.REPORT_JSON, strip(report))
     run_folder.write_json(RECORD_DIR / run_folder.MANIFEST_JSON, strip(manifest))
+    # The committed validation outputs are the previous weights': `verdict_cv ship` remakes them
+    # (and the verdict rule) for these; until then the card gives no validation interval.
+    (RECORD_DIR / os.path.basename(verdict_cv.SHIPPED_OUTPUTS)).unlink(missing_ok=True)
     write_card()
     logging.info("packaged %s -> %s; %d sample crops", workdir, MODEL_DIR, len(bundled))
 
 
+def _validation_outputs() -> dict | None:
+    path = RECORD_DIR / os.path.basename(verdict_cv.SHIPPED_OUTPUTS)
+    if not path.is_file():
+        return None
+    with np.load(path) as outputs:
+        return {k: outputs[k] for k in outputs.files}
+
+
 def build_card() -> dict:
-    """The card, from the committed record, the shipped files and the verdict records."""
+    """The card, from the committed records, the shipped files and the verdict records."""
+    int8 = MODEL_DIR / shipped.INT8
     return model_card.build(
         report=run_folder.read_json(RECORD_DIR / run_folder.REPORT_JSON),
         manifest=run_folder.read_json(RECORD_DIR / run_folder.MANIFEST_JSON),
@@ -174,11 +202,15 @@ def build_card() -> dict:
             "rule": run_folder.read_json(MODEL_DIR / run_folder.VERDICT_RULE_JSON),
             "cross_validation": verdict_cv.chosen_summary(),
         },
+        validation_outputs=_validation_outputs(),
+        cross_validation=records.read_test(str(SEARCH_DIR), CV_RECIPE),
+        independent=independent_evaluation.shipped(),
+        int8={"bytes": int8.stat().st_size, "sidecar": run_folder.read_json(f"{int8}.json")},
     )
 
 
 def write_card() -> None:
-    """model_card.json and docs/model_card.md from the committed record and shipped files."""
+    """model_card.json and docs/model_card.md from the committed records and shipped files."""
     card = build_card()
     run_folder.write_json(MODEL_DIR / shipped.CARD_JSON, card)
     CARD_PAGE.write_text(model_card.markdown(card))

@@ -1,4 +1,4 @@
-"""The recipe search: fold records, mean +/- SE tables, paired differences, one sealed choice."""
+"""The recipe search: fold records, mean +/- SD tables, paired differences, one sealed choice."""
 
 import json
 import os
@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 from data_fixtures import tiny_crossval_config
 
 from experiments import ablation
 from experiments.configs import default, smoke
-from experiments.search import fold_summary
+from experiments.search import fold_summary, tables
 from experiments.search import records as search
 from mnres import config as config_lib
 from mnres import metrics, run_folder
@@ -70,13 +71,13 @@ def two_recipes(search_dir):
     return search.read_search(search_dir)
 
 
-def test_mean_and_standard_error():
-    s = search.mean_se([0.9, 0.8, None, 1.0])
+def test_mean_sd_and_standard_error():
+    s = search.mean_sd([0.9, 0.8, None, 1.0])
     assert s["mean"] == pytest.approx(0.9) and s["n"] == 3
-    assert s["se"] == pytest.approx(np.std([0.9, 0.8, 1.0], ddof=1) / np.sqrt(3))
-    assert s["se"] == pytest.approx(0.1 / np.sqrt(3))
-    assert search.mean_se([0.5]) == {"mean": 0.5, "se": None, "n": 1}
-    assert search.mean_se([None])["mean"] is None
+    assert s["sd"] == pytest.approx(np.std([0.9, 0.8, 1.0], ddof=1)) == pytest.approx(0.1)
+    assert s["se"] == pytest.approx(0.1 / np.sqrt(3))  # kept: t intervals, older choice.json
+    assert search.mean_sd([0.5]) == {"mean": 0.5, "sd": None, "se": None, "n": 1}
+    assert search.mean_sd([None])["mean"] is None
 
 
 def test_table_is_built_from_the_files_and_marks_partial_recipes(tmp_path):
@@ -87,9 +88,11 @@ def test_table_is_built_from_the_files_and_marks_partial_recipes(tmp_path):
     table = ablation.validation_tables(found, BASELINE, ablation.changes)
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     base = np.array([0.95 + 0.002 * k for k in range(5)]) * 100
-    pm = f"{base.mean():.2f} +/- {np.std(base, ddof=1) / np.sqrt(5):.2f}"
+    pm = f"{base.mean():.2f} +/- {np.std(base, ddof=1):.2f}"  # the SD over folds, not the SE
+    assert pm == "95.40 +/- 0.32"
     assert rows[1].startswith(f"| base | 5/5 | (baseline) | 20 | 8 views | 10.0 +/- 0.0 | {pm} |")
-    assert rows[1].endswith("| 65 of 70 | 0.920 +/- 0.007 |")
+    assert rows[1].endswith("| 65 of 70 (84-97%) | 0.920 +/- 0.016 |")  # Wilson 95%
+    assert "mean +/- SD over folds" in table and "standard error" not in table
     assert rows[2].startswith("| ema | 3/5 (partial) | ema_decay=0.999 |")
     assert "| ema | 95.50 | 95.70 | 95.90 | - | - |" in table  # per fold, missing ones shown
     assert "Partial (folds missing): ema" in table
@@ -138,8 +141,11 @@ def test_test_figures_are_sealed_until_the_choice_and_for_other_recipes(tmp_path
     tests = search.read_test(str(tmp_path), "base")
     assert sorted(tests) == [0, 1, 2, 3, 4]
     table = ablation.chosen_test_table(str(tmp_path))
-    assert "| cell accuracy % | 94.40 +/- " in table
-    assert "| patients right | 155 of 160 | C0N, C1N, C2N, C3N, C4N |" in table
+    assert "| cell accuracy % | 94.40 +/- 0.32 |" in table  # the SD over the 5 folds
+    assert "| patients right | 155 of 160 (93-99%) | 31 of 32 / 31 of 32 / " in table
+    assert "| patients called wrong | 5 | C0N, C1N, C2N, C3N, C4N |" in table
+    # Records without the class counts: patient sensitivity as the mean +/- SD over folds.
+    assert "| patient sensitivity % | 100.0 +/- 0.0 |" in table
     # A record changed after the choice is refused too.
     path = tmp_path / "base" / "fold_2.json"
     path.write_text(path.read_text().replace('"right": 13', '"right": 14'))
@@ -162,6 +168,37 @@ def test_paired_differences(tmp_path):
     assert search.incomparable(found) == ["other_seed"]
     with pytest.raises(search.SearchError, match="different crops"):
         search.paired_differences(found["base"], found["other_seed"])
+
+
+def test_paired_rows_give_the_sd_and_the_t_interval_of_the_mean(tmp_path):
+    two_recipes(tmp_path)
+    steps = [0.001, 0.003, 0.002, 0.004, 0.005]
+    for k, step in enumerate(steps):
+        fake_fold(tmp_path, "wide", k, 0.95 + 0.002 * k + step, **{"model.alpha": 0.5})
+    found = search.read_search(tmp_path)
+    d = np.array(steps) * 100
+    sd = np.std(d, ddof=1)
+    half = scipy.stats.t.ppf(0.975, 4) * sd / np.sqrt(5)  # the interval uses SD / sqrt(n)
+    expected = f"| +{d.mean():.2f} +/- {sd:.2f} | {d.mean() - half:+.2f} to {d.mean() + half:+.2f}"
+    assert expected == "| +0.30 +/- 0.16 | +0.10 to +0.50"
+    assert expected + " | 5/5 |" in ablation.paired_table(found, ["base", "wide"])
+    levers = tables.lever_table(found, [("wider", "base", "wide")])
+    assert f"| wider | wide - base | 5/5 {expected} | 5 / 0 |" in levers
+    assert levers.endswith("| 65 -> 65 |")
+
+
+def test_test_patients_are_pooled_over_folds_with_wilson_intervals():
+    cell = {"accuracy": 0.95, "auc": 0.99, "sensitivity": 0.95, "specificity": 0.97, "f1": 0.96}
+    tests = {
+        k: {"cell": cell, "patients": {"n_patients": 32, "n_infected": 24, "accuracy": 29 / 32,
+                                       "sensitivity": (21 + k % 2) / 24, "specificity": 7 / 8,
+                                       "errors": []}}
+        for k in range(5)
+    }  # fmt: skip
+    s = search.chosen_test_scores(tests)
+    assert (s["infected_right"], s["infected"]) == (107, 120)
+    assert (s["uninfected_right"], s["uninfected"]) == (35, 40)
+    assert s["patient_sensitivity"]["sd"] is not None  # the stored mean +/- SD stays
 
 
 def test_a_recipe_folder_holds_one_recipe(tmp_path):

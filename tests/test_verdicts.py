@@ -327,3 +327,23 @@ def test_choosers_refuse_unusable_validation():
         metrics.choose_binomial_rule(probs, labels, ids, 1000, Q, 0.01)
     with pytest.raises(ValueError):
         metrics.choose_count_rule(probs, labels, ids, 20, Q, max_false_alarm_rate=1.0)
+
+
+def test_patient_bootstrap_keeps_both_classes_and_repeats_exactly():
+    from mnres.metrics.intervals import patient_bootstrap
+
+    infected = np.array([True] * 5 + [False] * 2)
+    seen = []
+
+    def statistic(pick):
+        seen.append(pick)
+        return {"infected share": infected[pick].mean()}
+
+    first = patient_bootstrap(statistic, infected, resamples=200, seed=3)
+    # Drawn within each class: every resample has 5 infected and 2 uninfected patients.
+    assert all(len(p) == 7 and infected[p].sum() == 5 for p in seen)
+    assert first == {"infected share": (5 / 7, 5 / 7)}
+    again = patient_bootstrap(lambda p: {"first": float(p[0])}, infected, resamples=200, seed=3)
+    assert again == patient_bootstrap(lambda p: {"first": float(p[0])}, infected, resamples=200,
+                                      seed=3)  # fmt: skip
+    assert again["first"][0] < again["first"][1]  # patients 0-4 drawn, not always the same

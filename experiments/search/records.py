@@ -15,9 +15,11 @@ test patients (infected iff the fraction of a slide's cells called parasitized e
 threshold from `metrics.choose_fraction_threshold`), the threshold of each validation patient
 chosen on the fold's other validation patients, so no decision has seen its own patient.
 
-Recipes compare on the mean over folds with its standard error (sample std / sqrt(n)), and
-pairwise on per-fold differences (`paired_differences`). One recipe is chosen (`choose`), only
-with every fold done; then, and only for it, the test figures can be read (`read_test`).
+Recipes compare on the mean over folds with its sample standard deviation (SD, the spread of
+the folds: the docs' one convention), and pairwise on per-fold differences
+(`paired_differences`), whose mean also carries its standard error for a t interval. One recipe
+is chosen (`choose`), only with every fold done; then, and only for it, the test figures can be
+read (`read_test`).
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ class SearchError(ValueError):
     """A record, choice or test read that the protocol refuses."""
 
 
-def mean_se(values) -> dict:
-    """{mean, se, n} of the values that are not None; se = sample std / sqrt(n), None if n < 2."""
+def mean_sd(values) -> dict:
+    """{mean, sd, se, n} of the values that are not None: sd the sample standard deviation,
+    se = sd / sqrt(n); both None if n < 2. (choice.json's stored scores predate sd: se and mean
+    are kept, so records written either way read alike.)"""
     kept = [float(v) for v in values if v is not None]
     if not kept:
-        return {"mean": None, "se": None, "n": 0}
-    se = float(np.std(kept, ddof=1) / np.sqrt(len(kept))) if len(kept) > 1 else None
-    return {"mean": float(np.mean(kept)), "se": se, "n": len(kept)}
+        return {"mean": None, "sd": None, "se": None, "n": 0}
+    sd = float(np.std(kept, ddof=1)) if len(kept) > 1 else None
+    se = None if sd is None else sd / float(np.sqrt(len(kept)))
+    return {"mean": float(np.mean(kept)), "sd": sd, "se": se, "n": len(kept)}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -199,7 +204,7 @@ def record_fold(record_dir: str, summary: dict, test: dict) -> bool:
 
 
 def recipe_scores(folds: dict[int, dict]) -> dict:
-    """Mean and standard error over a recipe's recorded folds of its validation figures."""
+    """Mean and SD over a recipe's recorded folds of its validation figures."""
     summaries = list(folds.values())
     num_folds = summaries[0]["num_folds"]
     patients = [s["validation"]["patients"] for s in summaries]
@@ -208,11 +213,11 @@ def recipe_scores(folds: dict[int, dict]) -> dict:
         "folds": sorted(folds),
         "num_folds": num_folds,
         "complete": sorted(folds) == list(range(num_folds)),
-        **{k: mean_se([s["validation"]["cell"][k] for s in summaries]) for k in CELL_METRICS},
-        "patient_auc": mean_se([p["auc"] for p in known]),
+        **{k: mean_sd([s["validation"]["cell"][k] for s in summaries]) for k in CELL_METRICS},
+        "patient_auc": mean_sd([p["auc"] for p in known]),
         "patients_right": sum(p["right"] for p in known) if known else None,
         "patients": sum(p["n_patients"] for p in known) if known else None,
-        "wall_seconds": mean_se([s["wall_seconds"] for s in summaries]),
+        "wall_seconds": mean_sd([s["wall_seconds"] for s in summaries]),
     }
     return scores
 
@@ -227,7 +232,7 @@ def paired_differences(reference: dict, other: dict, metric: str = "accuracy") -
     """Per-fold `other - reference` of a validation figure over the folds both have.
 
     Returns:
-      {per_fold: {fold: difference}, mean, se, n}.
+      {per_fold: {fold: difference}, mean, sd, se, n}.
 
     Raises:
       SearchError: a common fold whose validation crops differ (other folds, not comparable).
@@ -242,7 +247,7 @@ def paired_differences(reference: dict, other: dict, metric: str = "accuracy") -
     pairs = {k: (_figure(reference[k], metric), _figure(other[k], metric)) for k in common}
     # A figure that is undefined on a fold (an AUC without one class) leaves that fold out.
     diffs = {k: b - a for k, (a, b) in pairs.items() if a is not None and b is not None}
-    return {"per_fold": diffs, **mean_se(diffs.values())}
+    return {"per_fold": diffs, **mean_sd(diffs.values())}
 
 
 def incomparable(search: dict[str, dict[int, dict]]) -> list[str]:
@@ -341,15 +346,37 @@ def read_test(search_dir: str, recipe: str) -> dict[int, dict]:
 
 
 def chosen_test_scores(tests: dict[int, dict]) -> dict:
-    """Mean and standard error over folds of the test figures `read_test` gives."""
+    """Mean and SD over folds of the test figures `read_test` gives."""
     summaries = list(tests.values())
     patients = [t["patients"] for t in summaries if t.get("patients")]
     return {
         "folds": sorted(tests),
-        **{k: mean_se([t["cell"][k] for t in summaries]) for k in (*CELL_METRICS, "f1")},
-        "patient_sensitivity": mean_se([p["sensitivity"] for p in patients]),
-        "patient_specificity": mean_se([p["specificity"] for p in patients]),
+        **{k: mean_sd([t["cell"][k] for t in summaries]) for k in (*CELL_METRICS, "f1")},
+        "patient_sensitivity": mean_sd([p["sensitivity"] for p in patients]),
+        "patient_specificity": mean_sd([p["specificity"] for p in patients]),
         "patients_right": sum(round(p["accuracy"] * p["n_patients"]) for p in patients),
         "patients": sum(p["n_patients"] for p in patients),
+        # Pooled over folds: each test patient is called once, so patients are counted, not
+        # averaged over folds of 24-33 patients.
+        **_pooled_patients(patients),
         "errors": [e for p in patients for e in p["errors"]],
+    }
+
+
+def _pooled_patients(patients: list[dict]) -> dict:
+    """{infected, infected_right, uninfected, uninfected_right} over folds; {} if a fold's
+    record lacks the class counts."""
+    if not patients or any("n_infected" not in p for p in patients):
+        return {}
+    infected = [p["n_infected"] for p in patients]
+    uninfected = [p["n_patients"] - n for p, n in zip(patients, infected, strict=True)]
+    return {
+        "infected": sum(infected),
+        "infected_right": sum(
+            round(p["sensitivity"] * n) for p, n in zip(patients, infected, strict=True)
+        ),
+        "uninfected": sum(uninfected),
+        "uninfected_right": sum(
+            round(p["specificity"] * n) for p, n in zip(patients, uninfected, strict=True)
+        ),
     }

@@ -87,16 +87,16 @@ def validate(config) -> None:
 
 
 def validate_devices(config) -> None:
-    """The checks that need this machine: call after `initialize_distributed`.
+    """The checks that need the host it runs on: call after `initialize_distributed`.
 
     Raises:
       ConfigError: a batch size that does not split over the devices, or a config sized for
-        another platform (`config.platform`) than this machine's JAX backend.
+        another platform (`config.platform`) than the JAX backend of the process.
     """
     platform, backend = config.platform, jax.default_backend()
     if platform is not None and platform != backend:
         raise ConfigError(
-            f"config.platform={platform!r} but this machine's JAX backend is {backend!r}: run "
+            f"config.platform={platform!r} but this process's JAX backend is {backend!r}: run "
             f"this config where JAX finds a {platform.upper()}, or pass "
             f"--config.platform={backend} to run it here anyway."
         )

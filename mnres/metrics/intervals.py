@@ -90,3 +90,35 @@ def rogan_gladen_interval(
         rogan_gladen(low, sensitivity, false_positive_rate),
         rogan_gladen(high, sensitivity, false_positive_rate),
     )
+
+
+def patient_bootstrap(statistic, infected, resamples: int = 2000, seed: int = 0,
+                      confidence: float = 0.95) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """Percentile intervals of `statistic` with whole patients resampled with replacement.
+
+    The crops of one patient are not independent draws (stain, smear and parasitaemia are
+    shared), so an interval over crops is too narrow; this one resamples patients. They are
+    drawn within the infected and within the uninfected patients, so that every resample keeps
+    both classes (sensitivity, specificity and AUC stay defined).
+
+    Args:
+      statistic: pick -> {name: value}, `pick` an int array of patient indices (with repeats).
+      infected: bool [P], each patient's truth.
+      resamples, seed: the bootstrap's size and its generator's seed (same seed, same interval).
+      confidence: two-sided coverage.
+
+    Returns:
+      {name: (low, high)}; NaN draws (a figure undefined in a resample) are left out.
+    """
+    infected = np.asarray(infected, bool)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(infected), np.flatnonzero(~infected)]
+    picks = np.concatenate([rng.choice(g, (resamples, len(g))) for g in groups if len(g)], axis=1)
+    draws = [statistic(pick) for pick in picks]
+    tail = 100 * (1 - confidence) / 2
+    return {
+        name: tuple(
+            float(x) for x in np.nanpercentile([d[name] for d in draws], [tail, 100 - tail])
+        )
+        for name in draws[0]
+    }

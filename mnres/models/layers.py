@@ -54,14 +54,14 @@ CONV_PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
 def resolve_conv_formulation(formulation: str, platform: str | None = None) -> str:
     """The formulation that runs on `platform`.
 
-    A model built for another platform than this machine's, e.g. to lower its steps for a TPU
+    A model built for another platform than the one it runs on, e.g. to lower its steps for a TPU
     from a CPU, carries the resolved formulation:
     `model.clone(conv_formulation=resolve_conv_formulation(model.conv_formulation, "tpu"))`
     (or `mnres.models.from_config(..., platform="tpu")`).
 
     Args:
       formulation: one of `CONV_FORMULATIONS`.
-      platform: one of `CONV_PLATFORMS`; None: this machine's, `jax.default_backend()`.
+      platform: one of `CONV_PLATFORMS`; None: the running backend's, `jax.default_backend()`.
 
     Returns:
       'grouped' or 'shifted': 'auto' means shifted on CPU, grouped elsewhere.

@@ -1,0 +1,215 @@
+"""The shipped model's card: the sections of a Hugging Face model card, every figure generated
+from the committed records (tests/test_pretrained.py checks the files equal the generator's).
+"""
+
+import copy
+import re
+
+import numpy as np
+import pytest
+
+import mnres
+from experiments import independent_evaluation, model_card, model_card_figures, package_model
+from experiments.model_card_sections import pct
+from mnres import run_folder
+from mnres.metrics import cells, verdict_fitting
+from mnres.weights import shipped
+
+SECTIONS = (
+    "Model details",
+    "Intended use",
+    "Out-of-scope use",
+    "Training data",
+    "Training procedure",
+    "Evaluation",
+    "Patient verdicts",
+    "Calibration",
+    "The slide prior",
+    "Quantization",
+    "Limitations and failure modes",
+    "How to use",
+    "How to cite",
+)
+SUBSECTIONS = (
+    "Validation and test slides",
+    "Cross-validation of the recipe",
+    "Independent evaluation",
+    "Slide verdicts",  # docs/results.md links to #slide-verdicts
+)
+KEY_LINE = re.compile(r"[a-z][\w-]*:( \S.*)?")
+NESTED_LINE = re.compile(r"((  )*)(- )?[a-z][\w-]*:( \S.*)?|- \S.*")
+
+
+@pytest.fixture(scope="module")
+def card():
+    return package_model.build_card()
+
+
+@pytest.fixture(scope="module")
+def page(card):
+    return model_card.markdown(card)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_folder.read_json(package_model.RECORD_DIR / run_folder.REPORT_JSON)
+
+
+def front_matter(page: str) -> dict:
+    """{key: value string, or the list of lines under it}, by plain line parsing (no PyYAML)."""
+    lines = page.splitlines()
+    assert lines[0] == "---", "the card must open with its metadata header"
+    end = lines.index("---", 1)
+    keys, current = {}, None
+    for line in lines[1:end]:
+        assert "\t" not in line and line == line.rstrip(), repr(line)
+        if KEY_LINE.fullmatch(line):
+            current, _, value = line.partition(":")
+            keys[current] = value.strip() or []
+            continue
+        assert current is not None and isinstance(keys[current], list), line
+        assert NESTED_LINE.fullmatch(line), f"not a plain YAML line: {line!r}"
+        value = line.split(": ", 1)[-1]
+        assert ": " not in value and not value.startswith(("{", "[", "&", "*", "'")), line
+        keys[current].append(line)
+    return keys
+
+
+def test_the_page_has_every_section_of_a_model_card(page):
+    headings = re.findall(r"^## (.+)$", page, re.M)
+    assert headings == list(SECTIONS)
+    assert set(SUBSECTIONS) <= set(re.findall(r"^### (.+)$", page, re.M))
+    assert page.index("# Model card:") > page.index("\n---\n")  # the header comes first
+
+
+def test_the_metadata_header_is_plain_yaml_key_lines(page, card):
+    meta = front_matter(page)
+    assert meta["license"] == "apache-2.0" == card["license"]
+    assert meta["library_name"] == "mnres"
+    assert meta["pipeline_tag"] == "image-classification"
+    tags = ("image-classification", "malaria", "jax", "flax", "mobilenet")
+    assert meta["tags"] == [f"- {t}" for t in tags]
+    assert meta["datasets"] and meta["metrics"]
+    # The model-index holds the independent evaluation's figures, as its record has them.
+    independent = card["evaluation"]["independent_evaluation"]
+    values = [float(line.split(": ")[1]) for line in meta["model-index"] if "value:" in line]
+    expected = [v for run in independent["runs"] for v in (
+        run["accuracy"], run["auc"], run["sensitivity"], run["specificity"],
+        run["patients_right_wilson"]["value"])]  # fmt: skip
+    assert values == expected
+
+
+def test_the_independent_evaluation_is_carried_into_the_card_json(card):
+    record = independent_evaluation.shipped()
+    assert record is not None, "the shipped weights are the ones the maintainers evaluated"
+    carried = card["evaluation"]["independent_evaluation"]
+    assert carried["weights_sha256"] == card["files_sha256"][shipped.WEIGHTS]
+    for run, got in zip(record["runs"], carried["runs"], strict=True):
+        assert {k: got[k] for k in run} == run
+        w = got["patients_right_wilson"]
+        assert (w["k"], w["n"]) == (run["patients_right"], record["patients"]["n"])
+        assert w["low"] < w["value"] < w["high"]
+
+
+def test_list_pretrained_advertises_the_independent_evaluation_never_the_16_test_slides(card):
+    entry = next(e for e in mnres.list_pretrained() if e["name"] == "malaria")
+    run = next(
+        r for r in card["evaluation"]["independent_evaluation"]["runs"] if not r["slide_prior"]
+    )
+    assert f"{100 * run['accuracy']:.2f}%" in entry["description"]
+    assert "independent evaluation" in entry["description"]
+    assert f"{100 * card['evaluation']['test_cells']['accuracy']:.2f}%" not in entry["description"]
+
+
+def test_without_an_independent_evaluation_the_card_says_so(card, monkeypatch):
+    from mnres.weights import registry
+
+    other = copy.deepcopy(card)
+    other["evaluation"]["independent_evaluation"] = None
+    page = model_card.markdown(other)
+    assert "model-index" not in front_matter(page)
+    section = page.split("### Independent evaluation", 1)[1].split("\n## ", 1)[0]
+    assert "Not evaluated yet" in section
+    # The library then advertises the recipe's cross-validation, labelled as such.
+    monkeypatch.setattr(shipped, "shipped_card", lambda name="malaria": other)
+    description = registry.get("malaria").description
+    cv = card["evaluation"]["cross_validation"]["accuracy"]
+    assert "not yet evaluated independently" in description and "cross-validation" in description
+    assert f"{100 * cv['mean']:.2f}% +/- {100 * cv['sd']:.2f} (SD)" in description
+
+
+def test_the_cross_validation_is_mean_and_sd_over_the_recipes_test_folds(card, page):
+    cv = card["evaluation"]["cross_validation"]
+    folds = [
+        run_folder.read_json(package_model.SEARCH_DIR / cv["recipe"] / f"fold_{k}_test.json")
+        for k in range(5)
+    ]
+    assert cv["recipe"] == package_model.CV_RECIPE and cv["folds"] == 5
+    for key in model_card_figures.CELL_KEYS:
+        values = [f["cell"][key] for f in folds]
+        assert cv[key]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
+        assert cv[key]["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
+    acc = cv["accuracy"]
+    assert f"| accuracy | {100 * acc['mean']:.2f} +/- {100 * acc['sd']:.2f}% |" in page
+
+
+def test_the_intervals_are_bootstraps_around_the_reports_own_figures(card, report):
+    outputs = package_model._validation_outputs()
+    prior = report["slide_prior"]
+    moved = verdict_fitting.with_prior(
+        outputs["prob"], outputs["slide_id"], prior["train_prevalence"]
+    )
+    intervals = card["evaluation"]["intervals"]
+    # The committed per-crop outputs give back the report's validation figures.
+    for probs, figures, key in ((outputs["prob"], prior["without"]["validation"], "plain"),
+                                (moved, report["validation"], "prior")):  # fmt: skip
+        got = cells.binary_metrics(outputs["label"], probs)
+        for name in model_card_figures.CELL_KEYS:
+            assert got[name] == pytest.approx(figures[name], abs=1e-6)
+            low, high = intervals["validation"][key][name]
+            assert low <= figures[name] <= high
+    # The test slides' counts give back the report's test figures exactly.
+    for patients, figures, key in ((report["test_patient"], report["test"], "prior"),
+                                   (prior["without"]["test_patient"], prior["without"]["test"],
+                                    "plain")):  # fmt: skip
+        c = model_card_figures.slide_counts(patients)
+        tn = c["correct"] - c["tp"]
+        assert c["tp"].sum() / c["pos"].sum() == pytest.approx(figures["sensitivity"])
+        assert tn.sum() / (c["n"] - c["pos"]).sum() == pytest.approx(figures["specificity"])
+        ci = intervals["test"][key]
+        assert ci["auc"] is None  # no per-crop test scores
+        for name in ("accuracy", "sensitivity", "specificity"):
+            assert ci[name][0] <= figures[name] <= ci[name][1]
+
+
+def test_the_slide_prior_section_says_where_it_lowered_the_figures(page, report):
+    section = page.split("## The slide prior", 1)[1].split("\n## ", 1)[0]
+    plain, applied = report["slide_prior"]["without"], report
+    assert "leaves it off by default" in section
+    for name, key in (("validation", "validation"), ("test", "test")):
+        before, after = plain[key]["accuracy"], applied[key]["accuracy"]
+        row = f"{pct(before)} -> {pct(after)}"
+        assert row in section
+        assert (f"{name} accuracy {row}" in section) == (after < before)
+    right = lambda p: sum(s["correct"] for s in p["slides"])
+    before, after = right(plain["test_patient"]), right(report["test_patient"])
+    n = report["test_patient"]["n_patients"]
+    assert f"test patients right {before} -> {after} of {n}" in section
+    assert "| independent (" in section  # the maintainers' two runs
+
+
+def test_quantization_reports_the_files_size_and_what_was_measured(card, page):
+    size = (shipped.shipped_folder() / shipped.INT8).stat().st_size
+    assert card["quantization"]["bytes"] == size
+    assert f"{size:,} bytes ({size / 1e6:.2f} MB" in page
+    sidecar = run_folder.read_json(shipped.shipped_folder() / f"{shipped.INT8}.json")
+    assert card["quantization"]["calibration_images"] == sidecar["calibration_images"]
+    if sidecar.get("agreement") is None:
+        assert "not measured" in page.split("## Quantization", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_limitations_point_to_no_figure_by_position(card, page):
+    section = page.split("## Limitations and failure modes", 1)[1].split("\n## ", 1)[0]
+    assert not re.search(r"\b(below|above)\b", " ".join(card["known_failure_modes"]))
+    assert "C55P16" in section  # the patient the slide prior cost on the test slides
+    assert "10.7717/peerj.4568" in page and "@software{mnres" in page
