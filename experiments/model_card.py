@@ -268,8 +268,9 @@ def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None,
             "bytes": (int8 or {}).get("bytes"),
             **{
                 k: sidecar.get(k)
-                for k in ("quantization", "per_channel", "calibration_images", "input", "agreement")
+                for k in ("quantization", "per_channel", "calibration_images", "input")
             },
+            "agreement": (int8 or {}).get("agreement"),
         },  # fmt: skip
         "slide_verdicts": dict(verdicts, does_not_claim=VERDICT_LIMITS) if verdicts else None,
         "intended_use": INTENDED_USE,

@@ -235,9 +235,20 @@ def quantization_lines(card: dict) -> list[str]:
         f"{weights} weights, calibrated on {q['calibration_images']} crops of the training "
         f"slides. Input: {q['input']}.",
         "",
-        f"Agreement with the float model: {agreement}." if agreement else NO_AGREEMENT,
+        _agreement(agreement) if agreement else NO_AGREEMENT,
         "",
     ]
+
+
+def _agreement(a: dict) -> str:
+    return (
+        f"Agreement with the float model on {a['slides']} ({a['crops']:,} crops, which no "
+        f"training saw): the same call at p >= 0.5 for {pct(a['same_call'])} of crops, a "
+        f"largest probability gap of {a['max_abs_diff']:.4f} (median {a['median_abs_diff']:.4f}); "
+        f"accuracy {pct(a['float_accuracy'])} float, {pct(a['int8_accuracy'])} int8 "
+        f"(`python -m experiments.int8_agreement`, Python {a['python']}, jax {a['jax']}, "
+        f"{a['date']})."
+    )
 
 
 def limitations_lines(card: dict) -> list[str]:

@@ -205,8 +205,21 @@ def build_card() -> dict:
         validation_outputs=_validation_outputs(),
         cross_validation=records.read_test(str(SEARCH_DIR), CV_RECIPE),
         independent=independent_evaluation.shipped(),
-        int8={"bytes": int8.stat().st_size, "sidecar": run_folder.read_json(f"{int8}.json")},
+        int8={
+            "bytes": int8.stat().st_size,
+            "sidecar": run_folder.read_json(f"{int8}.json"),
+            "agreement": _int8_agreement(sha256(int8)),
+        },  # fmt: skip
     )
+
+
+def _int8_agreement(int8_sha256: str) -> dict | None:
+    """`python -m experiments.int8_agreement`'s record, when it measured the shipped int8 file."""
+    path = RECORD_DIR / "int8_agreement.json"
+    if not path.is_file():
+        return None
+    record = run_folder.read_json(path)
+    return record if record.get("int8_sha256") == int8_sha256 else None
 
 
 def write_card() -> None:

@@ -204,8 +204,18 @@ def test_quantization_reports_the_files_size_and_what_was_measured(card, page):
     assert f"{size:,} bytes ({size / 1e6:.2f} MB" in page
     sidecar = run_folder.read_json(shipped.shipped_folder() / f"{shipped.INT8}.json")
     assert card["quantization"]["calibration_images"] == sidecar["calibration_images"]
-    if sidecar.get("agreement") is None:
-        assert "not measured" in page.split("## Quantization", 1)[1].split("\n## ", 1)[0]
+    section = page.split("## Quantization", 1)[1].split("\n## ", 1)[0]
+    record = package_model._int8_agreement(package_model.sha256(shipped.shipped_folder() /
+                                                               shipped.INT8))  # fmt: skip
+    if record is None:  # none, or one of another int8 file: not quoted
+        assert "not measured" in section and card["quantization"]["agreement"] is None
+    else:
+        assert card["quantization"]["agreement"] == record
+        assert f"{100 * record['same_call']:.2f}% of crops" in section
+        # The record measured the float model as the card's test row without the slide prior.
+        plain = card["evaluation"]["without_slide_prior"]["test_cells"]
+        assert record["crops"] == plain["n"]
+        assert record["float_accuracy"] == pytest.approx(plain["accuracy"], abs=1e-9)
 
 
 def test_the_limitations_point_to_no_figure_by_position(card, page):
