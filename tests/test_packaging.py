@@ -2,10 +2,12 @@
 
 import importlib.metadata
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
 import zipfile
+from pathlib import Path
 
 import pytest
 from data_fixtures import REPO
@@ -57,8 +59,14 @@ def test_the_wheel_carries_its_package_data_and_predicts_from_a_fresh_venv(tmp_p
     # Installed into a fresh venv (its dependencies from this environment), run from elsewhere:
     # the shipped model loads from the installed package's data and predicts offline.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    # This environment's packages after the venv's own (--system-site-packages would give the
+    # base interpreter's, which lack them when this environment is itself a venv, as in CI).
+    where = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    purelib = subprocess.run([python, "-c", where], capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+    Path(purelib, "this_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True)  # fmt: skip
     code = (
