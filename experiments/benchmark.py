@@ -316,8 +316,10 @@ def markdown(report: dict) -> str:
         for r in ok
     }
     # A run that other processes disturbed says so in its row and in every ratio it enters.
-    loaded = {id(r): _others(r) > BUSY_CORES_WARNING for r in ok}
-    mark = {id(r): f" (under load: {_others(r):.1f} cores)" if loaded[id(r)] else "" for r in ok}
+    mark = {
+        id(r): f" (under load: {_others(r):.1f} cores)" if _others(r) > BUSY_CORES_WARNING else ""
+        for r in ok
+    }
     lines = [
         "| allocator | run | Python | compile s | train img/s | eval img/s | "
         "batch-1 median / p90 ms | peak MB |",

@@ -13,7 +13,6 @@ The model card quotes the record.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -56,6 +55,8 @@ def main(argv=None) -> None:
     import jax
 
     import mnres
+    from experiments import package_model
+    from mnres import run_folder
     from mnres.deploy import crops, export
     from mnres.weights import loader, shipped
 
@@ -77,18 +78,16 @@ def main(argv=None) -> None:
         "int8_accuracy": float(np.mean((int8_p >= 0.5) == (labels == 1))),
         "int8_bytes": os.path.getsize(int8_path),
         # Which files it measured: the card quotes the record only while these ship.
-        "int8_sha256": hashlib.sha256(int8_path.read_bytes()).hexdigest(),
+        "int8_sha256": package_model.sha256(int8_path),
         "float_bytes": os.path.getsize(shipped.shipped_folder() / "weights.msgpack"),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "mnres": mnres.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(json.dumps(record, indent=1))
+    print(run_folder.json_text(record), end="")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
+        run_folder.write_json(args.out, record)
 
 
 if __name__ == "__main__":
