@@ -112,7 +112,9 @@ def recipe_config(config, momentum_picked: bool = False) -> dict:
 
 
 def _recipe_fields(summary: dict) -> dict:
-    flat = flatten(summary["config"])
+    """The recipe fields of a record's config, a schema field it predates at its default (as a
+    run's config.json reads, `mnres.config.from_overrides`)."""
+    flat = flatten(run_folder.to_json_types(config_lib.from_overrides(summary["config"])))
     return {k: v for k, v in flat.items() if k not in EXECUTION_FIELDS}
 
 
@@ -165,8 +167,8 @@ def check_same_recipe(record_dir: str, config, spec: dict) -> None:
             f
             for f in set(mine) | set(theirs)
             if mine.get(f, _ABSENT) != theirs.get(f, _ABSENT)
-            # A field one side lacks was added to the configs between the two records: it is
-            # the same recipe while the other side leaves the new field off.
+            # A field outside the schema (a model class's own) one side lacks: the same
+            # recipe while the other side leaves it off.
             and not (f not in mine and theirs[f] in _OFF or f not in theirs and mine[f] in _OFF)
         )
         if differ:

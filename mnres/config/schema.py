@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Mixup / CutMix Beta parameters (mnres.data.augment.mix); 0 is off.
     c.mixup_alpha = 0.0
     c.cutmix_alpha = 0.0
+    # Learn a trained teacher's soft outputs too (mnres.training.distill); off without a teacher.
+    c.distill = _distill_block()
     # Evaluate (and export) a moving average of the weights with this decay; None: the weights.
     c.ema_decay = config_dict.placeholder(float)
     # Final evaluation (and export) averages the logits over the 8 symmetries of each crop: it
@@ -104,6 +106,18 @@ def _model_block() -> ml_collections.ConfigDict:
     # Per-crop colour normalisation inside the model ('none', 'gray_world', 'per_image'):
     # mnres.models.stain; exports and predict apply it too.
     c.input_normalization = "none"
+    return c
+
+
+def _distill_block() -> ml_collections.ConfigDict:
+    """`config.distill`: the teacher and how much its outputs count (mnres.training.distill)."""
+    c = ml_collections.ConfigDict()
+    # Run folder(s) of trained models, joined by ','; several teach with the mean of their
+    # logits. In cross-validation '{fold}' is the fold's number (fold k's teacher trained on
+    # fold k's training slides). None: no distillation.
+    c.teacher = config_dict.placeholder(str)
+    c.weight = 0.5  # the soft loss's share; the labels' cross-entropy has the rest
+    c.temperature = 1.0  # both softmaxes are of logits / temperature
     return c
 
 

@@ -59,6 +59,7 @@ def validate(config) -> None:
         alpha = config[field]
         if not _is_number(alpha) or alpha < 0:
             raise ConfigError(f"config.{field}={alpha!r} must be >= 0 (0: off), e.g. 0.2.")
+    _check_distill(config.distill)
     ema = config.ema_decay
     if ema is not None and (not _is_number(ema) or not 0 < ema < 1):
         raise ConfigError(
@@ -84,6 +85,23 @@ def validate(config) -> None:
     _check_block(config.data, default_config().data, "config.data", check_data)
     _check_block(config.optimizer, default_config().optimizer, "config.optimizer", optim.check)
     _check_model(config.model)
+
+
+def _check_distill(distill) -> None:
+    _check_block(distill, default_config().distill, "config.distill", None)
+    teacher = distill.teacher
+    if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+        raise ConfigError(
+            f"config.distill.teacher={teacher!r} must be a run folder (several joined by ','), "
+            "or None for no distillation."
+        )
+    weight, temperature = distill.weight, distill.temperature
+    if not _is_number(weight) or not 0 <= weight <= 1:
+        raise ConfigError(
+            f"config.distill.weight={weight!r} must be in [0, 1] (the soft loss's share), e.g. 0.5."
+        )
+    if not _is_number(temperature) or not temperature > 0:
+        raise ConfigError(f"config.distill.temperature={temperature!r} must be > 0, e.g. 1.0.")
 
 
 def validate_devices(config) -> None:

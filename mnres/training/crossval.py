@@ -56,7 +56,7 @@ def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
     workdir_lock.claim(workdir)  # a run folder before its fold_spec.json is written
     run_folder.write_json(os.path.join(workdir, FOLD_SPEC_JSON), dict(spec, fold=fold))
     start = time.perf_counter()
-    result = train.train_and_evaluate(config, workdir, dataset=ds)
+    result = train.train_and_evaluate(config, workdir, dataset=ds, fold=fold)
     train_seconds = time.perf_counter() - start
     patient = result.get("test_patient")
     summary = {

@@ -45,6 +45,7 @@ from mnres.models import params as params_lib
 from mnres.training import (
     bn_momentum,
     checkpoint,
+    distill,
     distributed,
     optim,
     progress,
@@ -91,6 +92,8 @@ class Run:
     warnings: list[str] = dataclasses.field(default_factory=list)
     # The chief's TensorBoard writer while `_fit` runs, with config.tensorboard; else None.
     board: tensorboard.Writer | None = None
+    # The cross-validation fold this run is, if it is one ('{fold}' in config.distill.teacher).
+    fold: int | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -199,6 +202,10 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
     config = run.config
     if run.step >= run.total_steps:
         return
+    teacher = None
+    if config.distill.teacher is not None:  # loaded only when there are steps to train
+        teacher = distill.load(config.distill, run.fold)
+        distill.check_unseen(teacher, run.ds, class_names_of(run.ds))
     train_step = steps.make_train_step(
         run.model,
         run.tx,
@@ -209,6 +216,7 @@ def _fit(run: Run, after_step: Callable[[int], None] | None) -> None:
         ema_decay=config.ema_decay,
         mixup_alpha=config.mixup_alpha,
         cutmix_alpha=config.cutmix_alpha,
+        teacher=teacher,
     )
     eval_step = steps.make_eval_step(run.model, run.mesh)
     batch_size = config.batch_size
@@ -335,6 +343,7 @@ def train_and_evaluate(
     after_step: Callable[[int], None] | None = None,
     dataset: data.Dataset | None = None,
     validated: bool = False,
+    fold: int | None = None,
 ) -> dict:
     """Trains `config.model` on `config.data`, evaluates on the test split, writes `workdir`.
 
@@ -348,6 +357,8 @@ def train_and_evaluate(
         (e.g. one cross-validation fold, see `mnres.training.crossval`).
       validated: the caller has run `mnres.config.validate(config)` (the experiment commands
         do, before any other work); else it runs here, first.
+      fold: the cross-validation fold this run is: it fills '{fold}' in
+        `config.distill.teacher` (`mnres.training.distill`).
 
     Returns:
       The report dict (also written as report.json).
@@ -363,6 +374,7 @@ def train_and_evaluate(
     # First of all: a folder that is not a run, or a live run's, stops here, before any write.
     with workdir_lock.lock(workdir):
         run = _create_run(config, workdir, dataset, validated)
+        run.fold = fold
         try:
             return _train_and_report(run, after_step, started)
         finally:

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from mnres import data
 from mnres.data.augment import augment, mix, preprocess
 from mnres.inference import classify
+from mnres.training import distill as distill_lib
 from mnres.training.optim import cross_entropy
 
 
@@ -102,6 +103,7 @@ def init_state(model, tx, image_size: int, seed: int, mesh, *, ema: bool = False
 def _train_step(
     state: TrainState,
     batch,
+    teacher_variables=None,
     *,
     model,
     tx,
@@ -110,6 +112,7 @@ def _train_step(
     generalized_ce_q,
     ema_decay,
     mixing,
+    teacher,
 ):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
@@ -118,6 +121,8 @@ def _train_step(
     lam = 1.0
     if mixing:  # a key of its own, so the other draws stay as they are without mixing
         images, lam = mix(images, jax.random.fold_in(rng, _MIX_STREAM), *mixing)
+    if teacher is not None:  # it sees the very views the student sees, mixed ones included
+        teacher_logits = teacher.logits(teacher_variables, images)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -131,6 +136,9 @@ def _train_step(
         loss = mean_loss(labels)
         if mixing:  # the loss of the mixed targets, by linearity in the targets
             loss = lam * loss + (1.0 - lam) * mean_loss(labels[::-1])
+        if teacher is not None:
+            soft = jnp.mean(distill_lib.soft_loss(logits, teacher_logits, teacher.temperature))
+            loss = (1.0 - teacher.weight) * loss + teacher.weight * soft
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -177,6 +185,7 @@ def make_train_step(
     ema_decay: float | None = None,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
+    teacher: distill_lib.Teacher | None = None,
 ):
     """`train_step(state, batch) -> (state, metrics)`, compiled once; donates `state`.
 
@@ -188,6 +197,10 @@ def make_train_step(
 
     Augmentation and dropout use `fold_in(state.rng, state.step)`, so a step's randomness
     depends only on the seed and the step number and a resumed run repeats it exactly.
+
+    `teacher` (`mnres.training.distill.Teacher`): the loss becomes (1 - its weight) times the
+    labels' loss plus its weight times its soft loss at its temperature; the metrics'
+    `loss_sum` is then that loss.
     """
     if ema_decay is not None and not 0.0 < ema_decay < 1.0:
         raise ValueError(
@@ -203,14 +216,19 @@ def make_train_step(
         generalized_ce_q=generalized_ce_q,
         ema_decay=ema_decay,
         mixing=(mixup_alpha, cutmix_alpha) if (mixup_alpha or cutmix_alpha) else None,
+        teacher=teacher,
     )
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(
+    compiled = jax.jit(
         step,
-        in_shardings=(replicated, sharded),
+        in_shardings=(replicated, sharded) + ((replicated,) if teacher is not None else ()),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
+    if teacher is None:
+        return compiled
+    teacher_variables = jax.device_put(teacher.variables, replicated)
+    return lambda state, batch: compiled(state, batch, teacher_variables)
 
 
 def _eval_step(state: TrainState, batch, *, model, tta):
