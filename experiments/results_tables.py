@@ -21,6 +21,7 @@ from experiments.model_card_figures import BOOTSTRAP
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
 SEARCH = RESULTS / "search"
+ROUND2 = RESULTS / "search_round2"
 
 # The targets, stated once (docs/results.md, "Targets"): the search protocol's, for the chosen
 # recipe's mean over the five test folds, and the first goals, set for one split's test slides.
@@ -268,6 +269,51 @@ def crossval_default() -> str:
     return "\n".join(lines[:-1] + [_wrap(lines[-1])])
 
 
+def round2_validation() -> str:
+    """`python -m experiments.ablation --search=experiments/results/search_round2`."""
+    from experiments.search import records, tables
+
+    found = records.read_search(str(ROUND2))
+    return tables.validation_tables(
+        found, _baseline(), tables.changes, records.read_choice(str(ROUND2))
+    )
+
+
+def round2_paired() -> str:
+    """`--paired=gray_world` with `--metric=accuracy` and `auc`."""
+    from experiments.search import records, tables
+
+    found = records.read_search(str(ROUND2))
+    return "\n\n".join(
+        tables.paired_table(found, ["gray_world"], metric) for metric in ("accuracy", "auc")
+    )
+
+
+def round2_costs() -> str:
+    """`python -m experiments.recipe_cost`'s record as a table."""
+    record = json.loads((ROUND2 / "costs.json").read_text())
+    lines = [
+        "| recipe | input | alpha | epochs | parameters | multiply-adds per view | train step "
+        "(ms, batch 64) | a fold, estimated (min) | int8 batch-1 (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in record["recipes"].items():
+        lines.append(
+            f"| {name} | {c['image_size']} px | {c['alpha']} | {c['epochs']} | "
+            f"{c['parameters']:,} | {c['multiply_adds'] / 1e6:.1f} M | {c['train_step_ms']:.0f} | "
+            f"{c['fold_minutes']:.1f} | {c['int8_batch1_ms']:.2f} ({c['views']} views) |"
+        )
+    versions = record["versions"]
+    lines += ["", _wrap(
+        f"`{record['command']}` on a {record['cores']}-core {record['cpu']} CPU, quiet, "
+        f"{record['recorded']} (Python {versions['python']}, jax {versions['jax']}). A fold's "
+        "time is estimated from measured rates: its training steps at the median step time, "
+        "each epoch's validation and the final evaluation (with the test-time views); the "
+        "recorded folds' own wall times ran beside other work or on other CPUs."
+    )]  # fmt: skip
+    return "\n".join(lines)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "search_validation": search_validation,
     "search_paired": search_paired,
@@ -276,4 +322,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "search_targets": search_targets,
     "shipped_split": shipped_split,
     "crossval_default": crossval_default,
+    "round2_validation": round2_validation,
+    "round2_paired": round2_paired,
+    "round2_costs": round2_costs,
 }

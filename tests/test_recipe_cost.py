@@ -1,0 +1,48 @@
+"""experiments.recipe_cost: a recipe's cost figures from its record's config."""
+
+import math
+
+import pytest
+from conftest import needs_tflite
+
+from experiments import recipe_cost
+from experiments.search import records, tables
+from mnres import config as config_lib
+
+
+def _tiny(size):
+    config = config_lib.default_config()
+    config.data.image_size = size
+    config.num_epochs = 1
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    return config
+
+
+def test_a_records_config_reads_back_as_the_recipe_it_ran():
+    found = records.read_search(recipe_cost.SEARCH)
+    baseline = config_lib.default_config().to_dict()
+    for name, folds in found.items():
+        record = folds[min(folds)]
+        config = recipe_cost.recipe_config(record)
+        config_lib.validate(config)
+        assert tables.changes(config.to_dict(), baseline) == record["changes"], name
+
+
+def test_costs_scale_with_the_input_and_estimate_a_fold_from_measured_rates(monkeypatch):
+    monkeypatch.setattr(recipe_cost, "_int8_latency", lambda *a: 0.0)
+    small, large = (recipe_cost.measure(_tiny(s), train_steps=2) for s in (32, 64))
+    assert small["parameters"] == large["parameters"]  # the convolutions do not grow with it
+    # Multiply-adds grow with the pixels (4x), but for the classifier's.
+    assert large["multiply_adds"] / small["multiply_adds"] == pytest.approx(4, rel=0.01)
+    for c in (small, large):
+        train_min = c["train_step_ms"] * recipe_cost.STEPS_PER_EPOCH / 60e3
+        assert train_min < c["fold_minutes"] < train_min + 1  # plus the evaluations
+        assert c["views"] == 8 and c["epochs"] == 1 and c["eval_images_per_s"] > 0
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_the_int8_latency_is_measured_on_the_recipes_export():
+    ms = recipe_cost.measure(_tiny(32), train_steps=1, int8_calls=5)["int8_batch1_ms"]
+    assert math.isfinite(ms) and ms > 0
