@@ -4,7 +4,7 @@
   python -m experiments.recipe_cost --recipes=gray_world,gray_world_96 --out=FILE.json
 
 For each recipe folder (its config: the first fold's record) the network it trains is built
-with random weights and measured on this CPU, which should be otherwise quiet:
+with random weights and measured on the CPU the command runs on, which should be quiet:
 
 - parameters (with BatchNorm statistics, as Keras counts them) and multiply-adds of one view;
 - a fold's wall time, estimated from measured rates: the training steps (the recipe's train
@@ -12,7 +12,8 @@ with random weights and measured on this CPU, which should be otherwise quiet:
   step time, each epoch's validation pass and the final evaluation (validation and test, with
   its test-time views) at the measured evaluation rate. Decoding the crops (~20 s) and the
   checkpoints are left out. The folds' own recorded wall times are not costs: they ran on
-  other CPUs or beside other work;
+  other CPUs or beside other work. A distilled recipe's steps run its teacher's networks too:
+  the recipes of the folders above its teacher runs (`RUNS/<recipe>/fold_{fold}`);
 - the median batch-1 latency of its int8 TFLite export (one thread; its test-time views
   in the graph, as `mnres export` writes it). Weights do not change an int8 file's operations,
   so random ones time it as a trained one would.
@@ -36,7 +37,7 @@ from mnres import models, provenance, run_folder
 from mnres.config import schema
 from mnres.inference import Classifier
 from mnres.models import params as params_lib
-from mnres.training import bn_momentum, optim, steps
+from mnres.training import bn_momentum, distill, optim, steps
 
 SEARCH = os.path.join("experiments", "results", "search_round2")
 OUT = os.path.join(SEARCH, "costs.json")
@@ -54,10 +55,28 @@ def recipe_config(record: dict):
     return schema.from_overrides(record["config"])
 
 
-def _state_and_step(config, mesh):
-    total = STEPS_PER_EPOCH * config.num_epochs
-    config, _, _ = bn_momentum.resolve(config, total)
-    model = models.from_config(config.model, platform=config.platform)
+def _network(config):
+    """The recipe's model (its BatchNorm momentum resolved as its run resolves it)."""
+    config, _, _ = bn_momentum.resolve(config, STEPS_PER_EPOCH * config.num_epochs)
+    return models.from_config(config.model, platform=config.platform)
+
+
+def _teacher(config, teacher_configs) -> distill.Teacher | None:
+    """Random-weight networks of the teacher recipes, teaching as `config.distill` says."""
+    if not teacher_configs:
+        return None
+    members = []
+    for t in teacher_configs:
+        model, size = _network(t), t.data.image_size
+        variables = jax.jit(lambda m=model, s=size: m.init(
+            jax.random.key(0), jax.numpy.zeros((1, s, s, 3)), train=False))()  # fmt: skip
+        members.append(Classifier(model, dict(variables), size, config=t))
+    names = tuple(f"teacher_{i}" for i in range(len(members)))
+    return distill.Teacher(tuple(members), names, config.distill.weight, config.distill.temperature)
+
+
+def _state_and_step(config, mesh, teacher_configs=()):
+    model = _network(config)
     size = config.data.image_size
     shapes = params_lib.abstract_variables(model, (1, size, size, 3))
     tx, _ = optim.create_optimizer(
@@ -68,6 +87,7 @@ def _state_and_step(config, mesh):
         model, tx, config.data, mesh, label_smoothing=config.label_smoothing,
         generalized_ce_q=config.generalized_ce_q, ema_decay=config.ema_decay,
         mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+        teacher=_teacher(config, teacher_configs),
     )  # fmt: skip
     return model, state, train_step
 
@@ -82,11 +102,12 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(config, *, train_steps: int = 20, int8_calls: int = 100) -> dict:
-    """The cost figures of one recipe's config, measured here."""
+def measure(config, *, teacher_configs=(), train_steps: int = 20, int8_calls: int = 100) -> dict:
+    """The cost figures of one recipe's config, measured here; `teacher_configs`: the recipes
+    of its distillation teacher's members, whose forward passes its train step runs."""
     size, batch = config.data.image_size, config.batch_size
     mesh = steps.make_mesh()
-    model, state, train_step = _state_and_step(config, mesh)
+    model, state, train_step = _state_and_step(config, mesh, teacher_configs)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 2, batch).astype(np.int32)
@@ -149,6 +170,17 @@ def _int8_latency(model, state, config, calls: int) -> float:
         return 1e3 * _median_seconds(lambda: interpreter.predict_one(crops[0]), calls)
 
 
+def teacher_recipes(config) -> list[str]:
+    """The recipes of a distilled recipe's teacher: the folder above each teacher run
+    (`RUNS/<recipe>/fold_{fold}`, as a search's cross-validation folders are laid out)."""
+    if config.distill.teacher is None:
+        return []
+    return [
+        os.path.basename(os.path.dirname(os.path.normpath(run.strip())))
+        for run in config.distill.teacher.split(",")
+    ]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--search", default=SEARCH, help="the search folder")
@@ -162,8 +194,9 @@ def main(argv=None) -> None:
     names = args.recipes.split(",") if args.recipes else list(found)
     costs = {}
     for name in names:
-        record = found[name][min(found[name])]
-        costs[name] = measure(recipe_config(record), train_steps=args.train_steps)
+        config = recipe_config(found[name][min(found[name])])
+        teachers = [recipe_config(found[t][min(found[t])]) for t in teacher_recipes(config)]
+        costs[name] = measure(config, teacher_configs=teachers, train_steps=args.train_steps)
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in costs[name].items()})
     out = {
         "command": "python -m experiments.recipe_cost",

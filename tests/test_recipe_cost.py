@@ -41,6 +41,29 @@ def test_costs_scale_with_the_input_and_estimate_a_fold_from_measured_rates(monk
         assert c["views"] == 8 and c["epochs"] == 1 and c["eval_images_per_s"] > 0
 
 
+def test_a_distilled_recipe_is_timed_with_its_teachers_networks(monkeypatch):
+    monkeypatch.setattr(recipe_cost, "_int8_latency", lambda *a: 0.0)
+    student = _tiny(32)
+    student.distill.teacher = (
+        "runs/r2/gray_world_96/fold_{fold}, runs/r2/gray_world_96_seed1/fold_{fold}"
+    )
+    assert recipe_cost.teacher_recipes(student) == ["gray_world_96", "gray_world_96_seed1"]
+    assert recipe_cost.teacher_recipes(_tiny(32)) == []
+    made = []
+    real = recipe_cost.steps.make_train_step
+
+    def capture(*args, **kwargs):
+        made.append(kwargs["teacher"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe_cost.steps, "make_train_step", capture)
+    cost = recipe_cost.measure(student, teacher_configs=[_tiny(48), _tiny(32)], train_steps=1)
+    assert math.isfinite(cost["train_step_ms"]) and cost["train_step_ms"] > 0
+    (teacher,) = made
+    assert [m.image_size for m in teacher.members] == [48, 32]
+    assert (teacher.weight, teacher.temperature) == (0.5, 1.0)
+
+
 @pytest.mark.slow
 @needs_tflite
 def test_the_int8_latency_is_measured_on_the_recipes_export():
