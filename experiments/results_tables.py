@@ -280,13 +280,25 @@ def round2_validation() -> str:
 
 
 def round2_paired() -> str:
-    """`--paired=gray_world` with `--metric=accuracy` and `auc`."""
+    """`--paired=gray_world` for the networks and `--paired=gray_world_slide_prior` for them with
+    the slide prior (the choice's reading), each with `--metric=accuracy` and `auc`."""
     from experiments.search import records, tables
 
     found = records.read_search(str(ROUND2))
-    return "\n\n".join(
-        tables.paired_table(found, ["gray_world"], metric) for metric in ("accuracy", "auc")
-    )
+    prior = sorted(n for n in found if n.endswith("_slide_prior"))
+    plain = sorted(n for n in found if n not in prior)
+    blocks = []
+    for group in (plain, prior):
+        if not group:
+            continue
+        reference = min(group, key=len)  # the baseline: the shortest name of the group
+        others = [n for n in group if n != reference]
+        if others:
+            blocks += [
+                tables.paired_table(found, [reference, *others], metric)
+                for metric in ("accuracy", "auc")
+            ]
+    return "\n\n".join(blocks)
 
 
 def round2_costs() -> str:
