@@ -3,7 +3,7 @@
   python -m experiments.recipe_cost                  # every recipe of the second round
   python -m experiments.recipe_cost --recipes=gray_world,gray_world_96 --out=FILE.json
 
-For each recipe folder (its config: the first fold's record) the network it trains is built
+For each recipe folder that trained (its config: the first fold's record) the network is built
 with random weights and measured on the CPU the command runs on, which should be quiet:
 
 - parameters (with BatchNorm statistics, as Keras counts them) and multiply-adds of one view;
@@ -170,6 +170,12 @@ def _int8_latency(model, state, config, calls: int) -> float:
         return 1e3 * _median_seconds(lambda: interpreter.predict_one(crops[0]), calls)
 
 
+def trained_recipes(found: dict) -> list[str]:
+    """The recipes of a search that trained networks: not the per-fold ensembles and slide-prior
+    scorings of `ensemble_folds`, which cost their members' training and inference."""
+    return [name for name, folds in found.items() if "ensemble" not in folds[min(folds)]["config"]]
+
+
 def teacher_recipes(config) -> list[str]:
     """The recipes of a distilled recipe's teacher: the folder above each teacher run
     (`RUNS/<recipe>/fold_{fold}`, as a search's cross-validation folders are laid out)."""
@@ -191,7 +197,7 @@ def main(argv=None) -> None:
     from experiments.search import records
 
     found = records.read_search(args.search)
-    names = args.recipes.split(",") if args.recipes else list(found)
+    names = args.recipes.split(",") if args.recipes else trained_recipes(found)
     costs = {}
     for name in names:
         config = recipe_config(found[name][min(found[name])])
