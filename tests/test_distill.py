@@ -158,6 +158,11 @@ def test_a_teacher_that_saw_the_students_validation_or_test_slides_is_refused(
     else:
         with pytest.raises(config_lib.ConfigError, match=refused):
             distill.check_unseen(teacher, student, classes)
+    # A run without a test split (a final model) is checked on its validation slides.
+    final = types.SimpleNamespace(manifest=_manifest(["A", "B", "D"], ["C"], []))
+    if "validation" in (refused or ""):
+        with pytest.raises(config_lib.ConfigError, match="validation split \\(C\\)"):
+            distill.check_unseen(teacher, final, classes)
     with pytest.raises(config_lib.ConfigError, match="needs the student's classes"):
         distill.check_unseen(teacher, student, ("cat", "dog"))
 
