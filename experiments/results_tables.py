@@ -64,10 +64,10 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, 100, break_on_hyphens=False, break_long_words=False)
 
 
-def _search() -> tuple[dict, dict | None]:
+def _search(folder: pathlib.Path = SEARCH) -> tuple[dict, dict | None]:
     from experiments.search import records
 
-    return records.read_search(str(SEARCH)), records.read_choice(str(SEARCH))
+    return records.read_search(str(folder)), records.read_choice(str(folder))
 
 
 def _baseline() -> dict:
@@ -271,28 +271,22 @@ def crossval_default() -> str:
 
 def round2_validation() -> str:
     """`python -m experiments.ablation --search=experiments/results/search_round2`."""
-    from experiments.search import records, tables
+    from experiments.search import tables
 
-    found = records.read_search(str(ROUND2))
-    return tables.validation_tables(
-        found, _baseline(), tables.changes, records.read_choice(str(ROUND2))
-    )
+    found, choice = _search(ROUND2)
+    return tables.validation_tables(found, _baseline(), tables.changes, choice)
 
 
 def round2_paired() -> str:
     """`--paired=gray_world` for the networks and `--paired=gray_world_slide_prior` for them with
     the slide prior (the choice's reading), each with `--metric=accuracy` and `auc`."""
-    from experiments.search import records, tables
+    from experiments.search import tables
 
-    found = records.read_search(str(ROUND2))
-    prior = sorted(n for n in found if n.endswith("_slide_prior"))
-    plain = sorted(n for n in found if n not in prior)
+    found, _ = _search(ROUND2)
     blocks = []
-    for group in (plain, prior):
-        if not group:
-            continue
-        reference = min(group, key=len)  # the baseline: the shortest name of the group
-        others = [n for n in group if n != reference]
+    for reference in ("gray_world", "gray_world_slide_prior"):
+        prior = reference.endswith("_slide_prior")
+        others = [n for n in found if n != reference and n.endswith("_slide_prior") == prior]
         if others:
             blocks += [
                 tables.paired_table(found, [reference, *others], metric)
