@@ -46,14 +46,20 @@ def main(argv):
         if logging.vlog_is_on(1):
             raise
         _cli.exit_with_failure(e)
-    test, patients = report["test"], report["test_patient"]
-    right = round(patients["accuracy"] * patients["n_patients"])
-    print(
-        f"{FLAGS.workdir}: test accuracy {100 * test['accuracy']:.2f}%, AUC {test['auc']:.4f}, "
-        f"sensitivity {100 * test['sensitivity']:.2f}%, specificity "
-        f"{100 * test['specificity']:.2f}%; patients {right} of {patients['n_patients']} right"
-        + (" (slide prior)" if report["slide_prior"]["applied"] else "")
+    split = "test" if report["test"] else "validation"  # a final run keeps no test split
+    cells, patients = report[split], report["test_patient"]
+    said = (
+        f"{FLAGS.workdir}: {split} accuracy {100 * cells['accuracy']:.2f}%, AUC "
+        f"{cells['auc']:.4f}, sensitivity {100 * cells['sensitivity']:.2f}%, specificity "
+        f"{100 * cells['specificity']:.2f}%"
     )
+    if patients:
+        right = round(patients["accuracy"] * patients["n_patients"])
+        said += f"; patients {right} of {patients['n_patients']} right"
+    said += " (slide prior)" if report["slide_prior"]["applied"] else ""
+    if split == "validation":
+        said += "; no test split: the validation slides chose the checkpoints, not held out"
+    print(said)
 
 
 if __name__ == "__main__":

@@ -74,15 +74,19 @@ def main(argv):
             raise
         _cli.exit_with_failure(e)
     distributed.shutdown_distributed(config)
-    patients, auc = report["test_patient"], report["test"]["auc"]
+    report_md = os.path.join(os.path.abspath(workdir), "report.md")
+    split = "test" if report["test"] else "validation"  # a final run keeps no test split
+    cells, patients = report[split], report["test_patient"]
+    auc = cells["auc"]
     logging.info(
-        "Test: cell accuracy %.4f, AUC %s%s. Report: %s",
-        report["test"]["accuracy"],
+        "%s: cell accuracy %.4f, AUC %s%s. Report: %s",
+        split.capitalize() if split == "test" else "No test split; validation (not held out)",
+        cells["accuracy"],
         "n/a" if auc is None else f"{auc:.4f}",
         f", patient accuracy {patients['accuracy']:.4f} ({patients['n_patients']} patients)"
         if patients
         else "",
-        os.path.join(os.path.abspath(workdir), "report.md"),
+        report_md,
     )
 
 

@@ -180,7 +180,7 @@ def test_batch_size_must_divide_over_the_devices(capsys, monkeypatch):
 def test_batch_size_above_the_training_split(capsys):
     config = _smoke()
     config.batch_size = 4096
-    ds = types.SimpleNamespace(train=range(1584))
+    ds = types.SimpleNamespace(train=range(1584), validation=range(198), test=range(0))
     line = _refusal(capsys, config_lib.check_train_split, config, ds)
     assert "config.batch_size=4096" in line and "1584" in line, line
     assert "--config.batch_size=1024" in line, line

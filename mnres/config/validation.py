@@ -137,15 +137,26 @@ def check_batch_size(batch_size: int, what: str = "config.batch_size") -> None:
 
 
 def check_train_split(config, ds) -> None:
-    """Raises ConfigError when `config.batch_size` exceeds the training split `ds.train`.
+    """Raises ConfigError when the training split `ds.train` is empty or smaller than
+    `config.batch_size`, or when the run keeps neither a validation nor a test split.
 
     An epoch is the full batches of the split: a batch larger than it would train zero steps.
+    A final run keeps only a validation split (it chooses the checkpoint and fits the
+    calibration); a run with neither would be trained and never measured.
     """
     n = len(ds.train)
     if n == 0:
         raise ConfigError(
             "the training split is empty: config.data.split_fractions must give it images, "
             "e.g. (0.8, 0.1, 0.1)."
+        )
+    if not (len(ds.validation) or len(ds.test)):
+        raise ConfigError(
+            "the validation and test splits are both empty "
+            f"(config.data.split_fractions={tuple(config.data.split_fractions)}): nothing would "
+            "choose the checkpoint or measure the model. Keep a validation split, e.g. "
+            "--config.data.split_fractions='(0.9, 0.1, 0.0)' for a final run whose held-out "
+            "figures come from cross-validation of its recipe."
         )
     if config.batch_size > n:
         raise ConfigError(

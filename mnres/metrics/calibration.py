@@ -167,17 +167,20 @@ def threshold_for(record: dict, operating_point: str) -> float | None:
 def report_summary(record: dict) -> dict:
     """The flat test-split figures of a record, as reports and cross-validation tables show them:
     temperature, ECE before/after, and per point threshold, sensitivity, specificity (two
-    classes only)."""
-    summary = {
-        "temperature": record["temperature"],
-        "ece_before": record["test"]["ece_before"],
-        "ece_after": record["test"]["ece_after"],
-    }
+    classes only). A record without a test split (a final run) gives the temperature and the
+    thresholds alone."""
+    test = record.get("test")
+    summary = {"temperature": record["temperature"]}
+    if test:
+        summary.update(ece_before=test["ece_before"], ece_after=test["ece_after"])
     if record.get("num_classes", 2) != 2:
         return summary
     for point in POINT_KEYS:
+        if not test:
+            summary[f"threshold_at_{point}"] = record[f"threshold_at_{point}"]
+            continue
         for key in ("threshold", "sensitivity", "specificity"):
-            summary[f"{key}_at_{point}"] = record["test"][f"at_{point}"][key]
+            summary[f"{key}_at_{point}"] = test[f"at_{point}"][key]
     return summary
 
 

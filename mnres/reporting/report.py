@@ -107,6 +107,14 @@ def _markdown(report, pngs):
         ]
     # A model that did not learn says so first, before any figure is read.
     lines += [f"> **Warning:** {w}\n" for w in report.get("warnings") or []]
+    if (report.get("data") or {}).get("num_test") == 0:
+        lines += [
+            "No test split: every slide but the validation slides trained the model, and the "
+            "validation slides chose its checkpoint and fitted its calibration, so no figure "
+            "here is held out. A final run's held-out figures come from cross-validation of "
+            "its recipe.",
+            "",
+        ]
     lines += _cell_section(report) + _patient_section(report) + _calibration_section(report)
     for section in ("data", "training", "timing"):
         # Flat key/value sections only; nested ones stay in report.json.
@@ -231,22 +239,31 @@ def _calibration_section(report):
     calibrated = report.get("calibration")
     if not calibrated:
         return []
+    fitted = f"Temperature {_fmt(calibrated['temperature'])} (fitted on validation)"
+    tested = "ece_before" in calibrated  # a run without a test split has no test figures
+    ece = (
+        f"{_fmt(calibrated['ece_before'])} before scaling, {_fmt(calibrated['ece_after'])} after"
+        if tested
+        else ""
+    )
     if "threshold_at_spec_95" not in calibrated:  # more than two classes: no operating points
-        return [
-            "## Calibration",
-            "",
-            f"Temperature {_fmt(calibrated['temperature'])} (fitted on validation); test "
-            f"top-label ECE {_fmt(calibrated['ece_before'])} before scaling, "
-            f"{_fmt(calibrated['ece_after'])} after (`calibration.json`).",
+        on_test = f"; test top-label ECE {ece}" if tested else ""
+        return ["## Calibration", "", f"{fitted}{on_test} (`calibration.json`).", ""]
+    positive = class_names(report)[1]
+    lines = ["## Calibration and operating points", ""]
+    if not tested:
+        lines += [
+            f"{fitted}. Thresholds on P({positive}) chosen for 95% and 98% validation "
+            "specificity (`calibration.json`; `python -m mnres predict RUN ... "
+            "--operating-point spec95`): spec 95% "
+            f"{_fmt(calibrated['threshold_at_spec_95'])}, spec 98% "
+            f"{_fmt(calibrated['threshold_at_spec_98'])}.",
             "",
         ]
-    lines = [
-        "## Calibration and operating points",
-        "",
-        f"Temperature {_fmt(calibrated['temperature'])} (fitted on validation); test ECE "
-        f"{_fmt(calibrated['ece_before'])} before scaling, {_fmt(calibrated['ece_after'])} "
-        f"after. Thresholds on P({class_names(report)[1]}) chosen for 95% and 98% validation "
-        "specificity, and what they reach on test (`calibration.json`; "
+        return lines
+    lines += [
+        f"{fitted}; test ECE {ece}. Thresholds on P({positive}) chosen for 95% and 98% "
+        "validation specificity, and what they reach on test (`calibration.json`; "
         "`python -m mnres predict RUN ... --operating-point spec95`):",
         "",
     ]
@@ -307,13 +324,13 @@ def data_section(config, ds) -> dict:
     return section
 
 
-def figures(ds, val: dict | None, test: dict) -> dict:
-    """The cell figures of validation (None without it) and test, and the test patients (two
-    classes; None otherwise), from a split's outputs {labels, probs or logits, loss}."""
+def figures(ds, val: dict | None, test: dict | None) -> dict:
+    """The cell figures of validation and test (None without the split), and the test patients
+    (two classes; None otherwise), from a split's outputs {labels, probs or logits, loss}."""
     names = class_names_of(ds)
     return {
         "validation": cell_metrics(val, names) if val else None,
-        "test": cell_metrics(test, names),
+        "test": cell_metrics(test, names) if test else None,
         "test_patient": test_patient_metrics(ds, val, test) if len(names) == 2 else None,
     }
 
@@ -329,11 +346,11 @@ def cell_metrics(outputs: dict, class_names) -> dict:
     return {**found, "loss": outputs["loss"]}
 
 
-def test_patient_metrics(ds, val: dict | None, test: dict) -> dict | None:
+def test_patient_metrics(ds, val: dict | None, test: dict | None) -> dict | None:
     """Patient-level test metrics, the fraction threshold chosen on validation; None when the
-    slide ids are unknown (tfds) or there is no validation split."""
+    slide ids are unknown (tfds) or there is no validation or no test split."""
     known = lambda split: len(split) and all(s for s in split.slide_ids)
-    if not (val and known(ds.validation) and known(ds.test)):
+    if not (val and test and known(ds.validation) and known(ds.test)):
         return None
     fraction = metrics.choose_fraction_threshold(
         val["labels"], val["probs"], ds.validation.slide_ids

@@ -97,11 +97,13 @@ def _outputs(classifier, split, batch_size: int) -> dict:
 
 def _scores(classifier, ds, batch_size: int):
     """The ensemble's validation and test outputs: raw (log-odds), scored without and with each
-    slide's prior, and the training prevalence that prior replaces."""
-    raw = {s: _outputs(classifier, getattr(ds, s), batch_size) for s in SCORED}
+    slide's prior, and the training prevalence that prior replaces. A split the members did not
+    keep (a final run's test) is absent."""
+    scored = [s for s in SCORED if len(getattr(ds, s))]
+    raw = {s: _outputs(classifier, getattr(ds, s), batch_size) for s in scored}
     prevalence = float(np.mean(ds.train.labels))
-    plain = {s: _scored(raw[s], getattr(ds, s).slide_ids, None) for s in SCORED}
-    with_prior = {s: _scored(raw[s], getattr(ds, s).slide_ids, prevalence) for s in SCORED}
+    plain = {s: _scored(raw[s], getattr(ds, s).slide_ids, None) for s in scored}
+    with_prior = {s: _scored(raw[s], getattr(ds, s).slide_ids, prevalence) for s in scored}
     return raw, plain, with_prior, prevalence
 
 
@@ -146,16 +148,16 @@ def combine(
     classifier = _write_run(workdir, config, ds, variables)
 
     raw, plain, with_prior, prevalence = _scores(classifier, ds, config.eval_batch_size)
+    test = [raw["test"]["log_odds"], raw["test"]["labels"]] if "test" in raw else []
     record = calibration.calibrate(
-        raw["validation"]["log_odds"], raw["validation"]["labels"],
-        raw["test"]["log_odds"], raw["test"]["labels"],
-    )  # fmt: skip
+        raw["validation"]["log_odds"], raw["validation"]["labels"], *test
+    )
     record.update(checkpoint="best", step=0)
 
     reports = [run_folder.read_report(d) for d in member_dirs]
     figures = {
-        "plain": report.figures(ds, plain["validation"], plain["test"]),
-        "with_prior": report.figures(ds, with_prior["validation"], with_prior["test"]),
+        "plain": report.figures(ds, plain["validation"], plain.get("test")),
+        "with_prior": report.figures(ds, with_prior["validation"], with_prior.get("test")),
     }
     sections = {
         "model": _model_section(classifier, variables, [m.config for m in members]),
@@ -174,8 +176,14 @@ def combine(
     }
     chosen = figures["with_prior" if slide_prior else "plain"]
     result = report.build_report(config, ds, chosen, record, sections)
-    scored = (with_prior if slide_prior else plain)["test"]
-    _write_outputs(workdir, ds.test, scored, raw["test"], record, member_dirs[0])
+    if "test" in raw:
+        scored = (with_prior if slide_prior else plain)["test"]
+        _write_test_outputs(workdir, ds.test, scored, raw["test"], record)
+    else:
+        run_folder.write_calibration(workdir, record)
+    sample = run_folder.read_calibration_sample(member_dirs[0])  # the first member's int8 sample
+    if sample is not None:
+        run_folder.write_calibration_sample(workdir, sample)
     if tuple(class_names_of(ds)) == MALARIA_CLASSES:
         final_evaluation.write_verdict_rule(
             workdir, ds.validation, plain["validation"], prevalence,
@@ -215,17 +223,14 @@ def _config_and_data(member_dirs, members, data_dir, slide_prior: bool):
     return config, ds
 
 
-def _write_outputs(workdir, test_split, scored: dict, raw: dict, record: dict, first_member):
-    """The test predictions and outputs, calibration and the first member's int8 sample."""
+def _write_test_outputs(workdir, test_split, scored: dict, raw: dict, record: dict):
+    """The test predictions and outputs, and the calibration with its test reliability plots."""
     run_folder.write_predictions(workdir, test_split, scored["probs"])
     run_folder.write_test_outputs(
         workdir, log_odds=raw["log_odds"], labels=scored["labels"],
         slide_ids=test_split.slide_ids, names=test_split.names,
     )  # fmt: skip
     report.write_run_calibration(workdir, record, raw["labels"], raw["log_odds"])
-    sample = run_folder.read_calibration_sample(first_member)
-    if sample is not None:
-        run_folder.write_calibration_sample(workdir, sample)
 
 
 def _model_section(classifier, variables, configs) -> dict:
@@ -272,7 +277,7 @@ def _members_section(config, reports) -> list[dict]:
     return [
         {
             "run": c["run"],
-            "test": {k: r["test"][k] for k in ("accuracy", "auc")},
+            "test": {k: r["test"][k] for k in ("accuracy", "auc")} if r.get("test") else None,
             "provenance": r.get("provenance"),
         }
         for c, r in zip(config.ensemble.members, reports, strict=True)

@@ -1,5 +1,10 @@
 """The end of a run: the chosen checkpoint on validation and test, its report and outputs.
 
+A run without a test split (a final run: `config.data.split_fractions` (0.9, 0.1, 0.0), every
+slide trains but the validation slides, which choose the checkpoint and fit the calibration)
+is evaluated on validation only: its report has no test figures and says why, and it writes no
+test outputs; its held-out figures come from cross-validation of its recipe.
+
 `mnres.training.loop.train_and_evaluate` calls `finish` once training is done, with the
 `TrainedRun` it read off its run; everything is written through `mnres.run_folder`, the report
 by `mnres.reporting.report.build_report`. Two classes (the malaria pair, or any pair with class
@@ -72,13 +77,13 @@ def finish(run: TrainedRun, *, train_seconds: float, started: float) -> dict:
 
 @dataclasses.dataclass
 class Evaluation:
-    """The evaluated checkpoint's outputs on validation (None without one) and on test."""
+    """The evaluated checkpoint's outputs on validation and on test (None without the split)."""
 
     checkpoint: str  # 'best' or 'last'
     step: int
     tta: bool
     validation: dict | None
-    test: dict
+    test: dict | None
 
 
 def evaluate_checkpoint(run: TrainedRun) -> Evaluation:
@@ -97,16 +102,19 @@ def evaluate_checkpoint(run: TrainedRun) -> Evaluation:
         eval_step, state, split, config.eval_batch_size, run.mesh
     )
     val = evaluate(run.ds.validation) if len(run.ds.validation) else None
-    return Evaluation(source, evaluated_step, tta, val, evaluate(run.ds.test))
+    test = evaluate(run.ds.test) if len(run.ds.test) else None
+    return Evaluation(source, evaluated_step, tta, val, test)
 
 
 def calibrate(evaluation: Evaluation) -> dict | None:
-    """Temperature and operating points fitted on validation (None without validation)."""
+    """Temperature and operating points fitted on validation (None without validation),
+    measured on test when there is one."""
     val, test = evaluation.validation, evaluation.test
     if not val:
         return None
     key = "log_odds" if "log_odds" in val else "logits"  # two classes: the exact log-odds
-    record = calibration_lib.calibrate(val[key], val["labels"], test[key], test["labels"])
+    test_args = (test[key], test["labels"]) if test else ()
+    record = calibration_lib.calibrate(val[key], val["labels"], *test_args)
     record.update(checkpoint=evaluation.checkpoint, step=evaluation.step)
     return record
 
@@ -245,11 +253,32 @@ def _evaluated(evaluation: Evaluation) -> str:
 
 
 def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibrated) -> None:
-    """Writes the test predictions and outputs, calibration, plots and report (chief only)."""
+    """Writes the test predictions and outputs, calibration, plots and report (chief only);
+    without a test split, the calibration, verdict rule, history and report."""
     if jax.process_index() != 0:
         return
-    workdir, test, split, names = run.workdir, evaluation.test, run.ds.test, class_names_of(run.ds)
-    binary = "probs" in test
+    workdir, names = run.workdir, class_names_of(run.ds)
+    binary = "probs" in (evaluation.test or evaluation.validation)
+    if evaluation.test is not None:
+        _write_test_outputs(run, result, evaluation.test, calibrated, binary)
+    elif calibrated:
+        run_folder.write_calibration(workdir, calibrated)
+    if binary and evaluation.validation is not None and names == MALARIA_CLASSES:
+        write_verdict_rule(
+            workdir, run.ds.validation, evaluation.validation,
+            float(np.mean(run.ds.train.labels)),
+            f"this run's validation split ({_evaluated(evaluation)})",
+        )  # fmt: skip
+    # int8 export calibrates on these crops, so it needs no training data later.
+    run_folder.write_calibration_sample(workdir, sample.calibration_images(run.ds.train))
+    plots.plot_history(run.history, os.path.join(workdir, run_folder.HISTORY_PNG))
+    report.write_report(workdir, result)  # last: report.md links the plots written before it
+
+
+def _write_test_outputs(run: TrainedRun, result: dict, test: dict, calibrated, binary) -> None:
+    """predictions.csv, the test outputs, the calibration with its test reliability plots, the
+    test confusion matrix and ROC."""
+    workdir, split, names = run.workdir, run.ds.test, class_names_of(run.ds)
     # Two classes: P(class 1) and the log-odds; more: the softmax rows and the logits.
     probs = test["probs"] if binary else multiclass.softmax(test["logits"])
     scores = {"log_odds": test["log_odds"]} if binary else {"logits": test["logits"]}
@@ -261,19 +290,9 @@ def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibra
         report.write_run_calibration(
             workdir, calibrated, test["labels"], next(iter(scores.values()))
         )
-    if binary and evaluation.validation is not None and names == MALARIA_CLASSES:
-        write_verdict_rule(
-            workdir, run.ds.validation, evaluation.validation,
-            float(np.mean(run.ds.train.labels)),
-            f"this run's validation split ({_evaluated(evaluation)})",
-        )  # fmt: skip
-    # int8 export calibrates on these crops, so it needs no training data later.
-    run_folder.write_calibration_sample(workdir, sample.calibration_images(run.ds.train))
     path = lambda name: os.path.join(workdir, name)
-    plots.plot_history(run.history, path(run_folder.HISTORY_PNG))
     plots.plot_confusion_matrix(
         result["test"]["confusion_matrix"], path(run_folder.CONFUSION_MATRIX_PNG), names
     )
     if binary:
         plots.plot_roc(test["labels"], test["probs"], path(run_folder.ROC_PNG), class_names=names)
-    report.write_report(workdir, result)  # last: report.md links the plots written before it

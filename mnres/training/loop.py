@@ -3,11 +3,11 @@
 What it writes to `workdir` (file names and formats: `mnres.run_folder`): `config.json` (the
 resolved config), `manifest.json` (the split manifest), `metrics.jsonl` (one row per epoch),
 `checkpoints/{latest,best}/`, with `config.tensorboard` event files in `tensorboard/`
-(`mnres.training.tensorboard`), and at the end `report.json`, `report.md`,
-`predictions_test.csv`, `test_outputs.npz` (test log-odds, labels, slide ids, names), the plots
-(`history.png`, `confusion_matrix.png`, `roc.png`) and, with a validation split,
-`calibration.json` (temperature, thresholds for 95%/98% specificity; see
-`mnres.metrics.calibration`) with its reliability diagrams. Re-running with the same workdir
+(`mnres.training.tensorboard`), and at the end `report.json`, `report.md`, `history.png`;
+with a test split `predictions_test.csv`, `test_outputs.npz` (test log-odds, labels, slide
+ids, names), `confusion_matrix.png` and `roc.png`; with a validation split `calibration.json`
+(temperature, thresholds for 95%/98% specificity; see `mnres.metrics.calibration`), with its
+reliability diagrams when there is a test split. Re-running with the same workdir
 resumes from the latest checkpoint; because the data order and every random draw are functions
 of (seed, step), a run killed at any moment and resumed ends with the same metrics as one that
 was never stopped.
