@@ -1,12 +1,13 @@
-r"""How the shipped int8 TFLite file agrees with the shipped float model, on its test slides.
+r"""How the shipped int8 TFLite file agrees with the shipped float model, on unseen slides.
 
   python -m experiments.int8_agreement --data_dir=PATH/cell_images \
       --out=experiments/results/malaria_model/int8_agreement.json
 
-Reads the shipped model's 16 test slides (listed in experiments/results/malaria_model/
-manifest.json; the training split never saw them) from the development folder, runs both files
-on the same decoded crops, and records: crops, the share called the same at p >= 0.5, the
-largest and the median probability gap, each file's accuracy, their sizes, and where it ran.
+Reads the shipped model's test slides (listed in experiments/results/malaria_model/
+manifest.json; the training split never saw them), or its validation slides when it kept no test
+split (a final run), from the development folder, runs both files on the same decoded crops,
+and records: crops, the share called the same at p >= 0.5, the largest and the median
+probability gap, each file's accuracy, their sizes, and where it ran.
 The model card quotes the record.
 """
 
@@ -24,12 +25,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = os.path.join(REPO, "experiments", "results", "malaria_model", "manifest.json")
 
 
-def test_crops(data_dir: str, manifest: str = MANIFEST) -> tuple[list[str], np.ndarray]:
-    """The paths and labels of the test split's crops, checked against the manifest's count."""
+def unseen_crops(data_dir: str, manifest: str = MANIFEST) -> tuple[str, list[str], np.ndarray]:
+    """The split no training saw ('test', or 'validation' without one) and the paths and labels
+    of its crops, checked against the manifest's count."""
     from mnres.data import folders
 
     with open(manifest) as f:
-        split = json.load(f)["splits"]["test"]
+        splits = json.load(f)["splits"]
+    which = "test" if splits["test"]["num_examples"] else "validation"
+    split = splits[which]
     slides = set(split["slide_ids"])
     paths, labels = [], []
     for folder in sorted(os.listdir(data_dir)):
@@ -40,10 +44,10 @@ def test_crops(data_dir: str, manifest: str = MANIFEST) -> tuple[list[str], np.n
                 labels.append(facts.label)
     if len(paths) != split["num_examples"]:
         raise SystemExit(
-            f"{data_dir}: {len(paths)} crops of the test slides, the manifest lists "
+            f"{data_dir}: {len(paths)} crops of the {which} slides, the manifest lists "
             f"{split['num_examples']}: not the development folder it split"
         )
-    return paths, np.array(labels)
+    return which, paths, np.array(labels)
 
 
 def main(argv=None) -> None:
@@ -57,10 +61,11 @@ def main(argv=None) -> None:
     import mnres
     from experiments import package_model
     from mnres import run_folder
+    from mnres.data import folders
     from mnres.deploy import crops, export
     from mnres.weights import loader, shipped
 
-    paths, labels = test_crops(args.data_dir)
+    split, paths, labels = unseen_crops(args.data_dir)
     classifier = loader.load_pretrained("malaria").classifier
     images = np.stack([crops.read_crop(p, classifier.image_size)[0] for p in paths])
     float_p = np.asarray(jax.nn.softmax(classifier.logits(images), -1))[:, 1]
@@ -70,7 +75,8 @@ def main(argv=None) -> None:
     gap = np.abs(float_p - int8_p)
     record = {
         "crops": len(images),
-        "slides": "the shipped model's 16 test slides",
+        "slides": f"the shipped model's {len({folders.crop_facts(p).slide_id for p in paths})} "
+        f"{split} slides",
         "same_call": float(np.mean((float_p >= 0.5) == (int8_p >= 0.5))),
         "max_abs_diff": float(gap.max()),
         "median_abs_diff": float(np.median(gap)),

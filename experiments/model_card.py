@@ -10,6 +10,8 @@ compares.
 
 from __future__ import annotations
 
+import shlex
+
 from experiments import model_card_figures as figures
 from experiments.model_card_page import markdown
 from mnres.weights import shipped
@@ -107,7 +109,7 @@ def _prior_failure(report: dict) -> str:
         "further toward uninfected and can take that patient's decision with it"
     )
     prior = report.get("slide_prior") or {}
-    if not prior.get("applied"):
+    if not (prior.get("applied") and report.get("test_patient")):
         return text + "."
     plain = {s["slide_id"]: s for s in prior["without"]["test_patient"]["slides"]}
     lost = [s for s in report["test_patient"]["slides"]
@@ -127,21 +129,38 @@ REPRODUCE_ONE = (
 )
 
 
+def _flag(key: str, value) -> str:
+    """`--config.KEY=VALUE` as a shell word (a tuple as `'(0.9, 0.1, 0.0)'`)."""
+    if isinstance(value, list | tuple):
+        value = f"({', '.join(map(str, value))})"
+    return f"--config.{key}={shlex.quote(str(value))}"
+
+
+def _flags(config: dict) -> list[str]:
+    """The flags that make `config` (a run's, as its command gave it) from default.py's."""
+    from experiments.configs import default
+    from experiments.search import records as search
+
+    changed = search.changed_fields(config, default.get_config().to_dict())
+    return [_flag(key, value) for key, value in changed.items()]
+
+
 def _members(report) -> tuple[list[dict] | None, list[list[str]]]:
     """Each member of an ensemble run (its run name, its network, its changes to default.py,
-    its steps) and the `--config.` flags of those changes; (None, []) for a single run."""
+    its steps) and the `--config.` flags of those changes; (None, [the run's flags]) for a
+    single run."""
     from experiments.configs import default
     from experiments.search import records as search
 
     ensemble = report["config"].get("ensemble")
     if not ensemble:
-        return None, []
+        picked = bool(report["model"].get("bn_momentum_picked"))
+        return None, [_flags(search.recipe_config(report["config"], momentum_picked=picked))]
     baseline = default.get_config().to_dict()
     members, flags = [], []
     for member, trained in zip(ensemble["members"], report["training"]["members"], strict=True):
         config = search.recipe_config(member["config"], momentum_picked=True)
-        changed = search.changed_fields(config, baseline)
-        flags.append([f"--config.{key}={value}" for key, value in changed.items()])
+        flags.append(_flags(config))
         members.append({
             "run": member["run"],
             "network": member["config"]["model"]["name"],
@@ -157,7 +176,8 @@ def _members(report) -> tuple[list[dict] | None, list[list[str]]]:
 def _reproduce(members, flags) -> str:
     """The commands that make the shipped files from the development slides."""
     if not members:
-        runs = [REPRODUCE_ONE.format(changes="", run="shipped")]
+        changes = "".join(f" {f}" for f in (flags[0] if flags else []))
+        runs = [REPRODUCE_ONE.format(changes=changes, run="shipped")]
     else:
         runs = [
             REPRODUCE_ONE.format(changes="".join(f" {f}" for f in member_flags), run=m["run"])
@@ -168,15 +188,42 @@ def _reproduce(members, flags) -> str:
     return " && ".join([*runs, "python -m experiments.package_model --workdir=runs/shipped"])
 
 
+PROTOCOL = (
+    "One slide-level split of the 160 development slides (no patient in two splits). Each crop "
+    "is averaged over its 8 symmetries when test_time_augmentation is on and called parasitized "
+    "at p >= 0.5; a patient is called infected when the fraction of its crops called "
+    "parasitized reaches fraction_threshold, chosen on the validation slides. The validation "
+    "slides also chose the checkpoint and fitted the calibration, so their figures are not held "
+    "out; the test slides were evaluated once."
+)
+# A final run keeps no test split: every development slide but the validation ones trains it.
+FINAL_PROTOCOL = (
+    "A final run: every development slide but the validation split trained it, and no slide "
+    "was kept for a test. Each crop is averaged over its 8 symmetries when "
+    "test_time_augmentation is on and called parasitized at p >= 0.5. The validation slides "
+    "chose the checkpoint and fitted the calibration and the verdict rule, so their figures "
+    "below are not held out; the held-out figures are the recipe's cross-validation and the "
+    "independent evaluation."
+)
+USE_OF_SPLITS = (
+    "train: fitted; validation: chose the checkpoint (best validation accuracy) and fitted the "
+    "calibration; test: evaluated once, not folded back in."
+)
+FINAL_USE_OF_SPLITS = (
+    "train: fitted; validation: chose the checkpoint (best validation accuracy) and fitted the "
+    "calibration and the verdict rule; no test split (a final run)."
+)
+
+
+def is_final(report: dict) -> bool:
+    """Whether the run kept no test split (a final run)."""
+    return not report["data"].get("num_test")
+
+
 def _evaluation(report, calibration, validation_outputs, folds, record) -> dict:
     prior = report.get("slide_prior") or {}
     return {
-        "protocol": "One slide-level split of the 160 development slides (no patient in two "
-        "splits). Each crop is averaged over its 8 symmetries when test_time_augmentation is on "
-        "and called parasitized at p >= 0.5; a patient is called infected when the fraction of "
-        "its crops called parasitized reaches fraction_threshold, chosen on the validation "
-        "slides. The validation slides also chose the checkpoint and fitted the calibration, so "
-        "their figures are not held out; the test slides were evaluated once.",
+        "protocol": FINAL_PROTOCOL if is_final(report) else PROTOCOL,
         "validation_cells": _cells(report.get("validation")),
         "test_cells": _cells(report.get("test")),
         "test_patients": _patients(report.get("test_patient")),
@@ -238,8 +285,7 @@ def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None,
             "split_by": manifest.get("split_by"),
             "seed": manifest.get("seed"),
             "split": split,
-            "use_of_splits": "train: fitted; validation: chose the checkpoint (best validation "
-            "accuracy) and fitted the calibration; test: evaluated once, not folded back in.",
+            "use_of_splits": FINAL_USE_OF_SPLITS if is_final(report) else USE_OF_SPLITS,
         },
         "training": {
             "config": config,

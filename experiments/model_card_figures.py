@@ -111,7 +111,7 @@ def intervals(report: dict, calibration: dict, validation_outputs: dict | None) 
            "test": {}, "test_auc": NO_TEST_AUC_INTERVAL}  # fmt: skip
     if report.get("test_patient"):
         out["test"]["prior" if applied else "plain"] = count_bootstrap(report["test_patient"])
-    if applied:
+    if applied and prior["without"]["test_patient"]:
         out["test"]["plain"] = count_bootstrap(prior["without"]["test_patient"])
     if validation_outputs is None:
         return out

@@ -134,10 +134,12 @@ def _data(card: dict) -> list[str]:
     ]
     for name in ("train", "validation", "test"):
         s = data["split"][name]
-        lines.append(f"| {name} | {s['slides']} | {s['crops']:,} |")
+        if s["slides"]:  # a final run has no test split
+            lines.append(f"| {name} | {s['slides']} | {s['crops']:,} |")
+    test_ids = data["split"]["test"]["slide_ids"]
     return lines + [
         "",
-        f"{data['use_of_splits']} Test slides: {', '.join(data['split']['test']['slide_ids'])}.",
+        data["use_of_splits"] + (f" Test slides: {', '.join(test_ids)}." if test_ids else ""),
         "",
         f"Licence of the data: {data['source']['licence']}",
         "",
@@ -221,7 +223,9 @@ def _own_slides(evaluation: dict) -> list[str]:
     without, ci = evaluation.get("without_slide_prior") or {}, evaluation["intervals"]
     val_ci, test_ci = ci.get("validation") or {}, ci.get("test") or {}
     on, key = ("on", "prior") if evaluation["slide_prior"] else ("off", "plain")
-    lines = ["### Validation and test slides", "", evaluation["protocol"], ""]
+    tested = evaluation["test_cells"] is not None  # a final run has no test split
+    heading = "### Validation and test slides" if tested else "### Validation slides"
+    lines = [heading, "", evaluation["protocol"], ""]
     lines += _cell_rows([
         ("validation", on, evaluation["validation_cells"], val_ci.get(key)),
         ("validation", "off", without.get("validation_cells"), val_ci.get("plain")),
@@ -229,8 +233,10 @@ def _own_slides(evaluation: dict) -> list[str]:
         ("test", "off", without.get("test_cells"), test_ci.get("plain")),
     ])  # fmt: skip
     no_val = "No validation interval: no per-crop outputs were kept."
-    test_note = f"Test intervals: bootstrap over its slides' counts. {ci['test_auc']}"
-    lines += ["", f"{VALIDATION_CI if val_ci else no_val} {test_note}", ""]
+    test_note = f" Test intervals: bootstrap over its slides' counts. {ci['test_auc']}"
+    lines += ["", f"{VALIDATION_CI if val_ci else no_val}{test_note if tested else ''}", ""]
+    if not tested:
+        return lines
     patients = [(on, evaluation["test_patients"])]
     if without:
         patients.append(("off", without["test_patients"]))

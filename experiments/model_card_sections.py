@@ -112,27 +112,30 @@ def calibration_lines(card: dict) -> list[str]:
                 f"| {split} ({c['n']:,}{note}) | {pct(c['ece_before'])} | "
                 f"{pct(c['ece_after'])} | {c['nll_before']:.4f} | {c['nll_after']:.4f} |"
             )
+    tested = bool(cal.get("test"))  # a final run has no test split
     lines += [
         "",
         "Operating points (`--operating-point`): the most sensitive thresholds on the plain P "
         "(the one predict and the exports output) whose validation specificity reaches the "
-        "target. Validation intervals: bootstrap over its slides; test: no per-crop scores were "
-        "kept, so no interval.",
+        "target. Validation intervals: bootstrap over its slides"
+        + ("; test: no per-crop scores were kept, so no interval." if tested else "."),
         "",
-        "| operating point | p >= | validation sensitivity | validation specificity | test "
-        "sensitivity | test specificity |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| operating point | p >= | validation sensitivity | validation specificity |"
+        + (" test sensitivity | test specificity |" if tested else ""),
+        "|---|---:|---:|---:|" + ("---:|---:|" if tested else ""),
     ]
     for name, key in (("spec95", "95"), ("spec98", "98")):
         ci = val_ci.get(f"threshold_at_spec_{key}") or {}
         val = (cal.get("validation") or {}).get(f"at_spec_{key}") or {}
         test = (cal.get("test") or {}).get(f"at_spec_{key}") or {}
-        lines.append(
+        row = (
             f"| {name} | {cal[f'threshold_at_spec_{key}']:.4f} | "
             f"{with_ci(val.get('sensitivity'), ci.get('sensitivity'))} | "
-            f"{with_ci(val.get('specificity'), ci.get('specificity'))} | "
-            f"{pct(test.get('sensitivity'))} | {pct(test.get('specificity'))} |"
+            f"{with_ci(val.get('specificity'), ci.get('specificity'))} |"
         )
+        if tested:
+            row += f" {pct(test.get('sensitivity'))} | {pct(test.get('specificity'))} |"
+        lines.append(row)
     return lines + [""]
 
 

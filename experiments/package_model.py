@@ -191,8 +191,13 @@ def _validation_outputs() -> dict | None:
 
 def build_card() -> dict:
     """The card, from the committed records, the shipped files and the verdict records."""
+    return model_card.build(**card_inputs())
+
+
+def card_inputs() -> dict:
+    """`model_card.build`'s arguments, read from the committed records and shipped files."""
     int8 = MODEL_DIR / shipped.INT8
-    return model_card.build(
+    return dict(
         report=run_folder.read_json(RECORD_DIR / run_folder.REPORT_JSON),
         manifest=run_folder.read_json(RECORD_DIR / run_folder.MANIFEST_JSON),
         calibration=run_folder.read_json(MODEL_DIR / run_folder.CALIBRATION_JSON),

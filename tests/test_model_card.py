@@ -223,3 +223,66 @@ def test_the_limitations_point_to_no_figure_by_position(card, page):
     assert not re.search(r"\b(below|above)\b", " ".join(card["known_failure_modes"]))
     assert "C55P16" in section  # the patient the slide prior cost on the test slides
     assert "10.7717/peerj.4568" in page and "@software{mnres" in page
+
+
+def final_run_inputs() -> dict:
+    """The card's inputs as a final run of the same model would give them: no test split (its
+    slides in the training split), no test figures or test calibration, no int8 agreement."""
+    inputs = copy.deepcopy(package_model.card_inputs())
+    report, manifest = inputs["report"], inputs["manifest"]
+    report["data"]["num_test"] = 0
+    report["test"] = report["test_patient"] = None
+    for figures in ("with", "without"):
+        report["slide_prior"][figures]["test"] = None
+        report["slide_prior"][figures]["test_patient"] = None
+    for member in report.get("members") or []:
+        member["test"] = None
+    keep = ("temperature", "threshold_at_spec_95", "threshold_at_spec_98")
+    report["calibration"] = {k: report["calibration"][k] for k in keep}
+    inputs["calibration"].pop("test")
+    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+    train["num_slides"] += test["num_slides"]
+    train["num_examples"] += test["num_examples"]
+    train["slide_ids"] = sorted(train["slide_ids"] + test["slide_ids"])
+    manifest["splits"]["test"] = {**test, "num_slides": 0, "num_examples": 0, "slide_ids": []}
+    inputs["int8"]["agreement"] = None
+    for member in report["config"]["ensemble"]["members"]:
+        member["config"]["data"]["split_fractions"] = [0.9, 0.1, 0.0]
+    return inputs
+
+
+def test_a_final_runs_card_gives_its_validation_slides_and_no_test_of_its_own():
+    card = model_card.build(**final_run_inputs())
+    page = model_card.markdown(card)
+    assert card["evaluation"]["test_cells"] is None and card["evaluation"]["test_patients"] is None
+    assert "A final run" in card["evaluation"]["protocol"]
+    assert "no test split" in card["training_data"]["use_of_splits"]
+    assert "### Validation slides" in page and "### Validation and test slides" not in page
+    for section in ("Cross-validation of the recipe", "Independent evaluation"):
+        assert f"### {section}" in page
+    assert "| test |" not in page and "Test slides:" not in page and "| test patients |" not in page
+    assert "| operating point | p >= | validation sensitivity | validation specificity |\n" in page
+    assert card["training_data"]["slides"] == 160
+    runs = card["reproduce"].split(" && ")
+    for member in card["model"]["members"]:
+        (line,) = [r for r in runs if r.endswith(f"--workdir=runs/{member['run']}")]
+        assert "--config.data.split_fractions='(0.9, 0.1, 0.0)'" in line
+
+
+def test_a_single_runs_reproduce_command_carries_its_changes():
+    from experiments.configs import default
+
+    config = default.get_config()
+    config.data.image_size = 128
+    config.model.input_normalization = "gray_world"
+    config.data.split_fractions = (0.9, 0.1, 0.0)
+    config.data.dir = "/somewhere/cell_images"
+    report = {"config": config.to_dict(), "model": {"bn_momentum_picked": True}}
+    members, flags = model_card._members(report)
+    command = model_card._reproduce(members, flags).split(" && ")[0]
+    assert members is None
+    assert command.endswith(
+        "--config.data.dir=PATH/cell_images --config.data.image_size=128 "
+        "--config.data.split_fractions='(0.9, 0.1, 0.0)' "
+        "--config.model.input_normalization=gray_world --workdir=runs/shipped"
+    ), command
