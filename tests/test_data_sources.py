@@ -147,6 +147,7 @@ def test_decode_cache_skips_decoding_on_second_run(tmp_path):
         ("ok", {"split_fractions": (0.8, 0.1, 0.2)}, "add up to 1"),
         ("ok", {"split_fractions": (0.8, 0.2)}, "three fractions"),
         ("ok", {"split_by": "patient"}, "Unknown config.data.split_by"),
+        ("ok", {"split_seed": -1}, "config.data.split_seed=-1 must be None"),
     ],
 )
 def test_bad_input_raises_one_clear_error(tmp_path, setup, overrides, message):
@@ -349,3 +350,28 @@ def test_real_tfds_builder_prepared_offline_from_real_crops(tmp_path):
     ).stdout.split()
     assert out[-2] == dataset.manifest["splits"]["train"]["names_sha256"]
     assert out[-1] == "False", "TensorFlow was imported to read a prepared TFDS dataset"
+
+
+def test_the_split_seed_keeps_a_split_while_the_seed_changes():
+    config = config_lib.default_config().data
+    config.source, config.synthetic_size, config.num_slides, config.image_size = (
+        "synthetic", 200, 20, 8)  # fmt: skip
+    slides = lambda ds: [sorted(set(getattr(ds, s).slide_ids)) for s in ("validation", "test")]
+    seed_0, seed_1 = data.load_dataset(config, seed=0), data.load_dataset(config, seed=1)
+    assert slides(seed_0) != slides(seed_1)
+    config.split_seed = 0
+    kept = data.load_dataset(config, seed=1)
+    assert slides(kept) == slides(seed_0) and kept.manifest == seed_0.manifest
+
+
+def test_the_folds_come_from_the_fold_seed_else_the_split_seed_else_the_seed():
+    from mnres.data import folds
+
+    config = config_lib.default_config()
+    config.seed = 3
+    assert folds.fold_spec(config, 5, "slide")["seed"] == 3
+    config.data.split_seed = 0
+    assert folds.fold_spec(config, 5, "slide")["seed"] == 0
+    assert folds.fold_spec(config, 5, "slide", fold_seed=0)["seed"] == 0
+    with pytest.raises(ValueError, match="fold seed 1 and config.data.split_seed=0 disagree"):
+        folds.fold_spec(config, 5, "slide", fold_seed=1)

@@ -137,6 +137,9 @@ def _data_block() -> ml_collections.ConfigDict:
     # carry NIH slide ids, else 'image'. TFDS has no slide ids and splits by image.
     c.split_by = "slide"
     c.split_fractions = (0.8, 0.1, 0.1)  # (train, validation, test), sums to 1.
+    # The seed of the splits (and of the synthetic cells); None: config.seed. Keep it while
+    # changing config.seed to train other weights on the same split (an ensemble's members).
+    c.split_seed = config_dict.placeholder(int)
     # TFDS source: slice strings (e.g. 'train[:80%]'); unset ones come from split_fractions.
     c.tfds_splits = ml_collections.ConfigDict(
         {name: config_dict.placeholder(str) for name in SPLIT_NAMES}
@@ -310,6 +313,12 @@ def check_data(config) -> None:
         raise ValueError(
             f"config.data.class_names={tuple(names)!r}: the {config.source} source has the "
             f"malaria classes {MALARIA_CLASSES}; other classes need --config.data.source=folder."
+        )
+    seed = config.get("split_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(
+            f"config.data.split_seed={seed!r} must be None (config.seed cuts the splits) or an "
+            "integer >= 0, e.g. --config.data.split_seed=0."
         )
     fractions = tuple(config.split_fractions)
     if (

@@ -27,6 +27,7 @@ def load_pool(data_config, seed: int) -> tuple[Split, dict]:
     pool_config = data_config.copy_and_resolve_references()
     with pool_config.unlocked():
         pool_config.split_fractions = (1.0, 0.0, 0.0)
+        pool_config.split_seed = None  # `seed` (the fold spec's) cuts the folds
         if pool_config.test_dir:
             logging.warning(
                 "Cross-validation ignores config.data.test_dir=%s.", data_config.test_dir
@@ -97,16 +98,27 @@ def fold_spec(config, num_folds: int, split_by: str, fold_seed: int | None = Non
     """What decides the folds: {num_folds, split_by, validation_fraction, seed, source,
     image_size} (each fold's fold_spec.json adds its index).
 
-    `seed` cuts the folds and their validation slides: `fold_seed`, or config.seed when None.
-    A run with another config.seed on the same folds (a fold seed kept) trains other weights
-    on the same slides, e.g. the members of a per-fold ensemble.
+    `seed` cuts the folds and their validation slides: `fold_seed`, else
+    config.data.split_seed, else config.seed. A run with another config.seed on the same folds
+    (a fold seed kept) trains other weights on the same slides, e.g. the members of a per-fold
+    ensemble.
+
+    Raises:
+      ValueError: `fold_seed` and config.data.split_seed both given, and different.
     """
+    split_seed = config.data.get("split_seed")
+    if fold_seed is not None and split_seed is not None and fold_seed != split_seed:
+        raise ValueError(
+            f"fold seed {fold_seed} and config.data.split_seed={split_seed} disagree: give one "
+            "(both name the seed that cuts the folds)"
+        )
+    seed = next(s for s in (fold_seed, split_seed, config.seed) if s is not None)
     train_fraction, val_fraction, _ = tuple(config.data.split_fractions)
     return {
         "num_folds": int(num_folds),
         "split_by": split_by,
         "validation_fraction": float(val_fraction / (train_fraction + val_fraction)),
-        "seed": int(config.seed if fold_seed is None else fold_seed),
+        "seed": int(seed),
         "source": config.data.source,
         "image_size": int(config.data.image_size),
     }

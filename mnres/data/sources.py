@@ -38,12 +38,15 @@ def load_dataset(data_config, seed: int) -> Dataset:
 
     Args:
       data_config: the `config.data` block (see `mnres.config.default_config`).
-      seed: the experiment seed; folder and synthetic splits are a function of it.
+      seed: the experiment seed; folder and synthetic splits (and the synthetic cells) are a
+        function of it, or of `data_config.split_seed` when that is set.
 
     Returns:
       A `Dataset` with train/validation/test `Split`s and the split manifest.
     """
     check_data(data_config)
+    if data_config.get("split_seed") is not None:
+        seed = int(data_config.split_seed)
     loader = {"tfds": _load_tfds, "folder": _load_folder, "synthetic": _load_synthetic}
     return loader[data_config.source](data_config, seed)
 
