@@ -169,3 +169,26 @@ def test_an_asynchronous_save_writes_its_checksums_in_its_step(tmp_path, state_a
     for manager in ("latest", "best"):
         saved = json.loads((tmp_path / manager / "5" / checkpoint.CHECKSUMS_JSON).read_text())
         assert saved == checkpoint.checksums(state.to_dict())
+
+
+def test_asyncios_report_of_a_failed_orbax_write_is_one_warning_line():
+    # tensorstore's error reaches asyncio's "Future exception was never retrieved" without
+    # Python frames: the temporary checkpoint folder in its text says whose it is.
+    import logging
+
+    def record(error):
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, "/usr/lib/python3/asyncio/base_events.py", 1805,
+            "Future exception was never retrieved", None, (type(error), error, None),
+        )  # fmt: skip
+
+    write = ValueError(
+        'OUT_OF_RANGE: Error writing "step/0" in OCDBT database at local file '
+        '"/x/checkpoints/latest/10.orbax-checkpoint-tmp/default/": File too large'
+    )
+    orbax = record(write)
+    assert checkpoint._orbax_errors_as_warnings(orbax)
+    assert orbax.levelno == logging.WARNING and orbax.exc_info is None
+    other = record(ValueError("something else"))
+    checkpoint._orbax_errors_as_warnings(other)
+    assert other.levelno == logging.ERROR and other.exc_info is not None

@@ -54,7 +54,11 @@ def _is_orbax(record: logging.LogRecord) -> bool:
         return True
     error = record.exc_info[1] if record.exc_info else None
     frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-    return any(inside in frame.filename for frame in frames)
+    if any(inside in frame.filename for frame in frames):
+        return True
+    # asyncio's "Future exception was never retrieved" of a write that tensorstore failed: the
+    # error carries no Python frames, only the path of orbax's temporary checkpoint folder.
+    return error is not None and f".orbax-checkpoint-tmp{os.sep}" in str(error)
 
 
 for _name in ("absl", "asyncio"):
