@@ -176,7 +176,7 @@ def _members(report) -> tuple[list[dict] | None, list[list[str]]]:
 def _reproduce(members, flags) -> str:
     """The commands that make the shipped files from the development slides."""
     if not members:
-        changes = "".join(f" {f}" for f in (flags[0] if flags else []))
+        changes = "".join(f" {f}" for f in flags[0])
         runs = [REPRODUCE_ONE.format(changes=changes, run="shipped")]
     else:
         runs = [
