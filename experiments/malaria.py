@@ -21,6 +21,7 @@ import experiments
 from experiments import _cli
 from mnres import config as config_lib
 from mnres import host_memory
+from mnres.reporting import report as report_lib
 from mnres.training import distributed
 from mnres.training import loop as train
 
@@ -75,7 +76,7 @@ def main(argv):
         _cli.exit_with_failure(e)
     distributed.shutdown_distributed(config)
     report_md = os.path.join(os.path.abspath(workdir), "report.md")
-    split = "test" if report["test"] else "validation"  # a final run keeps no test split
+    split = "test" if report_lib.has_test_split(report) else "validation"
     cells, patients = report[split], report["test_patient"]
     auc = cells["auc"]
     logging.info(

@@ -14,6 +14,7 @@ import shlex
 
 from experiments import model_card_figures as figures
 from experiments.model_card_page import markdown
+from mnres.reporting import report as report_lib
 from mnres.weights import shipped
 
 # Every shipped file but the card, which holds their hashes.
@@ -217,7 +218,7 @@ FINAL_USE_OF_SPLITS = (
 
 def is_final(report: dict) -> bool:
     """Whether the run kept no test split (a final run)."""
-    return not report["data"].get("num_test")
+    return not report_lib.has_test_split(report)
 
 
 def _evaluation(report, calibration, validation_outputs, folds, record) -> dict:
