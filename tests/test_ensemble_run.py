@@ -63,6 +63,10 @@ def test_combined_run_scores_the_mean_log_odds_with_each_slides_prior(members, c
     plain = metrics.binary_metrics(outputs[0]["labels"], calibration.calibrated_probs(mean, 1))
     assert report["slide_prior"]["without"]["test"]["auc"] == pytest.approx(plain["auc"], abs=1e-4)
     assert report["test_patient"]["n_patients"] == len(set(outputs[0]["slide_ids"]))
+    # What a member run leaves of its test split, the ensemble leaves too (it trained nothing:
+    # no training history).
+    left = set(run_folder.plot_files(members[0])) - {run_folder.HISTORY_PNG}
+    assert left <= set(run_folder.plot_files(workdir))
 
 
 @pytest.mark.slow

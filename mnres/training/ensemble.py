@@ -178,7 +178,10 @@ def combine(
     result = report.build_report(config, ds, chosen, record, sections)
     if "test" in raw:
         scored = (with_prior if slide_prior else plain)["test"]
-        _write_test_outputs(workdir, ds.test, scored, raw["test"], record)
+        test = {**raw["test"], "probs": scored["probs"]}  # the outputs keep the raw log-odds
+        final_evaluation.write_test_outputs(
+            workdir, ds.test, test, record, result, class_names_of(ds)
+        )
     else:
         run_folder.write_calibration(workdir, record)
     sample = run_folder.read_calibration_sample(member_dirs[0])  # the first member's int8 sample
@@ -221,16 +224,6 @@ def _config_and_data(member_dirs, members, data_dir, slide_prior: bool):
             "give --data_dir, the folder the members were trained on"
         )
     return config, ds
-
-
-def _write_test_outputs(workdir, test_split, scored: dict, raw: dict, record: dict):
-    """The test predictions and outputs, and the calibration with its test reliability plots."""
-    run_folder.write_predictions(workdir, test_split, scored["probs"])
-    run_folder.write_test_outputs(
-        workdir, log_odds=raw["log_odds"], labels=scored["labels"],
-        slide_ids=test_split.slide_ids, names=test_split.names,
-    )  # fmt: skip
-    report.write_run_calibration(workdir, record, raw["labels"], raw["log_odds"])
 
 
 def _model_section(classifier, variables, configs) -> dict:

@@ -260,7 +260,7 @@ def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibra
     workdir, names = run.workdir, class_names_of(run.ds)
     binary = "probs" in (evaluation.test or evaluation.validation)
     if evaluation.test is not None:
-        _write_test_outputs(run, result, evaluation.test, calibrated, binary)
+        write_test_outputs(workdir, run.ds.test, evaluation.test, calibrated, result, names)
     elif calibrated:
         run_folder.write_calibration(workdir, calibrated)
     if binary and evaluation.validation is not None and names == MALARIA_CLASSES:
@@ -275,10 +275,16 @@ def write_outputs(run: TrainedRun, result: dict, evaluation: Evaluation, calibra
     report.write_report(workdir, result)  # last: report.md links the plots written before it
 
 
-def _write_test_outputs(run: TrainedRun, result: dict, test: dict, calibrated, binary) -> None:
+def write_test_outputs(workdir, split, test: dict, calibrated, result: dict, names) -> None:
     """predictions.csv, the test outputs, the calibration with its test reliability plots, the
-    test confusion matrix and ROC."""
-    workdir, split, names = run.workdir, run.ds.test, class_names_of(run.ds)
+    test confusion matrix and ROC: what a run (or an ensemble of runs) leaves of its test split.
+
+    Args:
+      test: the split's outputs: "labels" and, for two classes, "probs" (P(class 1), as
+        scored) and "log_odds" (before any slide prior); for more, "logits".
+      calibrated: the calibration record, or None; result: the report (its test figures).
+    """
+    binary = "probs" in test
     # Two classes: P(class 1) and the log-odds; more: the softmax rows and the logits.
     probs = test["probs"] if binary else multiclass.softmax(test["logits"])
     scores = {"log_odds": test["log_odds"]} if binary else {"logits": test["logits"]}
