@@ -22,7 +22,7 @@ from absl import app, flags, logging
 
 import experiments
 from experiments import _cli
-from mnres.reporting import report as report_lib
+from mnres import run_folder
 from mnres.training import ensemble as ensemble_run
 
 flags.DEFINE_multi_string("member", None, "A finished training run (its workdir); two or more.")
@@ -47,7 +47,7 @@ def main(argv):
         if logging.vlog_is_on(1):
             raise
         _cli.exit_with_failure(e)
-    split = "test" if report_lib.has_test_split(report) else "validation"
+    split = "test" if run_folder.has_test_split(report) else "validation"
     cells, patients = report[split], report["test_patient"]
     said = (
         f"{FLAGS.workdir}: {split} accuracy {100 * cells['accuracy']:.2f}%, AUC "

@@ -20,8 +20,7 @@ from absl import app, flags, logging
 import experiments
 from experiments import _cli
 from mnres import config as config_lib
-from mnres import host_memory
-from mnres.reporting import report as report_lib
+from mnres import host_memory, run_folder
 from mnres.training import distributed
 from mnres.training import loop as train
 
@@ -76,7 +75,7 @@ def main(argv):
         _cli.exit_with_failure(e)
     distributed.shutdown_distributed(config)
     report_md = os.path.join(os.path.abspath(workdir), "report.md")
-    split = "test" if report_lib.has_test_split(report) else "validation"
+    split = "test" if run_folder.has_test_split(report) else "validation"
     cells, patients = report[split], report["test_patient"]
     auc = cells["auc"]
     logging.info(

@@ -14,7 +14,7 @@ import shlex
 
 from experiments import model_card_figures as figures
 from experiments.model_card_page import markdown
-from mnres.reporting import report as report_lib
+from mnres import run_folder
 from mnres.weights import shipped
 
 # Every shipped file but the card, which holds their hashes.
@@ -218,7 +218,7 @@ FINAL_USE_OF_SPLITS = (
 
 def is_final(report: dict) -> bool:
     """Whether the run kept no test split (a final run)."""
-    return not report_lib.has_test_split(report)
+    return not run_folder.has_test_split(report)
 
 
 def _evaluation(report, calibration, validation_outputs, folds, record) -> dict:

@@ -286,6 +286,14 @@ def read_report(workdir: str) -> dict:
     return read_json(os.path.join(workdir, REPORT_JSON))
 
 
+def has_test_split(report: dict) -> bool:
+    """Whether the run held out a test split (its data section's count; without one, whether it
+    has test figures). A final run keeps none: its figures are its validation split's and none
+    is held out."""
+    data = report.get("data") or {}
+    return bool(data["num_test"] if "num_test" in data else report.get("test"))
+
+
 def run_warnings(workdir: str) -> list[str]:
     """What a user of the run's model should know: its report's `warnings` (e.g. one output
     for every crop) and, for a run trained on synthetic cells, that real crops are unknown to it.

@@ -95,12 +95,6 @@ def class_names(report) -> tuple[str, ...]:
     return tuple(names) if names else MALARIA_CLASSES
 
 
-def has_test_split(report: Mapping[str, Any]) -> bool:
-    """Whether the run held out a test split; a final run keeps none, so its figures are
-    validation's and nothing in its report is held out."""
-    return bool(report["data"]["num_test"])
-
-
 def _markdown(report, pngs):
     """report.md: the sections of `report` present, then links to the plots `pngs`."""
     lines = ["# Report", ""]
@@ -113,7 +107,7 @@ def _markdown(report, pngs):
         ]
     # A model that did not learn says so first, before any figure is read.
     lines += [f"> **Warning:** {w}\n" for w in report.get("warnings") or []]
-    if "data" in report and not has_test_split(report):
+    if "data" in report and not run_folder.has_test_split(report):
         lines += [
             "No test split: every slide but the validation slides trained the model, and the "
             "validation slides chose its checkpoint and fitted its calibration, so no figure "
