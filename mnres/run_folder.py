@@ -287,11 +287,10 @@ def read_report(workdir: str) -> dict:
 
 
 def has_test_split(report: dict) -> bool:
-    """Whether the run held out a test split (its data section's count; without one, whether it
-    has test figures). A final run keeps none: its figures are its validation split's and none
-    is held out."""
-    data = report.get("data") or {}
-    return bool(data["num_test"] if "num_test" in data else report.get("test"))
+    """Whether the run held out a test split. A final run keeps none (`data.num_test` 0): its
+    figures are its validation split's and none is held out. A partial report without the
+    count counts as having one."""
+    return (report.get("data") or {}).get("num_test", 1) > 0
 
 
 def run_warnings(workdir: str) -> list[str]:

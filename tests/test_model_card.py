@@ -207,8 +207,7 @@ def test_the_slide_prior_section_says_where_it_lowered_the_figures(page, card, r
     plain, applied = report["slide_prior"]["without"], report
     assert "leaves it off by default" in section
     for name in ("validation",) if final else ("validation", "test"):
-        key = name
-        before, after = plain[key]["accuracy"], applied[key]["accuracy"]
+        before, after = plain[name]["accuracy"], applied[name]["accuracy"]
         row = f"{pct(before)} -> {pct(after)}"
         assert row in section
         assert (f"{name} accuracy {row}" in section) == (after < before)

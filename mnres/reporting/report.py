@@ -107,7 +107,7 @@ def _markdown(report, pngs):
         ]
     # A model that did not learn says so first, before any figure is read.
     lines += [f"> **Warning:** {w}\n" for w in report.get("warnings") or []]
-    if "data" in report and not run_folder.has_test_split(report):
+    if not run_folder.has_test_split(report):
         lines += [
             "No test split: every slide but the validation slides trained the model, and the "
             "validation slides chose its checkpoint and fitted its calibration, so no figure "
