@@ -254,6 +254,31 @@ def test_evaluation_counts_every_example_once_in_order(with_dropout):
     assert result["accuracy"] == pytest.approx(np.mean((expected >= 0.5) == split.labels))
 
 
+def test_evaluation_fetches_each_batch_before_it_runs_the_next(with_dropout, monkeypatch):
+    # Batches queued together run at once on XLA's CPU client, each holding its activations:
+    # a fold's 8-view evaluation grew to 24 GB and was killed. One batch on the device at a time.
+    model, state, _, mesh = with_dropout
+    eval_step = steps.make_eval_step(model, mesh)
+    unfetched, most = [0], [0]
+
+    def counting_step(state, batch):
+        unfetched[0] += 1
+        most[0] = max(most[0], unfetched[0])
+        return eval_step(state, batch)
+
+    real_get = jax.device_get
+
+    def counting_get(x):
+        unfetched[0] = 0
+        return real_get(x)
+
+    monkeypatch.setattr(jax, "device_get", counting_get)
+    n = 37
+    split = _split(np.zeros((n, SIZE, SIZE, 3), np.uint8), np.zeros(n, np.int32))
+    assert len(steps.evaluate(counting_step, state, split, 16, mesh)["labels"]) == n
+    assert most[0] == 1
+
+
 def test_test_time_augmentation_averages_the_8_views_and_ignores_orientation(with_dropout):
     model, state, _, mesh = with_dropout
     n = 5
