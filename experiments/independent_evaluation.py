@@ -9,17 +9,14 @@ retrained model never inherits its predecessor's figures.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
+
+from mnres.provenance import file_sha256
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RECORD = REPO / "experiments" / "results" / "independent_evaluation" / "shipped_malaria.json"
 WEIGHTS = REPO / "mnres" / "weights" / "malaria" / "weights.msgpack"
-
-
-def _sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check(record: dict) -> None:
@@ -42,4 +39,4 @@ def shipped(record_path: pathlib.Path = RECORD, weights: pathlib.Path = WEIGHTS)
     with open(record_path) as f:
         record = json.load(f)
     check(record)
-    return record if record["weights_sha256"] == _sha256(weights) else None
+    return record if record["weights_sha256"] == file_sha256(weights) else None

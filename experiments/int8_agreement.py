@@ -59,10 +59,10 @@ def main(argv=None) -> None:
     import jax
 
     import mnres
-    from experiments import package_model
     from mnres import run_folder
     from mnres.data import folders
     from mnres.deploy import crops, export
+    from mnres.provenance import file_sha256
     from mnres.weights import loader, shipped
 
     split, paths, labels = unseen_crops(args.data_dir)
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         "int8_accuracy": float(np.mean((int8_p >= 0.5) == (labels == 1))),
         "int8_bytes": os.path.getsize(int8_path),
         # Which files it measured: the card quotes the record only while these ship.
-        "int8_sha256": package_model.sha256(int8_path),
+        "int8_sha256": file_sha256(int8_path),
         "float_bytes": os.path.getsize(shipped.shipped_folder() / "weights.msgpack"),
         "python": platform.python_version(),
         "jax": jax.__version__,

@@ -30,7 +30,6 @@ calibration crops, and the export extra (pip install 'mnres[export]') for the TF
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pathlib
@@ -44,6 +43,7 @@ import experiments
 from experiments import _cli, independent_evaluation, model_card, verdict_cv
 from experiments.search import records
 from mnres import run_folder
+from mnres.provenance import file_sha256
 from mnres.weights import shipped
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -65,11 +65,6 @@ flags.DEFINE_bool(
     "Only regenerate the card from the committed records and the shipped files (no run folder).",
 )
 FLAGS = flags.FLAGS
-
-
-def sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _without_machine_paths(obj, data_dir: str):
@@ -201,7 +196,7 @@ def card_inputs() -> dict:
         report=run_folder.read_json(RECORD_DIR / run_folder.REPORT_JSON),
         manifest=run_folder.read_json(RECORD_DIR / run_folder.MANIFEST_JSON),
         calibration=run_folder.read_json(MODEL_DIR / run_folder.CALIBRATION_JSON),
-        file_hashes={name: sha256(MODEL_DIR / name) for name in model_card.HASHED_FILES},
+        file_hashes={name: file_sha256(MODEL_DIR / name) for name in model_card.HASHED_FILES},
         sample=sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*.png")),
         verdicts={
             "rule": run_folder.read_json(MODEL_DIR / run_folder.VERDICT_RULE_JSON),
@@ -213,7 +208,7 @@ def card_inputs() -> dict:
         int8={
             "bytes": int8.stat().st_size,
             "sidecar": run_folder.read_json(f"{int8}.json"),
-            "agreement": _int8_agreement(sha256(int8)),
+            "agreement": _int8_agreement(file_sha256(int8)),
         },  # fmt: skip
     )
 

@@ -108,6 +108,15 @@ def cpu(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     }
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, hex (read a MiB at a time: weight files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def manifest_sha256(manifest: dict) -> str:
     """sha256 (hex) of a data manifest in its canonical JSON form: that of `manifest.json`."""
     return hashlib.sha256(run_folder.json_text(manifest).encode()).hexdigest()

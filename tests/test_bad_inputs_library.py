@@ -17,6 +17,7 @@ import pytest
 from bad_inputs import Case, check
 
 import mnres
+from mnres import provenance
 from mnres.deploy import predict
 from mnres.weights import imagenet, keras
 
@@ -77,7 +78,7 @@ def _cut_download_in_cache(work) -> None:
     path = _truncated_keras_file(work)
     os.replace(path, os.path.join(folder, file))
     with open(os.path.join(folder, file + ".sha256"), "w") as f:
-        f.write(f"{imagenet.file_sha256(os.path.join(folder, file))}  {file}\n")
+        f.write(f"{provenance.file_sha256(os.path.join(folder, file))}  {file}\n")
 
 
 def _load_into_small(path):

@@ -26,6 +26,7 @@ import pytest
 import mnres
 from experiments.configs import paper
 from mnres import config as config_lib
+from mnres import provenance
 from mnres.models.params import abstract_variables
 from mnres.training.steps import TrainState
 from mnres.weights import imagenet as iw
@@ -206,7 +207,7 @@ def test_download_loads_every_layer(keras_file, server, tmp_path, fields):
     )
     path = cache / iw.WEIGHTS_SUBDIR / FILE
     assert path.read_bytes() == keras_file[0]
-    assert iw.recorded_sha256(path) == iw.file_sha256(path)
+    assert iw.recorded_sha256(path) == provenance.file_sha256(path)
     assert _cache_files(cache) == [FILE, FILE + ".sha256"]
 
 
@@ -257,7 +258,7 @@ def test_download_cut_short_is_not_cached(keras_file, server, tmp_path):
     server.cut_at = None  # the connection holds this time
     path = iw.fetch("mobilenet_v1", 0.25, 128, cache_dir=tmp_path, url=server.url())
     assert open(path, "rb").read() == keras_file[0] and server.requests == 2
-    assert iw.recorded_sha256(path) == iw.file_sha256(path)
+    assert iw.recorded_sha256(path) == provenance.file_sha256(path)
 
 
 def test_hdf5_signature_then_junk_is_not_cached(keras_file, server, tmp_path):
@@ -280,7 +281,7 @@ def _cache_as_before(cache, body: bytes, file: str = FILE) -> None:
     with open(path, "wb") as f:
         f.write(body)
     with open(path + ".sha256", "w") as f:
-        f.write(f"{iw.file_sha256(path)}  {file}\n")
+        f.write(f"{provenance.file_sha256(path)}  {file}\n")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "junk"])

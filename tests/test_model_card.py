@@ -13,6 +13,7 @@ from experiments import independent_evaluation, model_card, model_card_figures, 
 from experiments.model_card_sections import pct
 from mnres import run_folder
 from mnres.metrics import cells, verdict_fitting
+from mnres.provenance import file_sha256
 from mnres.weights import shipped
 
 SECTIONS = (
@@ -228,8 +229,7 @@ def test_quantization_reports_the_files_size_and_what_was_measured(card, page):
     sidecar = run_folder.read_json(shipped.shipped_folder() / f"{shipped.INT8}.json")
     assert card["quantization"]["calibration_images"] == sidecar["calibration_images"]
     section = page.split("## Quantization", 1)[1].split("\n## ", 1)[0]
-    record = package_model._int8_agreement(package_model.sha256(shipped.shipped_folder() /
-                                                               shipped.INT8))  # fmt: skip
+    record = package_model._int8_agreement(file_sha256(shipped.shipped_folder() / shipped.INT8))
     if record is None:  # none, or one of another int8 file: not quoted
         assert "not measured" in section and card["quantization"]["agreement"] is None
     else:

@@ -25,7 +25,6 @@ read (`read_test`).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import re
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from mnres import config as config_lib
 from mnres import run_folder
+from mnres.provenance import file_sha256
 
 CHOICE_JSON = "choice.json"
 CELL_METRICS = ("accuracy", "auc", "sensitivity", "specificity")
@@ -269,11 +269,6 @@ def incomparable(search: dict[str, dict[int, dict]]) -> list[str]:
 # The choice, and the sealed test figures.
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def read_choice(search_dir: str) -> dict | None:
     path = os.path.join(search_dir, CHOICE_JSON)
     return run_folder.read_json(path) if os.path.isfile(path) else None
@@ -309,7 +304,7 @@ def choose(search_dir: str, recipe: str, table: str) -> dict:
         "num_folds": scores["num_folds"],
         "table": table,
         "scores": {name: recipe_scores(folds) for name, folds in search.items()},
-        "sha256": {name: _sha256(os.path.join(record_dir, name)) for name in files},
+        "sha256": {name: file_sha256(os.path.join(record_dir, name)) for name in files},
     }
     try:  # 'x': a second choice fails even when two are made at once
         with open(os.path.join(search_dir, CHOICE_JSON), "x") as f:
@@ -339,7 +334,7 @@ def read_test(search_dir: str, recipe: str) -> dict[int, dict]:
     record_dir = os.path.join(search_dir, recipe)
     for name, digest in choice["sha256"].items():
         path = os.path.join(record_dir, name)
-        if not os.path.isfile(path) or _sha256(path) != digest:
+        if not os.path.isfile(path) or file_sha256(path) != digest:
             raise SearchError(f"{path} changed since the choice")
     return {
         k: run_folder.read_json(_fold_path(record_dir, k, test=True))

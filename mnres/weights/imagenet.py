@@ -35,6 +35,7 @@ from absl import logging
 
 from mnres.cache import CACHE_ENV, default_cache_dir
 from mnres.models import mobilenet
+from mnres.provenance import file_sha256
 from mnres.weights.keras import read_h5_file
 
 # Where Keras downloads from (keras/src/applications/mobilenet.py, mobilenet_v2.py). A module
@@ -164,15 +165,6 @@ def recorded_sha256(path: str | os.PathLike) -> str | None:
             return f.read().split()[0].lower()
     except (FileNotFoundError, IndexError):
         return None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch(
@@ -420,7 +412,7 @@ __all__ = [
     "default_cache_dir",
     "family",
     "fetch",
-    "file_sha256",
+    "file_sha256",  # mnres.provenance.file_sha256, here since 0.1
     "load_checked",
     "load_imagenet",
     "recorded_sha256",
