@@ -255,8 +255,8 @@ def test_evaluation_counts_every_example_once_in_order(with_dropout):
 
 
 def test_evaluation_fetches_each_batch_before_it_runs_the_next(with_dropout, monkeypatch):
-    # Batches queued together grew the kept heap by ~1 GB each: a fold's 8-view evaluation
-    # reached 24 GB and was killed. One batch on the device at a time.
+    # With every batch queued, a fold's 8-view evaluation reached 24 GB on the kept heap and
+    # was killed (docs/performance.md). One batch on the device at a time.
     model, state, _, mesh = with_dropout
     eval_step = steps.make_eval_step(model, mesh)
     unfetched, most = [0], [0]

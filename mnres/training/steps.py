@@ -271,8 +271,8 @@ def evaluate(eval_step, state: TrainState, split, batch_size: int, mesh) -> dict
       float32 [N] log P(class 1)/P(class 0), with 'accuracy' at threshold 0.5 on 'probs'; for
       more, 'accuracy' is of the most probable class. Arrays in the split's order.
     """
-    # One batch at a time: with freed memory kept (mnres.host_memory), batches queued together
-    # grew the heap by ~1 GB each (8 views, 96 px, alpha 0.75: 24 GB at a fold's end).
+    # One batch at a time: with freed memory kept (mnres.host_memory), a fold's final 8-view
+    # evaluation (96 px, alpha 0.75) with every batch queued grew to 24 GB and was killed.
     host = [
         jax.device_get(eval_step(state, shard_batch(batch, mesh)))
         for batch in data.eval_batches(split, batch_size, jax.process_index(), jax.process_count())
