@@ -72,13 +72,38 @@ def _worker(args: dict) -> dict:
     return {**args, "peak_gb": peak_kb * 1024 / 1e9, "seconds": seconds}
 
 
+def _choices(allowed):
+    """An argparse type: a comma-separated subset of `allowed`, refused with the choices."""
+
+    def parse(text: str) -> list[str]:
+        picked = text.split(",")
+        if not picked or any(p not in allowed for p in picked):
+            raise argparse.ArgumentTypeError(f"{text!r}: pick from {', '.join(allowed)}")
+        return picked
+
+    return parse
+
+
+def _crop_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated positive crop counts."""
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated positive integers, e.g. 512,1536"
+        )
+    return counts
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image_size", type=int, default=96)
     parser.add_argument("--alpha", type=float, default=0.75)
-    parser.add_argument("--crops", default="512,1536", help="comma-separated crop counts")
-    parser.add_argument("--loops", default=",".join(LOOPS))
-    parser.add_argument("--allocators", default=",".join(ALLOCATORS))
+    parser.add_argument("--crops", type=_crop_counts, default="512,1536", help="e.g. 512,1536")
+    parser.add_argument("--loops", type=_choices(LOOPS), default=",".join(LOOPS))
+    parser.add_argument("--allocators", type=_choices(ALLOCATORS), default=",".join(ALLOCATORS))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -92,9 +117,9 @@ def main(argv=None) -> None:
     )
     print(f"{args.image_size} px, alpha {args.alpha}, random weights and crops")
     print(f"{'allocator':<10}{'loop':<15}{'crops':>7}{'peak GB':>10}{'seconds':>10}")
-    for allocator in args.allocators.split(","):
-        for loop in args.loops.split(","):
-            for crops in (int(c) for c in args.crops.split(",")):
+    for allocator in args.allocators:
+        for loop in args.loops:
+            for crops in args.crops:
                 job = {"allocator": allocator, "loop": loop, "crops": crops,
                        "image_size": args.image_size, "alpha": args.alpha}  # fmt: skip
                 done = subprocess.run(

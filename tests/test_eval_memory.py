@@ -16,6 +16,14 @@ def test_the_queued_loop_evaluates_every_crop_once_and_reports_a_peak():
     assert result["peak_gb"] > 0.1 and result["seconds"] > 0
 
 
+@pytest.mark.parametrize("flag", ["--crops=512,x", "--crops=0", "--loops=queued,fast"])
+def test_a_malformed_flag_is_a_usage_error_naming_it(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        eval_memory.main([flag])
+    assert exit_.value.code == 2  # argparse's usage error, before any measurement
+    assert flag.split("=")[1] in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_table_has_a_row_per_measurement(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["eval_memory"])

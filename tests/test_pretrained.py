@@ -79,7 +79,7 @@ def test_the_shipped_config_builds_a_model_with_every_shipped_parameter(shipped)
         jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in jax.tree.leaves_with_path(tree)
     }
     assert leaves(shipped.variables) == leaves(dict(expected))
-    assert shipped.preprocessing["image_size"] == size == 64
+    assert shipped.preprocessing["image_size"] == size == shipped.config.data.image_size
     assert shipped.preprocessing["test_time_augmentation"] is True
     assert shipped.calibration["threshold_at_spec_95"] is not None
 
