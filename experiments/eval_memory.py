@@ -76,8 +76,8 @@ def _choices(allowed):
     """An argparse type: a comma-separated subset of `allowed`, refused with the choices."""
 
     def parse(text: str) -> list[str]:
-        picked = text.split(",")
-        if not picked or any(p not in allowed for p in picked):
+        picked = text.split(",")  # never empty: "" splits to [""], which is refused below
+        if any(p not in allowed for p in picked):
             raise argparse.ArgumentTypeError(f"{text!r}: pick from {', '.join(allowed)}")
         return picked
 
