@@ -1,8 +1,17 @@
-r"""Per-crop outputs of the recipe search's cross-validation folds, retrained.
+r"""Per-crop outputs of the recipe search's cross-validation folds.
 
 The recipe search (experiments/results/search) keeps each fold's figures, not its per-crop
-outputs. This command retrains recipes on the same patient-level folds as
-`python -m experiments.crossval` (fold seed = config seed 0, 5 folds, folder source) and keeps,
+outputs. Where the recorded runs' folders are kept, `runs` takes their outputs from them,
+nothing trained (the validation rows recomputed from the checkpoint each run evaluated and
+checked against its report.json, the test rows its own test_outputs.npz):
+
+  python -m experiments.fold_outputs runs --data_dir=PATH/cell_images \
+      --search=experiments/results/search_round2 \
+      --member=gray_world=runs/search_round2/gray_world \
+      --record=experiments/results/fold_outputs/search_round2
+
+Where they are gone, the other commands retrain recipes on the same patient-level folds as
+`python -m experiments.crossval` (fold seed = config seed 0, 5 folds, folder source) and keep,
 for every fold's validation and test crops, the file name, slide id, label and the log-odds of
 parasitized that the run's final evaluation gave: the checkpoint `config.eval_checkpoint` names
 ('best': the best per-epoch validation accuracy) with `config.test_time_augmentation` (the 8
@@ -414,6 +423,16 @@ def main(argv=None) -> None:
     p.add_argument("--parallel", type=int, default=10, help="training processes at once")
     p = sub.add_parser("collect", help="a RECIPE.tar's finished folds into the record")
     p.add_argument("tar", help="OUT/RECIPE.tar")
+    p = sub.add_parser("runs", help="the recorded runs' own outputs, from their run folders")
+    p.add_argument(
+        "--member",
+        action="append",
+        required=True,
+        help="RECIPE=WORKDIR: a recorded recipe and its cross-validation workdir",
+    )
+    p.add_argument("--search", required=True, help="the search folder that records them")
+    p.add_argument("--record", required=True, help="where RECIPE_fold_K.npz files are written")
+    p.add_argument("--data_dir", help="PATH/cell_images, where the crops lie here")
     p = sub.choices["train"]
     p.add_argument("--npy", required=True)
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
@@ -425,6 +444,19 @@ def main(argv=None) -> None:
         run(args)
     elif args.command == "collect":
         print("collected folds:", collect(args.tar))
+    elif args.command == "runs":
+        members = dict(spec.partition("=")[::2] for spec in args.member)
+        if len(members) != len(args.member) or not all(all(kv) for kv in members.items()):
+            parser.error(f"--member: expected RECIPE=WORKDIR, each recipe once: {args.member}")
+        from experiments.search import fold_summary
+
+        try:
+            written = fold_summary.record_crop_outputs(
+                args.search, members, args.record, {"dir": args.data_dir}
+            )
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        print("written:", ", ".join(f"{r} fold {k}" for r, k in written) or "nothing new")
     else:
         from absl import logging
 

@@ -46,6 +46,12 @@ Fixed before the comparison (not chosen):
   python -m experiments.verdict_cv table    # docs/results.md's tables, from the records
   # the shipped model's rule: the chosen pair fitted on its own validation slides
   python -m experiments.verdict_cv ship --data_dir=PATH/cell_images
+
+Another model's recipes (their fold outputs from `python -m experiments.fold_outputs runs`) go
+through the same protocol with their own records:
+
+  python -m experiments.verdict_cv choose --recipes=A,B \
+      --outputs=experiments/results/fold_outputs/search_round2 --results=RESULTS_2
 """
 
 from __future__ import annotations
@@ -77,14 +83,14 @@ PREFERENCE = tuple((c, s) for s in SCORES for c in CANDIDATES)
 # The fold outputs, one split at a time.
 
 
-def load_fold(k: int, split: str, outputs: str = OUTPUTS) -> dict:
+def load_fold(k: int, split: str, outputs: str = OUTPUTS, recipes=RECIPES) -> dict:
     """The ensemble's rows of fold k's `split`: name, slide_id, label, log_odds, prob.
 
     Only `split`'s rows of the outputs are kept (the columns are read whole from the npz,
     then cut: `choose` calls this with 'validation' and never holds a test output).
     """
     members = []
-    for recipe in RECIPES:
+    for recipe in recipes:
         path = os.path.join(outputs, f"{recipe}_fold_{k}.npz")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the member's fold outputs come first "
@@ -101,12 +107,12 @@ def load_fold(k: int, split: str, outputs: str = OUTPUTS) -> dict:
     return dict(first, log_odds=log_odds)
 
 
-def train_prevalence(k: int, outputs: str = OUTPUTS) -> float:
+def train_prevalence(k: int, outputs: str = OUTPUTS, recipes=RECIPES) -> float:
     """The parasitized share of fold k's training crops: every crop (the five test splits
     cover each once) less fold k's validation and test patients. Labels only."""
     labels, slides = [], []
     for j in range(NUM_FOLDS):
-        with np.load(os.path.join(outputs, f"{RECIPES[0]}_fold_{j}.npz")) as d:
+        with np.load(os.path.join(outputs, f"{recipes[0]}_fold_{j}.npz")) as d:
             rows = d["split"] == "test"
             labels.append(d["label"][rows])
             slides.append(d["slide_id"][rows])
@@ -187,8 +193,8 @@ def _write(path: str, record: dict) -> None:
         f.write("\n")
 
 
-def _protocol() -> dict:
-    return {"recipes": list(RECIPES), "min_cells": MIN_CELLS, "qs": list(QS), "alpha": ALPHA,
+def _protocol(recipes) -> dict:
+    return {"recipes": list(recipes), "min_cells": MIN_CELLS, "qs": list(QS), "alpha": ALPHA,
             "light_fraction": LIGHT_FRACTION, "candidates": list(CANDIDATES),
             "scores": list(SCORES)}  # fmt: skip
 
@@ -201,8 +207,8 @@ def choose(args) -> None:
     """Leave-one-patient-out on each fold's validation patients; the winner to choice.json."""
     pooled = {pair: ({}, {}) for pair in PREFERENCE}  # (truth, calls), slides keyed by fold
     for k in range(NUM_FOLDS):
-        rows = load_fold(k, "validation", args.outputs)
-        prevalence = train_prevalence(k, args.outputs)
+        rows = load_fold(k, "validation", args.outputs, args.recipes)
+        prevalence = train_prevalence(k, args.outputs, args.recipes)
         ids, labels = rows["slide_id"], rows["label"]
         truth = infected_patients(labels, ids)
         for candidate, which in PREFERENCE:
@@ -222,7 +228,7 @@ def choose(args) -> None:
     chosen = {"candidate": table[best]["candidate"], "scores": table[best]["scores"]}
     print(f"chosen: {chosen}")
     _write(os.path.join(args.results, "choice.json"), {
-        "protocol": _protocol(), "chosen": chosen, "leave_one_patient_out": table,
+        "protocol": _protocol(args.recipes), "chosen": chosen, "leave_one_patient_out": table,
         "read": "validation rows of every fold only",
     })  # fmt: skip
 
@@ -242,13 +248,14 @@ def test(args) -> None:
         sys.exit(f"{out_path} exists: the test folds are read once (a new rule needs new data)")
     with open(os.path.join(args.results, "choice.json")) as f:
         choice = json.load(f)
-    if choice["protocol"] != _protocol():
+    if choice["protocol"] != _protocol(args.recipes):
         sys.exit("choice.json was made under another protocol than this script's")
     per_pair = {f"{c}/{s}": {"folds": [], "truth": {}, "calls": {}} for c, s in PREFERENCE}
     fractions = {}
     for k in range(NUM_FOLDS):
-        val, tst = load_fold(k, "validation", args.outputs), load_fold(k, "test", args.outputs)
-        prevalence = train_prevalence(k, args.outputs)
+        val = load_fold(k, "validation", args.outputs, args.recipes)
+        tst = load_fold(k, "test", args.outputs, args.recipes)
+        prevalence = train_prevalence(k, args.outputs, args.recipes)
         truth = infected_patients(tst["label"], tst["slide_id"])
         for s in truth:
             fractions[s] = float(np.mean(tst["label"][tst["slide_id"] == s]))
@@ -261,7 +268,7 @@ def test(args) -> None:
                                    **figures(truth, called)})  # fmt: skip
             entry["truth"].update(truth)
             entry["calls"].update(called)
-    record = {"protocol": _protocol(), "chosen": choice["chosen"],
+    record = {"protocol": _protocol(args.recipes), "chosen": choice["chosen"],
               "parasitized_fraction": fractions, "pairs": {}}  # fmt: skip
     for pair, entry in per_pair.items():
         record["pairs"][pair] = {"pooled": figures(entry["truth"], entry["calls"]),
@@ -410,7 +417,13 @@ def main(argv=None) -> None:
     parser.add_argument("--data_dir", help="ship: PATH/cell_images, the development set")
     parser.add_argument("--outputs", default=OUTPUTS, help="the fold outputs' folder")
     parser.add_argument("--results", default=RESULTS, help="where the records are written")
+    parser.add_argument(
+        "--recipes",
+        default=",".join(RECIPES),
+        help="the members whose mean log-odds are scored (their fold outputs)",
+    )
     args = parser.parse_args(argv)
+    args.recipes = tuple(args.recipes.split(","))
     if args.command == "table":
         print(table_markdown(args.results))
     else:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from data_fixtures import tiny_crossval_config
 
-from experiments import ablation
+from experiments import ablation, fold_outputs, verdict_cv
 from experiments.configs import default
 from experiments.search import ensemble_folds, fold_summary
 from experiments.search import records as search
@@ -132,6 +132,24 @@ def test_an_ensemble_of_one_run_twice_scores_as_that_run(tmp_path):
     expected = metrics.binary_metrics(outputs["labels"], 1 / (1 + np.exp(-z)))
     for key in ("accuracy", "auc", "sensitivity"):
         assert adjusted["validation"]["cell"][key] == pytest.approx(expected[key])
+    # The recorded run's per-crop outputs, for the verdict rules: validation rows recomputed,
+    # test rows the run's own; the unrecorded fold 1 is left, a written fold kept.
+    out_dir = str(tmp_path / "fold_outputs")
+    argv = ["runs", f"--search={search_dir}", f"--member=a={workdir}", f"--record={out_dir}"]
+    fold_outputs.main(argv)
+    with np.load(os.path.join(out_dir, "a_fold_0.npz")) as rows:
+        val, test_rows = rows["split"] == "validation", rows["split"] == "test"
+        np.testing.assert_allclose(rows["log_odds"][val], outputs["log_odds"], rtol=1e-5)
+        np.testing.assert_array_equal(rows["name"][val], ds.validation.names)
+        stored = run_folder.read_test_outputs(fold_dir)
+        np.testing.assert_array_equal(rows["log_odds"][test_rows], stored["log_odds"])
+        np.testing.assert_array_equal(rows["slide_id"][test_rows], stored["slide_ids"])
+    assert [
+        r["file"] for r in run_folder.read_json(os.path.join(out_dir, "summary.json"))["runs"]
+    ] == ["a_fold_0.npz"]
+    assert fold_summary.record_crop_outputs(str(search_dir), {"a": workdir}, out_dir, {}) == []
+    rows = verdict_cv.load_fold(0, "validation", out_dir, ("a",))
+    assert len(rows["name"]) == len(ds.validation.names)
     # The weights at the end of training: their outputs, not the run's evaluated checkpoint's.
     latest = ensemble_folds.Scoring(checkpoint="latest")
     assert ensemble_folds.record_ensemble(
@@ -158,3 +176,13 @@ def test_an_ensemble_of_one_run_twice_scores_as_that_run(tmp_path):
         search.read_search(str(search_dir)), default.get_config().to_dict(), ablation.changes
     )
     assert "ensemble of a, b (mean log-odds)" in table
+
+
+@pytest.mark.parametrize("member", ["a", "a=", "=w", "a=w --member=a=v"])
+def test_fold_outputs_runs_refuses_a_malformed_member(member, capsys):
+    argv = ["runs", "--search=s", "--record=r"] + [
+        f"--member={m}" for m in member.split(" --member=")
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        fold_outputs.main(argv)
+    assert exit_.value.code == 2 and "RECIPE=WORKDIR" in capsys.readouterr().err

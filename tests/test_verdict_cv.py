@@ -57,7 +57,7 @@ def test_choose_test_table(tmp_path, monkeypatch, capsys):
     seen = []
     load = verdict_cv.load_fold
     monkeypatch.setattr(
-        verdict_cv, "load_fold", lambda k, split, o: seen.append(split) or load(k, split, o)
+        verdict_cv, "load_fold", lambda k, split, *a: seen.append(split) or load(k, split, *a)
     )
     verdict_cv.main(["choose", *args])
     assert set(seen) == {"validation"}  # choose never loads a test output
@@ -65,6 +65,8 @@ def test_choose_test_table(tmp_path, monkeypatch, capsys):
     assert (choice["chosen"]["candidate"], choice["chosen"]["scores"]) in verdict_cv.PREFERENCE
     assert len(choice["leave_one_patient_out"]) == len(verdict_cv.PREFERENCE)
 
+    with pytest.raises(SystemExit, match="another protocol"):  # a choice of other members
+        verdict_cv.main(["test", *args, "--recipes=mixup"])
     verdict_cv.main(["test", *args])
     record = json.loads((results / "test_folds.json").read_text())
     pooled = record["pairs"]["fraction/plain"]["pooled"]

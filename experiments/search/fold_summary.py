@@ -11,10 +11,12 @@ validation figures before the patient decisions are made from them.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import re
 
 import numpy as np
+from absl import logging
 
 from experiments.search.records import (
     CELL_METRICS,
@@ -25,6 +27,7 @@ from experiments.search.records import (
 )
 from mnres import metrics, run_folder
 from mnres.data import folds as folds_lib
+from mnres.data.splits import names_sha256
 from mnres.training import crossval
 
 TEST_PATIENT = ("n_patients", "n_infected", "accuracy", "sensitivity", "specificity", "auc",
@@ -105,6 +108,31 @@ def validation_outputs(fold_dir: str, report: dict, split) -> dict:
             "or weights the run was evaluated on"
         )
     return {"labels": np.asarray(split.labels), "probs": probs, "log_odds": log_odds}
+
+
+def crop_outputs(fold_dir: str, report: dict, dataset) -> dict[str, np.ndarray]:
+    """A run's per-crop outputs, validation rows then test rows: split, name, slide_id, label,
+    log_odds and prob (of parasitized), from the checkpoint the run evaluated.
+
+    The validation rows are recomputed (`validation_outputs`, checked against report.json); the
+    test rows are the run's own test_outputs.npz, checked to be `dataset`'s test crops.
+    """
+    val = validation_outputs(fold_dir, report, dataset.validation)
+    test = run_folder.read_test_outputs(fold_dir)
+    if "log_odds" not in test:
+        raise ValueError(f"{fold_dir} is not a two-class run: no log-odds of parasitized")
+    if not np.array_equal(test["names"], np.asarray(dataset.test.names)):
+        raise ValueError(f"{fold_dir}: its test outputs are of other crops than its fold's")
+    log_odds = np.concatenate([val["log_odds"], test["log_odds"]]).astype(np.float32)
+    n_val, n_test = len(val["labels"]), len(test["labels"])
+    return {
+        "split": np.array(["validation"] * n_val + ["test"] * n_test),
+        "name": np.concatenate([np.asarray(dataset.validation.names), test["names"]]),
+        "slide_id": np.concatenate([np.asarray(dataset.validation.slide_ids), test["slide_ids"]]),
+        "label": np.concatenate([val["labels"], test["labels"]]).astype(np.int32),
+        "log_odds": log_odds,
+        "prob": (1.0 / (1.0 + np.exp(-log_odds.astype(np.float64)))).astype(np.float32),
+    }
 
 
 def _provenance(report: dict) -> dict:
@@ -240,3 +268,61 @@ def record_finished_folds(
         if record_fold(record_dir, summary, test):
             recorded.append(k)
     return recorded
+
+
+def record_crop_outputs(
+    search_dir: str, members: dict[str, str], record: str, location: dict
+) -> list[tuple[str, int]]:
+    """`crop_outputs` of recorded folds, for `python -m experiments.fold_outputs runs`.
+
+    Writes RECORD/RECIPE_fold_K.npz for each recorded fold of each recipe whose run folder in
+    its workdir ({recipe: workdir}) holds the recorded run (`is_recorded`), with its entry in
+    RECORD/summary.json; files in RECORD already are kept. `location`: config.data fields (dir)
+    that say where the crops lie here. Returns the (recipe, fold) pairs written.
+    """
+    os.makedirs(record, exist_ok=True)
+    summary_path = os.path.join(record, "summary.json")
+    summary = {"code": "python -m experiments.fold_outputs runs", "runs": []}
+    if os.path.isfile(summary_path):
+        summary = run_folder.read_json(summary_path)
+    written, search_name = [], os.path.basename(os.path.normpath(search_dir))
+    for recipe, workdir in members.items():
+        folds = read_recipe(os.path.join(search_dir, recipe))
+        if not folds:
+            raise ValueError(f"{recipe} has no recorded fold in {search_dir}")
+        for k in range(next(iter(folds.values()))["num_folds"]):
+            out = f"{recipe}_fold_{k}.npz"
+            if os.path.isfile(os.path.join(record, out)):
+                continue
+            fold_dir = os.path.join(workdir, f"fold_{k}")
+            if k not in folds or not is_recorded(os.path.join(search_dir, recipe), fold_dir):
+                logging.warning("%s fold %d: no recorded run of it in %s.", recipe, k, workdir)
+                continue
+            recorded = folds[k]
+            config = run_folder.read_config(fold_dir)
+            with config.data.unlocked():
+                config.data.update({key: v for key, v in location.items() if v})
+            dataset = folds_lib.dataset_for_run(fold_dir, config)
+            report = run_folder.read_report(fold_dir)
+            rows = crop_outputs(fold_dir, report, dataset)
+            if (
+                names_sha256(rows["name"][rows["split"] == "validation"])
+                != recorded["validation_names_sha256"]
+            ):
+                raise ValueError(f"{fold_dir}: its validation crops are not the recorded fold's")
+            np.savez_compressed(os.path.join(record, out), **rows)
+            with open(os.path.join(record, out), "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            prov = recorded["provenance"]
+            summary["runs"] = [r for r in summary["runs"] if r["file"] != out] + [{
+                "recipe": recipe, "fold": k, "file": out, "file_sha256": digest,
+                "source": f"the recorded run of {search_name}/{recipe}/fold_{k}",
+                "evaluated": recorded["evaluated"],
+                "validation_names_sha256": recorded["validation_names_sha256"],
+                "test_names_sha256": names_sha256(rows["name"][rows["split"] == "test"]),
+                "machine": {"cpu": prov.get("cpu"), "versions": prov.get("versions")},
+            }]  # fmt: skip
+            summary["runs"].sort(key=lambda r: (r["recipe"], r["fold"]))
+            run_folder.write_json(summary_path, summary)
+            written.append((recipe, k))
+    return written
