@@ -28,7 +28,7 @@ from absl import app, flags, logging
 
 import experiments
 from experiments import _cli
-from experiments.search import ensemble_folds
+from experiments.search import ensemble_folds, fold_summary
 
 flags.DEFINE_multi_string(
     "member", None, "RECIPE=WORKDIR: a recorded recipe and its cross-validation workdir."
@@ -52,16 +52,12 @@ flags.mark_flags_as_required(["member", "record"])
 FLAGS = flags.FLAGS
 
 
-def parse_members(specs: list[str], least: int = 2) -> dict[str, str]:
-    """{recipe: workdir} of `RECIPE=WORKDIR` specs (at least `least`, each recipe once)."""
-    members = {}
-    for spec in specs:
-        name, sep, workdir = spec.partition("=")
-        if not sep or not name or not workdir:
-            raise app.UsageError(f"--member={spec}: expected RECIPE=WORKDIR")
-        if name in members:
-            raise app.UsageError(f"--member {name} is given twice")
-        members[name] = workdir
+def parse_members(specs: list[str], least: int) -> dict[str, str]:
+    """{recipe: workdir} of the --member flags, at least `least` of them."""
+    try:
+        members = fold_summary.parse_members(specs)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if len(members) < least:
         raise app.UsageError(
             "an ensemble needs at least two --member (one with --slide_prior or "

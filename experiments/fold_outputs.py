@@ -445,11 +445,12 @@ def main(argv=None) -> None:
     elif args.command == "collect":
         print("collected folds:", collect(args.tar))
     elif args.command == "runs":
-        members = dict(spec.partition("=")[::2] for spec in args.member)
-        if len(members) != len(args.member) or not all(all(kv) for kv in members.items()):
-            parser.error(f"--member: expected RECIPE=WORKDIR, each recipe once: {args.member}")
         from experiments.search import fold_summary
 
+        try:
+            members = fold_summary.parse_members(args.member)
+        except ValueError as e:
+            parser.error(str(e))
         try:
             written = fold_summary.record_crop_outputs(
                 args.search, members, args.record, {"dir": args.data_dir}

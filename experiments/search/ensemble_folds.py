@@ -28,7 +28,6 @@ from experiments.search import fold_summary
 from experiments.search import records as search
 from experiments.search.records import CELL_METRICS
 from mnres import metrics, provenance, run_folder
-from mnres.data import folds as folds_lib
 from mnres.metrics import calibration, slide_prior
 
 COMBINE = "mean_log_odds"
@@ -155,7 +154,7 @@ def summarize_ensemble_fold(
       members: {member recipe: (its recorded fold-K summary, its fold-K run folder)}; the folder
         must be the recorded run (`fold_summary.is_recorded`).
       recipe: the ensemble's name in the search.
-      dataset: the fold's rebuilt `Dataset` (`folds_lib.dataset_for_run`).
+      dataset: the fold's rebuilt `Dataset` (`fold_summary.rebuilt_dataset`).
       scoring: the checkpoint scored, and whether each slide's prevalence replaces the
         training split's (`slide_prior.adjust`).
 
@@ -244,21 +243,6 @@ def _spec(search_dir: str, members: dict[str, str]) -> dict:
     return first
 
 
-def ready_members(search_dir: str, members: dict[str, str], fold: int):
-    """{recipe: (recorded fold summary, fold folder)} when every member's fold is recorded and
-    its folder holds that run; else (None, why)."""
-    found = {}
-    for name, workdir in members.items():
-        summary = search.read_recipe(os.path.join(search_dir, name)).get(fold)
-        fold_dir = os.path.join(workdir, f"fold_{fold}")
-        if summary is None:
-            return None, f"{name} has no recorded fold {fold}"
-        if not fold_summary.is_recorded(os.path.join(search_dir, name), fold_dir):
-            return None, f"{fold_dir} is not the run recorded for {name}"
-        found[name] = (summary, fold_dir)
-    return found, None
-
-
 def record_ensemble(
     record_dir: str, members: dict[str, str], data_location: dict, scoring: Scoring = Scoring()
 ) -> list[int]:
@@ -287,15 +271,11 @@ def record_ensemble(
     for k in range(spec["num_folds"]):
         if k in recorded_before:
             continue
-        ready, why = ready_members(search_dir, members, k)
+        ready, why = fold_summary.ready_members(search_dir, members, k)
         if ready is None:
             logging.warning("Fold %d is not scored: %s.", k, why)
             continue
-        first_dir = next(iter(ready.values()))[1]
-        config = run_folder.read_config(first_dir)
-        with config.data.unlocked():
-            config.data.update({key: v for key, v in data_location.items() if v})
-        dataset = folds_lib.dataset_for_run(first_dir, config)
+        dataset = fold_summary.rebuilt_dataset(next(iter(ready.values()))[1], data_location)
         summary, test = summarize_ensemble_fold(ready, recipe, dataset, scoring)
         search.record_fold(record_dir, summary, test)
         logging.info(

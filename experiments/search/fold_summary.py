@@ -175,10 +175,7 @@ def summarize_fold(
     if not report.get("validation"):
         raise ValueError(f"{fold_dir} has no validation figures to compare recipes on")
     if dataset is None:
-        config = run_folder.read_config(fold_dir)
-        with config.data.unlocked():
-            config.data.update({k: v for k, v in (data_location or {}).items() if v})
-        dataset = folds_lib.dataset_for_run(fold_dir, config)
+        dataset = rebuilt_dataset(fold_dir, data_location)
     run_splits = run_folder.read_manifest(fold_dir)["splits"]
     for name in ("validation", "test"):
         if dataset.manifest["splits"][name]["names_sha256"] != run_splits[name]["names_sha256"]:
@@ -238,6 +235,47 @@ def is_recorded(record_dir: str, fold_dir: str) -> bool:
     )
 
 
+def rebuilt_dataset(fold_dir: str, data_location: dict | None = None):
+    """The fold's `Dataset` rebuilt from its run folder, the data where `data_location`
+    (config.data fields: dir, cache_dir) says they lie here."""
+    config = run_folder.read_config(fold_dir)
+    with config.data.unlocked():
+        config.data.update({k: v for k, v in (data_location or {}).items() if v})
+    return folds_lib.dataset_for_run(fold_dir, config)
+
+
+def parse_members(specs: list[str]) -> dict[str, str]:
+    """{recipe: workdir} of `RECIPE=WORKDIR` specs (the --member flags), each recipe once.
+
+    Raises:
+      ValueError: a malformed spec or a recipe given twice.
+    """
+    members = {}
+    for spec in specs:
+        name, sep, workdir = spec.partition("=")
+        if not sep or not name or not workdir:
+            raise ValueError(f"--member={spec}: expected RECIPE=WORKDIR")
+        if name in members:
+            raise ValueError(f"--member {name} is given twice: expected RECIPE=WORKDIR once each")
+        members[name] = workdir
+    return members
+
+
+def ready_members(search_dir: str, members: dict[str, str], fold: int):
+    """{recipe: (recorded fold summary, fold folder)} when every member's fold is recorded and
+    its folder ({recipe: workdir}) holds that run; else (None, why)."""
+    found = {}
+    for name, workdir in members.items():
+        summary = read_recipe(os.path.join(search_dir, name)).get(fold)
+        fold_dir = os.path.join(workdir, f"fold_{fold}")
+        if summary is None:
+            return None, f"{name} has no recorded fold {fold}"
+        if not is_recorded(os.path.join(search_dir, name), fold_dir):
+            return None, f"{fold_dir} is not the run recorded for {name}"
+        found[name] = (summary, fold_dir)
+    return found, None
+
+
 def record_finished_folds(
     workdir: str, record_dir: str, *, baseline: dict | None = None, data_location=None
 ) -> list[int]:
@@ -294,15 +332,12 @@ def record_crop_outputs(
             out = f"{recipe}_fold_{k}.npz"
             if os.path.isfile(os.path.join(record, out)):
                 continue
-            fold_dir = os.path.join(workdir, f"fold_{k}")
-            if k not in folds or not is_recorded(os.path.join(search_dir, recipe), fold_dir):
-                logging.warning("%s fold %d: no recorded run of it in %s.", recipe, k, workdir)
+            ready, why = ready_members(search_dir, {recipe: workdir}, k)
+            if ready is None:
+                logging.warning("%s fold %d is not written: %s.", recipe, k, why)
                 continue
-            recorded = folds[k]
-            config = run_folder.read_config(fold_dir)
-            with config.data.unlocked():
-                config.data.update({key: v for key, v in location.items() if v})
-            dataset = folds_lib.dataset_for_run(fold_dir, config)
+            recorded, fold_dir = ready[recipe]
+            dataset = rebuilt_dataset(fold_dir, location)
             report = run_folder.read_report(fold_dir)
             rows = crop_outputs(fold_dir, report, dataset)
             if (
