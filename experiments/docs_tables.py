@@ -170,10 +170,10 @@ def _speed_benchmark() -> str:
     """The training-speed benchmark against its peers, from experiments/results/benchmark.json."""
     import json
 
-    from experiments import benchmark
+    from experiments import benchmark_tables
 
     with open(REPO / "experiments" / "results" / "benchmark.json") as f:
-        return benchmark.markdown(json.load(f))
+        return benchmark_tables.markdown(json.load(f))
 
 
 GENERATORS: dict[str, Callable[[], str]] = {
