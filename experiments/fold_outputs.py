@@ -18,7 +18,8 @@ parasitized that the run's final evaluation gave: the checkpoint `config.eval_ch
 symmetries of each crop), as report.json and the search records' validation figures are made.
 
 1. Pack the decoded crops of the folder source (the cross-validation pool, decoded by
-   mnres.data's own code) into xz-compressed chunks that travel to another machine:
+   mnres.data's own code) into xz-compressed chunks that travel to another machine
+   (`experiments.search.packed_pool`):
 
   python -m experiments.fold_outputs pack --data_dir=PATH/cell_images --pool=POOL
 
@@ -40,15 +41,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import lzma
 import os
 import subprocess
 import sys
 import tarfile
 import time
-from concurrent import futures
 
 import numpy as np
+
+from experiments.search.packed_pool import FOLD_SEED, folder_config, load_pool, pack, unpack
 
 # The recipes of the shipped ensemble (experiments/results/search/<name>/fold_K.json, field
 # `changes`): overrides of experiments/configs/default.py.
@@ -56,99 +57,7 @@ RECIPES = {
     "gray_world": {"model.input_normalization": "gray_world"},
     "mixup": {"mixup_alpha": 0.2},
 }
-NUM_FOLDS, FOLD_SEED = 5, 0
-_CHUNKS = 8
-_XZ_FILTERS = [
-    {"id": lzma.FILTER_DELTA, "dist": 3},  # RGB: each byte minus the same channel's neighbour
-    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME},
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# The pool: every crop of the folder source, decoded as experiments.crossval decodes it.
-
-
-def _base_config(data_dir: str, overrides: dict):
-    from experiments.configs import default
-
-    config = default.get_config()
-    config.data.source = "folder"
-    config.data.dir = data_dir
-    config.progress_bar = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        old = node[leaf]
-        if isinstance(value, str) and isinstance(old, bool):
-            value = value.lower() in ("1", "true", "yes")
-        elif isinstance(value, str) and isinstance(old, (int, float)):
-            value = type(old)(value)
-        node[leaf] = value
-    return config
-
-
-def _compress(chunk: np.ndarray) -> bytes:
-    return lzma.compress(chunk.tobytes(), format=lzma.FORMAT_XZ, filters=_XZ_FILTERS)
-
-
-def pack(data_dir: str, pool_dir: str) -> None:
-    """Writes POOL/pool.json, POOL/meta.npz and POOL/images_NN.xz (uint8 [N, S, S, 3])."""
-    from mnres.data import folds as folds_lib
-
-    config = _base_config(data_dir, {})
-    pool, manifest = folds_lib.load_pool(config.data, FOLD_SEED)
-    os.makedirs(pool_dir, exist_ok=True)
-    np.savez_compressed(
-        os.path.join(pool_dir, "meta.npz"),
-        labels=pool.labels, slide_ids=pool.slide_ids, names=pool.names,
-    )  # fmt: skip
-    bounds = np.linspace(0, len(pool), _CHUNKS + 1).astype(int)
-    chunks = [pool.images[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    with futures.ProcessPoolExecutor() as ex:
-        for i, blob in enumerate(ex.map(_compress, chunks)):
-            with open(os.path.join(pool_dir, f"images_{i:02d}.xz"), "wb") as f:
-                f.write(blob)
-    info = {
-        "shape": list(pool.images.shape),
-        "images_sha256": hashlib.sha256(pool.images.tobytes()).hexdigest(),
-        "chunks": [f"images_{i:02d}.xz" for i in range(_CHUNKS)],
-        "skipped": manifest.get("skipped", []),
-        "data_dir": "PATH/" + os.path.basename(os.path.normpath(data_dir)),
-    }
-    with open(os.path.join(pool_dir, "pool.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    print(f"packed {len(pool)} crops into {pool_dir}", flush=True)
-
-
-def _decompress(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return lzma.decompress(f.read())
-
-
-def unpack(pool_dir: str, npy_path: str) -> None:
-    """POOL's chunks -> one .npy of the images, checked against the packed sha256."""
-    with open(os.path.join(pool_dir, "pool.json")) as f:
-        info = json.load(f)
-    with futures.ProcessPoolExecutor() as ex:
-        raw = b"".join(ex.map(_decompress, [os.path.join(pool_dir, c) for c in info["chunks"]]))
-    if hashlib.sha256(raw).hexdigest() != info["images_sha256"]:
-        raise ValueError(f"{pool_dir}: the unpacked images are not the packed ones")
-    images = np.frombuffer(raw, np.uint8).reshape(info["shape"])
-    np.save(npy_path, images)
-
-
-def load_pool(pool_dir: str, npy_path: str):
-    """The pool `folds.load_pool` gives, from the packed arrays, and its manifest."""
-    from mnres.data.splits import Split
-
-    with open(os.path.join(pool_dir, "pool.json")) as f:
-        info = json.load(f)
-    meta = np.load(os.path.join(pool_dir, "meta.npz"))
-    images = np.load(npy_path)
-    pool = Split(images, meta["labels"], meta["slide_ids"], meta["names"])
-    return pool, {"skipped": info["skipped"]}, info
+NUM_FOLDS = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +74,7 @@ def train_one(args) -> None:
 
     overrides = dict(RECIPES[args.recipe], **dict(kv.split("=", 1) for kv in args.set or []))
     pool, manifest, info = load_pool(args.pool, args.npy)
-    config = _base_config(info["data_dir"], overrides)
+    config = folder_config(info["data_dir"], overrides)
     config_lib.validate(config)
     config_lib.validate_devices(config)
     spec = folds_lib.fold_spec(config, NUM_FOLDS, "slide", FOLD_SEED)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import importlib.util
 import os
@@ -383,3 +384,22 @@ def test_a_stale_generated_block_is_found():
             "| typed by hand |\n<!-- end generated: verdict_cv -->\n")  # fmt: skip
     new, changed = docs_tables.regenerate(text)
     assert changed == ["verdict_cv"] and "typed by hand" not in new
+
+
+def test_library_layout_names_every_module():
+    """docs/library.md's layout has one line for every module of mnres/ and experiments/."""
+    text = (REPO / "docs" / "library.md").read_text()
+    block = re.search(r"```\nmnres/\n(.*?)```", text, re.S)
+    assert block, "docs/library.md lost its layout block"
+    words = set(re.findall(r"[\w*]+", block.group(1)))
+    patterns = [w for w in words if "*" in w]
+    missing = []
+    for root in ("mnres", "experiments"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            if path.name == "__init__.py" or rel.parts[:2] == ("experiments", "peers"):
+                continue  # a package is its folder's line; the peers are one folder's line
+            stem = path.stem
+            if stem not in words and not any(fnmatch.fnmatch(stem, p) for p in patterns):
+                missing.append(str(rel))
+    assert not missing, f"docs/library.md's layout does not name: {missing}"
