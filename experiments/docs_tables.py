@@ -28,9 +28,9 @@ FILES = ("README.md", "docs/*.md", "experiments/results/*/README.md")
 
 
 def _verdict_tables() -> str:
-    from experiments import verdict_cv
+    from experiments import verdict_tables
 
-    return verdict_cv.table_markdown()
+    return verdict_tables.table_markdown()
 
 
 def _fold_outputs_table() -> str:
@@ -100,7 +100,7 @@ def _patients(k: int, n: int) -> str:
 
 def _headline() -> str:
     """The README's results table: the shipped model, its recipe's CV, the published best."""
-    from experiments import independent_evaluation, model_card_figures, verdict_cv
+    from experiments import independent_evaluation, model_card_figures, verdict_tables
     from experiments.search import records
 
     lines = ["| system | protocol | cell accuracy | ROC AUC | sensitivity | specificity | "
@@ -126,7 +126,7 @@ def _headline() -> str:
     def sd(key, scale, digits):
         return f"{scale * cv[key]['mean']:.{digits}f} +/- {scale * cv[key]['sd']:.{digits}f}"
 
-    pooled = verdict_cv.chosen_summary()["patients"]["accuracy"]
+    pooled = verdict_tables.chosen_summary()["patients"]["accuracy"]
     lines.append(
         f"| its recipe, trained per fold | 5-fold patient CV of the 160 development slides, test "
         f"folds read once, slide prior | {sd('accuracy', 100, 2)}% | {sd('auc', 1, 4)} | "

@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import experiments
-from experiments import _cli, independent_evaluation, model_card, verdict_cv
+from experiments import _cli, independent_evaluation, model_card, verdict_cv, verdict_tables
 from experiments.search import records
 from mnres import run_folder
 from mnres.provenance import file_sha256
@@ -200,7 +200,7 @@ def card_inputs() -> dict:
         sample=sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*.png")),
         verdicts={
             "rule": run_folder.read_json(MODEL_DIR / run_folder.VERDICT_RULE_JSON),
-            "cross_validation": verdict_cv.chosen_summary(),
+            "cross_validation": verdict_tables.chosen_summary(),
         },
         validation_outputs=_validation_outputs(),
         cross_validation=records.read_test(str(SEARCH_DIR), CV_RECIPE),

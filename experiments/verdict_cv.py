@@ -63,11 +63,11 @@ import sys
 
 import numpy as np
 
+from experiments.verdict_tables import RESULTS, table_markdown
 from mnres.metrics import intervals, slide_prior, verdict_fitting, verdicts
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUTS = os.path.join(_REPO, "experiments", "results", "fold_outputs")
-RESULTS = os.path.join(_REPO, "experiments", "results", "verdicts")
 RECIPES = ("gray_world", "mixup")  # the shipped ensemble's members
 NUM_FOLDS = 5
 MIN_CELLS = verdict_fitting.MIN_CELLS  # 20
@@ -275,84 +275,6 @@ def test(args) -> None:
                                  "folds": entry["folds"], "calls": entry["calls"]}  # fmt: skip
     _write(out_path, record)
     print(table_markdown(args.results))
-
-
-# ---------------------------------------------------------------------------------------------
-# The docs' tables, from the records.
-
-
-def _share(s: dict) -> str:
-    return (
-        f"{100 * s['value']:.1f}% ({s['k']}/{s['n']}; {100 * s['low']:.1f}-{100 * s['high']:.1f})"
-    )
-
-
-BINS = ((0.0, 0.05), (0.05, 0.2), (0.2, 0.5), (0.5, 1.0))
-SLIDE_SIZES = (50, 500, 5000)
-
-
-def chosen_summary(results: str = RESULTS) -> dict:
-    """The chosen pair's pooled test figures and detection curve, for the model card."""
-    with open(os.path.join(results, "test_folds.json")) as f:
-        record = json.load(f)
-    chosen = record["chosen"]
-    entry = record["pairs"][f"{chosen['candidate']}/{chosen['scores']}"]
-    fractions = record["parasitized_fraction"]
-    detection = []
-    for low, high in BINS:
-        slides = [s for s, v in fractions.items() if low < v <= high]
-        caught = sum(entry["calls"][s] for s in slides)
-        detection.append({"low": low, "high": high, "patients": len(slides), "caught": caught})
-    pooled = {k: entry["pooled"][k] for k in ("sensitivity", "specificity", "accuracy")}
-    return {"chosen": chosen, "patients": pooled, "detection": detection,
-            "command": "python -m experiments.verdict_cv test"}  # fmt: skip
-
-
-def table_markdown(results: str = RESULTS) -> str:
-    """The CV table, the detection curve and the slide-size table, as docs/results.md has them."""
-    with open(os.path.join(results, "choice.json")) as f:
-        choice = json.load(f)
-    lines = ["| rule | scores | validation patients, each left out: sensitivity | specificity "
-             "| balanced accuracy |", "|---|---|---|---|---|"]  # fmt: skip
-    for row in choice["leave_one_patient_out"]:
-        mark = " (chosen)" if {"candidate": row["candidate"], "scores": row["scores"]} == choice[
-            "chosen"] else ""  # fmt: skip
-        lines.append(f"| {row['candidate']}{mark} | {row['scores']} | "
-                     f"{_share(row['sensitivity'])} | {_share(row['specificity'])} | "
-                     f"{100 * row['balanced_accuracy']:.1f}% |")  # fmt: skip
-    with open(os.path.join(results, "test_folds.json")) as f:
-        record = json.load(f)
-    chosen = f"{record['chosen']['candidate']}/{record['chosen']['scores']}"
-    lines += ["", "| rule | scores | test patients: sensitivity | specificity | accuracy |",
-              "|---|---|---|---|---|"]  # fmt: skip
-    for pair, entry in record["pairs"].items():
-        p = entry["pooled"]
-        mark = " (chosen)" if pair == chosen else ""
-        candidate, which = pair.split("/")
-        lines.append(f"| {candidate}{mark} | {which} | {_share(p['sensitivity'])} | "
-                     f"{_share(p['specificity'])} | {_share(p['accuracy'])} |")  # fmt: skip
-    fractions = record["parasitized_fraction"]
-    pairs = [f"{c}/{w}" for w in SCORES for c in CANDIDATES]
-    lines += ["", "| parasitized share of the slide's crops | infected patients | "
-              + " | ".join(f"{p.replace('/', ', ')}" for p in pairs) + " |",
-              "|---|---|" + "---|" * len(pairs)]  # fmt: skip
-    for low, high in BINS:
-        slides = [s for s, v in fractions.items() if low < v <= high]
-        caught = [sum(record["pairs"][p]["calls"][s] for s in slides) for p in pairs]
-        lines.append(f"| ({low:.2f}, {high:.2f}] | {len(slides)} | "
-                     + " | ".join(map(str, caught)) + " |")  # fmt: skip
-    lines += ["", "| rule: false alarms on a healthy slide of | "
-              + " | ".join(f"{n:,} crops" for n in SLIDE_SIZES) + " |",
-              "|---|" + "---|" * len(SLIDE_SIZES)]  # fmt: skip
-    for pair in pairs:
-        folds = record["pairs"][pair]["folds"]
-        alarms = np.array([[verdicts.false_alarm_rate(verdicts.VerdictRule.from_dict(f["rule"]), n,
-                                                      f["measured_fpr"]) for n in SLIDE_SIZES]
-                           for f in folds])  # fmt: skip
-        cells = [f"{100 * a.mean():.2f}% ({100 * a.min():.2f}-{100 * a.max():.2f})"
-                 for a in alarms.T]  # fmt: skip
-        lines.append(f"| {pair.replace('/', ', ')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 SHIPPED_RECORD = os.path.join(_REPO, "experiments", "results", "malaria_model")
