@@ -75,7 +75,10 @@ def _record_finished(workdir: str, config) -> None:
     done = fold_summary.record_finished_folds(
         workdir, FLAGS.record, baseline=default.get_config().to_dict(), data_location=location
     )
-    logging.info("Recorded folds %s of %s in %s.", done or "(none new)", workdir, FLAGS.record)
+    if done:
+        logging.info("Recorded folds %s of %s in %s.", done, workdir, FLAGS.record)
+    else:  # each fold of this call was recorded as it finished
+        logging.info("No other finished fold of %s to record in %s.", workdir, FLAGS.record)
 
 
 def _record_fold(fold_dir: str, dataset) -> None:
