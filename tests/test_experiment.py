@@ -93,16 +93,17 @@ def results(workdir):
     }
 
 
-def assert_close(a, b, tol, path="result"):
-    """Nested equality with floats compared to an absolute tolerance."""
+def assert_close(a, b, tol, path="result", field_tol=None):
+    """Nested equality with floats compared to an absolute tolerance (`field_tol`: per key)."""
+    field_tol = field_tol or {}
     if isinstance(a, dict):
         assert set(a) == set(b), path
         for k in a:
-            assert_close(a[k], b[k], tol, f"{path}.{k}")
+            assert_close(a[k], b[k], field_tol.get(k, tol), f"{path}.{k}", field_tol)
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_close(x, y, tol, f"{path}[{i}]")
+            assert_close(x, y, tol, f"{path}[{i}]", field_tol)
     elif isinstance(a, float) and isinstance(b, float):
         assert abs(a - b) <= tol, f"{path}: {a} != {b}"
     else:
@@ -323,8 +324,12 @@ def test_two_processes_equal_one(tmp_path, short_run, compilation_cache):
     assert all(p.returncode == 0 for p in procs), logs
     two, one = results(workdir), results(short_run)
     assert two["training"]["processes"] == 2 and two["training"]["devices"] == 2
-    # Another summation order of the kernel gradients, as in the 8-device test above.
-    assert_close(without_run_fields(two), without_run_fields(one), tol=1e-4)
+    # Another summation order of the gradients, across processes: 1e-8 apart on jax 0.12.0, but
+    # on 0.12.1 a ReLU gate flips in the first epoch and the losses end 1.7e-4 apart, the AUC of
+    # the barely trained scores one pair of 432 (0.0023). Crops sharded wrongly, BatchNorm
+    # statistics per process or metrics of one process's crops are 1e-2 apart or more.
+    assert_close(without_run_fields(two), without_run_fields(one), tol=1e-3,
+                 field_tol={"auc": 0.005})  # fmt: skip
     # Checkpoints are written once, not once per process.
     assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()) == ["10", "5"]
 
