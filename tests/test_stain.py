@@ -69,7 +69,10 @@ def test_the_statistics_ignore_flips_and_rotations():
     for method in ("gray_world", "per_image"):
         normalised_views = stain.normalize(dihedral_views(x), method)
         views_of_normalised = dihedral_views(stain.normalize(x, method))
-        np.testing.assert_allclose(normalised_views, views_of_normalised, atol=1e-6)
+        # A flipped image's statistics are summed in another order: float32 rounding, 1.5e-6
+        # at most on jax 0.12.1 (a unit-variance scale); a statistic that saw orientation
+        # would be 1e-2 or more apart.
+        np.testing.assert_allclose(normalised_views, views_of_normalised, atol=1e-5)
 
 
 def test_the_model_applies_it_to_its_input_inside_jit():
