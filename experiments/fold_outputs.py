@@ -347,6 +347,13 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     p.add_argument("--fold", type=int, required=True)
     args = parser.parse_args(argv)
+    if args.command in ("run", "train"):  # a bad override fails here, not in every process
+        try:
+            if any("=" not in kv for kv in args.set or []):
+                raise ValueError(f"--set takes FIELD=VALUE, got {args.set}")
+            folder_config("", dict(kv.split("=", 1) for kv in args.set or []))
+        except ValueError as e:
+            parser.error(str(e))
     if args.command == "pack":
         pack(args.data_dir, args.pool)
     elif args.command == "run":

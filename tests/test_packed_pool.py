@@ -34,11 +34,43 @@ def test_packed_pool_unpacks_to_the_decoded_pool(tmp_path):
         packed_pool.unpack(str(pool_dir), str(tmp_path / "again.npy"))
 
 
-def test_folder_config_casts_overrides_to_the_fields_kind():
+def test_folder_config_reads_overrides_as_the_fields_kind():
     config = packed_pool.folder_config(
         "PATH/cells",
-        {"num_epochs": "3", "progress_bar": "true", "model.input_normalization": "gray_world"},
+        {
+            "num_epochs": "3",
+            "progress_bar": "True",
+            "model.input_normalization": "gray_world",
+            "data.split_fractions": "(0.9, 0.1, 0.0)",
+            "optimizer.learning_rate": "1e-3",
+        },
     )
     assert config.num_epochs == 3 and config.progress_bar is True
     assert config.model.input_normalization == "gray_world"
+    assert config.data.split_fractions == (0.9, 0.1, 0.0)  # a tuple, not its text
+    assert config.optimizer.learning_rate == 1e-3
     assert config.data.source == "folder" and config.data.dir == "PATH/cells"
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("num_epoch", "3", "does not exist"),  # a typo is not added as a new field
+        ("num_epochs", "three", "cannot be casted"),
+        ("progress_bar", "yes", "cannot be casted"),
+    ],
+)
+def test_folder_config_refuses_unknown_fields_and_wrong_types(key, value, match):
+    with pytest.raises(ValueError, match=f"--set {key}={value}: .*{match}"):
+        packed_pool.folder_config("PATH/cells", {key: value})
+
+
+def test_fold_outputs_refuses_a_bad_override_before_it_unpacks(tmp_path, capsys):
+    from experiments import fold_outputs
+
+    argv = ["run", f"--pool={tmp_path}/pool", f"--workdir={tmp_path}/runs", f"--out={tmp_path}/out"]
+    for bad in ("num_epoch=1", "num_epochs"):
+        with pytest.raises(SystemExit):
+            fold_outputs.main([*argv, f"--set={bad}"])
+        assert "--set" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -7,6 +7,7 @@ mnres.data's own code as `python -m experiments.crossval` decodes it, in xz-comp
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import lzma
@@ -24,24 +25,35 @@ _XZ_FILTERS = [
 
 
 def folder_config(data_dir: str, overrides: dict):
+    """experiments/configs/default.py on the folder source, with `--set FIELD=VALUE` overrides.
+
+    A value reads as a Python literal where it is one (`3`, `True`, `(0.9, 0.1, 0.0)`), else as
+    the string; ml_collections checks it against the field (a typo or a wrong type raises).
+    """
     from experiments.configs import default
 
     config = default.get_config()
     config.data.source = "folder"
     config.data.dir = data_dir
     config.progress_bar = False
+    config.lock()  # an unknown field raises instead of being added
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        old = node[leaf]
-        if isinstance(value, str) and isinstance(old, bool):
-            value = value.lower() in ("1", "true", "yes")
-        elif isinstance(value, str) and isinstance(old, (int, float)):
-            value = type(old)(value)
-        node[leaf] = value
+        try:
+            config.update_from_flattened_dict({key: _literal(value)})
+        except (KeyError, TypeError) as e:
+            message = str(e.args[0]).split(" Other fields present")[0]
+            raise ValueError(f"--set {key}={value}: {message}") from None
+    config.unlock()
     return config
+
+
+def _literal(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value  # a string field's value: gray_world
 
 
 def _compress(chunk: np.ndarray) -> bytes:
