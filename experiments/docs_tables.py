@@ -100,7 +100,12 @@ def _patients(k: int, n: int) -> str:
 
 def _headline() -> str:
     """The README's results table: the shipped model, its recipe's CV, the published best."""
-    from experiments import independent_evaluation, model_card_figures, verdict_tables
+    from experiments import (
+        independent_evaluation,
+        model_card_figures,
+        package_model,
+        verdict_tables,
+    )
     from experiments.search import records
 
     lines = ["| system | protocol | cell accuracy | ROC AUC | sensitivity | specificity | "
@@ -118,15 +123,13 @@ def _headline() -> str:
                 f"{_patients(run['patients_right'], record['patients']['n'])} |"
             )
     # The chosen recipe's sealed test folds through their one reader, summed up as the card does.
-    search = str(REPO / "experiments" / "results" / "search")
-    cv = model_card_figures.cross_validation(
-        records.read_test(search, records.read_choice(search)["recipe"])
-    )
+    source = package_model.origin()
+    cv = model_card_figures.cross_validation(records.read_test(source["search"], source["recipe"]))
 
     def sd(key, scale, digits):
         return f"{scale * cv[key]['mean']:.{digits}f} +/- {scale * cv[key]['sd']:.{digits}f}"
 
-    pooled = verdict_tables.chosen_summary()["patients"]["accuracy"]
+    pooled = verdict_tables.chosen_summary(source["verdicts"])["patients"]["accuracy"]
     lines.append(
         f"| its recipe, trained per fold | 5-fold patient CV of the 160 development slides, test "
         f"folds read once, slide prior | {sd('accuracy', 100, 2)}% | {sd('auc', 1, 4)} | "

@@ -251,7 +251,7 @@ def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None,
     """The card (a JSON-ready dict) of the run that `report` and `manifest` describe.
 
     `verdicts`: {"rule": the shipped verdict_rule.json, "cross_validation":
-    `experiments.verdict_tables.chosen_summary()`}, or None. `validation_outputs`: the run's
+    `experiments.verdict_tables.chosen_summary(...)`}, or None. `validation_outputs`: the run's
     per-crop validation outputs (name, slide_id, label, prob), or None. `cross_validation`:
     {fold: test record} of the recipe's search. `independent`: the maintainers' record, or None
     (not evaluated). `int8`: {"bytes": the file's size, "sidecar": its .json}, or None.

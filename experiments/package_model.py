@@ -51,10 +51,9 @@ MODEL_DIR = REPO / "mnres" / "weights" / "malaria"  # the shipped files (mnres.w
 SAMPLE_DIR = REPO / "mnres" / "data" / "sample_cells"
 RECORD_DIR = REPO / "experiments" / "results" / "malaria_model"
 CARD_PAGE = REPO / "docs" / "model_card.md"
-SEARCH_DIR = REPO / "experiments" / "results" / "search"
-# The shipped model's recipe, as the recipe search chose it: its test folds are the card's
-# cross-validation (read through `records.read_test`, which refuses any other recipe).
-CV_RECIPE = "ensemble_gray_world_mixup_slide_prior"
+# Which recipe search and slide-verdict records stand behind the shipped model: a model from
+# another search ships by editing this record, and only it.
+ORIGIN_JSON = RECORD_DIR / "origin.json"
 
 flags.DEFINE_string("workdir", None, "The training run to package (config.json, checkpoints/).")
 flags.DEFINE_string("data_dir", None, "The run's cell_images folder; default its config.data.dir.")
@@ -184,6 +183,21 @@ def _validation_outputs() -> dict | None:
         return {k: outputs[k] for k in outputs.files}
 
 
+def origin() -> dict:
+    """The shipped model's recipe search folder, the recipe it chose and the verdict records.
+
+    The chosen recipe's test folds are the card's cross-validation (`records.read_test` refuses
+    any other recipe); the verdict records' chosen rule is the card's patient-level figure.
+    """
+    record = run_folder.read_json(ORIGIN_JSON)
+    search = str(REPO / record["search"])
+    choice = records.read_choice(search)
+    if choice is None:
+        raise ValueError(f"{ORIGIN_JSON}: {record['search']} has chosen no recipe")
+    verdicts = str(REPO / record["verdicts"])
+    return {"search": search, "recipe": choice["recipe"], "verdicts": verdicts}
+
+
 def build_card() -> dict:
     """The card, from the committed records, the shipped files and the verdict records."""
     return model_card.build(**card_inputs())
@@ -192,6 +206,7 @@ def build_card() -> dict:
 def card_inputs() -> dict:
     """`model_card.build`'s arguments, read from the committed records and shipped files."""
     int8 = MODEL_DIR / shipped.INT8
+    source = origin()
     return dict(
         report=run_folder.read_json(RECORD_DIR / run_folder.REPORT_JSON),
         manifest=run_folder.read_json(RECORD_DIR / run_folder.MANIFEST_JSON),
@@ -200,10 +215,10 @@ def card_inputs() -> dict:
         sample=sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*.png")),
         verdicts={
             "rule": run_folder.read_json(MODEL_DIR / run_folder.VERDICT_RULE_JSON),
-            "cross_validation": verdict_tables.chosen_summary(),
+            "cross_validation": verdict_tables.chosen_summary(source["verdicts"]),
         },
         validation_outputs=_validation_outputs(),
-        cross_validation=records.read_test(str(SEARCH_DIR), CV_RECIPE),
+        cross_validation=records.read_test(source["search"], source["recipe"]),
         independent=independent_evaluation.shipped(),
         int8={
             "bytes": int8.stat().st_size,

@@ -14,7 +14,8 @@ import numpy as np
 from mnres.metrics import verdicts
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The shipped model's records; `experiments.verdict_cv` writes them (--results for others).
+# The first search's records, `experiments.verdict_cv`'s default (--results for others); the
+# shipped model's are the ones experiments/results/malaria_model/origin.json names.
 RESULTS = os.path.join(_REPO, "experiments", "results", "verdicts")
 
 
@@ -28,7 +29,7 @@ BINS = ((0.0, 0.05), (0.05, 0.2), (0.2, 0.5), (0.5, 1.0))
 SLIDE_SIZES = (50, 500, 5000)
 
 
-def chosen_summary(results: str = RESULTS) -> dict:
+def chosen_summary(results: str) -> dict:
     """The chosen pair's pooled test figures and detection curve, for the model card."""
     with open(os.path.join(results, "test_folds.json")) as f:
         record = json.load(f)

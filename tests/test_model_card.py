@@ -3,6 +3,8 @@ from the committed records (tests/test_pretrained.py checks the files equal the 
 """
 
 import copy
+import json
+import os
 import re
 
 import numpy as np
@@ -158,11 +160,14 @@ def test_without_an_independent_evaluation_the_card_says_so(card, monkeypatch):
 
 def test_the_cross_validation_is_mean_and_sd_over_the_recipes_test_folds(card, page):
     cv = card["evaluation"]["cross_validation"]
+    source = package_model.origin()  # origin.json: the first search, its chosen recipe
+    assert source["search"].endswith(os.path.join("experiments", "results", "search"))
+    assert cv["recipe"] == source["recipe"] == "ensemble_gray_world_mixup_slide_prior"
     folds = [
-        run_folder.read_json(package_model.SEARCH_DIR / cv["recipe"] / f"fold_{k}_test.json")
+        run_folder.read_json(os.path.join(source["search"], cv["recipe"], f"fold_{k}_test.json"))
         for k in range(5)
     ]
-    assert cv["recipe"] == package_model.CV_RECIPE and cv["folds"] == 5
+    assert cv["folds"] == 5
     for key in model_card_figures.CELL_KEYS:
         values = [f["cell"][key] for f in folds]
         assert cv[key]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
@@ -310,3 +315,11 @@ def test_a_single_runs_reproduce_command_carries_its_changes():
         "--config.data.split_fractions='(0.9, 0.1, 0.0)' "
         "--config.model.input_normalization=gray_world --workdir=runs/shipped"
     ), command
+
+
+def test_the_origin_refuses_a_search_that_chose_no_recipe(tmp_path, monkeypatch):
+    origin = tmp_path / "origin.json"
+    origin.write_text(json.dumps({"search": str(tmp_path), "verdicts": str(tmp_path)}))
+    monkeypatch.setattr(package_model, "ORIGIN_JSON", origin)
+    with pytest.raises(ValueError, match="has chosen no recipe"):
+        package_model.origin()
