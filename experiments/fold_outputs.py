@@ -72,14 +72,14 @@ def train_one(args) -> None:
     from mnres.data.splits import names_sha256
     from mnres.training import crossval, final_evaluation
 
-    overrides = dict(RECIPES[args.recipe], **dict(kv.split("=", 1) for kv in args.set or []))
+    overrides = dict(RECIPES[args.recipe], **args.overrides)
     pool, manifest, info = load_pool(args.pool, args.npy)
     config = folder_config(info["data_dir"], overrides)
     config_lib.validate(config)
     config_lib.validate_devices(config)
     spec = folds_lib.fold_spec(config, NUM_FOLDS, "slide", FOLD_SEED)
     record_dir = os.path.join(args.records, args.recipe) if args.records else None
-    if record_dir and not args.set:  # the recorded recipe and folds (fold_K.json files only)
+    if record_dir and not args.overrides:  # the recorded recipe and folds (fold_K.json files only)
         search.check_same_recipe(record_dir, search.recipe_config(config.to_dict()), spec)
     folds = folds_lib.assign_folds(pool.labels, pool.slide_ids, NUM_FOLDS, spec["seed"], "slide")
     ds = folds_lib.fold_dataset(pool, folds, args.fold, spec, manifest)
@@ -351,7 +351,8 @@ def main(argv=None) -> None:
         try:
             if any("=" not in kv for kv in args.set or []):
                 raise ValueError(f"--set takes FIELD=VALUE, got {args.set}")
-            folder_config("", dict(kv.split("=", 1) for kv in args.set or []))
+            args.overrides = dict(kv.split("=", 1) for kv in args.set or [])
+            folder_config("", args.overrides)
         except ValueError as e:
             parser.error(str(e))
     if args.command == "pack":
