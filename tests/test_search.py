@@ -354,3 +354,31 @@ def test_the_agreement_check_compares_as_the_run_computed(monkeypatch):
     report = {"training": {"evaluated_step": 5}, "validation": reported}
     outputs = fold_summary.validation_outputs("fold", report, split)
     np.testing.assert_allclose(outputs["log_odds"], log_odds)
+
+
+def test_a_collapsed_run_agrees_on_its_cells_not_on_rounding_noise(monkeypatch):
+    """A run that gives one output for every crop (its logits equal up to the last bits) ranks
+    rounding noise: two evaluations of it give different AUCs, which is no sign of other crops
+    or weights. Its n and accuracy still have to agree."""
+    labels = np.array([0, 1, 1, 0, 1, 0, 1, 0])
+    jitter = labels.astype(np.float32) * np.float32(1e-6)  # ranks every crop right, by noise
+    logits = np.stack([np.full(8, -0.1, np.float32), np.float32(-0.04) + jitter], axis=1)
+
+    class Loaded:
+        metadata = {"step": 5}
+
+        def logits(self, images, batch_size):
+            return logits
+
+    monkeypatch.setattr(run_folder, "load_run", lambda fold_dir, which: Loaded())
+    config = config_lib.from_overrides({"eval_batch_size": 8})
+    monkeypatch.setattr(run_folder, "read_config", lambda fold_dir: config)
+    split = Split(
+        np.zeros((8, 8, 8, 3), np.uint8), labels, np.array(["S"] * 8), np.array(["c"] * 8)
+    )
+    reported = {"n": 8, "accuracy": 0.5, "auc": 0.5}  # what the run's own rounding gave
+    report = {"training": {"evaluated_step": 5}, "validation": reported}
+    assert fold_summary.validation_outputs("fold", report, split)["probs"].shape == (8,)
+    report["validation"] = {**reported, "accuracy": 0.0}  # other cells: still refused
+    with pytest.raises(ValueError, match="disagrees with report.json"):
+        fold_summary.validation_outputs("fold", report, split)
