@@ -97,12 +97,14 @@ def validation_outputs(fold_dir: str, report: dict, split) -> dict:
     probs = 1.0 / (1.0 + np.exp(-log_odds))
     # Compared in float32, as the run computed its figures: a confident model's P(parasitized)
     # rounds to 1.0 there, and those ties move its AUC by more than the arithmetic of two CPUs.
-    again = metrics.binary_metrics(split.labels, probs.astype(np.float32))
+    probs32 = probs.astype(np.float32)
+    again = metrics.binary_metrics(split.labels, probs32)
     reported = report["validation"]
     cells = abs(again["accuracy"] - reported["accuracy"]) * again["n"]
-    auc = abs((again["auc"] or 0.0) - (reported["auc"] or 0.0))
-    if np.ptp(probs.astype(np.float32)) <= _ROUNDING:
-        auc = 0.0  # one output for every crop (a collapsed run): its AUC ranks rounding noise
+    # Outputs within rounding of one another (one output for every crop, not merely the
+    # near-constant ones metrics.output_collapse flags) rank noise: their AUC is not compared.
+    ranks = np.ptp(probs32) > _ROUNDING
+    auc = abs((again["auc"] or 0.0) - (reported["auc"] or 0.0)) if ranks else 0.0
     if again["n"] != reported["n"] or cells > _AGREE_CELLS + 0.5 or auc > _AGREE_AUC:
         raise ValueError(
             f"{fold_dir}: re-evaluated validation (n {again['n']}, accuracy "
