@@ -10,6 +10,10 @@ checked against its report.json, the test rows its own test_outputs.npz):
       --member=gray_world=runs/search_round2/gray_world \
       --record=experiments/results/fold_outputs/search_round2
 
+A fold trained again with its recorded command (its first run folder gone) may not give the
+recorded weights on another CPU: `--retrained` records its own outputs then, marked as a retrain
+in summary.json with its evaluation beside the recorded one.
+
 Where they are gone, the other commands retrain recipes on the same patient-level folds as
 `python -m experiments.crossval` (fold seed = config seed 0, 5 folds, folder source) and keep,
 for every fold's validation and test crops, the file name, slide id, label and the log-odds of
@@ -342,6 +346,12 @@ def main(argv=None) -> None:
     p.add_argument("--search", required=True, help="the search folder that records them")
     p.add_argument("--record", required=True, help="where RECIPE_fold_K.npz files are written")
     p.add_argument("--data_dir", help="PATH/cell_images, where the crops lie here")
+    p.add_argument(
+        "--retrained",
+        action="store_true",
+        help="also take a finished run of a fold's recorded command that is not the recorded "
+        "run (trained again elsewhere: its own outputs, marked so in summary.json)",
+    )
     p = sub.choices["train"]
     p.add_argument("--npy", required=True)
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
@@ -370,7 +380,7 @@ def main(argv=None) -> None:
             parser.error(str(e))
         try:
             written = fold_summary.record_crop_outputs(
-                args.search, members, args.record, {"dir": args.data_dir}
+                args.search, members, args.record, {"dir": args.data_dir}, args.retrained
             )
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")

@@ -1,6 +1,8 @@
 """Per-fold ensembles of recorded recipes: combined outputs, their figures, their record."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -148,6 +150,33 @@ def test_an_ensemble_of_one_run_twice_scores_as_that_run(tmp_path):
         r["file"] for r in run_folder.read_json(os.path.join(out_dir, "summary.json"))["runs"]
     ] == ["a_fold_0.npz"]
     assert fold_summary.record_crop_outputs(str(search_dir), {"a": workdir}, out_dir, {}) == []
+    # The fold trained again elsewhere (here: a record whose evaluation is not this run's): left
+    # without --retrained; with it, its own outputs, marked a retrain beside the record's.
+    elsewhere_dir = tmp_path / "search_elsewhere"
+    shutil.copytree(search_dir / "a", elsewhere_dir / "a")
+    path = elsewhere_dir / "a" / "fold_0.json"
+    elsewhere = json.loads(path.read_text())
+    elsewhere["evaluated"]["step"] += 1
+    path.write_text(json.dumps(elsewhere))
+    retrained_out = str(tmp_path / "fold_outputs_retrained")
+    args = [str(elsewhere_dir), {"a": workdir}, retrained_out, {}]
+    assert fold_summary.record_crop_outputs(*args) == []
+    argv = ["runs", f"--search={elsewhere_dir}", f"--member=a={workdir}"]
+    fold_outputs.main([*argv, f"--record={retrained_out}", "--retrained"])
+    (entry,) = run_folder.read_json(os.path.join(retrained_out, "summary.json"))["runs"]
+    step = report["training"]["evaluated_step"]
+    assert "trained again" in entry["source"] and entry["evaluated"]["step"] == step
+    assert entry["recorded"]["evaluated"]["step"] == step + 1
+    assert entry["validation"]["accuracy"] == report["validation"]["accuracy"]
+    with np.load(os.path.join(retrained_out, "a_fold_0.npz")) as again:
+        np.testing.assert_array_equal(
+            again["log_odds"], np.load(f"{out_dir}/a_fold_0.npz")["log_odds"]
+        )
+    # A run of another command is no retrain of the recorded fold.
+    elsewhere["config"]["num_epochs"] += 1
+    path.write_text(json.dumps(elsewhere))
+    args[2] = str(tmp_path / "fold_outputs_other")
+    assert fold_summary.record_crop_outputs(*args, retrained=True) == []
     rows = verdict_cv.load_fold(0, "validation", out_dir, ("a",))
     assert len(rows["name"]) == len(ds.validation.names)
     # The weights at the end of training: their outputs, not the run's evaluated checkpoint's.

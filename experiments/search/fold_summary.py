@@ -20,6 +20,8 @@ from absl import logging
 
 from experiments.search.records import (
     CELL_METRICS,
+    SearchError,
+    check_same_recipe,
     config_changes,
     read_recipe,
     recipe_config,
@@ -152,6 +154,15 @@ def _provenance(report: dict) -> dict:
     }
 
 
+def _evaluated(report: dict) -> dict:
+    training = report["training"]
+    return {
+        "checkpoint": training["evaluated_checkpoint"],
+        "step": training["evaluated_step"],
+        "test_time_augmentation": training["test_time_augmentation"],
+    }
+
+
 def summarize_fold(
     fold_dir: str,
     recipe: str,
@@ -202,11 +213,7 @@ def summarize_fold(
             ),
         },
         "validation_names_sha256": run_splits["validation"]["names_sha256"],
-        "evaluated": {
-            "checkpoint": report["training"]["evaluated_checkpoint"],
-            "step": report["training"]["evaluated_step"],
-            "test_time_augmentation": report["training"]["test_time_augmentation"],
-        },
+        "evaluated": _evaluated(report),
         "epochs": report["training"]["epochs"],
         "wall_seconds": fold["wall_time_s"],
         "warnings": fold.get("warnings") or [],
@@ -281,6 +288,29 @@ def ready_members(search_dir: str, members: dict[str, str], fold: int):
     return found, None
 
 
+def retrained_member(search_dir: str, recipe: str, workdir: str, fold: int):
+    """({recipe: (recorded fold summary, fold folder)}, None) when WORKDIR/fold_K is the
+    recorded fold trained again with its recorded command (the same recipe and folds) and
+    finished, whatever its evaluation: on another CPU the same command need not give the
+    recorded weights, and its run is as much the recipe. Else (None, why)."""
+    record_dir = os.path.join(search_dir, recipe)
+    recorded = read_recipe(record_dir).get(fold)
+    fold_dir = os.path.join(workdir, f"fold_{fold}")
+    fold_json = os.path.join(fold_dir, crossval.FOLD_JSON)
+    if recorded is None:
+        return None, f"{recipe} has no recorded fold {fold}"
+    if not os.path.isfile(fold_json):
+        return None, f"{fold_dir} is not a finished cross-validation fold (no fold.json)"
+    spec = run_folder.read_json(fold_json)["spec"]
+    report = run_folder.read_report(fold_dir)
+    config = recipe_config(report["config"], (report.get("model") or {}).get("bn_momentum_picked"))
+    try:
+        check_same_recipe(record_dir, config, spec)
+    except SearchError as e:
+        return None, f"{fold_dir} is not a run of {recipe}'s recorded command: {e}"
+    return {recipe: (recorded, fold_dir)}, None
+
+
 def record_finished_folds(
     workdir: str, record_dir: str, *, baseline: dict | None = None, data_location=None
 ) -> list[int]:
@@ -314,14 +344,15 @@ def record_finished_folds(
 
 
 def record_crop_outputs(
-    search_dir: str, members: dict[str, str], record: str, location: dict
+    search_dir: str, members: dict[str, str], record: str, location: dict, retrained=False
 ) -> list[tuple[str, int]]:
     """`crop_outputs` of recorded folds, for `python -m experiments.fold_outputs runs`.
 
     Writes RECORD/RECIPE_fold_K.npz for each recorded fold of each recipe whose run folder in
-    its workdir ({recipe: workdir}) holds the recorded run (`is_recorded`), with its entry in
-    RECORD/summary.json; files in RECORD already are kept. `location`: config.data fields (dir)
-    that say where the crops lie here. Returns the (recipe, fold) pairs written.
+    its workdir ({recipe: workdir}) holds the recorded run (`is_recorded`), or with `retrained`
+    the fold trained again (`retrained_member`: its own outputs and evaluation, marked so), with
+    its entry in RECORD/summary.json; files in RECORD already are kept. `location`: config.data
+    fields (dir) that say where the crops lie here. Returns the (recipe, fold) pairs written.
     """
     os.makedirs(record, exist_ok=True)
     summary_path = os.path.join(record, "summary.json")
@@ -338,6 +369,9 @@ def record_crop_outputs(
             if os.path.isfile(os.path.join(record, out)):
                 continue
             ready, why = ready_members(search_dir, {recipe: workdir}, k)
+            retrain = ready is None and retrained
+            if retrain:
+                ready, why = retrained_member(search_dir, recipe, workdir, k)
             if ready is None:
                 logging.warning("%s fold %d is not written: %s.", recipe, k, why)
                 continue
@@ -353,15 +387,26 @@ def record_crop_outputs(
             np.savez_compressed(os.path.join(record, out), **rows)
             with open(os.path.join(record, out), "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
-            prov = recorded["provenance"]
-            summary["runs"] = [r for r in summary["runs"] if r["file"] != out] + [{
+            prov = _provenance(report) if retrain else recorded["provenance"]
+            entry = {
                 "recipe": recipe, "fold": k, "file": out, "file_sha256": digest,
                 "source": f"the recorded run of {search_name}/{recipe}/fold_{k}",
                 "evaluated": recorded["evaluated"],
                 "validation_names_sha256": recorded["validation_names_sha256"],
                 "test_names_sha256": names_sha256(rows["name"][rows["split"] == "test"]),
                 "machine": {"cpu": prov.get("cpu"), "versions": prov.get("versions")},
-            }]  # fmt: skip
+            }  # fmt: skip
+            if retrain:  # its own evaluation, the recorded one beside it
+                entry.update(
+                    source=f"{search_name}/{recipe}/fold_{k} trained again with its recorded "
+                    "command (not the recorded run: its own outputs)",
+                    evaluated=_evaluated(report),
+                    validation={m: report["validation"][m] for m in CELL_METRICS},
+                    recorded={"evaluated": recorded["evaluated"],
+                              "validation": {m: recorded["validation"]["cell"][m]
+                                             for m in CELL_METRICS}},
+                )  # fmt: skip
+            summary["runs"] = [r for r in summary["runs"] if r["file"] != out] + [entry]
             summary["runs"].sort(key=lambda r: (r["recipe"], r["fold"]))
             run_folder.write_json(summary_path, summary)
             written.append((recipe, k))
