@@ -16,6 +16,7 @@ by a changed record fails the suite.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import sys
@@ -104,7 +105,6 @@ def _headline() -> str:
         independent_evaluation,
         model_card_figures,
         package_model,
-        verdict_tables,
     )
     from experiments.search import records
 
@@ -124,17 +124,21 @@ def _headline() -> str:
             )
     # The chosen recipe's sealed test folds through their one reader, summed up as the card does.
     source = package_model.origin()
-    cv = model_card_figures.cross_validation(records.read_test(source["search"], source["recipe"]))
+    tests = records.read_test(source["search"], source["recipe"])
+    cv = model_card_figures.cross_validation(tests, os.path.relpath(source["search"], REPO))
 
     def sd(key, scale, digits):
         return f"{scale * cv[key]['mean']:.{digits}f} +/- {scale * cv[key]['sd']:.{digits}f}"
 
-    pooled = verdict_tables.chosen_summary(source["verdicts"])["patients"]["accuracy"]
+    verdicts = package_model.verdict_summary(source)
+    pooled = verdicts["patients"]["accuracy"]
+    # Patients by the verdict rule's cross-validation, when it is of the recipe's own networks.
+    patients = _patients(pooled["k"], pooled["n"]) if verdicts["of_recipe"] else "-"
     lines.append(
         f"| its recipe, trained per fold | 5-fold patient CV of the 160 development slides, test "
         f"folds read once, slide prior | {sd('accuracy', 100, 2)}% | {sd('auc', 1, 4)} | "
         f"{sd('sensitivity', 100, 2)}% | {sd('specificity', 100, 2)}% | "
-        f"{_patients(pooled['k'], pooled['n'])} |"
+        f"{patients} |"
     )
     p = PUBLISHED
     lines.append(

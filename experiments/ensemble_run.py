@@ -15,7 +15,8 @@ evaluated on the members' validation and test slides and written as a run folder
 `mnres export` and `experiments.package_model` take it as one model. Nothing is trained. Its
 figures read each slide with its own prevalence (`--slide_prior`, on by default: the recipe the
 patient cross-validation chose, docs/results.md); the figures without it are in report.json
-under `slide_prior`.
+under `slide_prior`. One member alone gives that network itself, scored the same way: how a
+single network of a `_slide_prior` recipe ships.
 """
 
 from absl import app, flags, logging
@@ -25,7 +26,9 @@ from experiments import _cli
 from mnres import run_folder
 from mnres.training import ensemble as ensemble_run
 
-flags.DEFINE_multi_string("member", None, "A finished training run (its workdir); two or more.")
+flags.DEFINE_multi_string(
+    "member", None, "A finished training run (its workdir); one alone is scored with its prior."
+)
 flags.DEFINE_string("workdir", None, "The ensemble run's folder (new).")
 flags.DEFINE_string("data_dir", None, "Where the members' cell images lie now (cell_images/).")
 flags.DEFINE_bool(

@@ -221,7 +221,7 @@ def is_final(report: dict) -> bool:
     return not run_folder.has_test_split(report)
 
 
-def _evaluation(report, calibration, validation_outputs, folds, record) -> dict:
+def _evaluation(report, calibration, validation_outputs, folds, search, record) -> dict:
     prior = report.get("slide_prior") or {}
     return {
         "protocol": FINAL_PROTOCOL if is_final(report) else PROTOCOL,
@@ -239,21 +239,22 @@ def _evaluation(report, calibration, validation_outputs, folds, record) -> dict:
         if prior.get("applied")
         else None,
         "intervals": figures.intervals(report, calibration, validation_outputs),
-        "cross_validation": figures.cross_validation(folds),
+        "cross_validation": figures.cross_validation(folds, search),
         "independent_evaluation": figures.independent(record),
         "warnings": report.get("warnings", []),
     }
 
 
 def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None,
-          validation_outputs=None, cross_validation=None, independent=None,
+          validation_outputs=None, cross_validation=None, search=None, independent=None,
           int8=None) -> dict:  # fmt: skip
     """The card (a JSON-ready dict) of the run that `report` and `manifest` describe.
 
     `verdicts`: {"rule": the shipped verdict_rule.json, "cross_validation":
     `experiments.verdict_tables.chosen_summary(...)`}, or None. `validation_outputs`: the run's
     per-crop validation outputs (name, slide_id, label, prob), or None. `cross_validation`:
-    {fold: test record} of the recipe's search. `independent`: the maintainers' record, or None
+    {fold: test record} of the recipe's search, the folder (relative to the repository) that
+    `search` names. `independent`: the maintainers' record, or None
     (not evaluated). `int8`: {"bytes": the file's size, "sidecar": its .json}, or None.
     """
     config, training, prov = report["config"], report["training"], report.get("provenance", {})
@@ -301,7 +302,7 @@ def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None,
             "commit": prov.get("git"),
         },
         "evaluation": _evaluation(
-            report, calibration, validation_outputs, cross_validation, independent
+            report, calibration, validation_outputs, cross_validation, search, independent
         ),
         "calibration": {
             **{

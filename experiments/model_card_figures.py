@@ -135,8 +135,9 @@ def intervals(report: dict, calibration: dict, validation_outputs: dict | None) 
     return out
 
 
-def cross_validation(tests: dict | None) -> dict | None:
-    """Mean +/- SD over the recipe's test folds (`experiments.search.records.read_test`)."""
+def cross_validation(tests: dict | None, search: str | None) -> dict | None:
+    """Mean +/- SD over the recipe's test folds (`experiments.search.records.read_test`) of the
+    search folder `search` (relative to the repository)."""
     if not tests:
         return None
     folds = [tests[k] for k in sorted(tests)]
@@ -145,7 +146,7 @@ def cross_validation(tests: dict | None) -> dict | None:
         "folds": len(folds),
         "test_crops": [f["cell"]["n"] for f in folds],
         "test_patients": [f["patients"]["n_patients"] for f in folds],
-        "command": "python -m experiments.ablation --search=experiments/results/search --test",
+        "command": f"python -m experiments.ablation --search={search} --test",
     }
     for k in CELL_KEYS:
         values = np.array([f["cell"][k] for f in folds], np.float64)

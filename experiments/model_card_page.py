@@ -77,7 +77,14 @@ def _details(card: dict) -> list[str]:
     model, training = card["model"], card["training"]
     commit, versions = training.get("commit") or {}, training.get("versions") or {}
     size = f"{model['image_size']} px input, {model['total_params']:,} parameters, {model['dtype']}"
-    if model.get("members"):
+    members = model.get("members") or []
+    if len(members) == 1:  # one network, scored with the slide prior by experiments.ensemble_run
+        (m,) = members
+        architecture = (
+            f"{NETWORKS.get(m['network'], m['network'])} alpha {m['alpha']}, {size}: "
+            f"`experiments/configs/default.py`'s network and training with {m['changes']}."
+        )
+    elif members:
         nets = {(NETWORKS.get(m["network"], m["network"]), m["alpha"]) for m in model["members"]}
         kinds = " and ".join(f"{name} alpha {alpha}" for name, alpha in sorted(nets))
         runs = "; ".join(f"`{m['run']}`: {m['changes']}" for m in model["members"])
@@ -150,7 +157,16 @@ def _procedure(card: dict) -> list[str]:
     model, training = card["model"], card["training"]
     commit, versions = training.get("commit") or {}, training.get("versions") or {}
     cpu = training.get("cpu") or {}
-    if model.get("members"):
+    members = model.get("members") or []
+    if len(members) == 1:
+        (m,) = members
+        how = (
+            f"`experiments/configs/default.py` with {m['changes']}: {training['epochs']} epochs, "
+            f"evaluated at its best checkpoint (step {m['evaluated_step']:,} of {m['steps']:,}); "
+            "then `experiments.ensemble_run` with it alone, which trains nothing and scores its "
+            "validation slides with each slide's prior."
+        )
+    elif members:
         steps = ", ".join(f"`{m['run']}` step {m['evaluated_step']:,} of {m['steps']:,}"
                           for m in model["members"])  # fmt: skip
         how = (
@@ -258,8 +274,8 @@ def _cross_validation(cv: dict | None) -> list[str]:
         return lines + ["No cross-validation record of this recipe.", ""]
     lines += [
         f"The recipe (`{cv['recipe']}`) on {cv['folds']} patient-level folds of the 160 "
-        "development slides: on each fold a pair of models of this recipe was trained without "
-        "the fold's test patients, so these are figures of the recipe, not of the shipped "
+        "development slides: on each fold the recipe was trained without the fold's test "
+        "patients, so these are figures of the recipe, not of the shipped "
         f"weights. Test folds ({', '.join(map(str, cv['test_patients']))} patients, "
         f"{', '.join(f'{n:,}' for n in cv['test_crops'])} crops), read once (`{cv['command']}`):",
         "",

@@ -65,10 +65,23 @@ def verdict_lines(card: dict) -> list[str]:
         "### Slide verdicts",
         "",
         f"The rule ({chosen['candidate']}, {chosen['scores']} scores) was chosen by patient "
-        "cross-validation of this recipe on the 160 development slides, before any test fold "
+        "cross-validation on the 160 development slides, on the fold outputs of "
+        f"{' and '.join(f'`{r}`' for r in cv['recipes'])}"
+        f"{' (their mean log-odds)' if len(cv['recipes']) > 1 else ''}, before any test fold "
         "was read ([results.md](results.md#slide-verdicts)); each fold's rule was fitted on "
         "that fold's validation patients. On the five test folds, pooled (`"
         f"{cv['command']}`), with Wilson intervals:",
+        *(
+            []
+            if cv.get("of_recipe", True)
+            else [
+                "",
+                "Those are other networks than this model's recipe "
+                f"(`{card['evaluation']['cross_validation']['recipe']}`): the rule's pair is "
+                "theirs until the recipe's own fold outputs choose again, and the figures below "
+                "are theirs, not this model's.",
+            ]
+        ),  # fmt: skip
         "",
         "| patients | sensitivity | specificity | accuracy |",
         "|---|---|---|---|",

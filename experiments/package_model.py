@@ -184,7 +184,8 @@ def _validation_outputs() -> dict | None:
 
 
 def origin() -> dict:
-    """The shipped model's recipe search folder, the recipe it chose and the verdict records.
+    """The shipped model's recipe search folder, the recipe it chose, that recipe's networks
+    (`members`, the search's names) and the verdict records.
 
     The chosen recipe's test folds are the card's cross-validation (`records.read_test` refuses
     any other recipe); the verdict records' chosen rule is the card's patient-level figure.
@@ -195,7 +196,19 @@ def origin() -> dict:
     if choice is None:
         raise ValueError(f"{ORIGIN_JSON}: {record['search']} has chosen no recipe")
     verdicts = str(REPO / record["verdicts"])
-    return {"search": search, "recipe": choice["recipe"], "verdicts": verdicts}
+    # The networks behind the recipe's folds: the verdict records are of this recipe only when
+    # their fold outputs are of the same networks.
+    folds = records.read_recipe(os.path.join(search, choice["recipe"]))
+    members = sorted(next(iter(folds.values())).get("members") or [choice["recipe"]])
+    return {"search": search, "recipe": choice["recipe"], "members": members,
+            "verdicts": verdicts}  # fmt: skip
+
+
+def verdict_summary(source: dict) -> dict:
+    """The verdict records' chosen pair and pooled test figures (`verdict_tables.chosen_summary`),
+    with `of_recipe`: whether their fold outputs are of the shipped recipe's networks."""
+    summary = verdict_tables.chosen_summary(source["verdicts"])
+    return {**summary, "of_recipe": sorted(summary["recipes"]) == source["members"]}
 
 
 def build_card() -> dict:
@@ -215,10 +228,11 @@ def card_inputs() -> dict:
         sample=sorted(p.relative_to(SAMPLE_DIR).as_posix() for p in SAMPLE_DIR.glob("*/*.png")),
         verdicts={
             "rule": run_folder.read_json(MODEL_DIR / run_folder.VERDICT_RULE_JSON),
-            "cross_validation": verdict_tables.chosen_summary(source["verdicts"]),
+            "cross_validation": verdict_summary(source),
         },
         validation_outputs=_validation_outputs(),
         cross_validation=records.read_test(source["search"], source["recipe"]),
+        search=os.path.relpath(source["search"], REPO),
         independent=independent_evaluation.shipped(),
         int8={
             "bytes": int8.stat().st_size,

@@ -43,6 +43,7 @@ def chosen_summary(results: str) -> dict:
         detection.append({"low": low, "high": high, "patients": len(slides), "caught": caught})
     pooled = {k: entry["pooled"][k] for k in ("sensitivity", "specificity", "accuracy")}
     return {"chosen": chosen, "patients": pooled, "detection": detection,
+            "recipes": record["protocol"]["recipes"],
             "command": "python -m experiments.verdict_cv test"}  # fmt: skip
 
 

@@ -92,8 +92,8 @@ def test_combined_run_loads_as_one_model(members, combined):
 
 @pytest.mark.slow  # trains two tiny runs (three here)
 def test_combine_refuses_what_is_not_one_ensemble(members, combined, tmp_path):
-    with pytest.raises(ValueError, match="two or more runs"):
-        ensemble_run.combine(members[:1], str(tmp_path / "one"))
+    with pytest.raises(ValueError, match="one finished run or more"):
+        ensemble_run.combine([], str(tmp_path / "none"))
     with pytest.raises(ValueError, match="already holds a run"):
         ensemble_run.combine(members, combined[0])
     other = tiny_crossval_config()
@@ -101,3 +101,20 @@ def test_combine_refuses_what_is_not_one_ensemble(members, combined, tmp_path):
     loop.train_and_evaluate(other, str(tmp_path / "other"))
     with pytest.raises(ValueError, match="not trained on the same train crops"):
         ensemble_run.combine([members[0], str(tmp_path / "other")], str(tmp_path / "mixed"))
+
+
+@pytest.mark.slow
+def test_one_run_is_its_own_network_scored_with_each_slides_prior(members, tmp_path):
+    workdir = str(tmp_path / "one")
+    report = ensemble_run.combine(members[:1], workdir)
+    classifier, member = run_folder.load_run(workdir), run_folder.load_run(members[0])
+    assert not isinstance(classifier.model, ensemble.Ensemble)
+    assert report["model"]["name"] == member.config.model.name
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(classifier.logits(images), member.logits(images), atol=1e-6)
+    stored = run_folder.read_test_outputs(members[0])
+    prevalence = report["slide_prior"]["train_prevalence"]
+    adjusted = slide_prior.adjust(stored["log_odds"], stored["slide_ids"], prevalence)
+    found = metrics.binary_metrics(stored["labels"], calibration.calibrated_probs(adjusted, 1))
+    assert report["test"]["accuracy"] == pytest.approx(found["accuracy"], abs=1e-9)
+    assert [m["run"] for m in run_folder.read_config(workdir).ensemble.members] == ["plain"]

@@ -13,6 +13,7 @@ import pytest
 import mnres
 from experiments import independent_evaluation, model_card, model_card_figures, package_model
 from experiments.model_card_sections import pct
+from experiments.search import records as search
 from mnres import run_folder
 from mnres.metrics import cells, verdict_fitting
 from mnres.provenance import file_sha256
@@ -160,9 +161,9 @@ def test_without_an_independent_evaluation_the_card_says_so(card, monkeypatch):
 
 def test_the_cross_validation_is_mean_and_sd_over_the_recipes_test_folds(card, page):
     cv = card["evaluation"]["cross_validation"]
-    source = package_model.origin()  # origin.json: the first search, its chosen recipe
-    assert source["search"].endswith(os.path.join("experiments", "results", "search"))
-    assert cv["recipe"] == source["recipe"] == "ensemble_gray_world_mixup_slide_prior"
+    source = package_model.origin()  # origin.json: the search and the recipe it chose
+    assert cv["recipe"] == source["recipe"] == search.read_choice(source["search"])["recipe"]
+    assert f"--search={os.path.relpath(source['search'], package_model.REPO)} " in cv["command"]
     folds = [
         run_folder.read_json(os.path.join(source["search"], cv["recipe"], f"fold_{k}_test.json"))
         for k in range(5)
@@ -323,3 +324,15 @@ def test_the_origin_refuses_a_search_that_chose_no_recipe(tmp_path, monkeypatch)
     monkeypatch.setattr(package_model, "ORIGIN_JSON", origin)
     with pytest.raises(ValueError, match="has chosen no recipe"):
         package_model.origin()
+
+
+def test_a_verdict_rule_chosen_on_other_networks_says_so():
+    inputs = copy.deepcopy(package_model.card_inputs())
+    verdicts = inputs["verdicts"]["cross_validation"]
+    assert verdicts["of_recipe"] == (
+        sorted(verdicts["recipes"]) == package_model.origin()["members"]
+    )
+    verdicts.update(recipes=["other_net"], of_recipe=False)
+    page = model_card.markdown(model_card.build(**inputs))
+    section = page.split("### Slide verdicts", 1)[1].split("\n## ", 1)[0]
+    assert "fold outputs of `other_net`," in section and "Those are other networks" in section

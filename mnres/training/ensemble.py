@@ -1,7 +1,8 @@
 """An ensemble run folder, combined from finished training runs of the same slide split.
 
 `combine` writes a run folder whose model is an `mnres.models.Ensemble` of the members' evaluated
-checkpoints (the mean of their logits), evaluated as a training run is: validation and test
+checkpoints (the mean of their logits; one member: that network itself, unwrapped, so one run
+gets the slide-prior figures too), evaluated as a training run is: validation and test
 figures, the patient decisions with the fraction threshold chosen on validation, calibration
 and operating points. `load_run`, `predict`, `export` and `experiments.package_model` then take
 it as one model. With `slide_prior` (the recipe the patient cross-validation chose, see
@@ -37,8 +38,8 @@ SCORED = ("validation", "test")  # the splits the ensemble is evaluated on
 def _check_members(member_dirs, manifests, configs) -> None:
     """Raises ValueError unless every member saw the same crops in every split and answers
     the same question (classes, image size, test-time augmentation)."""
-    if len(member_dirs) < 2:
-        raise ValueError(f"an ensemble needs two or more runs, got {len(member_dirs)}")
+    if not member_dirs:
+        raise ValueError("an ensemble run needs one finished run or more, got none")
     first = member_dirs[0]
     for d, manifest, config in zip(member_dirs[1:], manifests[1:], configs[1:], strict=True):
         split = _other_split(manifest, manifests[0])
@@ -73,12 +74,14 @@ def _answer(config) -> tuple:
 
 def ensemble_config(member_dirs, configs, *, slide_prior: bool) -> ml_collections.ConfigDict:
     """The first member's config with the model replaced by the ensemble of every member's
-    (`config.model.members`), and `config.ensemble` naming the members and their configs."""
+    (`config.model.members`; one member keeps its own), and `config.ensemble` naming the
+    members and their configs."""
     config = ml_collections.ConfigDict(configs[0].to_dict())
     with config.unlocked():
-        config.model = ml_collections.ConfigDict(
-            {"name": "ensemble", "members": [c.model.to_dict() for c in configs]}
-        )
+        if len(configs) > 1:
+            config.model = ml_collections.ConfigDict(
+                {"name": "ensemble", "members": [c.model.to_dict() for c in configs]}
+            )
         config.ensemble = ml_collections.ConfigDict({
             "combine": "mean_logits",
             "slide_prior": bool(slide_prior),
@@ -125,8 +128,9 @@ def combine(
     """Writes the ensemble run of `member_dirs` to `workdir` and returns its report.
 
     Args:
-      member_dirs: finished training runs (two or more) of the same data, seed and split; each
-        joins with the checkpoint its run evaluated (the best, as `load_run` restores it).
+      member_dirs: finished training runs of the same data, seed and split; each joins with
+        the checkpoint its run evaluated (the best, as `load_run` restores it). One run: its
+        own network, scored again (with `slide_prior`, each slide's prevalence).
       workdir: the new run folder (must not hold a run yet).
       data_dir: where the members' `cell_images` lie now; default the first member's
         `config.data.dir`.
@@ -134,7 +138,7 @@ def combine(
         of the training split's.
 
     Raises:
-      ValueError: fewer than two members, members of different splits or questions, a workdir
+      ValueError: no member, members of different splits or questions, a workdir
         that holds a run, or data that are not the members' crops.
       FileExistsError, PermissionError: a workdir that holds other files, is a file or cannot
         be written (`mnres.workdir_lock.claim`).
@@ -144,7 +148,8 @@ def combine(
         raise ValueError(f"{workdir} already holds a run: give a new --workdir")
     members = [run_folder.load_run(d) for d in member_dirs]
     config, ds = _config_and_data(member_dirs, members, data_dir, slide_prior)
-    variables = ensemble.combine_variables([jax.device_get(m.variables) for m in members])
+    variables = [jax.device_get(m.variables) for m in members]
+    variables = ensemble.combine_variables(variables) if len(members) > 1 else variables[0]
     classifier = _write_run(workdir, config, ds, variables)
 
     raw, plain, with_prior, prevalence = _scores(classifier, ds, config.eval_batch_size)
@@ -231,7 +236,7 @@ def _model_section(classifier, variables, configs) -> dict:
     size = classifier.image_size
     counts = params_lib.count_params(classifier.model, (1, size, size, 3), variables)
     return {
-        "name": "ensemble",
+        "name": "ensemble" if len(configs) > 1 else configs[0].model.name,
         "members": [c.model.name for c in configs],
         "alpha": configs[0].model.alpha,
         "total_params": counts.total,
