@@ -272,8 +272,11 @@ def test_same_metrics_on_1_and_8_devices(tmp_path, short_run, compilation_cache)
     eight, one = results(workdir), results(short_run)
     assert eight["training"]["devices"] == 8 and one["training"]["devices"] == 1
     # Each device sums its share of the batch's kernel gradients before they are added: another
-    # summation order than one device's, ~1e-5 apart after ten AdamW steps.
-    assert_close(without_run_fields(eight), without_run_fields(one), tol=1e-4)
+    # summation order than one device's. After ten AdamW steps the losses are ~1e-5 apart on an
+    # Intel Xeon and up to 1.7e-4 on an AMD EPYC (jax 0.12.1), and the near-random network's
+    # AUC there moves by one of its 432 validation pairs (0.0023).
+    assert_close(without_run_fields(eight), without_run_fields(one), tol=5e-4,
+                 field_tol={"auc": 2.5 / 432})  # fmt: skip
 
 
 def _free_port():

@@ -125,15 +125,26 @@ def test_the_sample_comes_from_held_out_development_slides():
     assert slides <= set(DEV_SLIDES.read_text().split())
 
 
+def _shipped_network() -> dict:
+    """The shipped network's model fields (an ensemble's first member's)."""
+    model = pretrained.shipped_config().model
+    return dict(model.members[0] if model.name == "ensemble" else model)
+
+
 def test_weights_into_a_model_with_other_fields_name_the_field():
-    other = models.create_model("mobilenet_v2", alpha=0.5, num_classes=2)
-    with pytest.raises(ValueError, match=r"alpha=0\.35 \(this model has 0\.5\)"):
+    network = _shipped_network()
+    alpha, norm = network["alpha"], network["input_normalization"]
+    wrong = 1.0 if alpha != 1.0 else 0.5
+    other = models.create_model(
+        "mobilenet_v2", alpha=wrong, num_classes=2, input_normalization=norm
+    )
+    with pytest.raises(ValueError, match=rf"alpha={alpha} \(this model has {wrong}\)"):
         mnres.load_pretrained("malaria", model=other)
     with pytest.raises(ValueError, match="MobileNetV2; this model is a MobileNetV1"):
         mnres.load_pretrained("malaria", model=models.create_model("mobilenet_v1"))
     # Fields that change no parameter may differ.
-    grouped = models.create_model("mobilenet_v2", alpha=0.35, num_classes=2,
-                                  conv_formulation="grouped")  # fmt: skip
+    grouped = models.create_model("mobilenet_v2", alpha=alpha, num_classes=2,
+                                  input_normalization=norm, conv_formulation="grouped")  # fmt: skip
     assert mnres.load_pretrained("malaria", model=grouped).model is grouped
     with pytest.raises(ValueError, match="no pretrained model 'malria'"):
         mnres.load_pretrained("malria")
@@ -206,9 +217,37 @@ def test_the_shipped_model_loads_and_predicts_in_a_fresh_process_without_network
     assert "image(s) predicted, 0 unreadable" in result.stdout
 
 
-def test_the_shipped_ensemble_loads_whole_or_as_the_member_a_network_is(shipped, sample_images):
-    _, images, _ = sample_images
-    images = images[:6]
+@pytest.fixture
+def shipped_ensemble(tmp_path, monkeypatch):
+    """The shipped folder with its network replaced by an ensemble of two tiny networks (random
+    weights, 32 px): what a shipped ensemble gives, whatever ships now."""
+    import flax.serialization
+    import ml_collections
+    from data_fixtures import tiny_crossval_config
+
+    real, folder = pretrained.shipped_folder(), tmp_path / "malaria"
+    folder.mkdir()
+    for name in pretrained.SHIPPED_FILES:
+        (folder / name).write_bytes((real / name).read_bytes())
+    config = pretrained.shipped_config()
+    plain = tiny_crossval_config().model.to_dict()
+    members = [{**plain, "input_normalization": "gray_world"}, plain]
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict({"name": "ensemble", "members": members})
+        config.data.image_size = 32
+    run_folder.write_config(folder, config)
+    model = models.from_config(config.model)
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    (folder / pretrained.WEIGHTS).write_bytes(
+        flax.serialization.msgpack_serialize(jax.device_get(variables))
+    )
+    monkeypatch.setattr(pretrained, "shipped_folder", lambda name="malaria": folder)
+    return mnres.load_pretrained("malaria")
+
+
+def test_a_shipped_ensemble_loads_whole_or_as_the_member_a_network_is(shipped_ensemble):
+    shipped = shipped_ensemble
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     assert isinstance(shipped.model, models.Ensemble)
     members = shipped.config.model.members
     whole = shipped.classifier.logits(images)

@@ -10,11 +10,12 @@ slide ids (`C100P61ThinF_...`), else by image, stratified by class; the log says
 `manifest.json` records it (`split_by`, `split_by_requested: auto`). The classes go into the
 run's config.json and report.json; `python -m mnres predict runs/mine IMAGES...` names them.
 
-The network is `default.py`'s (MobileNetV2 alpha 0.35 at 64 px), started from the malaria
-model shipped with mnres (`mnres.load_pretrained('malaria')`): every layer comes from it but the
-classifier, which starts at its initial values for your classes (the log says so; it is kept
-when the classes are the malaria pair). A short schedule at a quarter of `default.py`'s
-learning rate, so the pretrained features are refined rather than overwritten.
+The network is the malaria model shipped with mnres (`mnres.load_pretrained('malaria')`; an
+ensemble's first member): its architecture, width, input size and normalisation, read from its
+config.json, and every layer's weights but the classifier, which starts at its initial values
+for your classes (the log says so; it is kept when the classes are the malaria pair). The rest
+is `default.py`'s, with a short schedule at a quarter of its learning rate, so the pretrained
+features are refined rather than overwritten.
 
 Other starting points and choices, each one flag:
 
@@ -23,7 +24,7 @@ Other starting points and choices, each one flag:
 - No pretrained weights: --config.model.pretrained=""
 - Freeze the early layers (they keep their pretrained values and BatchNorm statistics; only
   the later ones and the classifier train): --config.model.freeze_through=block_12_project_BN
-  (any layer name of `python -m mnres summary mobilenet_v2 --alpha 0.35`)
+  (any layer name of `python -m mnres summary mobilenet_v2 --alpha ALPHA`, the shipped alpha)
 - The classes and their order fixed, as keras' `class_names`:
   --config.data.class_names="('negative', 'positive')" (the folders must be exactly these)
 - Training augmentation and test-time augmentation assume images with no up or down (cell
@@ -32,13 +33,21 @@ Other starting points and choices, each one flag:
 """
 
 from mnres import config as config_lib
+from mnres.weights import shipped
 
 
 def get_config(arg=None):
     """`arg` is unused."""
     del arg
     config = config_lib.default_config()
-    config.model.pretrained = "malaria"  # the shipped weights: default.py's network
+    # The shipped weights fit only the shipped network (an ensemble's: its first member's); its
+    # training choices (BatchNorm momentum, dropout, frozen layers) stay default.py's.
+    trained = shipped.shipped_config("malaria")
+    network = trained.model.members[0] if trained.model.name == "ensemble" else trained.model
+    keep = ("bn_momentum", "dropout", "freeze_through", "pretrained")
+    config.model.update({k: v for k, v in dict(network).items() if k not in keep})
+    config.model.pretrained = "malaria"
+    config.data.image_size = trained.data.image_size
 
     config.data.source = "folder"
     # 'slide' when the file names carry NIH slide ids, else 'image' (stratified by class).

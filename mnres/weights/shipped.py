@@ -3,10 +3,9 @@
 Each shipped model is a folder beside this module (mnres/weights/malaria/) holding what
 `python -m experiments.package_model` writes from a training run: the float32 weights, the
 run's config.json and calibration.json, an int8 TFLite file, the bundled crops' logits and the
-model card. The shipped malaria model is an ensemble (`mnres.models.Ensemble`) of two
-MobileNetV2 networks trained on the development slides of the NIH set, each
-`experiments/configs/default.py` with one change (gray-world input normalisation; Mixup). Its
-card (docs/model_card.md, and model_card.json here) is the authority: how, and on what figures.
+model card. The shipped malaria model was trained on the development slides of the NIH set by
+the recipe its card names; the card (docs/model_card.md, and model_card.json here) is the
+authority on what it is, how it was made, and on what figures.
 `mnres.load_pretrained("malaria")` loads it (`mnres.weights.registry` lists it).
 """
 
