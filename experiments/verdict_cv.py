@@ -325,7 +325,8 @@ def ship(args) -> None:
         out["prob"], out["label"], out["slide_id"], candidate=chosen["candidate"],
         scores=chosen["scores"], train_prevalence=card["evaluation"]["train_prevalence"],
         min_cells=MIN_CELLS,
-        fitted_on="the shipped model's validation split (16 slides), P as predict gives it"
+        fitted_on=f"the shipped model's validation split ({len(set(out['slide_id']))} slides), "
+        "P as predict gives it"
         + (", moved by the slide prior" if chosen["scores"] == "prior" else ""),
     )  # fmt: skip
     path = shipped.shipped_folder() / run_folder.VERDICT_RULE_JSON
