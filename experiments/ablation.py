@@ -88,12 +88,6 @@ def _baseline(path: str) -> dict:
     return search.flatten(module.get_config().to_dict())
 
 
-def _as_given(report: dict) -> dict:
-    """The run's config as its command gave it: a BatchNorm momentum the loop picked is unset."""
-    picked = (report.get("model") or {}).get("bn_momentum_picked")
-    return search.recipe_config(report["config"], picked)
-
-
 def load(run: str) -> dict:
     path = os.path.join(run, "report.json")
     if not os.path.isfile(path):
@@ -120,7 +114,7 @@ def validation_table(runs, baseline: dict) -> str:
         r = load(run)
         val, training = r["validation"] or {}, r["training"]
         wall = training.get("wall_seconds_this_run")
-        changed = search.config_changes(_as_given(r), baseline, _IGNORED_BY_RUNS)
+        changed = search.config_changes(search.run_recipe_config(r), baseline, _IGNORED_BY_RUNS)
         lines.append(
             f"| {os.path.basename(os.path.normpath(run))} | {r['config'].get('seed')} "
             f"| {changed} | {training['epochs']} "

@@ -16,7 +16,6 @@ by a changed record fails the suite.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import re
 import sys
@@ -125,7 +124,7 @@ def _headline() -> str:
     # The chosen recipe's sealed test folds through their one reader, summed up as the card does.
     source = package_model.origin()
     tests = records.read_test(source["search"], source["recipe"])
-    cv = model_card_figures.cross_validation(tests, os.path.relpath(source["search"], REPO))
+    cv = model_card_figures.cross_validation(tests, source["search_folder"])
 
     def sd(key, scale, digits):
         return f"{scale * cv[key]['mean']:.{digits}f} +/- {scale * cv[key]['sd']:.{digits}f}"

@@ -155,8 +155,7 @@ def _members(report) -> tuple[list[dict] | None, list[list[str]]]:
 
     ensemble = report["config"].get("ensemble")
     if not ensemble:
-        picked = bool(report["model"].get("bn_momentum_picked"))
-        return None, [_flags(search.recipe_config(report["config"], momentum_picked=picked))]
+        return None, [_flags(search.run_recipe_config(report))]
     baseline = default.get_config().to_dict()
     members, flags = [], []
     for member, trained in zip(ensemble["members"], report["training"]["members"], strict=True):

@@ -184,8 +184,9 @@ def _validation_outputs() -> dict | None:
 
 
 def origin() -> dict:
-    """The shipped model's recipe search folder, the recipe it chose, that recipe's networks
-    (`members`, the search's names) and the verdict records.
+    """The shipped model's recipe search folder (`search_folder`: as origin.json names it,
+    relative to the repository), the recipe it chose, that recipe's networks (`members`, the
+    search's names) and the verdict records.
 
     The chosen recipe's test folds are the card's cross-validation (`records.read_test` refuses
     any other recipe); the verdict records' chosen rule is the card's patient-level figure.
@@ -200,8 +201,8 @@ def origin() -> dict:
     # their fold outputs are of the same networks.
     folds = records.read_recipe(os.path.join(search, choice["recipe"]))
     members = sorted(next(iter(folds.values())).get("members") or [choice["recipe"]])
-    return {"search": search, "recipe": choice["recipe"], "members": members,
-            "verdicts": verdicts}  # fmt: skip
+    return {"search": search, "search_folder": record["search"], "recipe": choice["recipe"],
+            "members": members, "verdicts": verdicts}  # fmt: skip
 
 
 def verdict_summary(source: dict) -> dict:
@@ -232,7 +233,7 @@ def card_inputs() -> dict:
         },
         validation_outputs=_validation_outputs(),
         cross_validation=records.read_test(source["search"], source["recipe"]),
-        search=os.path.relpath(source["search"], REPO),
+        search=source["search_folder"],
         independent=independent_evaluation.shipped(),
         int8={
             "bytes": int8.stat().st_size,

@@ -15,7 +15,6 @@ import textwrap
 from collections.abc import Callable
 
 import numpy as np
-import scipy.stats
 
 from experiments.model_card_figures import BOOTSTRAP
 
@@ -225,7 +224,9 @@ def shipped_split() -> str:
 def _final_run_split(report: dict) -> str:
     """A final run's validation slides (not held out: they chose its checkpoint and fitted its
     calibration and verdict rule), each figure with the card's bootstrap over those slides."""
-    card = json.loads((REPO / "mnres" / "weights" / "malaria" / "model_card.json").read_text())
+    from mnres.weights import shipped
+
+    card = shipped.shipped_card()
     intervals = (card["evaluation"].get("intervals") or {}).get("validation") or {}
     data = report["data"]
     lines = [f"| split seed 0: {data['num_validation']:,} crops of the validation slides, not "
@@ -372,7 +373,7 @@ def round2_test() -> str:
 def round2_targets() -> str:
     """The second search's choice on its test folds against its targets, beside the first
     search's choice on the same folds (the same slides: a difference per fold)."""
-    from experiments.search import records
+    from experiments.search import records, tables
 
     tests = {}
     for folder in (ROUND2, SEARCH):
@@ -383,29 +384,19 @@ def round2_targets() -> str:
     lines = [f"| test folds, mean +/- SD over 5 folds | {new_name} | target | | {old_name} | "
              "difference, mean +/- SD (95% t) |", "|---|---:|---:|---|---:|---:|"]  # fmt: skip
     for name, key, target in ROUND2_TARGETS:
-        diff = [new[k]["cell"][key] - old[k]["cell"][key] for k in sorted(new)]
-        d = records.mean_sd(diff)
-        half = scipy.stats.t.ppf(0.975, d["n"] - 1) * d["se"]
+        d = records.mean_sd([new[k]["cell"][key] - old[k]["cell"][key] for k in sorted(new)])
         lines.append(
             f"| {name} | {_shown(key, s_new[key]['mean'])} +/- "
             f"{_shown(key, s_new[key]['sd'], unit=False)} | >= {_shown(key, target)} | "
             f"{_against(s_new[key]['mean'], target)} | {_shown(key, s_old[key]['mean'])} +/- "
-            f"{_shown(key, s_old[key]['sd'], unit=False)} | {_signed(key, d['mean'])} +/- "
-            f"{_shown(key, d['sd'], unit=False)} ({_signed(key, d['mean'] - half)} to "
-            f"{_signed(key, d['mean'] + half)}) |"
+            f"{_shown(key, s_old[key]['sd'], unit=False)} | {tables.paired_difference(d, key)} |"
         )
-    from experiments.search import tables
-
     lines.append(
         f"| patient decisions right (fraction rule) | "
         f"{tables.wilson_count(s_new['patients_right'], s_new['patients'])} | - | - | "
         f"{tables.wilson_count(s_old['patients_right'], s_old['patients'])} | - |"
     )
     return "\n".join(lines)
-
-
-def _signed(key: str, x: float) -> str:
-    return f"{x:+.4f}" if key == "auc" else f"{100 * x:+.2f}"
 
 
 GENERATORS: dict[str, Callable[[], str]] = {

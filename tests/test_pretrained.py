@@ -125,14 +125,8 @@ def test_the_sample_comes_from_held_out_development_slides():
     assert slides <= set(DEV_SLIDES.read_text().split())
 
 
-def _shipped_network() -> dict:
-    """The shipped network's model fields (an ensemble's first member's)."""
-    model = pretrained.shipped_config().model
-    return dict(model.members[0] if model.name == "ensemble" else model)
-
-
 def test_weights_into_a_model_with_other_fields_name_the_field():
-    network = _shipped_network()
+    network = pretrained.shipped_network()
     alpha, norm = network["alpha"], network["input_normalization"]
     wrong = 1.0 if alpha != 1.0 else 0.5
     other = models.create_model(

@@ -42,12 +42,11 @@ def get_config(arg=None):
     config = config_lib.default_config()
     # The shipped weights fit only the shipped network (an ensemble's: its first member's); its
     # training choices (BatchNorm momentum, dropout, frozen layers) stay default.py's.
-    trained = shipped.shipped_config("malaria")
-    network = trained.model.members[0] if trained.model.name == "ensemble" else trained.model
     keep = ("bn_momentum", "dropout", "freeze_through", "pretrained")
-    config.model.update({k: v for k, v in dict(network).items() if k not in keep})
+    network = shipped.shipped_network("malaria")
+    config.model.update({k: v for k, v in network.items() if k not in keep})
     config.model.pretrained = "malaria"
-    config.data.image_size = trained.data.image_size
+    config.data.image_size = shipped.shipped_config("malaria").data.image_size
 
     config.data.source = "folder"
     # 'slide' when the file names carry NIH slide ids, else 'image' (stratified by class).

@@ -24,8 +24,8 @@ from experiments.search.records import (
     check_same_recipe,
     config_changes,
     read_recipe,
-    recipe_config,
     record_fold,
+    run_recipe_config,
 )
 from mnres import metrics, run_folder
 from mnres.data import folds as folds_lib
@@ -198,7 +198,7 @@ def summarize_fold(
             raise ValueError(f"{fold_dir}: the rebuilt {name} split is not the run's")
     outputs = validation_outputs(fold_dir, report, dataset.validation)
     val, spec = report["validation"], fold["spec"]
-    config = recipe_config(report["config"], (report.get("model") or {}).get("bn_momentum_picked"))
+    config = run_recipe_config(report)
     summary = {
         "recipe": recipe,
         "fold": fold["fold"],
@@ -303,7 +303,7 @@ def retrained_member(search_dir: str, recipe: str, workdir: str, fold: int):
         return None, f"{fold_dir} is not a finished cross-validation fold (no fold.json)"
     spec = run_folder.read_json(fold_json)["spec"]
     report = run_folder.read_report(fold_dir)
-    config = recipe_config(report["config"], (report.get("model") or {}).get("bn_momentum_picked"))
+    config = run_recipe_config(report)
     try:
         check_same_recipe(record_dir, config, spec)
     except SearchError as e:

@@ -111,6 +111,12 @@ def recipe_config(config, momentum_picked: bool = False) -> dict:
     return scrub(config)
 
 
+def run_recipe_config(report: dict) -> dict:
+    """A run's config as its command gave it, from its report.json (`recipe_config`: the
+    BatchNorm momentum the loop picked is unset again)."""
+    return recipe_config(report["config"], (report.get("model") or {}).get("bn_momentum_picked"))
+
+
 def _recipe_fields(summary: dict) -> dict:
     """The recipe fields of a record's config, a schema field it predates at its default (as a
     run's config.json reads, `mnres.config.from_overrides`)."""

@@ -161,6 +161,13 @@ def paired_table(found: dict, paired: list[str], metric: str = "accuracy") -> st
     return "\n".join(lines)
 
 
+def paired_difference(d: dict, metric: str) -> str:
+    """'mean +/- SD (low to high)' of a paired difference (`records.mean_sd` of the per-fold
+    differences), in the metric's points or units, with its 95% t interval."""
+    scale, digits = _SCALES[metric]
+    return f"{_pm(d, scale, digits, sign='+')} ({_t_interval(d, scale, digits)})"
+
+
 def _t_interval(d: dict, scale: float, digits: int) -> str:
     """The 95% t interval of a mean paired difference (mean +/- t * SD / sqrt(n))."""
     if d["se"] is None:

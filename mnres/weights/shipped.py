@@ -49,6 +49,13 @@ def shipped_config(name: str = "malaria"):
     return run_folder.read_config(shipped_folder(name))
 
 
+def shipped_network(name: str = "malaria") -> dict:
+    """The model fields of the network the shipped weights fit: the model's, or of a shipped
+    ensemble its first member's (the one a new classifier or a fine-tuning run starts from)."""
+    model = shipped_config(name).model
+    return dict(model.members[0] if model.name == "ensemble" else model)
+
+
 def shipped_classes(name: str = "malaria") -> tuple[str, ...]:
     """The classes a shipped model was trained on, in output order."""
     return config_lib.class_names(shipped_config(name).data)
