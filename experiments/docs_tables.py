@@ -59,12 +59,29 @@ def _fold_outputs_table() -> str:
     return "\n".join(lines)
 
 
-def _predict_speed() -> str:
-    """predict's speed against its model, from experiments/results/predict_speed.json."""
+def _speed_record() -> tuple[dict, dict[str, bool]]:
+    """experiments/results/predict_speed.json, and whether it timed the shipped weights and int8
+    file ({"float": ..., "int8": ...}, by sha256): a rate of other weights is not quoted."""
     import json
+
+    from mnres.provenance import file_sha256
 
     with open(REPO / "experiments" / "results" / "predict_speed.json") as f:
         r = json.load(f)
+    folder = REPO / "mnres" / "weights" / "malaria"
+    current = {key: r.get(f"{field}_sha256") == file_sha256(folder / name)
+               for key, field, name in (("float", "weights", "weights.msgpack"),
+                                        ("int8", "int8", "model_int8.tflite"))}  # fmt: skip
+    return r, current
+
+
+def _predict_speed() -> str:
+    """predict's speed against its model, from experiments/results/predict_speed.json."""
+    r, current = _speed_record()
+    if not all(current.values()):
+        return ("Not measured for the shipped weights: `python -m experiments.predict_speed "
+                "--data_dir=PATH/cell_images --out=experiments/results/predict_speed.json` "
+                "timed other files.")  # fmt: skip
     machine = (f"{r['cores']}-core {r['cpu'].split(' x ', 1)[-1]} CPU, Python {r['python']}, "
                f"jax {r['jax']}, mnres {r['mnres']}, {r['date']}")  # fmt: skip
     return "\n".join([
@@ -113,14 +130,7 @@ def _headline() -> str:
     if record is None:
         lines.append("| shipped model | 40 unseen patients | not evaluated yet | | | | |")
     else:
-        for run in record["runs"]:
-            lines.append(
-                f"| shipped model, `{run['name'].replace('predict', 'mnres predict')}` | "
-                f"{record['patients']['n']} unseen patients, {record['cells']['n']:,} crops, "
-                f"evaluated once | {100 * run['accuracy']:.2f}% | {run['auc']:.4f} | "
-                f"{100 * run['sensitivity']:.2f}% | {100 * run['specificity']:.2f}% | "
-                f"{_patients(run['patients_right'], record['patients']['n'])} |"
-            )
+        lines += _independent_rows(record, "shipped model")
     # The chosen recipe's sealed test folds through their one reader, summed up as the card does.
     source = package_model.origin()
     tests = records.read_test(source["search"], source["recipe"])
@@ -146,25 +156,54 @@ def _headline() -> str:
         f"{p['sensitivity']} | {p['specificity']} | |"
     )
     if record is not None:
-        lines += ["", f"Independent evaluation: `{record['command']}` on a {record['hardware']}, "
-                  f"mnres {record['versions']['mnres']}, jax {record['versions']['jax']}; its "
-                  f"patients are called by {record['patient_rule']}."]  # fmt: skip
+        lines += ["", f"Independent evaluation: {_independent_source(record)}"]
     return "\n".join(lines)
+
+
+def _independent_rows(record: dict, system: str) -> list[str]:
+    """A maintainers' record as table rows, one per `mnres predict` call it reports."""
+    return [f"| {system}, `{run['name'].replace('predict', 'mnres predict')}` | "
+            f"{record['patients']['n']} unseen patients, {record['cells']['n']:,} crops, "
+            f"evaluated once | {100 * run['accuracy']:.2f}% | {run['auc']:.4f} | "
+            f"{100 * run['sensitivity']:.2f}% | {100 * run['specificity']:.2f}% | "
+            f"{_patients(run['patients_right'], record['patients']['n'])} |"
+            for run in record["runs"]]  # fmt: skip
+
+
+def _independent_source(record: dict) -> str:
+    return (f"`{record['command']}` on a {record['hardware']}, "
+            f"mnres {record['versions']['mnres']}, jax {record['versions']['jax']}; its "
+            f"patients are called by {record['patient_rule']}.")  # fmt: skip
+
+
+def _independent_history() -> str:
+    """The maintainers' evaluations of models that shipped before (their records)."""
+    from experiments import independent_evaluation
+
+    lines = []
+    for record in independent_evaluation.earlier():
+        lines += ["| system | protocol | cell accuracy | ROC AUC | sensitivity | specificity | "
+                  "patients right |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += _independent_rows(record, f"shipped at {record['weights_commit']}")
+        lines += [
+            "",
+            f"Reported {record['reported']} for the weights of sha256 "
+            f"{record['weights_sha256'][:12]}...: {_independent_source(record)}",
+            "",
+        ]
+    return "\n".join(lines).strip() or "No earlier model was evaluated."
 
 
 def _shipped_files() -> str:
     """The shipped model's files: sizes (measured here) and batch-1 latency (predict_speed.json)."""
-    import json
-
     folder = REPO / "mnres" / "weights" / "malaria"
-    with open(REPO / "experiments" / "results" / "predict_speed.json") as f:
-        r = json.load(f)
+    r, current = _speed_record()
     machine = f"{r['cores']}-core {r['cpu'].split(' x ', 1)[-1]} CPU, jax {r['jax']}"
     lines = ["| file | size | batch-1 latency (one crop) |", "|---|---:|---:|"]
     files = (("weights.msgpack", "float32 weights, JAX, 8-view TTA", "float"),
              ("model_int8.tflite", "int8 TFLite, 8-view TTA inside", "int8"))  # fmt: skip
     for name, what, key in files:
-        ms = r.get(f"batch1_{key}_ms")
+        ms = r.get(f"batch1_{key}_ms") if current[key] else None
         lines.append(f"| `{name}` ({what}) | {(folder / name).stat().st_size / 1e6:.2f} MB | "
                      + (f"{ms:.1f} ms" if ms else "not measured") + " |")  # fmt: skip
     lines += ["", f"Latency: median of 200 single crops, `python -m experiments.predict_speed` on "
@@ -189,6 +228,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "verdict_cv": _verdict_tables,
     "fold_outputs": _fold_outputs_table,
     "predict_speed": _predict_speed,
+    "independent_history": _independent_history,
 }
 
 GENERATORS.update(results_tables.GENERATORS)  # docs/results.md's tables

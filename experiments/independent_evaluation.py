@@ -1,10 +1,11 @@
-"""The maintainers' independent evaluation of the shipped model, read from its record.
+"""The maintainers' independent evaluations of the shipped model, read from their records.
 
 The 40 held-out patients never enter this repository: the maintainers run `mnres predict` on
-them once per shipped model and report the figures, which are kept in
-experiments/results/independent_evaluation/shipped_malaria.json, keyed by the sha256 of the
-weights they evaluated. `shipped()` returns the record only while those weights ship, so a
-retrained model never inherits its predecessor's figures.
+them once per shipped model and report the figures, kept one record per evaluated weights in
+experiments/results/independent_evaluation/COMMIT.json (COMMIT: the commit that shipped them),
+keyed by the sha256 of the weights. `shipped()` returns the record of the weights that ship now,
+so a retrained model never inherits its predecessor's figures; `earlier()` the others, for the
+history.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import pathlib
 from mnres.provenance import file_sha256
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-RECORD = REPO / "experiments" / "results" / "independent_evaluation" / "shipped_malaria.json"
+RECORDS = REPO / "experiments" / "results" / "independent_evaluation"
 WEIGHTS = REPO / "mnres" / "weights" / "malaria" / "weights.msgpack"
 
 
-def check(record: dict) -> None:
+def check(record: dict, source: str = "the record") -> None:
     """Raises ValueError unless every run's counts give back its reported percentages."""
     cells = record["cells"]
     for run in record["runs"]:
@@ -30,13 +31,28 @@ def check(record: dict) -> None:
         }
         for name, value in got.items():
             if round(value, 4) != run[name]:
-                raise ValueError(f"{RECORD.name}, {run['name']}: {name} {value:.5f} from the "
+                raise ValueError(f"{source}, {run['name']}: {name} {value:.5f} from the "
                                  f"counts, {run[name]} reported")  # fmt: skip
 
 
-def shipped(record_path: pathlib.Path = RECORD, weights: pathlib.Path = WEIGHTS) -> dict | None:
-    """The record when it evaluated the weights that ship now, else None."""
-    with open(record_path) as f:
-        record = json.load(f)
-    check(record)
-    return record if record["weights_sha256"] == file_sha256(weights) else None
+def records(folder: pathlib.Path = RECORDS) -> list[dict]:
+    """Every record, checked, oldest report first."""
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        with open(path) as f:
+            record = json.load(f)
+        check(record, path.name)
+        out.append(record)
+    return sorted(out, key=lambda r: r["reported"])
+
+
+def shipped(folder: pathlib.Path = RECORDS, weights: pathlib.Path = WEIGHTS) -> dict | None:
+    """The record of the weights that ship now, else None."""
+    sha = file_sha256(weights)
+    return next((r for r in records(folder) if r["weights_sha256"] == sha), None)
+
+
+def earlier(folder: pathlib.Path = RECORDS, weights: pathlib.Path = WEIGHTS) -> list[dict]:
+    """The records of weights that shipped before."""
+    sha = file_sha256(weights)
+    return [r for r in records(folder) if r["weights_sha256"] != sha]

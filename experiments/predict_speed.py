@@ -16,7 +16,8 @@ process, the shipped model's own rate: `jax.jit` of its forward pass with the sa
 8 views, batch 256, on the same crops decoded once, timed after a warm-up pass.
 Then the batch-1 latency of the shipped float model (jitted, 8 views) and of its int8 file
 (LiteRT, one thread). Prints crops/s and the ratio of predict to the model. Run it with
-nothing else busy.
+nothing else busy. The record names the sha256 of the weights and of the int8 file it timed, so
+the docs' tables quote no rate of other weights.
 """
 
 from __future__ import annotations
@@ -131,11 +132,14 @@ def main(argv=None) -> None:
     import jax
 
     import mnres
+    from mnres.provenance import file_sha256
     from mnres.weights import shipped
 
     results = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
                "jax": jax.__version__, "mnres": mnres.__version__, "crops": args.crops,
-               "data": "development crops" if args.data_dir else "synthetic cells"}  # fmt: skip
+               "data": "development crops" if args.data_dir else "synthetic cells",
+               "weights_sha256": file_sha256(shipped.shipped_folder() / shipped.WEIGHTS),
+               "int8_sha256": file_sha256(shipped.shipped_folder() / shipped.INT8)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_crops(os.path.join(tmp, "crops"), args.data_dir, args.crops)
         # Its own compilation cache, on whatever the caller's environment says.

@@ -114,6 +114,26 @@ def test_the_metadata_header_is_plain_yaml_key_lines(page, card):
     assert values == expected
 
 
+def test_each_weights_evaluation_is_read_for_those_weights_only(tmp_path):
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (old := tmp_path / "old.msgpack").write_bytes(b"old weights")
+    (new := tmp_path / "new.msgpack").write_bytes(b"new weights")
+    base = json.loads((independent_evaluation.RECORDS / "572ebb4.json").read_text())
+    for name, weights, date in (("a", old, "2026-01-01"), ("b", new, "2026-02-01")):
+        record = {**base, "weights_sha256": file_sha256(weights), "reported": date}
+        (folder / f"{name}.json").write_text(json.dumps(record))
+    assert independent_evaluation.shipped(folder, new)["reported"] == "2026-02-01"
+    assert [r["reported"] for r in independent_evaluation.earlier(folder, new)] == ["2026-01-01"]
+    (other := tmp_path / "other.msgpack").write_bytes(b"never evaluated")
+    assert independent_evaluation.shipped(folder, other) is None
+    assert len(independent_evaluation.earlier(folder, other)) == 2
+    broken = {**base, "runs": [{**base["runs"][0], "accuracy": 0.5}]}
+    (folder / "c.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"c\.json, predict: accuracy"):
+        independent_evaluation.records(folder)
+
+
 def test_the_independent_evaluation_is_carried_into_the_card_json(card):
     record = independent_evaluation.shipped()
     carried = card["evaluation"]["independent_evaluation"]
@@ -241,8 +261,11 @@ def test_quantization_reports_the_files_size_and_what_was_measured(card, page):
     else:
         assert card["quantization"]["agreement"] == record
         assert f"{100 * record['same_call']:.2f}% of crops" in section
-        # The record measured the float model as the card's test row without the slide prior.
+        # The record measured the float model as the card's held-out row without the slide
+        # prior: the test split's, or a final run's validation split (it has no test split).
         plain = card["evaluation"]["without_slide_prior"]["test_cells"]
+        if plain is None:
+            plain = card["evaluation"]["without_slide_prior"]["validation_cells"]
         assert record["crops"] == plain["n"]
         assert record["float_accuracy"] == pytest.approx(plain["accuracy"], abs=1e-9)
 

@@ -85,6 +85,15 @@ def test_names_and_errors_are_escaped(tmp_path):
     assert "<b>broken" not in text and "&lt;b&gt;broken.png" in text
 
 
+def test_a_report_into_a_missing_folder_is_refused_before_any_crop_is_read(tmp_path, capsys):
+    page = tmp_path / "no_such_folder" / "r.html"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--sample", "--quiet", "--report", str(page)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr()
+    assert f"no folder {page.parent} to write it in" in err.err and not err.out
+
+
 def test_a_model_without_feature_maps_gives_a_report_that_says_why():
     row = {"file": "a/C1_thinF_cell_1.png", "slide_id": "C1", "label": "parasitized",
            "prob_parasitized": 0.9, "error": None}  # fmt: skip
@@ -94,6 +103,14 @@ def test_a_model_without_feature_maps_gives_a_report_that_says_why():
                                why_no_maps="a tflite file holds no feature maps")  # fmt: skip
     assert "No Grad-CAM overlays: a tflite file holds no feature maps" in text
     assert 'class="overlay"' not in text and 'class="cell"' in text
+
+
+def test_the_maps_are_called_an_ensembles_only_when_an_ensemble_ships(sample_report):
+    import mnres
+
+    note = sample_report.read_text().split("Heat maps:", 1)[1].split("</p>", 1)[0]
+    ensemble = hasattr(mnres.load_pretrained("malaria").model, "members")
+    assert ("the mean of the ensemble members" in note) == ensemble
 
 
 def _browser():

@@ -27,6 +27,10 @@ from mnres.weights import loader, shipped
 def predict_command(args) -> int:
     """`predict`: classify crops, print a table (or JSON); 1 when not one input is an image or
     an input does not exist (after answering the rest, as `cat` does)."""
+    if args.report:  # before the crops are read: a long run must not end in a lost page
+        folder = os.path.dirname(os.path.abspath(args.report))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--report {args.report}: no folder {folder} to write it in")
     model, images = _model_and_images(args)
     from_package = model is None or model in shipped.SHIPPED
     model = model or shipped.SHIPPED[0]
@@ -73,8 +77,10 @@ def _write_report(path: str, predictor, out: dict) -> None:
     from mnres.data.folders import crop_facts
     from mnres.deploy import slide_report
 
-    classifier, explain, why = predictor.classifier, None, None
+    classifier, explain, why, maps_of = predictor.classifier, None, None, ""
     if classifier is not None:
+        if hasattr(classifier.model, "members"):  # an Ensemble: gradcam averages its members
+            maps_of = "the mean of the ensemble members' maps"
         from mnres.reporting import gradcam
 
         explain = lambda images: gradcam.gradcam(classifier.model, classifier.variables,
@@ -83,7 +89,7 @@ def _write_report(path: str, predictor, out: dict) -> None:
         why = (f"a {predictor.kind} file holds no feature maps to explain; Grad-CAM needs the "
                "model's layers (a run folder or the shipped model)")  # fmt: skip
     page = slide_report.render(
-        out, version=mnres.__version__, explain=explain, why_no_maps=why,
+        out, version=mnres.__version__, explain=explain, why_no_maps=why, maps_of=maps_of,
         read_crop=lambda p: crops.read_crop(p, predictor.image_size)[0],
         truths=[crop_facts(r["file"]).label for r in out["images"]],
     )  # fmt: skip

@@ -90,7 +90,7 @@ def _crop_figure(image_uri: str, caption: str, overlay_uri: str | None = None) -
 
 
 def render(out: dict, *, version: str, read_crop, explain=None, why_no_maps: str | None = None,
-           truths=None) -> str:  # fmt: skip
+           maps_of: str = "", truths=None) -> str:  # fmt: skip
     """The page, from predict's output (`out`: its JSON) and the crops.
 
     Args:
@@ -99,6 +99,7 @@ def render(out: dict, *, version: str, read_crop, explain=None, why_no_maps: str
       read_crop: path -> uint8 [S, S, 3] crop at the model's size.
       explain: uint8 crops [N, S, S, 3] -> heat maps [N, S, S] in [0, 1]; None: no overlays.
       why_no_maps: the one line saying why there are no overlays (with explain None).
+      maps_of: what a map is of, beyond one network's own (e.g. an ensemble's mean map).
       truths: per image row, 1 / 0 for a crop in a Parasitized/ or Uninfected/ folder, else None.
     """
     from mnres.deploy import crops as crops_lib
@@ -140,12 +141,8 @@ def render(out: dict, *, version: str, read_crop, explain=None, why_no_maps: str
         f"<tr><th>date</th><td>{now}</td></tr>",
         f"<tr><th>crops</th><td>{len(read)} read, {len(unreadable)} could not be</td></tr>",
         "</table>",
-        "<p class='note'>Not a diagnostic device. Heat maps: Grad-CAM of P(parasitized), "
-        + (
-            "the mean of the ensemble members' maps"
-            if explain is not None and why_no_maps is None
-            else ""
-        )
+        "<p class='note'>Not a diagnostic device. Heat maps: Grad-CAM of P(parasitized)"
+        + (f", {esc(maps_of)}" if explain is not None and maps_of else "")
         + "; red line: the cell threshold, orange: the rule's q.</p>",  # fmt: skip
     ]
     if explain is None:
