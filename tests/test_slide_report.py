@@ -9,9 +9,11 @@ import subprocess
 import numpy as np
 import pytest
 
+from mnres import run_folder
 from mnres.__main__ import main
 from mnres.data import sample
 from mnres.deploy import slide_report
+from mnres.weights import shipped
 
 BROWSER_PACKAGE = "chromium"  # Debian's package; .ci/run installs it
 
@@ -120,6 +122,24 @@ def _browser():
     if os.environ.get("CI") == "true":
         pytest.fail(f"no browser: CI installs Debian's {BROWSER_PACKAGE} package (.ci/run)")
     pytest.skip(f"no browser: apt-get install {BROWSER_PACKAGE} to render the report")
+
+
+def test_the_legend_names_the_lines_the_histograms_draw():
+    row = {"file": "a/C1_thinF_cell_1.png", "slide_id": "C1", "label": "parasitized",
+           "prob_parasitized": 0.9, "error": None}  # fmt: skip
+    slide = {"slide_id": "C1", "cells": 1, "called": 1, "verdict": None}
+    for q, lines, orange in ((None, 1, False), (0.5, 1, False), (0.8, 2, True)):
+        record = None
+        if q is not None:  # the shipped rule with this q
+            record = run_folder.read_json(shipped.shipped_folder() / run_folder.VERDICT_RULE_JSON)
+            record["rule"]["q"] = q
+        assert slide_report.histogram_svg([0.9], 0.5, q).count("<line") == lines
+        out = {"model": "m", "threshold": 0.5, "images": [row], "verdict_rule": record,
+               "slides": [slide]}  # fmt: skip
+        note = slide_report.render(out, version="x", read_crop=lambda p: np.zeros((8, 8, 3)),
+                                   why_no_maps="none")  # fmt: skip
+        assert ("orange: the rule's q" in note) == orange, q
+        assert ("also the rule's q" in note) == (q == 0.5), q
 
 
 def test_the_report_renders_in_a_browser(sample_report, tmp_path):

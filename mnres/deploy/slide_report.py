@@ -70,11 +70,11 @@ def histogram_svg(probs, threshold: float, q: float | None) -> str:
         h = height * c / top
         parts.append(f'<rect x="{i * bar:.1f}" y="{height - h:.1f}" width="{bar - 1:.1f}" '
                      f'height="{h:.1f}" fill="#5c6bc0"/>')  # fmt: skip
-    for value, colour in ((threshold, "#b00020"), (q, "#ef6c00")):
-        if value is not None:
-            x = width * value
-            parts.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height}" '
-                         f'stroke="{colour}" stroke-width="1.5"/>')  # fmt: skip
+    lines = [(threshold, "#b00020")] + ([(q, "#ef6c00")] if q not in (None, threshold) else [])
+    for value, colour in lines:
+        x = width * value
+        parts.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height}" '
+                     f'stroke="{colour}" stroke-width="1.5"/>')  # fmt: skip
     y = height + 11
     parts.append(f'<text x="0" y="{y}" font-size="9">0</text>'
                  f'<text x="{width - 6}" y="{y}" font-size="9">1</text></svg>')  # fmt: skip
@@ -87,6 +87,16 @@ def _crop_figure(image_uri: str, caption: str, overlay_uri: str | None = None) -
         heat = f'<img class="overlay" src="{overlay_uri}" alt="Grad-CAM" width="{THUMB}">'
     return (f'<div class="crop"><img class="cell" src="{image_uri}" alt="crop" width="{THUMB}">'
             f"{heat}{caption}</div>")  # fmt: skip
+
+
+def _legend(threshold: float, q: float | None) -> str:
+    """What the histogram's lines are: the cell threshold, and the rule's q where it is another
+    value (the fraction rule's q is the threshold itself: one line)."""
+    if q is None:
+        return "red line: the cell threshold"
+    if q == threshold:
+        return "red line: the cell threshold, which is also the rule's q"
+    return "red line: the cell threshold, orange: the rule's q"
 
 
 def render(out: dict, *, version: str, read_crop, explain=None, why_no_maps: str | None = None,
@@ -143,7 +153,7 @@ def render(out: dict, *, version: str, read_crop, explain=None, why_no_maps: str
         "</table>",
         "<p class='note'>Not a diagnostic device. Heat maps: Grad-CAM of P(parasitized)"
         + (f", {esc(maps_of)}" if explain is not None and maps_of else "")
-        + "; red line: the cell threshold, orange: the rule's q.</p>",  # fmt: skip
+        + f"; {_legend(threshold, q)}.</p>",  # fmt: skip
     ]
     if explain is None:
         parts.append(f"<p class='note'>No Grad-CAM overlays: {esc(why_no_maps or '')}</p>")
