@@ -65,13 +65,15 @@ def _speed_record() -> tuple[dict, dict[str, bool]]:
     import json
 
     from mnres.provenance import file_sha256
+    from mnres.weights import shipped
 
     with open(REPO / "experiments" / "results" / "predict_speed.json") as f:
         r = json.load(f)
-    folder = REPO / "mnres" / "weights" / "malaria"
+    folder = shipped.shipped_folder()
+    # The fields experiments.predict_speed writes, for the files it times.
     current = {key: r.get(f"{field}_sha256") == file_sha256(folder / name)
-               for key, field, name in (("float", "weights", "weights.msgpack"),
-                                        ("int8", "int8", "model_int8.tflite"))}  # fmt: skip
+               for key, field, name in (("float", "weights", shipped.WEIGHTS),
+                                        ("int8", "int8", shipped.INT8))}  # fmt: skip
     return r, current
 
 
