@@ -198,12 +198,14 @@ def _independent_history() -> str:
 
 def _shipped_files() -> str:
     """The shipped model's files: sizes (measured here) and batch-1 latency (predict_speed.json)."""
-    folder = REPO / "mnres" / "weights" / "malaria"
+    from mnres.weights import shipped
+
+    folder = shipped.shipped_folder()
     r, current = _speed_record()
     machine = f"{r['cores']}-core {r['cpu'].split(' x ', 1)[-1]} CPU, jax {r['jax']}"
     lines = ["| file | size | batch-1 latency (one crop) |", "|---|---:|---:|"]
-    files = (("weights.msgpack", "float32 weights, JAX, 8-view TTA", "float"),
-             ("model_int8.tflite", "int8 TFLite, 8-view TTA inside", "int8"))  # fmt: skip
+    files = ((shipped.WEIGHTS, "float32 weights, JAX, 8-view TTA", "float"),
+             (shipped.INT8, "int8 TFLite, 8-view TTA inside", "int8"))  # fmt: skip
     for name, what, key in files:
         ms = r.get(f"batch1_{key}_ms") if current[key] else None
         lines.append(f"| `{name}` ({what}) | {(folder / name).stat().st_size / 1e6:.2f} MB | "

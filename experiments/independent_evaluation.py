@@ -14,10 +14,11 @@ import json
 import pathlib
 
 from mnres.provenance import file_sha256
+from mnres.weights import shipped as shipped_model
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RECORDS = REPO / "experiments" / "results" / "independent_evaluation"
-WEIGHTS = REPO / "mnres" / "weights" / "malaria" / "weights.msgpack"
+WEIGHTS = shipped_model.shipped_folder() / shipped_model.WEIGHTS
 
 
 def check(record: dict, source: str = "the record") -> None:

@@ -85,7 +85,7 @@ def main(argv=None) -> None:
         "int8_bytes": os.path.getsize(int8_path),
         # Which files it measured: the card quotes the record only while these ship.
         "int8_sha256": file_sha256(int8_path),
-        "float_bytes": os.path.getsize(shipped.shipped_folder() / "weights.msgpack"),
+        "float_bytes": os.path.getsize(shipped.shipped_folder() / shipped.WEIGHTS),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "mnres": mnres.__version__,

@@ -18,6 +18,7 @@ from experiments.model_card_sections import (
     verdict_lines,
     with_ci,
 )
+from mnres.weights.shipped import WEIGHTS
 
 TAGS = ("image-classification", "malaria", "jax", "flax", "mobilenet")
 METRICS = ("accuracy", "roc_auc", "recall", "specificity")
@@ -109,7 +110,7 @@ def _details(card: dict) -> list[str]:
         f"- Task: {card['task']}.",
         f"- Developed by {card['developers']}. Version: trained with mnres "
         f"{versions.get('mnres')} at commit {str(commit.get('commit'))[:12]}; weights sha256 "
-        f"{card['files_sha256']['weights.msgpack'][:16]}...{evaluated} (every shipped file's "
+        f"{card['files_sha256'][WEIGHTS][:16]}...{evaluated} (every shipped file's "
         "sha256: `mnres/weights/malaria/model_card.json`).",
         f"- Licence: {card['license'].capitalize()} (mnres's; the weights ship inside the "
         "package). The training data have their own terms (below).",

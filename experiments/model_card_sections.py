@@ -8,6 +8,7 @@ Patient verdicts, calibration, the slide prior, quantization, limitations, use a
 from __future__ import annotations
 
 from mnres.metrics import slide_prior
+from mnres.weights.shipped import WEIGHTS
 
 SOFTWARE_TITLE = (
     "mnres: MobileNet-style image classifiers in JAX/Flax, with the shipped malaria model"
@@ -297,8 +298,8 @@ def _bibtex(card: dict) -> list[str]:
         f"  title = {{{SOFTWARE_TITLE}}},",
         "  author = {{The mnres maintainers}},",
         f"  license = {{{card['license'].capitalize()}}},",
-        f"  note = {{Shipped malaria model trained at commit {commit}, weights.msgpack sha256 "
-        f"{card['files_sha256']['weights.msgpack']}}}",
+        f"  note = {{Shipped malaria model trained at commit {commit}, {WEIGHTS} sha256 "
+        f"{card['files_sha256'][WEIGHTS]}}}",
         "}",
         "",
         "@article{rajaraman2018malaria,",

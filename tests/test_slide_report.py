@@ -12,7 +12,7 @@ import pytest
 from mnres import run_folder
 from mnres.__main__ import main
 from mnres.data import sample
-from mnres.deploy import slide_report
+from mnres.deploy import commands, slide_report
 from mnres.weights import shipped
 
 BROWSER_PACKAGE = "chromium"  # Debian's package; .ci/run installs it
@@ -94,6 +94,26 @@ def test_a_report_into_a_missing_folder_is_refused_before_any_crop_is_read(tmp_p
     assert exit_info.value.code == 2
     err = capsys.readouterr()
     assert f"no folder {page.parent} to write it in" in err.err and not err.out
+
+
+def test_a_report_into_a_folder_that_cannot_be_written_is_refused_before_any_crop_is_read(
+    tmp_path, capsys, monkeypatch
+):
+    def no_write(dir):  # the tests run as root, which writes anywhere: the refusal is faked
+        raise PermissionError(13, "Permission denied")
+
+    def no_crops(args):
+        raise AssertionError("the crops were read before the report's folder was checked")
+
+    monkeypatch.setattr(commands.tempfile, "TemporaryFile", no_write)
+    monkeypatch.setattr(commands, "_model_and_images", no_crops)
+    page = tmp_path / "r.html"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--sample", "--quiet", "--report", str(page)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr()
+    assert f"cannot write --report {page} to {tmp_path} (Permission denied)" in err.err
+    assert not err.out and not page.exists()
 
 
 def test_a_model_without_feature_maps_gives_a_report_that_says_why():
