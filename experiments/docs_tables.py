@@ -215,6 +215,33 @@ def _shipped_files() -> str:
     return "\n".join(lines)
 
 
+def _round2_fold_outputs_table() -> str:
+    """The second search's folds whose per-crop outputs are recorded (fold_outputs/search_round2),
+    each against the search's record of its fold (validation only: the test folds are read by
+    the verdict protocol's test step)."""
+    import json
+
+    path = REPO / "experiments" / "results" / "fold_outputs" / "search_round2" / "summary.json"
+    if not path.is_file():
+        return "No fold recorded yet."
+    lines = ["| recipe | fold | run | checkpoint step (search record) | val acc / AUC (search "
+             "record) | CPU, jax |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in json.loads(path.read_text())["runs"]:
+        rec = r.get("recorded")  # only a run trained again has its own figures beside these
+        v = r.get("validation")
+        figures = f"{v['accuracy']:.4f} / {v['auc']:.4f}" if v else "as recorded"
+        if rec:
+            figures += f" ({rec['validation']['accuracy']:.4f} / {rec['validation']['auc']:.4f})"
+        step = f"{r['evaluated']['step']}" + (f" ({rec['evaluated']['step']})" if rec else "")
+        machine = r.get("machine") or {}
+        lines.append(
+            f"| {r['recipe']} | {r['fold']} | {'trained again' if rec else 'recorded'} | {step} "
+            f"| {figures} | {machine.get('cpu')}, jax "
+            f"{(machine.get('versions') or {}).get('jax')} |"
+        )
+    return "\n".join(lines)
+
+
 def _speed_benchmark() -> str:
     """The training-speed benchmark against its peers, from experiments/results/benchmark.json."""
     import json
@@ -231,6 +258,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "shipped_files": _shipped_files,
     "verdict_cv": _verdict_tables,
     "fold_outputs": _fold_outputs_table,
+    "round2_fold_outputs": _round2_fold_outputs_table,
     "predict_speed": _predict_speed,
     "independent_history": _independent_history,
 }

@@ -16,6 +16,7 @@ import dataclasses
 import fnmatch
 import functools
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -384,6 +385,30 @@ def test_a_stale_generated_block_is_found():
             "| typed by hand |\n<!-- end generated: verdict_cv -->\n")  # fmt: skip
     new, changed = docs_tables.regenerate(text)
     assert changed == ["verdict_cv"] and "typed by hand" not in new
+
+
+def test_round2_fold_outputs_table_sets_a_retrained_fold_beside_its_record(tmp_path, monkeypatch):
+    from experiments import docs_tables
+
+    monkeypatch.setattr(docs_tables, "REPO", tmp_path)
+    assert docs_tables._round2_fold_outputs_table() == "No fold recorded yet."
+    machine = {"cpu": "AMD EPYC", "versions": {"jax": "0.10.2"}}
+    runs = [
+        {"recipe": "r", "fold": 0, "evaluated": {"step": 10}, "machine": machine},
+        {"recipe": "r", "fold": 1, "evaluated": {"step": 12}, "machine": machine,
+         "validation": {"accuracy": 0.95, "auc": 0.99, "sensitivity": 0.9, "specificity": 0.9},
+         "recorded": {"evaluated": {"step": 11},
+                      "validation": {"accuracy": 0.96, "auc": 0.995}}},
+    ]  # fmt: skip
+    folder = tmp_path / "experiments" / "results" / "fold_outputs" / "search_round2"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"runs": runs}))
+    rows = docs_tables._round2_fold_outputs_table().splitlines()[2:]
+    assert rows == [
+        "| r | 0 | recorded | 10 | as recorded | AMD EPYC, jax 0.10.2 |",
+        "| r | 1 | trained again | 12 (11) | 0.9500 / 0.9900 (0.9600 / 0.9950) | AMD EPYC, jax "
+        "0.10.2 |",
+    ]
 
 
 def test_library_layout_names_every_module():
