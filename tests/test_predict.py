@@ -173,6 +173,7 @@ def test_export_command_refuses_bad_arguments_in_one_line(run, tmp_path, capsys)
     for bad_out in (tmp_path / "a_file", tmp_path / "a_file" / "export"):
         error = _export_error(capsys, run, "--out", str(bad_out), "--formats", "stablehlo")
         assert f"cannot write the export to {bad_out} (" in error
+        assert error.endswith("): give --out a folder that can be written"), error
     assert not os.path.exists(out)  # refused before writing anything
 
 

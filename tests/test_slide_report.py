@@ -112,7 +112,10 @@ def test_a_report_into_a_folder_that_cannot_be_written_is_refused_before_any_cro
         main(["predict", "--sample", "--quiet", "--report", str(page)])
     assert exit_info.value.code == 2
     err = capsys.readouterr()
-    assert f"cannot write --report {page} to {tmp_path} (Permission denied)" in err.err
+    assert (
+        f"cannot write --report {page} to {tmp_path} (Permission denied): "
+        "give --report a path in a folder that can be written"
+    ) in err.err
     assert not err.out and not page.exists()
 
 

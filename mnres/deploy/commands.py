@@ -29,7 +29,12 @@ def predict_command(args) -> int:
     an input does not exist (after answering the rest, as `cat` does)."""
     if args.report:  # before the crops are read: a long run must not end in a lost page
         folder = os.path.dirname(os.path.abspath(args.report))
-        _check_writable(folder, f"--report {args.report}", create=False)
+        _check_writable(
+            folder,
+            f"--report {args.report}",
+            "give --report a path in a folder that can be written",
+            create=False,
+        )
     model, images = _model_and_images(args)
     from_package = model is None or model in shipped.SHIPPED
     model = model or shipped.SHIPPED[0]
@@ -188,7 +193,9 @@ def export_command(args) -> int:
     formats = _export_formats(args.formats, export.FORMATS)
     classifier = run_checks.load_run(args.run, which=args.checkpoint)
     out = args.out or _default_out(args.run)
-    _check_writable(out, "the export", create=True)  # before any crop is decoded
+    _check_writable(
+        out, "the export", "give --out a folder that can be written", create=True
+    )  # before any crop is decoded
     calibration = _calibration_crops(args, classifier) if "int8" in formats else None
     evaluation = _evaluation_crops(args, classifier) if args.evaluate else None
     paths = export.export_run(
@@ -289,8 +296,9 @@ def _default_out(run: str) -> str:
     return out
 
 
-def _check_writable(folder: str, what: str, *, create: bool) -> None:
-    """One line (FileNotFoundError, ValueError) unless `what` can be written into `folder`.
+def _check_writable(folder: str, what: str, fix: str, *, create: bool) -> None:
+    """One line (FileNotFoundError, ValueError) unless `what` can be written into `folder`;
+    `fix` tells the user which flag to change.
 
     `create`: make a missing folder (export's --out) rather than refuse it (a report's folder,
     where a missing one is more likely a typo than a wish)."""
@@ -302,7 +310,4 @@ def _check_writable(folder: str, what: str, *, create: bool) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise ValueError(
-            f"cannot write {what} to {folder} ({e.strerror or e}): give a folder that can be "
-            "written"
-        ) from e
+        raise ValueError(f"cannot write {what} to {folder} ({e.strerror or e}): {fix}") from e
