@@ -193,9 +193,8 @@ def export_command(args) -> int:
     formats = _export_formats(args.formats, export.FORMATS)
     classifier = run_checks.load_run(args.run, which=args.checkpoint)
     out = args.out or _default_out(args.run)
-    _check_writable(
-        out, "the export", "give --out a folder that can be written", create=True
-    )  # before any crop is decoded
+    # Before any crop is decoded.
+    _check_writable(out, "the export", "give --out a folder that can be written", create=True)
     calibration = _calibration_crops(args, classifier) if "int8" in formats else None
     evaluation = _evaluation_crops(args, classifier) if args.evaluate else None
     paths = export.export_run(
