@@ -3,10 +3,11 @@ r"""Slide verdict rules compared by patient-level cross-validation of the shippe
 The protocol below was committed before any test-fold output was read; `choose` reads only
 validation rows, `test` reads the test rows once and refuses to run again over its record.
 
-Data: the per-crop outputs of the shipped ensemble's two member recipes on the recipe search's
-five patient-level folds (`experiments/results/fold_outputs`, one npz per recipe and fold),
-combined as the shipped ensemble combines its members: the mean of their log-odds. P is
-sigmoid(log-odds), the uncalibrated P(parasitized) that `mnres predict` shows. A patient is
+Data: the per-crop outputs of a shipped model's networks on its recipe search's five
+patient-level folds (one npz per recipe and fold; by default the first search's two-network
+ensemble, `experiments/results/fold_outputs`), combined as an ensemble combines its members:
+the mean of their log-odds. P is sigmoid(log-odds), the uncalibrated P(parasitized) that
+`mnres predict` shows. A patient is
 infected iff any of its crops is labelled parasitized.
 
 Fixed before the comparison (not chosen):
@@ -44,7 +45,8 @@ Fixed before the comparison (not chosen):
   python -m experiments.verdict_cv choose   # validation only -> RESULTS/choice.json
   python -m experiments.verdict_cv test     # once -> RESULTS/test_folds.json
   python -m experiments.verdict_cv table    # docs/results.md's tables, from the records
-  # the shipped model's rule: the chosen pair fitted on its own validation slides
+  # the shipped model's rule: the pair chosen in the records origin.json names, fitted on the
+  # shipped model's own validation slides
   python -m experiments.verdict_cv ship --data_dir=PATH/cell_images
 
 Another model's recipes (their fold outputs from `python -m experiments.fold_outputs runs`) go
@@ -68,7 +70,7 @@ from mnres.metrics import intervals, slide_prior, verdict_fitting, verdicts
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUTS = os.path.join(_REPO, "experiments", "results", "fold_outputs")
-RECIPES = ("gray_world", "mixup")  # the shipped ensemble's members
+RECIPES = ("gray_world", "mixup")  # the first shipped ensemble's members
 NUM_FOLDS = 5
 MIN_CELLS = verdict_fitting.MIN_CELLS  # 20
 QS = (0.5, 0.8, 0.9, 0.95, 0.99)
@@ -312,12 +314,21 @@ def shipped_validation_outputs(data_dir: str) -> dict:
     return out
 
 
+def shipped_results() -> str:
+    """The verdict records behind the shipped model: the folder origin.json names."""
+    with open(os.path.join(SHIPPED_RECORD, "origin.json")) as f:
+        return os.path.join(_REPO, json.load(f)["verdicts"])
+
+
 def ship(args) -> None:
     """The chosen pair fitted on the shipped model's validation slides, into its folder."""
     from mnres import run_folder
     from mnres.weights import shipped
 
-    with open(os.path.join(args.results, "choice.json")) as f:
+    # Without --results, the records origin.json names: the first search's pair fitted on
+    # another model's outputs would be a rule nobody chose for it.
+    results = args.results or shipped_results()
+    with open(os.path.join(results, "choice.json")) as f:
         chosen = json.load(f)["chosen"]
     out = shipped_validation_outputs(args.data_dir)
     card = shipped.shipped_card()
@@ -339,7 +350,11 @@ def main(argv=None) -> None:
     parser.add_argument("command", choices=("choose", "test", "table", "ship"))
     parser.add_argument("--data_dir", help="ship: PATH/cell_images, the development set")
     parser.add_argument("--outputs", default=OUTPUTS, help="the fold outputs' folder")
-    parser.add_argument("--results", default=RESULTS, help="where the records are written")
+    parser.add_argument(
+        "--results",
+        help="where the records are written (default: the first search's; ship: the records "
+        "experiments/results/malaria_model/origin.json names)",
+    )
     parser.add_argument(
         "--recipes",
         default=",".join(RECIPES),
@@ -347,6 +362,8 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     args.recipes = tuple(args.recipes.split(","))
+    if args.command != "ship":
+        args.results = args.results or RESULTS
     if args.command == "table":
         print(table_markdown(args.results))
     else:

@@ -108,7 +108,7 @@ def test_the_shipped_rule_is_the_chosen_one_fitted_on_its_validation_slides():
     from mnres.metrics import verdict_fitting
     from mnres.weights import shipped
 
-    with open(os.path.join(verdict_cv.RESULTS, "choice.json")) as f:
+    with open(os.path.join(verdict_cv.shipped_results(), "choice.json")) as f:
         chosen = json.load(f)["chosen"]
     record = json.loads((shipped.shipped_folder() / "verdict_rule.json").read_text())
     assert (record["candidate"], record["scores"]) == (chosen["candidate"], chosen["scores"])
@@ -121,3 +121,35 @@ def test_the_shipped_rule_is_the_chosen_one_fitted_on_its_validation_slides():
             fitted_on=record["fitted_on"]["what"],
         )  # fmt: skip
     assert json.loads(json.dumps(refit)) == record
+
+
+def test_ship_fits_the_pair_chosen_in_the_records_origin_names(tmp_path, monkeypatch):
+    """Without --results, ship reads the choice of the records origin.json names, not the first
+    search's default."""
+    from mnres.weights import shipped
+
+    record_dir, folder = tmp_path / "malaria_model", tmp_path / "shipped"
+    record_dir.mkdir()
+    folder.mkdir()
+    results = tmp_path / "experiments" / "results" / "verdicts" / "later"
+    results.mkdir(parents=True)
+    (record_dir / "origin.json").write_text(
+        json.dumps({"search": "unused", "verdicts": "experiments/results/verdicts/later"})
+    )
+    chosen = {"candidate": "count", "scores": "plain"}  # not the first search's pair
+    (results / "choice.json").write_text(json.dumps({"chosen": chosen}))
+    rng = np.random.default_rng(2)
+    labels = np.repeat([1, 0, 1, 0], 30).astype(np.int32)
+    outputs = {
+        "slide_id": np.repeat(["A", "B", "C", "D"], 30),
+        "label": labels,
+        "prob": np.clip(labels * 0.9 + rng.normal(0.05, 0.05, labels.size), 0, 1),
+    }
+    monkeypatch.setattr(verdict_cv, "SHIPPED_RECORD", str(record_dir))
+    monkeypatch.setattr(verdict_cv, "_REPO", str(tmp_path))
+    monkeypatch.setattr(verdict_cv, "shipped_validation_outputs", lambda data_dir: outputs)
+    monkeypatch.setattr(shipped, "shipped_card", lambda: {"evaluation": {"train_prevalence": 0.5}})
+    monkeypatch.setattr(shipped, "shipped_folder", lambda: folder)
+    verdict_cv.main(["ship", "--data_dir=unused"])
+    record = json.loads((folder / "verdict_rule.json").read_text())
+    assert (record["candidate"], record["scores"]) == ("count", "plain")
