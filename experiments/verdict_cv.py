@@ -7,8 +7,7 @@ Data: the per-crop outputs of a shipped model's networks on its recipe search's 
 patient-level folds (one npz per recipe and fold; by default the first search's two-network
 ensemble, `experiments/results/fold_outputs`), combined as an ensemble combines its members:
 the mean of their log-odds. P is sigmoid(log-odds), the uncalibrated P(parasitized) that
-`mnres predict` shows. A patient is
-infected iff any of its crops is labelled parasitized.
+`mnres predict` shows. A patient is infected iff any of its crops is labelled parasitized.
 
 Fixed before the comparison (not chosen):
 - MIN_CELLS = 20: a slide of fewer crops is 'insufficient' (the slide prior's minimum too).
