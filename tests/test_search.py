@@ -382,3 +382,14 @@ def test_a_collapsed_run_agrees_on_its_cells_not_on_rounding_noise(monkeypatch):
     report["validation"] = {**reported, "accuracy": 0.0}  # other cells: still refused
     with pytest.raises(ValueError, match="disagrees with report.json"):
         fold_summary.validation_outputs("fold", report, split)
+
+
+def test_a_record_names_each_teacher_of_a_list_without_machine_paths():
+    config = default.get_config()
+    config.data.dir = "/machine/cell_images"
+    config.distill.teacher = "/machine/runs/a/fold_{fold},/machine/runs/a_seed1/fold_{fold}"
+    recorded = search.recipe_config(config)
+    assert recorded["distill"]["teacher"] == "PATH/a/fold_{fold},PATH/a_seed1/fold_{fold}"
+    assert recorded["data"]["dir"] == "PATH/cell_images"
+    config.distill.teacher = "runs/ensemble"  # relative: as given
+    assert search.recipe_config(config)["distill"]["teacher"] == "runs/ensemble"

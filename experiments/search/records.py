@@ -96,16 +96,24 @@ def config_changes(config: dict, baseline: dict, ignored=NOT_RECIPE) -> str:
 
 def recipe_config(config, momentum_picked: bool = False) -> dict:
     """A run's config as its command gave it (`momentum_picked`: the BatchNorm momentum the
-    training loop picked is unset again), machine paths reduced to 'PATH/<last part>'."""
+    training loop picked is unset again), machine paths reduced to 'PATH/<last part>'
+    ('PATH/<recipe>/fold_{fold}' for a fold's folder), each of a comma-separated list alone."""
     config = run_folder.to_json_types(config)
     if momentum_picked:
         config["model"]["bn_momentum"] = None
 
+    def scrub_path(path):
+        if not (os.path.isabs(path) or path.startswith("~")):
+            return path
+        parent, name = os.path.split(os.path.normpath(path))
+        # A cross-validation fold's folder ('.../RECIPE/fold_{fold}') is named by its recipe.
+        return f"PATH/{os.path.basename(parent)}/{name}" if "{fold}" in name else f"PATH/{name}"
+
     def scrub(value):
         if isinstance(value, dict):
             return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
-            return "PATH/" + os.path.basename(os.path.normpath(value))
+        if isinstance(value, str):  # a teacher may be a comma-separated list of folders
+            return ",".join(scrub_path(part) for part in value.split(","))
         return value
 
     return scrub(config)
