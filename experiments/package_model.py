@@ -51,9 +51,6 @@ MODEL_DIR = REPO / "mnres" / "weights" / "malaria"  # the shipped files (mnres.w
 SAMPLE_DIR = REPO / "mnres" / "data" / "sample_cells"
 RECORD_DIR = REPO / "experiments" / "results" / "malaria_model"
 CARD_PAGE = REPO / "docs" / "model_card.md"
-# Which recipe search and slide-verdict records stand behind the shipped model: a model from
-# another search ships by editing this record, and only it.
-ORIGIN_JSON = RECORD_DIR / "origin.json"
 
 flags.DEFINE_string("workdir", None, "The training run to package (config.json, checkpoints/).")
 flags.DEFINE_string("data_dir", None, "The run's cell_images folder; default its config.data.dir.")
@@ -191,18 +188,18 @@ def origin() -> dict:
     The chosen recipe's test folds are the card's cross-validation (`records.read_test` refuses
     any other recipe); the verdict records' chosen rule is the card's patient-level figure.
     """
-    record = run_folder.read_json(ORIGIN_JSON)
-    search = str(REPO / record["search"])
+    source = verdict_tables.shipped_origin()
+    search = source["search"]
     choice = records.read_choice(search)
     if choice is None:
-        raise ValueError(f"{ORIGIN_JSON}: {record['search']} has chosen no recipe")
-    verdicts = str(REPO / record["verdicts"])
+        raise ValueError(
+            f"{verdict_tables.ORIGIN_JSON}: {source['search_folder']} has chosen no recipe"
+        )
     # The networks behind the recipe's folds: the verdict records are of this recipe only when
     # their fold outputs are of the same networks.
     folds = records.read_recipe(os.path.join(search, choice["recipe"]))
     members = sorted(next(iter(folds.values())).get("members") or [choice["recipe"]])
-    return {"search": search, "search_folder": record["search"], "recipe": choice["recipe"],
-            "members": members, "verdicts": verdicts}  # fmt: skip
+    return {**source, "recipe": choice["recipe"], "members": members}
 
 
 def verdict_summary(source: dict) -> dict:

@@ -64,7 +64,7 @@ import sys
 
 import numpy as np
 
-from experiments.verdict_tables import RESULTS, table_markdown
+from experiments.verdict_tables import RESULTS, shipped_origin, table_markdown
 from mnres.metrics import intervals, slide_prior, verdict_fitting, verdicts
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,12 +313,6 @@ def shipped_validation_outputs(data_dir: str) -> dict:
     return out
 
 
-def shipped_results() -> str:
-    """The verdict records behind the shipped model: the folder origin.json names."""
-    with open(os.path.join(SHIPPED_RECORD, "origin.json")) as f:
-        return os.path.join(_REPO, json.load(f)["verdicts"])
-
-
 def ship(args) -> None:
     """The chosen pair fitted on the shipped model's validation slides, into its folder."""
     from mnres import run_folder
@@ -326,7 +320,7 @@ def ship(args) -> None:
 
     # Without --results, the records origin.json names: the first search's pair fitted on
     # another model's outputs would be a rule nobody chose for it.
-    results = args.results or shipped_results()
+    results = args.results or shipped_origin()["verdicts"]
     with open(os.path.join(results, "choice.json")) as f:
         chosen = json.load(f)["chosen"]
     out = shipped_validation_outputs(args.data_dir)

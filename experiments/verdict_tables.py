@@ -15,8 +15,19 @@ from mnres.metrics import verdicts
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The first search's records, `experiments.verdict_cv`'s default (--results for others); the
-# shipped model's are the ones experiments/results/malaria_model/origin.json names.
+# shipped model's are the ones ORIGIN_JSON names.
 RESULTS = os.path.join(_REPO, "experiments", "results", "verdicts")
+# Which recipe search and slide-verdict records stand behind the shipped model: a model from
+# another search ships by editing this record, and only it.
+ORIGIN_JSON = os.path.join(_REPO, "experiments", "results", "malaria_model", "origin.json")
+
+
+def shipped_origin() -> dict:
+    """ORIGIN_JSON's `search` and `verdicts` folders, absolute; `search_folder` as it names it."""
+    with open(ORIGIN_JSON) as f:
+        record = json.load(f)
+    return {"search": os.path.join(_REPO, record["search"]), "search_folder": record["search"],
+            "verdicts": os.path.join(_REPO, record["verdicts"])}  # fmt: skip
 
 
 def _share(s: dict) -> str:

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 import mnres
-from experiments import independent_evaluation, model_card, model_card_figures, package_model
+from experiments import (
+    independent_evaluation,
+    model_card,
+    model_card_figures,
+    package_model,
+    verdict_tables,
+)
 from experiments.model_card_sections import pct
 from experiments.search import records as search
 from mnres import run_folder
@@ -344,7 +350,7 @@ def test_a_single_runs_reproduce_command_carries_its_changes():
 def test_the_origin_refuses_a_search_that_chose_no_recipe(tmp_path, monkeypatch):
     origin = tmp_path / "origin.json"
     origin.write_text(json.dumps({"search": str(tmp_path), "verdicts": str(tmp_path)}))
-    monkeypatch.setattr(package_model, "ORIGIN_JSON", origin)
+    monkeypatch.setattr(verdict_tables, "ORIGIN_JSON", str(origin))
     with pytest.raises(ValueError, match="has chosen no recipe"):
         package_model.origin()
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import verdict_cv
+from experiments import verdict_cv, verdict_tables
 
 
 def _fake_outputs(folder, rng):
@@ -108,7 +108,7 @@ def test_the_shipped_rule_is_the_chosen_one_fitted_on_its_validation_slides():
     from mnres.metrics import verdict_fitting
     from mnres.weights import shipped
 
-    with open(os.path.join(verdict_cv.shipped_results(), "choice.json")) as f:
+    with open(os.path.join(verdict_tables.shipped_origin()["verdicts"], "choice.json")) as f:
         chosen = json.load(f)["chosen"]
     record = json.loads((shipped.shipped_folder() / "verdict_rule.json").read_text())
     assert (record["candidate"], record["scores"]) == (chosen["candidate"], chosen["scores"])
@@ -145,8 +145,8 @@ def test_ship_fits_the_pair_chosen_in_the_records_origin_names(tmp_path, monkeyp
         "label": labels,
         "prob": np.clip(labels * 0.9 + rng.normal(0.05, 0.05, labels.size), 0, 1),
     }
-    monkeypatch.setattr(verdict_cv, "SHIPPED_RECORD", str(record_dir))
-    monkeypatch.setattr(verdict_cv, "_REPO", str(tmp_path))
+    monkeypatch.setattr(verdict_tables, "ORIGIN_JSON", str(record_dir / "origin.json"))
+    monkeypatch.setattr(verdict_tables, "_REPO", str(tmp_path))
     monkeypatch.setattr(verdict_cv, "shipped_validation_outputs", lambda data_dir: outputs)
     monkeypatch.setattr(shipped, "shipped_card", lambda: {"evaluation": {"train_prevalence": 0.5}})
     monkeypatch.setattr(shipped, "shipped_folder", lambda: folder)
