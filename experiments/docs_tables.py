@@ -27,10 +27,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 FILES = ("README.md", "docs/*.md", "experiments/results/*/README.md")
 
 
-def _verdict_tables() -> str:
-    from experiments import verdict_tables
+def _verdict_tables(results: str | None = None) -> Callable[[], str]:
+    """The verdict protocol's tables of one records folder (default: the first search's)."""
 
-    return verdict_tables.table_markdown()
+    def tables() -> str:
+        from experiments import verdict_tables
+
+        return verdict_tables.table_markdown(results or verdict_tables.RESULTS)
+
+    return tables
 
 
 def _fold_outputs_table() -> str:
@@ -256,7 +261,10 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "headline": _headline,
     "speed_benchmark": _speed_benchmark,
     "shipped_files": _shipped_files,
-    "verdict_cv": _verdict_tables,
+    "verdict_cv": _verdict_tables(),
+    "verdict_cv_round2": _verdict_tables(
+        str(REPO / "experiments" / "results" / "verdicts" / "search_round2")
+    ),
     "fold_outputs": _fold_outputs_table,
     "round2_fold_outputs": _round2_fold_outputs_table,
     "predict_speed": _predict_speed,

@@ -101,14 +101,20 @@ def _patients(metrics: dict | None) -> dict | None:
     return out
 
 
-def _prior_failure(report: dict) -> str:
-    """The low-parasitaemia failure mode, with the test patients the slide prior changed."""
+def _prior_failure(report: dict, verdict_scores: str | None = None) -> str:
+    """The low-parasitaemia failure mode, with the test patients the slide prior changed.
+
+    `verdict_scores`: the scores the shipped verdict rule reads ('plain' or 'prior'), if any.
+    """
     text = (
         "Infected patients with few parasitized crops: a slide is called infected from the "
         "fraction of its crops called parasitized, so a low-parasitaemia patient can be called "
         "uninfected. The slide prior (`predict --slide-prior`) moves such a slide's crops "
-        "further toward uninfected and can take that patient's decision with it"
+        "further toward uninfected"
     )
+    if verdict_scores == "plain":  # the verdict does not read the prior's scores
+        return text + " in the crops' table; the verdict reads the crops without it."
+    text += " and can take that patient's decision with it"
     prior = report.get("slide_prior") or {}
     if not (prior.get("applied") and report.get("test_patient")):
         return text + "."
@@ -323,7 +329,10 @@ def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None,
         "intended_use": INTENDED_USE,
         "out_of_scope_use": list(OUT_OF_SCOPE),
         "not_a_diagnostic_device": NOT_A_DIAGNOSTIC_DEVICE,
-        "known_failure_modes": [_prior_failure(report), *FAILURE_MODES],
+        "known_failure_modes": [
+            _prior_failure(report, ((verdicts or {}).get("rule") or {}).get("scores")),
+            *FAILURE_MODES,
+        ],
         "sample_cells": {
             "count": len(sample),
             "from": f"the {SAMPLE_SPLIT} slides above: the model was fitted on them",

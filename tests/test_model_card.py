@@ -365,3 +365,13 @@ def test_a_verdict_rule_chosen_on_other_networks_says_so():
     page = model_card.markdown(model_card.build(**inputs))
     section = page.split("### Slide verdicts", 1)[1].split("\n## ", 1)[0]
     assert "fold outputs of `other_net`," in section and "Those are other networks" in section
+
+
+def test_the_low_parasitaemia_failure_says_whether_the_verdict_reads_the_prior():
+    inputs = copy.deepcopy(package_model.card_inputs())
+    for scores, says in (
+        ("plain", "in the crops' table; the verdict reads the crops without it."),
+        ("prior", "can take that patient's decision with it"),
+    ):
+        inputs["verdicts"]["rule"]["scores"] = scores
+        assert says in model_card.build(**inputs)["known_failure_modes"][0], scores

@@ -295,7 +295,7 @@ DEFAULT_CANDIDATE = "fraction"
 # 'plain': the verdict reads P(parasitized) as the model gives it; 'prior': moved by the slide
 # prior (`mnres.metrics.slide_prior`), which needs the training split's prevalence.
 SCORES = ("plain", "prior")
-DEFAULT_SCORES = "prior"
+DEFAULT_SCORES = "plain"
 # A slide of fewer readable crops is 'insufficient': fixed before the rules were compared.
 MIN_CELLS = 20
 
