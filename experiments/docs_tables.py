@@ -247,6 +247,30 @@ def _round2_fold_outputs_table() -> str:
     return "\n".join(lines)
 
 
+_DISTILLATION = REPO / "experiments" / "results" / "distillation"
+_SINGLE = "gray_world_96_a075_e40_slide_prior"
+_TEACHER = "ensemble_gray_world_96_a075_e40_gray_world_96_a075_e40_seed1_slide_prior"
+
+
+def _distillation_tables() -> str:
+    """The distillation round's validation table and the paired differences its rule reads:
+    each network against the teacher ensemble, and the ensemble and the student against the
+    single network that ships (all with the slide prior; the test folds stay sealed)."""
+    from experiments.configs import default
+    from experiments.search import records, tables
+
+    found = records.read_search(str(_DISTILLATION))
+    baseline = records.flatten(default.get_config().to_dict())
+    blocks = [tables.validation_tables(found, baseline, tables.changes)]
+    for reference in (_TEACHER, _SINGLE):
+        others = [n for n in found if n != reference and n.endswith("_slide_prior")]
+        if reference == _SINGLE:  # the second seed is only the ensemble's member
+            others = [n for n in others if n.startswith(("ensemble_", "distilled_"))]
+        if reference in found and others:
+            blocks.append(tables.paired_table(found, [reference, *others]))
+    return "\n\n".join(blocks)
+
+
 def _speed_benchmark() -> str:
     """The training-speed benchmark against its peers, from experiments/results/benchmark.json."""
     import json
@@ -267,6 +291,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     ),
     "fold_outputs": _fold_outputs_table,
     "round2_fold_outputs": _round2_fold_outputs_table,
+    "distillation": _distillation_tables,
     "predict_speed": _predict_speed,
     "independent_history": _independent_history,
 }
