@@ -256,12 +256,10 @@ def _distillation_tables() -> str:
     """The distillation round's validation table and the paired differences its rule reads:
     each network against the teacher ensemble, and the ensemble and the student against the
     single network that ships (all with the slide prior; the test folds stay sealed)."""
-    from experiments.configs import default
     from experiments.search import records, tables
 
     found = records.read_search(str(_DISTILLATION))
-    baseline = records.flatten(default.get_config().to_dict())
-    blocks = [tables.validation_tables(found, baseline, tables.changes)]
+    blocks = [tables.validation_tables(found, results_tables.baseline(), tables.changes)]
     for reference in (_TEACHER, _SINGLE):
         others = [n for n in found if n != reference and n.endswith("_slide_prior")]
         if reference == _SINGLE:  # the second seed is only the ensemble's member

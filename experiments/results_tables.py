@@ -77,7 +77,8 @@ def _search(folder: pathlib.Path = SEARCH) -> tuple[dict, dict | None]:
     return records.read_search(str(folder)), records.read_choice(str(folder))
 
 
-def _baseline() -> dict:
+def baseline() -> dict:
+    """The default config's flat form: what a recipe's changes are read against."""
     from experiments.configs import default
     from experiments.search import records
 
@@ -89,7 +90,7 @@ def search_validation() -> str:
     from experiments.search import tables
 
     found, choice = _search()
-    return tables.validation_tables(found, _baseline(), tables.changes, choice)
+    return tables.validation_tables(found, baseline(), tables.changes, choice)
 
 
 def search_paired() -> str:
@@ -317,7 +318,7 @@ def round2_validation() -> str:
     from experiments.search import tables
 
     found, choice = _search(ROUND2)
-    return tables.validation_tables(found, _baseline(), tables.changes, choice)
+    return tables.validation_tables(found, baseline(), tables.changes, choice)
 
 
 def round2_paired() -> str:
