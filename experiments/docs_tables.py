@@ -249,23 +249,39 @@ def _round2_fold_outputs_table() -> str:
 
 _DISTILLATION = REPO / "experiments" / "results" / "distillation"
 _SINGLE = "gray_world_96_a075_e40_slide_prior"
-_TEACHER = "ensemble_gray_world_96_a075_e40_gray_world_96_a075_e40_seed1_slide_prior"
+_STUDENT = "distilled_gray_world_96_a075_e40_slide_prior"
+# Fold K's teacher is the ensemble of the two runs that taught fold K's student: the first
+# member's run folders were lost after fold 0, and folds 1-4 were trained again (its README).
+_TEACHERS = {
+    "ensemble_gray_world_96_a075_e40_gray_world_96_a075_e40_seed1_slide_prior": (0,),
+    "ensemble_gray_world_96_a075_e40_rerun_gray_world_96_a075_e40_seed1_slide_prior": (1, 2, 3, 4),
+}
+_TEACHER = "teacher ensemble"
 
 
 def _distillation_tables() -> str:
     """The distillation round's validation table and the paired differences its rule reads:
-    each network against the teacher ensemble, and the ensemble and the student against the
+    each network against the teacher ensemble, and the teacher and the student against the
     single network that ships (all with the slide prior; the test folds stay sealed)."""
     from experiments.search import records, tables
 
     found = records.read_search(str(_DISTILLATION))
     blocks = [tables.validation_tables(found, results_tables.baseline(), tables.changes)]
-    for reference in (_TEACHER, _SINGLE):
-        others = [n for n in found if n != reference and n.endswith("_slide_prior")]
-        if reference == _SINGLE:  # the second seed is only the ensemble's member
-            others = [n for n in others if n.startswith(("ensemble_", "distilled_"))]
-        if reference in found and others:
-            blocks.append(tables.paired_table(found, [reference, *others]))
+    teacher = {
+        k: summary
+        for name, folds in _TEACHERS.items()
+        for k, summary in found.get(name, {}).items()
+        if k in folds
+    }
+    paired = {**found, _TEACHER: teacher} if teacher else found
+    members = [n for n in found if n.endswith("_slide_prior") and not n.startswith("ensemble_")]
+    for reference, others in (
+        (_TEACHER, [n for n in members if n != _SINGLE] + [_SINGLE]),
+        (_SINGLE, [_TEACHER, _STUDENT]),
+    ):
+        others = [n for n in others if n in paired]
+        if reference in paired and others:
+            blocks.append(tables.paired_table(paired, [reference, *others]))
     return "\n\n".join(blocks)
 
 
