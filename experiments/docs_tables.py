@@ -259,6 +259,17 @@ _TEACHERS = {
 _TEACHER = "teacher ensemble"
 
 
+def teacher_ensemble(found: dict) -> dict:
+    """{fold: record} of each fold's teacher ensemble, from the ensemble `_TEACHERS` names
+    for that fold (a fold another ensemble also holds is not read from it)."""
+    return {
+        k: summary
+        for name, folds in _TEACHERS.items()
+        for k, summary in found.get(name, {}).items()
+        if k in folds
+    }
+
+
 def _distillation_tables() -> str:
     """The distillation round's validation table and the paired differences its rule reads:
     each network against the teacher ensemble, and the teacher and the student against the
@@ -267,12 +278,7 @@ def _distillation_tables() -> str:
 
     found = records.read_search(str(_DISTILLATION))
     blocks = [tables.validation_tables(found, results_tables.baseline(), tables.changes)]
-    teacher = {
-        k: summary
-        for name, folds in _TEACHERS.items()
-        for k, summary in found.get(name, {}).items()
-        if k in folds
-    }
+    teacher = teacher_ensemble(found)
     paired = {**found, _TEACHER: teacher} if teacher else found
     members = [n for n in found if n.endswith("_slide_prior") and not n.startswith("ensemble_")]
     for reference, others in (

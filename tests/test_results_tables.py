@@ -80,3 +80,14 @@ def test_the_shipped_split_shows_what_the_slide_prior_did():
         row = next(r for r in table.splitlines() if marker in r)
         validation = report["slide_prior"][key]["validation"]
         assert f"{100 * validation['accuracy']:.2f}%" in row and f"{validation['auc']:.4f}" in row
+
+
+def test_each_fold_takes_the_teacher_ensemble_that_taught_its_student():
+    first, rerun = docs_tables._TEACHERS
+    found = {
+        first: {0: {"recipe": first, "fold": 0}},
+        # a fold 0 of the second ensemble (were one recorded) is not fold 0's teacher
+        rerun: {k: {"recipe": rerun, "fold": k} for k in (0, 1, 3)},
+    }
+    teacher = docs_tables.teacher_ensemble(found)
+    assert {k: s["recipe"] for k, s in teacher.items()} == {0: first, 1: rerun, 3: rerun}
