@@ -281,6 +281,7 @@ def _distillation_tables() -> str:
     teacher = teacher_ensemble(found)
     paired = {**found, _TEACHER: teacher} if teacher else found
     members = [n for n in found if n.endswith("_slide_prior") and not n.startswith("ensemble_")]
+    # The rule's single network last in its table, whatever a later recipe's name sorts to.
     for reference, others in (
         (_TEACHER, [n for n in members if n != _SINGLE] + [_SINGLE]),
         (_SINGLE, [_TEACHER, _STUDENT]),
