@@ -41,6 +41,7 @@ from experiments.search.tables import (
     paired_table,
     validation_tables,
 )
+from mnres import run_folder
 
 flags.DEFINE_string(
     "baseline",
@@ -113,7 +114,7 @@ def validation_table(runs, baseline: dict) -> str:
     for run in runs:
         r = load(run)
         val, training = r["validation"] or {}, r["training"]
-        wall = training.get("wall_seconds_this_run")
+        wall = "wall_seconds_this_run" in training and run_folder.whole_run_seconds(training)
         changed = search.config_changes(search.run_recipe_config(r), baseline, _IGNORED_BY_RUNS)
         lines.append(
             f"| {os.path.basename(os.path.normpath(run))} | {r['config'].get('seed')} "

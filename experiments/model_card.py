@@ -174,7 +174,7 @@ def _members(report) -> tuple[list[dict] | None, list[list[str]]]:
             "changes": search.config_changes(config, baseline),
             "evaluated_step": trained["evaluated_step"],
             "steps": trained["total_steps"],
-            "wall_seconds": trained["wall_seconds_this_run"],
+            "wall_seconds": run_folder.whole_run_seconds(trained),
         })  # fmt: skip
     return members, flags
 
@@ -300,7 +300,7 @@ def build(*, report, manifest, calibration, file_hashes, sample, verdicts=None,
             "steps": training["total_steps"],
             "evaluated_checkpoint": training["evaluated_checkpoint"],
             "evaluated_step": training["evaluated_step"],
-            "wall_seconds": training.get("wall_seconds_this_run"),
+            "wall_seconds": run_folder.whole_run_seconds(training),
             "platform": training.get("platform"),
             "cpu": prov.get("cpu"),
             "versions": prov.get("versions"),

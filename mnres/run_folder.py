@@ -194,6 +194,11 @@ def append_history_row(workdir: str, row: dict) -> None:
         f.write(_jsonl(row))
 
 
+def epochs_seconds(rows: list[dict]) -> float:
+    """The time `metrics.jsonl` rows took: each epoch's training and its validation."""
+    return float(sum(r.get("epoch_time_s", 0.0) + r.get("eval_time_s", 0.0) for r in rows))
+
+
 def _jsonl(row: dict) -> str:
     # One compact line per row, so that a torn line (a kill while writing) is only the last.
     return json.dumps(row) + "\n"
@@ -291,6 +296,13 @@ def has_test_split(report: dict) -> bool:
     figures are its validation split's and none is held out. A partial report without the
     count counts as having one."""
     return (report.get("data") or {}).get("num_test", 1) > 0
+
+
+def whole_run_seconds(training: dict) -> float:
+    """A run's cost from its report's "training": its last command plus the epochs earlier
+    invocations trained when it resumed from a checkpoint (a report written before it kept
+    `earlier_epochs_seconds` counts its last command only)."""
+    return training["wall_seconds_this_run"] + training.get("earlier_epochs_seconds", 0.0)
 
 
 def run_warnings(workdir: str) -> list[str]:

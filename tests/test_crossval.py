@@ -9,6 +9,7 @@ from data_fixtures import tiny_crossval_config
 from PIL import Image
 
 from experiments.configs import smoke
+from mnres import run_folder
 from mnres.data import folds as folds_lib
 from mnres.data import synthetic
 from mnres.reporting import plots
@@ -214,5 +215,19 @@ def test_crossval_resumes_after_an_interrupted_fold(tmp_path, monkeypatch):
     # A third call with everything done trains nothing.
     crossval.run_crossval(config, workdir, num_folds=2)
     assert len(trained) == 4
+
+    # A fold killed before its fold.json: the next call evaluates its last checkpoint again,
+    # and the fold's wall time counts the epochs the killed command trained.
+    fold_1 = os.path.join(workdir, "fold_1")
+    os.remove(os.path.join(fold_1, crossval.FOLD_JSON))
+    crossval.run_crossval(config, workdir, num_folds=2)
+    assert trained[4:] == ["cv/fold_1"]
+    epochs = run_folder.epochs_seconds(run_folder.read_history(fold_1))
+    training = run_folder.read_report(fold_1)["training"]
+    assert training["earlier_epochs_seconds"] == epochs > 0
+    wall = json.load(open(os.path.join(fold_1, crossval.FOLD_JSON)))["wall_time_s"]
+    assert (
+        wall >= run_folder.whole_run_seconds(training) == training["wall_seconds_this_run"] + epochs
+    )
     with pytest.raises(ValueError, match="new workdir"):
         crossval.run_crossval(config, workdir, num_folds=3, compare_image_level=False)

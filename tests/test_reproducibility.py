@@ -129,6 +129,18 @@ def test_the_killed_run_resumed_from_its_checkpoint(runs):
     assert KILL_AFTER_STEP <= step < run_folder.read_report(str(first))["training"]["total_steps"]
 
 
+def test_the_resumed_report_counts_the_epochs_its_earlier_command_trained(runs):
+    first, second, log = runs
+    step = int(log.split("Resuming from the checkpoint at step ")[1].split()[0])
+    rows = _read(second, run_folder.METRICS_JSONL)
+    earlier = [r for r in rows if r["step"] <= step]
+    assert 0 < len(earlier) < len(rows)
+    training = run_folder.read_report(str(second))["training"]
+    assert training["earlier_epochs_seconds"] == pytest.approx(run_folder.epochs_seconds(earlier))
+    assert run_folder.whole_run_seconds(training) > training["wall_seconds_this_run"]
+    assert run_folder.read_report(str(first))["training"]["earlier_epochs_seconds"] == 0.0
+
+
 @pytest.mark.parametrize("name", JSON_FILES)
 def test_json_files_are_equal_but_for_timing(runs, name):
     first, second, _ = runs

@@ -74,7 +74,8 @@ def run_fold(config, workdir: str, ds: Dataset, spec: dict, fold: int) -> dict:
         ),
         "slides": patient["slides"] if patient else None,
         "calibration": result["calibration"],
-        "wall_time_s": train_seconds,
+        # This command's, plus the epochs earlier invocations trained (a resumed fold).
+        "wall_time_s": train_seconds + result["training"]["earlier_epochs_seconds"],
         "evaluated_step": result["training"]["evaluated_step"],
         # A fold that did not learn says so here too, not only in its own report.json.
         "warnings": list(result.get("warnings") or []),

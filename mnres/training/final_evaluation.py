@@ -54,6 +54,7 @@ class TrainedRun:
     total_steps: int
     bn_momentum_picked: bool  # the loop picked config.model.bn_momentum (the config left it None)
     warnings: list[str]  # found before training (e.g. a momentum too slow for the run)
+    earlier_epochs_seconds: float = 0.0  # the epochs of the history earlier invocations trained
 
 
 def finish(run: TrainedRun, *, train_seconds: float, started: float) -> dict:
@@ -155,6 +156,9 @@ def build_report(
             # Loading (and decoding) the data, training and evaluating: the command minus
             # start-up.
             "wall_seconds_this_run": wall_seconds,
+            # Kept from earlier invocations of a resumed run: its epochs' training and
+            # validation (`run_folder.whole_run_seconds` adds them to this command's).
+            "earlier_epochs_seconds": run.earlier_epochs_seconds,
         },
         "history": run.history,
         # A model that cannot be used says so here (and in the log), not only in its numbers.

@@ -59,7 +59,7 @@ from mnres.weights import transfer
 # the only ones that differ between two runs of one command on one machine.
 TIMING_FIELDS = (
     "images_per_sec", "data_wait_fraction", "epoch_time_s", "eval_time_s",
-    "train_seconds_this_run", "wall_seconds_this_run",
+    "train_seconds_this_run", "wall_seconds_this_run", "earlier_epochs_seconds",
 )  # fmt: skip
 
 
@@ -388,6 +388,9 @@ def _train_and_report(run: Run, after_step, started: float) -> dict:
     from mnres.training import final_evaluation
 
     _restore_or_start(run)
+    # The epochs earlier invocations trained (a run resumed from its checkpoint): the report
+    # adds their time, so a resumed run's cost is the whole run's, not its last command's.
+    earlier_seconds = run_folder.epochs_seconds(run.history)
     t0 = time.perf_counter()
     _fit(run, after_step)
     run.ckpts.wait()
@@ -396,6 +399,6 @@ def _train_and_report(run: Run, after_step, started: float) -> dict:
         config=run.config, workdir=run.workdir, ds=run.ds, model=run.model, mesh=run.mesh,
         ckpts=run.ckpts, state=run.state, history=run.history, step=run.step,
         total_steps=run.total_steps, bn_momentum_picked=run.bn_momentum_picked,
-        warnings=run.warnings,
+        warnings=run.warnings, earlier_epochs_seconds=earlier_seconds,
     )  # fmt: skip
     return final_evaluation.finish(trained, train_seconds=train_seconds, started=started)
