@@ -313,6 +313,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "fold_outputs": _fold_outputs_table,
     "round2_fold_outputs": _round2_fold_outputs_table,
     "distillation": _distillation_tables,
+    "distillation_costs": lambda: results_tables.costs_table(_DISTILLATION),
     "predict_speed": _predict_speed,
     "independent_history": _independent_history,
 }

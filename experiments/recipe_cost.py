@@ -2,6 +2,9 @@
 
   python -m experiments.recipe_cost                  # every recipe of the second round
   python -m experiments.recipe_cost --recipes=gray_world,gray_world_96 --out=FILE.json
+  python -m experiments.recipe_cost --search=experiments/results/distillation \
+      --recipes=gray_world_96_a075_e40,distilled_gray_world_96_a075_e40 \
+      --out=experiments/results/distillation/costs.json
 
 For each recipe folder that trained (its config: the first fold's record) the network is built
 with random weights and measured on the CPU the command runs on, which should be quiet:
@@ -18,8 +21,8 @@ with random weights and measured on the CPU the command runs on, which should be
   in the graph, as `mnres export` writes it). Weights do not change an int8 file's operations,
   so random ones time it as a trained one would.
 
-The record (`experiments/results/search_round2/costs.json`) is written into
-docs/results.md by `python -m experiments.docs_tables`.
+The records (`experiments/results/search_round2/costs.json`, `.../distillation/costs.json`) are
+written into docs/results.md and the distillation README by `python -m experiments.docs_tables`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -193,6 +197,7 @@ def main(argv=None) -> None:
     parser.add_argument("--recipes", default=None, help="comma-separated; default: every one")
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--train_steps", type=int, default=20, help="timed train steps")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     from experiments.search import records
 
@@ -205,7 +210,7 @@ def main(argv=None) -> None:
         costs[name] = measure(config, teacher_configs=teachers, train_steps=args.train_steps)
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in costs[name].items()})
     out = {
-        "command": "python -m experiments.recipe_cost",
+        "command": " ".join(["python -m experiments.recipe_cost", *argv]),
         "recorded": time.strftime("%Y-%m-%d", time.gmtime()),
         "cpu": provenance.cpu().get("model"),
         "cores": os.cpu_count(),

@@ -339,9 +339,9 @@ def round2_paired() -> str:
     return "\n\n".join(blocks)
 
 
-def round2_costs() -> str:
-    """`python -m experiments.recipe_cost`'s record as a table."""
-    record = json.loads((ROUND2 / "costs.json").read_text())
+def costs_table(folder: pathlib.Path = ROUND2) -> str:
+    """`python -m experiments.recipe_cost`'s record in a search folder as a table."""
+    record = json.loads((folder / "costs.json").read_text())
     lines = [
         "| recipe | input | alpha | epochs | parameters | multiply-adds per view | train step "
         "(ms, batch 64) | a fold, estimated (min) | int8 batch-1 (ms) |",
@@ -410,7 +410,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "crossval_default": crossval_default,
     "round2_validation": round2_validation,
     "round2_paired": round2_paired,
-    "round2_costs": round2_costs,
+    "round2_costs": costs_table,
     "round2_test": round2_test,
     "round2_targets": round2_targets,
 }

@@ -1,5 +1,6 @@
 """experiments.recipe_cost: a recipe's cost figures from its record's config."""
 
+import json
 import math
 
 import pytest
@@ -65,6 +66,17 @@ def test_a_distilled_recipe_is_timed_with_its_teachers_networks(monkeypatch):
     (teacher,) = made
     assert [m.image_size for m in teacher.members] == [48, 32]
     assert (teacher.weight, teacher.temperature) == (0.5, 1.0)
+
+
+def test_the_record_names_the_command_that_measured_it(tmp_path, monkeypatch):
+    """Its table prints `command`: the flags that chose the search and recipes are in it."""
+    monkeypatch.setattr(recipe_cost, "measure", lambda config, **kwargs: {"epochs": 1})
+    out = tmp_path / "costs.json"
+    argv = [f"--search={recipe_cost.SEARCH}", "--recipes=gray_world_96", f"--out={out}"]
+    recipe_cost.main(argv)
+    record = json.loads(out.read_text())
+    assert record["command"] == "python -m experiments.recipe_cost " + " ".join(argv)
+    assert list(record["recipes"]) == ["gray_world_96"]
 
 
 @pytest.mark.slow
