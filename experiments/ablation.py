@@ -114,8 +114,7 @@ def validation_table(runs, baseline: dict) -> str:
     for run in runs:
         r = load(run)
         val, training = r["validation"] or {}, r["training"]
-        timed = "wall_seconds_this_run" in training
-        wall = run_folder.whole_run_seconds(training) if timed else None
+        wall = run_folder.whole_run_seconds(training)
         changed = search.config_changes(search.run_recipe_config(r), baseline, _IGNORED_BY_RUNS)
         lines.append(
             f"| {os.path.basename(os.path.normpath(run))} | {r['config'].get('seed')} "

@@ -298,11 +298,12 @@ def has_test_split(report: dict) -> bool:
     return (report.get("data") or {}).get("num_test", 1) > 0
 
 
-def whole_run_seconds(training: dict) -> float:
+def whole_run_seconds(training: dict) -> float | None:
     """A run's cost from its report's "training": its last command plus the epochs earlier
     invocations trained when it resumed from a checkpoint (a report written before it kept
-    `earlier_epochs_seconds` counts its last command only)."""
-    return training["wall_seconds_this_run"] + training.get("earlier_epochs_seconds", 0.0)
+    `earlier_epochs_seconds` counts its last command only); None without a wall time."""
+    last = training.get("wall_seconds_this_run")
+    return None if last is None else last + training.get("earlier_epochs_seconds", 0.0)
 
 
 def run_warnings(workdir: str) -> list[str]:

@@ -247,7 +247,7 @@ def _model_section(classifier, variables, configs) -> dict:
 
 def _training_section(classifier, config, reports, *, combine_seconds: float) -> dict:
     """report.json's "training" of an ensemble: its members' runs and this combination."""
-    member_seconds = sum(run_folder.whole_run_seconds(r["training"]) for r in reports)
+    member_seconds = sum(run_folder.whole_run_seconds(r["training"]) or 0 for r in reports)
     return {
         **{k: reports[0]["training"][k] for k in ("epochs", "batch_size", "total_steps")},
         "evaluated_checkpoint": "best",
